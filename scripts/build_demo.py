@@ -1,0 +1,919 @@
+"""Build the offline demo under data/demo/: corpus, tokenizer, two small trained LMs, task data.
+
+    python scripts/build_demo.py                     # everything (about 20 minutes on 2 cores)
+    python scripts/build_demo.py --only corpus       # cleaned text and splits only
+    python scripts/build_demo.py --only opt          # retrain one model (reuses the tokenizer)
+    python scripts/build_demo.py --only tasks        # zero-shot task files only
+
+The source text is test data shipped inside the gensim wheel (`pip install -e .[demo]`): a
+shortened English Wikipedia dump and the Lee news corpus. Everything is deterministic: same
+sources, same seed, same files (model weights up to floating-point differences between CPUs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import bz2
+import hashlib
+import html
+import importlib.util
+import json
+import math
+import random
+import re
+import sys
+import time
+import unicodedata
+import xml.etree.ElementTree as ET
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_DIR = ROOT / "data" / "demo"
+CORPUS_DIR = DEMO_DIR / "corpus"
+TASKS_DIR = DEMO_DIR / "tasks"
+TOKENIZER_DIR = DEMO_DIR / "tokenizer"
+REPORT_PATH = DEMO_DIR / "build_report.json"
+
+CORPORA = ("wiki", "news")
+SPLITS = ("train", "calib", "heldout")
+FAMILIES = ("opt", "llama")
+STEPS = ("corpus", "tasks", "tokenizer", "opt", "llama", "readme")
+
+WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+NEWS_FILES = ("lee_background.cor", "lee.cor")
+
+# Share of characters (wiki) or documents (news) per split; the rest is train.
+HELDOUT_SHARE = 0.10
+CALIB_SHARE = 0.06
+
+VOCAB_SIZE = 4096
+PAD, BOS, EOS = "<pad>", "<s>", "</s>"
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Corpus: find the sources, clean the wiki markup, split by document
+# ---------------------------------------------------------------------------------------------
+
+
+def gensim_test_data() -> Path:
+    """The folder of text files shipped with gensim's tests (no gensim import needed)."""
+    spec = importlib.util.find_spec("gensim")
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("gensim is not installed: `pip install -e .[demo]` provides the demo source text")
+    folder = Path(next(iter(spec.submodule_search_locations))) / "test" / "test_data"
+    missing = [n for n in (WIKI_FILE, *NEWS_FILES) if not (folder / n).is_file()]
+    if missing:
+        sys.exit(f"gensim's test data lacks {missing} in {folder}: reinstall gensim>=4.3")
+    return folder
+
+
+def read_wiki_pages(path: Path) -> list[tuple[str, str]]:
+    """(title, wikitext) of every main-namespace article that is not a redirect."""
+    pages = []
+    with bz2.open(path, "rb") as f:
+        for _, elem in ET.iterparse(f, events=("end",)):
+            if not elem.tag.endswith("}page"):
+                continue
+            ns = elem.findtext("{*}ns")
+            title = elem.findtext("{*}title") or ""
+            text = elem.findtext("{*}revision/{*}text") or ""
+            redirect = elem.find("{*}redirect") is not None
+            if ns == "0" and not redirect and not text.lstrip().upper().startswith("#REDIRECT"):
+                pages.append((title, text))
+            elem.clear()
+    return pages
+
+
+# Units of {{convert}} written out, the rest are kept as written.
+_UNITS = {
+    "mi": "miles", "km": "kilometres", "m": "metres", "ft": "feet", "in": "inches",
+    "cm": "centimetres", "mm": "millimetres", "yd": "yards", "sqmi": "square miles",
+    "km2": "square kilometres", "acre": "acres", "ha": "hectares", "kg": "kilograms",
+    "lb": "pounds", "t": "tonnes", "e6acre": "million acres", "Tcuft": "trillion cubic feet",
+    "mph": "miles per hour", "km/h": "kilometres per hour", "nmi": "nautical miles",
+}
+_RANGE_WORDS = {"to", "and", "-", "–", "or", "by", "x", "×"}
+
+
+def _render_template(body: str) -> str:
+    """Plain text of the few templates that carry prose; every other template disappears."""
+    parts = [p.strip() for p in body.split("|")]
+    name = parts[0].strip().lower().replace("_", " ")
+    positional = [p for p in parts[1:] if "=" not in p]
+    if name == "convert" and len(positional) >= 2:
+        if len(positional) >= 4 and positional[1] in _RANGE_WORDS:
+            value, unit = f"{positional[0]} {positional[1]} {positional[2]}", positional[3]
+        else:
+            value, unit = positional[0], positional[1]
+        return f"{value} {_UNITS.get(unit, unit)}"
+    if name in ("lang", "transl") and len(positional) >= 2:
+        return positional[-1]
+    if name.startswith("lang-") and positional:
+        return positional[0]
+    if name in ("nowrap", "nobr", "small", "smaller", "big", "formatnum", "sc", "smallcaps",
+                "math", "mvar", "em", "' \"", "nihongo") and positional:
+        return positional[0]
+    if name in ("chem", "chem2"):
+        return "".join(positional)
+    if name in ("c.", "circa") and positional:
+        return f"c. {positional[0]}"
+    return ""
+
+
+_LINK = re.compile(r"\[\[([^\[\]]*)\]\]")
+_TEMPLATE = re.compile(r"\{\{([^{}]*)\}\}")
+_TABLE = re.compile(r"\{\|(?:(?!\{\|).)*?\|\}", re.S)
+_DROPPED_NS = re.compile(
+    r"^\s*:?\s*(file|image|media|category|wikt|wiktionary|wikipedia|wp|template|portal|help|"
+    r"special|s|q|commons|[a-z]{2,3}(-[a-z]+)?|simple)\s*:",
+    re.I,
+)
+_TAG_WITH_CONTENT = re.compile(
+    r"<(ref|math|gallery|timeline|imagemap|score|syntaxhighlight|source|pre|code|chem|hiero|"
+    r"graph|mapframe|references|table)\b[^>]*?(?<!/)>.*?</\1\s*>",
+    re.S | re.I,
+)
+_SELF_CLOSING = re.compile(r"<(ref|references|br|hr)\b[^>]*/\s*>", re.I)
+_ANY_TAG = re.compile(r"</?[a-zA-Z][^<>]*>")
+_COMMENT = re.compile(r"<!--.*?-->", re.S)
+_EXTERNAL = re.compile(r"\[(?:https?:|ftp:)?//[^\s\]]+(?:\s+([^\]]*))?\]")
+_BARE_URL = re.compile(r"(?:https?|ftp)://\S+")
+_END_SECTIONS = re.compile(
+    r"^=+\s*(see also|references|notes|footnotes|external links|further reading|bibliography|"
+    r"sources|citations|notes and references|works cited)\s*=+\s*$",
+    re.I | re.M,
+)
+
+
+def _replace_links(text: str) -> str:
+    def link(m: re.Match) -> str:
+        inner = m.group(1)
+        if _DROPPED_NS.match(inner):
+            return ""
+        target, _, label = inner.partition("|")
+        label = label.split("|")[-1] if label else target.split("#")[0]
+        return label.lstrip(":").strip() or target.strip()
+
+    for _ in range(10):  # innermost first: captions of File links hold links themselves
+        text, n = _LINK.subn(link, text)
+        if n == 0:
+            break
+    return text
+
+
+def _replace_templates(text: str) -> str:
+    for _ in range(20):  # innermost first
+        text, n = _TEMPLATE.subn(lambda m: _render_template(m.group(1)), text)
+        if n == 0:
+            break
+    return re.sub(r"\{\{.*", "", text)  # an unbalanced leftover: drop to the end of the line
+
+
+_ABBREVIATIONS = {
+    "mr", "mrs", "ms", "dr", "prof", "st", "mt", "jr", "sr", "no", "vs", "etc", "e.g", "i.e",
+    "c", "ca", "cf", "al", "approx", "fig", "gen", "gov", "col", "lt", "sgt", "capt", "rev",
+    "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept", "oct", "nov", "dec", "inc",
+    "ltd", "co", "corp", "u.s", "u.k", "u.n", "b.c", "a.d", "vol", "pp", "p", "ed", "eds", "op",
+}
+_SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]?\s+(?=[\"'(]?[A-Z0-9])")
+
+
+def split_sentences(paragraph: str) -> list[str]:
+    """Sentences of a paragraph, keeping abbreviations and initials ("J. R. R.") together."""
+    pieces, start = [], 0
+    for m in _SENTENCE_END.finditer(paragraph):
+        head = paragraph[start:m.start()].rstrip("\"')]")
+        last = head.split()[-1].rstrip(".").lower() if head.split() else ""
+        if last in _ABBREVIATIONS or (len(last) == 1 and last.isalpha()):
+            continue
+        pieces.append(paragraph[start:m.end()].strip())
+        start = m.end()
+    pieces.append(paragraph[start:].strip())
+    return [p for p in pieces if p]
+
+
+def _is_prose(line: str) -> bool:
+    if len(line) < 80 or len(line.split()) < 12:
+        return False
+    if any(c in line for c in "{}[]|<>=") or "''" in line:
+        return False
+    if not re.search(r"[.!?][\"')]?$", line):
+        return False
+    letters = sum(c.isalpha() for c in line)
+    return letters / len(line) > 0.6
+
+
+def _tidy(line: str) -> str:
+    line = re.sub(r"\s+", " ", line).strip()
+    line = re.sub(r"\(\s*[,;:.\-–]*\s*\)", "", line)  # parentheses emptied by dropped templates
+    line = re.sub(r"\(\s*[,;:]\s*", "(", line)
+    line = re.sub(r"\s*[,;:]\s*\)", ")", line)
+    line = re.sub(r"\s+([,.;:!?)])", r"\1", line)
+    line = re.sub(r"\(\s+", "(", line)
+    line = re.sub(r"([,;:])(?=[,;:.])", "", line)
+    line = re.sub(r"\s{2,}", " ", line)
+    return line.strip()
+
+
+def clean_wikitext(text: str) -> list[str]:
+    """Plain prose paragraphs of an article; lists, tables, headings and apparatus dropped."""
+    text = html.unescape(text)  # the dump escapes entities twice (&amp;nbsp;)
+    text = unicodedata.normalize("NFC", text).replace("\u00a0", " ")
+    end = _END_SECTIONS.search(text)
+    if end:
+        text = text[: end.start()]
+    text = _COMMENT.sub("", text)
+    text = _TAG_WITH_CONTENT.sub("", text)
+    text = _SELF_CLOSING.sub(" ", text)
+    for _ in range(5):
+        text, n = _TABLE.subn("", text)
+        if n == 0:
+            break
+    text = _replace_templates(text)
+    text = _replace_links(text)
+    text = _EXTERNAL.sub(lambda m: m.group(1) or "", text)
+    text = _BARE_URL.sub("", text)
+    text = _ANY_TAG.sub("", text)
+    text = re.sub(r"'{2,}", "", text)
+    text = re.sub(r"__[A-Z]+__", "", text)
+    paragraphs = []
+    for line in text.split("\n"):
+        stripped = line.strip()
+        if not stripped or stripped[0] in "*#:;|!={}" or stripped.startswith("----"):
+            continue
+        line = _tidy(stripped)
+        if _is_prose(line):
+            paragraphs.append(line)
+    return paragraphs
+
+
+def read_news(folder: Path) -> list[str]:
+    """Lee corpus articles, one a line; duplicates dropped, first occurrence kept."""
+    docs, seen = [], set()
+    for name in NEWS_FILES:
+        raw = (folder / name).read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = raw.decode("latin-1")
+        for line in text.splitlines():
+            line = _tidy(unicodedata.normalize("NFC", line).replace("--", " - "))
+            if len(line) >= 200 and line not in seen:
+                seen.add(line)
+                docs.append(line)
+    return docs
+
+
+def _stable_order(keys: list[str]) -> list[int]:
+    return sorted(range(len(keys)), key=lambda i: hashlib.sha256(keys[i].encode()).hexdigest())
+
+
+def split_documents(docs: list[str], keys: list[str]) -> dict[str, list[str]]:
+    """Assign whole documents to heldout, calib, train in a hash order (disjoint by design).
+
+    Shares are of characters, filled in hash order, so one long article cannot take a whole
+    split; the written order of each split is the source order.
+    """
+    total = sum(len(d) for d in docs)
+    budget = {"heldout": HELDOUT_SHARE * total, "calib": CALIB_SHARE * total}
+    assigned: dict[int, str] = {}
+    used = {"heldout": 0.0, "calib": 0.0}
+    for i in _stable_order(keys):
+        for split in ("heldout", "calib"):
+            if used[split] < budget[split] and used[split] + len(docs[i]) <= 1.5 * budget[split]:
+                assigned[i] = split
+                used[split] += len(docs[i])
+                break
+        else:
+            assigned[i] = "train"
+    return {s: [d for i, d in enumerate(docs) if assigned[i] == s] for s in SPLITS}
+
+
+def build_corpus() -> dict:
+    folder = gensim_test_data()
+    log(f"reading {WIKI_FILE}")
+    pages = read_wiki_pages(folder / WIKI_FILE)
+    wiki_docs, wiki_keys = [], []
+    for title, text in pages:
+        paragraphs = clean_wikitext(text)
+        if sum(len(p) for p in paragraphs) >= 400:
+            wiki_docs.append("\n".join(paragraphs))
+            wiki_keys.append(title)
+    log(f"wiki: {len(pages)} articles, {len(wiki_docs)} kept with prose")
+    news_docs = read_news(folder)
+    log(f"news: {len(news_docs)} articles")
+    CORPUS_DIR.mkdir(parents=True, exist_ok=True)
+    stats = {}
+    for corpus, docs, keys in (("wiki", wiki_docs, wiki_keys), ("news", news_docs, news_docs)):
+        for split, part in split_documents(docs, keys).items():
+            path = CORPUS_DIR / f"{corpus}_{split}.txt"
+            path.write_text("\n\n".join(part) + "\n", encoding="utf-8")
+            stats[f"{corpus}_{split}"] = {"documents": len(part), "chars": sum(map(len, part))}
+            log(f"  {path.relative_to(ROOT)}: {len(part)} documents, "
+                f"{sum(map(len, part)) / 1e3:.0f} k chars")
+    return stats
+
+
+def read_split(corpus: str, split: str) -> list[str]:
+    """Documents of one split (blank-line separated; paragraphs inside on single lines)."""
+    path = CORPUS_DIR / f"{corpus}_{split}.txt"
+    if not path.is_file():
+        sys.exit(f"{path} is missing: run `python scripts/build_demo.py --only corpus` first")
+    return [d.strip() for d in path.read_text(encoding="utf-8").split("\n\n") if d.strip()]
+
+
+# ---------------------------------------------------------------------------------------------
+# Zero-shot tasks from the heldout text
+# ---------------------------------------------------------------------------------------------
+
+_STOPWORDS = set(
+    "a an the and or but if of to in on at by for with from as is are was were be been being it "
+    "its this that these those he she they them his her their we our you your i me my not no so "
+    "than then there here which who whom whose what when where why how all any both each few more "
+    "most other some such only own same too very can will just also into over under about after "
+    "before between during through while would could should may might must has have had do does "
+    "did one two three out up down off again further once".split()
+)
+
+
+def _word_counts() -> Counter:
+    counts: Counter = Counter()
+    for corpus in CORPORA:
+        for doc in read_split(corpus, "train"):
+            counts.update(re.findall(r"[A-Za-z]+", doc))
+    return counts
+
+
+def _paragraph_sentences(docs: list[str]) -> list[list[list[str]]]:
+    """docs -> paragraphs -> sentences."""
+    return [[split_sentences(p) for p in doc.split("\n")] for doc in docs]
+
+
+def _good_sentence(s: str) -> bool:
+    return 5 <= len(s.split()) <= 45 and s[0].isupper() and s[-1] in ".!?\"'"
+
+
+def next_sentence_items(docs: list[str], n_items: int, rng: random.Random) -> list[dict]:
+    structure = _paragraph_sentences(docs)
+    pool = [(d, s) for d, doc in enumerate(structure) for par in doc for s in par
+            if _good_sentence(s)]
+    candidates = []
+    for d, doc in enumerate(structure):
+        for par in doc:
+            i = 0
+            while i + 3 <= len(par):  # non-overlapping passages
+                k = 2 + (hash_int(par[i]) % 2)  # 2 or 3 sentences of context
+                if i + k >= len(par):
+                    k = 2
+                if i + k < len(par):
+                    ctx, nxt = par[i:i + k], par[i + k]
+                    if all(_good_sentence(s) for s in (*ctx, nxt)):
+                        candidates.append((d, " ".join(ctx), nxt))
+                i += k + 1
+    rng.shuffle(candidates)
+    items, per_doc = [], Counter()
+    cap = max(3, n_items // 8)
+    for d, context, true in candidates:
+        if len(items) == n_items:
+            break
+        if per_doc[d] >= cap:
+            continue
+        # Distractors: sentences of other documents, of similar length (so length gives nothing away).
+        near = [s for dd, s in pool if dd != d and abs(len(s) - len(true)) <= 0.25 * len(true)]
+        near = sorted(set(near) - {true})
+        if len(near) < 3:
+            continue
+        choices = rng.sample(near, 3) + [true]
+        rng.shuffle(choices)
+        items.append({"context": context, "choices": [" " + c for c in choices],
+                      "label": choices.index(true)})
+        per_doc[d] += 1
+    return items
+
+
+def last_word_items(docs: list[str], n_items: int, counts: Counter,
+                    rng: random.Random) -> list[dict]:
+    structure = _paragraph_sentences(docs)
+    by_case: dict[bool, list[str]] = {True: [], False: []}
+    for w, c in counts.items():
+        if c >= 5 and len(w) >= 3 and w.lower() not in _STOPWORDS and (w.islower() or w.istitle()):
+            by_case[w.istitle()].append(w)
+    candidates = []
+    for d, doc in enumerate(structure):
+        for par in doc:
+            i = 0
+            while i < len(par):
+                k = 2 + (hash_int(par[i]) % 2)
+                passage = par[i:i + k]
+                i += k
+                if len(passage) < 2 or not all(_good_sentence(s) for s in passage):
+                    continue
+                text = " ".join(passage)
+                m = re.search(r" ([A-Za-z]+)\.$", text)
+                if not m or len(text.split()) < 20:
+                    continue
+                word = m.group(1)
+                if (len(word) < 3 or word.lower() in _STOPWORDS or counts[word] < 5
+                        or not (word.islower() or word.istitle())):
+                    continue
+                candidates.append((d, text[: m.start()], word))
+    rng.shuffle(candidates)
+    items, per_doc = [], Counter()
+    cap = max(3, n_items // 8)
+    for d, context, word in candidates:
+        if len(items) == n_items:
+            break
+        if per_doc[d] >= cap:
+            continue
+        seen = {w.lower() for w in re.findall(r"[A-Za-z]+", context)} | {word.lower()}
+        pool = [w for w in by_case[word.istitle()] if w.lower() not in seen]
+        target = math.log(counts[word])
+        pool.sort(key=lambda w: (abs(math.log(counts[w]) - target), w))
+        if len(pool) < 3:
+            continue
+        choices = rng.sample(pool[:20], 3) + [word]
+        rng.shuffle(choices)
+        items.append({"context": context, "choices": [" " + c for c in choices],
+                      "label": choices.index(word)})
+        per_doc[d] += 1
+    return items
+
+
+def hash_int(s: str) -> int:
+    return int(hashlib.sha256(s.encode()).hexdigest()[:8], 16)
+
+
+def build_tasks(seed: int = 0) -> dict:
+    counts = _word_counts()
+    TASKS_DIR.mkdir(parents=True, exist_ok=True)
+    plan = {"wiki": 300, "news": 100}
+    stats = {}
+    for name, make in (
+        ("demo_next_sentence", lambda docs, n, rng: next_sentence_items(docs, n, rng)),
+        ("demo_last_word", lambda docs, n, rng: last_word_items(docs, n, counts, rng)),
+    ):
+        items = []
+        for corpus, n in plan.items():
+            rng = random.Random(f"{seed}-{name}-{corpus}")
+            items += make(read_split(corpus, "heldout"), n, rng)
+        random.Random(f"{seed}-{name}").shuffle(items)
+        path = TASKS_DIR / f"{name}.jsonl"
+        with path.open("w", encoding="utf-8") as f:
+            for item in items:
+                f.write(json.dumps(item, ensure_ascii=False) + "\n")
+        stats[name] = len(items)
+        log(f"  {path.relative_to(ROOT)}: {len(items)} items")
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer
+# ---------------------------------------------------------------------------------------------
+
+
+def train_tokenizer(vocab_size: int = VOCAB_SIZE):
+    """Byte-level BPE on the train split of both corpora, as a PreTrainedTokenizerFast."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [d for c in CORPORA for d in read_split(c, "train")]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=[PAD, BOS, EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    bos_id = tok.token_to_id(BOS)
+    tok.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(
+            single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
+        ),
+    ])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=None,
+        model_max_length=512, clean_up_tokenization_spaces=False,
+    )
+
+
+def load_tokenizer():
+    from transformers import AutoTokenizer
+
+    if not (TOKENIZER_DIR / "tokenizer.json").is_file():
+        sys.exit(f"{TOKENIZER_DIR} is missing: run `python scripts/build_demo.py --only tokenizer`")
+    return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models and training
+# ---------------------------------------------------------------------------------------------
+
+# Every linear input dimension is a multiple of 8 (2:4 and 4:8 apply), intermediate sizes are
+# multiples of 64. "tiny" sizes exist for fast tests of the training step.
+MODEL_SIZES = {
+    "demo": dict(hidden=192, layers=4, heads=6, kv_heads=2, ffn=768, mlp=512, positions=512),
+    "tiny": dict(hidden=32, layers=2, heads=4, kv_heads=2, ffn=128, mlp=64, positions=64),
+}
+
+
+def model_config(family: str, vocab_size: int, size: str = "demo", pad_id: int = 0,
+                 bos_id: int = 1, eos_id: int = 2):
+    s = MODEL_SIZES[size]
+    common = dict(vocab_size=vocab_size, pad_token_id=pad_id, bos_token_id=bos_id,
+                  eos_token_id=eos_id, max_position_embeddings=s["positions"],
+                  tie_word_embeddings=True)
+    if family == "opt":
+        from transformers import OPTConfig
+
+        return OPTConfig(hidden_size=s["hidden"], word_embed_proj_dim=s["hidden"],
+                         num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
+                         ffn_dim=s["ffn"], do_layer_norm_before=True, dropout=0.0,
+                         attention_dropout=0.0, activation_function="relu", **common)
+    if family == "llama":
+        from transformers import LlamaConfig
+
+        return LlamaConfig(hidden_size=s["hidden"], intermediate_size=s["mlp"],
+                           num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
+                           num_key_value_heads=s["kv_heads"], hidden_act="silu",
+                           rms_norm_eps=1e-5, rope_theta=10000.0, attention_bias=False,
+                           mlp_bias=False, **common)
+    raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seqlen: int = 256
+    batch_size: int = 16
+    epochs: int = 2
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 40
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 0
+
+
+def set_determinism(seed: int) -> None:
+    import torch
+
+    torch.manual_seed(seed)
+    random.seed(seed)
+    torch.use_deterministic_algorithms(True)
+
+
+def build_model(family: str, config):
+    from transformers import LlamaForCausalLM, OPTForCausalLM
+
+    cls = {"opt": OPTForCausalLM, "llama": LlamaForCausalLM}[family]
+    model = cls(config)
+    return model.float()
+
+
+def make_optimizer(model, cfg: TrainConfig, total_steps: int):
+    """AdamW (no decay on norms, biases, embeddings) with linear warmup then cosine decay."""
+    import torch
+
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.ndim == 2 and "embed" not in name else no_decay).append(p)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay},
+         {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8,
+    )
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        t = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def train_step(model, optimizer, scheduler, batch, grad_clip: float = 1.0) -> float:
+    """One optimisation step on `batch` ([batch, seqlen] token ids); returns the loss before it."""
+    import torch
+
+    model.train()
+    loss = model(input_ids=batch, labels=batch).loss
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    scheduler.step()
+    return float(loss.detach())
+
+
+def token_stream(tokenizer, docs: list[str]) -> list[int]:
+    """Documents as `<s> text </s>`, concatenated (the tokenizer adds `<s>`)."""
+    ids: list[int] = []
+    for doc in docs:
+        ids += tokenizer(doc).input_ids + [tokenizer.eos_token_id]
+    return ids
+
+
+def train_windows(stream, seqlen: int, offset: int):
+    import torch
+
+    n = (len(stream) - offset) // seqlen
+    return torch.tensor(stream[offset:offset + n * seqlen], dtype=torch.long).view(n, seqlen)
+
+
+def train_model(family: str, tokenizer, cfg: TrainConfig, size: str = "demo",
+                progress_every: int = 20):
+    """Train one demo model on the whole train split of both corpora; returns (model, stats)."""
+    import torch
+
+    set_determinism(cfg.seed)
+    docs = [d for c in CORPORA for d in read_split(c, "train")]
+    stream = token_stream(tokenizer, docs)
+    config = model_config(family, len(tokenizer), size, tokenizer.pad_token_id,
+                          tokenizer.bos_token_id, tokenizer.eos_token_id)
+    model = build_model(family, config)
+    n_params = sum(p.numel() for p in model.parameters())
+    steps_per_epoch = (len(stream) // cfg.seqlen) // cfg.batch_size
+    total = steps_per_epoch * cfg.epochs
+    optimizer, scheduler = make_optimizer(model, cfg, total)
+    log(f"{family}: {n_params / 1e6:.2f} M parameters, {len(stream) / 1e3:.0f} k train tokens, "
+        f"{cfg.epochs} epochs x {steps_per_epoch} steps of {cfg.batch_size}x{cfg.seqlen}")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    losses, step, start = [], 0, time.perf_counter()
+    for epoch in range(cfg.epochs):
+        # Each epoch cuts the stream at a different offset, then shuffles the windows.
+        windows = train_windows(stream, cfg.seqlen, (epoch * cfg.seqlen) // cfg.epochs)
+        order = torch.randperm(len(windows), generator=gen)
+        for b in range(steps_per_epoch):
+            idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+            if len(idx) < cfg.batch_size:
+                break
+            loss = train_step(model, optimizer, scheduler, windows[idx], cfg.grad_clip)
+            losses.append(loss)
+            step += 1
+            if step == 1 or step % progress_every == 0 or step == total:
+                elapsed = time.perf_counter() - start
+                recent = sum(losses[-progress_every:]) / len(losses[-progress_every:])
+                log(f"  {family} step {step}/{total} epoch {epoch + 1} loss {recent:.3f} "
+                    f"lr {scheduler.get_last_lr()[0]:.2e} {elapsed:.0f}s "
+                    f"(eta {elapsed / step * (total - step):.0f}s)")
+    seconds = time.perf_counter() - start
+    model.eval()
+    stats = {"parameters": n_params, "train_tokens": len(stream), "steps": step,
+             "train_seconds": round(seconds, 1), "first_loss": losses[0],
+             "final_loss": sum(losses[-20:]) / len(losses[-20:]), "train": asdict(cfg)}
+    return model, stats
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation: heldout perplexity against a unigram baseline on the same tokens
+# ---------------------------------------------------------------------------------------------
+
+
+def eval_windows(tokenizer, docs: list[str], seqlen: int):
+    """WikiText-2 protocol: join with blank lines, tokenise once, non-overlapping windows."""
+    import torch
+
+    ids = tokenizer("\n\n".join(docs)).input_ids
+    n = len(ids) // seqlen
+    return torch.tensor(ids[: n * seqlen], dtype=torch.long).view(n, seqlen)
+
+
+def perplexity(model, windows, batch_size: int = 8) -> float:
+    import torch
+
+    nll, count = 0.0, 0
+    with torch.inference_mode():
+        for i in range(0, len(windows), batch_size):
+            batch = windows[i:i + batch_size]
+            logits = model(input_ids=batch).logits[:, :-1].float()
+            target = batch[:, 1:]
+            nll += float(torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.size(-1)), target.reshape(-1), reduction="sum"))
+            count += target.numel()
+    return math.exp(nll / count)
+
+
+def unigram_perplexity(train_ids: list[int], windows, vocab_size: int) -> float:
+    """Add-one unigram model of the train tokens, scored on the predicted tokens of `windows`."""
+    import torch
+
+    counts = torch.bincount(torch.tensor(train_ids), minlength=vocab_size).double() + 1
+    logp = (counts / counts.sum()).log()
+    return math.exp(-float(logp[windows[:, 1:].reshape(-1)].mean()))
+
+
+def evaluate_model(model, tokenizer, seqlen: int) -> dict:
+    train_ids = token_stream(tokenizer, [d for c in CORPORA for d in read_split(c, "train")])
+    out = {}
+    for corpus in CORPORA:
+        windows = eval_windows(tokenizer, read_split(corpus, "heldout"), seqlen)
+        out[corpus] = {
+            "windows": len(windows),
+            "perplexity": round(perplexity(model, windows), 2),
+            "unigram_perplexity": round(unigram_perplexity(train_ids, windows, len(tokenizer)), 2),
+        }
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps and the report
+# ---------------------------------------------------------------------------------------------
+
+
+def build_one_model(family: str, cfg: TrainConfig) -> dict:
+    tokenizer = load_tokenizer()
+    model, stats = train_model(family, tokenizer, cfg)
+    out = DEMO_DIR / family
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.iterdir():
+        if old.is_file():
+            old.unlink()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    stats["heldout"] = evaluate_model(model, tokenizer, cfg.seqlen)
+    stats["config"] = {k: v for k, v in model.config.to_dict().items()
+                       if k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                "num_key_value_heads", "ffn_dim", "intermediate_size",
+                                "vocab_size", "max_position_embeddings")}
+    for corpus, r in stats["heldout"].items():
+        log(f"  {family} heldout {corpus}: perplexity {r['perplexity']:.1f} "
+            f"(unigram {r['unigram_perplexity']:.1f}, {r['windows']} windows)")
+    return stats
+
+
+def load_report() -> dict:
+    return json.loads(REPORT_PATH.read_text()) if REPORT_PATH.is_file() else {}
+
+
+def save_report(report: dict) -> None:
+    REPORT_PATH.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+
+
+def dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def write_readme(report: dict) -> None:
+    rows = []
+    for family in FAMILIES:
+        r = report.get("models", {}).get(family)
+        if not r:
+            continue
+        c = r["config"]
+        shape = (f"d={c['hidden_size']}, {c['num_hidden_layers']} layers, "
+                 f"{c['num_attention_heads']} heads")
+        if family == "llama":
+            shape += f" ({c['num_key_value_heads']} kv), mlp {c['intermediate_size']}"
+        else:
+            shape += f", ffn {c['ffn_dim']}"
+        ppl = r["heldout"]
+        rows.append(
+            f"| {family} | {shape} | {r['parameters'] / 1e6:.2f} M | {r['train_seconds'] / 60:.1f} "
+            f"| {ppl['wiki']['perplexity']:.1f} | {ppl['wiki']['unigram_perplexity']:.1f} "
+            f"| {ppl['news']['perplexity']:.1f} | {ppl['news']['unigram_perplexity']:.1f} |"
+        )
+    corpus_rows = [
+        f"| {k} | {v['documents']} | {v['chars'] / 1e3:.0f} k |"
+        for k, v in sorted(report.get("corpus", {}).items())
+    ]
+    tasks = report.get("tasks", {})
+    train = next(iter(report.get("models", {}).values()), {}).get("train", asdict(TrainConfig()))
+    text = f"""# Offline demo: corpus, tokenizer, models, zero-shot tasks
+
+Everything `sds run` needs without a network: two small causal LMs trained here from scratch on
+real English text, the text itself split for training, calibration and evaluation, and two
+multiple-choice tasks made from the heldout text. Rebuilt from scratch by
+
+```
+pip install -e .[demo]        # gensim provides the source text
+python scripts/build_demo.py  # about 20 minutes on 2 CPU cores
+```
+
+`--only corpus|tasks|tokenizer|opt|llama|readme` (repeatable) rebuilds one part; a model needs
+the tokenizer and the corpus, the tasks need the corpus. Paths are in `sds/demo.py`.
+
+## Sources and licences
+- `wiki_*`: the English Wikipedia excerpt shipped as gensim test data
+  (`gensim/test/test_data/{WIKI_FILE}`, a 2016 dump of articles
+  beginning with "A"). Wikipedia text is licensed under
+  [CC BY-SA 4.0](https://creativecommons.org/licenses/by-sa/4.0/) (older revisions also GFDL);
+  authors are listed in each article's history on en.wikipedia.org. The cleaned text here is a
+  derivative and carries the same licence.
+- `news_*`: the Lee corpus of Australian Broadcasting Corporation news summaries used in
+  M. D. Lee, B. Pincombe and M. Welsh, "An empirical evaluation of models of text document
+  similarity" (CogSci 2005), as shipped in gensim's test data (`lee_background.cor`, `lee.cor`;
+  gensim is LGPL-2.1). Use for research and testing, as gensim does.
+- The models and task files are derived from this text and inherit these terms.
+
+## Corpus (`corpus/`)
+Wiki markup is removed (templates, tables, references, links, HTML, headings, lists, and the
+"See also"/"References" tail of each article); only paragraphs that read as prose are kept
+(at least 12 words, end with sentence punctuation, no markup left). Each file holds documents
+separated by a blank line, with one paragraph per line inside a document. Whole documents are
+assigned to heldout ({HELDOUT_SHARE:.0%} of the characters), calib ({CALIB_SHARE:.0%}) and
+train (the rest) in the order of a hash of their title (wiki) or text (news): the three splits
+are disjoint. The news corpus pools `lee_background.cor` and `lee.cor`, duplicates removed.
+
+| file | documents | characters |
+|---|---|---|
+{chr(10).join(corpus_rows)}
+
+## Tokenizer
+Byte-level BPE, {VOCAB_SIZE} tokens, trained with `tokenizers` on both train splits; `<pad>`=0,
+`<s>`=1 (prepended by the tokenizer), `</s>`=2. Saved as a `PreTrainedTokenizerFast` with each
+model and in `tokenizer/`.
+
+## Models (`opt/`, `llama/`)
+`OPTForCausalLM` (pre-norm, ReLU, learned positions) and `LlamaForCausalLM` (RMSNorm, SwiGLU,
+rotary positions, grouped-query attention). Tied input/output embeddings; every linear layer's
+input dimension is a multiple of 8, so 2:4 and 4:8 patterns apply; `max_position_embeddings`
+512; float32 safetensors. Trained from seed {train['seed']} on both train splits (documents as
+`<s> text </s>`, concatenated, cut into windows of {train['seqlen']} tokens, shuffled each
+epoch): AdamW (lr {train['lr']}, betas 0.9/0.95, weight decay {train['weight_decay']}),
+{train['warmup_steps']} warmup steps then cosine decay to {train['min_lr_ratio']} of the peak,
+batch {train['batch_size']}, {train['epochs']} epochs, gradient clipping {train['grad_clip']},
+`torch.use_deterministic_algorithms(True)`. Same seed, same first-step loss.
+
+Heldout perplexity: heldout documents joined by blank lines, tokenised once, non-overlapping
+windows of {train['seqlen']} tokens (the WikiText-2 protocol). The baseline is an add-one unigram
+model of the train tokens scored on the same predicted tokens. Training time is wall-clock on a
+shared 2-core x86 CPU (torch {report.get('torch', '?')}).
+
+| model | shape | parameters | train min | wiki ppl | wiki unigram | news ppl | news unigram |
+|---|---|---|---|---|---|---|---|
+{chr(10).join(rows)}
+
+## Zero-shot tasks (`tasks/`)
+JSON lines `{{"context": str, "choices": [str, str, str, str], "label": int}}`, made only from
+heldout text; each choice starts with a space and continues the context.
+- `demo_next_sentence.jsonl` ({tasks.get('demo_next_sentence', '?')} items): two or three
+  consecutive sentences of a paragraph; the true next sentence against three sentences of
+  similar length from other heldout documents of the same corpus.
+- `demo_last_word.jsonl` ({tasks.get('demo_last_word', '?')} items): two or three sentences
+  with the final word (and its full stop) removed; the true word against three words of similar
+  frequency in the train text, of the same capitalisation, absent from the passage.
+Chance is 25%. About three quarters of the items come from wiki, a quarter from news.
+
+Total size of `data/demo`: {report.get('size_mb', '?')} MB.
+"""
+    (DEMO_DIR / "README.md").write_text(text, encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", action="append", choices=STEPS,
+                        help="rebuild only this part (repeatable); default: everything")
+    parser.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    parser.add_argument("--seed", type=int, default=TrainConfig.seed)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = parser.parse_args(argv)
+    steps = args.only or list(STEPS)
+    report = load_report()
+    cfg = TrainConfig(epochs=args.epochs, seed=args.seed)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if "corpus" in steps:
+        log("step corpus")
+        report["corpus"] = build_corpus()
+    if "tasks" in steps:
+        log("step tasks")
+        report["tasks"] = build_tasks(args.seed)
+    if "tokenizer" in steps:
+        log("step tokenizer")
+        tok = train_tokenizer()
+        tok.save_pretrained(TOKENIZER_DIR)
+        log(f"  {len(tok)} tokens saved to {TOKENIZER_DIR.relative_to(ROOT)}")
+    for family in FAMILIES:
+        if family in steps:
+            log(f"step {family}")
+            report.setdefault("models", {})[family] = build_one_model(family, cfg)
+            save_report(report)
+    import torch
+
+    report["torch"] = torch.__version__
+    report["size_mb"] = round(dir_size(DEMO_DIR) / 2**20, 1)
+    save_report(report)
+    write_readme(report)
+    report["size_mb"] = round(dir_size(DEMO_DIR) / 2**20, 1)
+    save_report(report)
+    write_readme(report)
+    log(f"done: data/demo is {report['size_mb']} MB")
+
+
+if __name__ == "__main__":
+    main()

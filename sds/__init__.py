@@ -1,0 +1,18 @@
+"""sds: Sparse-Dense-Sparse pruning of language models (arXiv 2408.10473).
+
+    from sds import prune
+    report = prune(model, calibration, method="sparsegpt", pattern="2:4", sds=True)
+"""
+
+from .api import PruneReport, oneshot, prune
+from .errors import ConfigError, DataError, ModelError, NumericalError, SDSError, StoreError
+from .patterns import LayerRules, Pattern
+from .pruners import magnitude, sparsegpt, wanda
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError", "DataError", "LayerRules", "ModelError", "NumericalError", "Pattern",
+    "PruneReport", "SDSError", "StoreError", "magnitude", "oneshot", "prune", "sparsegpt",
+    "wanda",
+]

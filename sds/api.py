@@ -1,0 +1,132 @@
+"""The one-call API: `sds.prune(model, calibration, method=..., pattern=...)`.
+
+Each SDS step is also callable on its own (`oneshot`, `redense`, `second_prune` in
+`sds.reconstruct`), so a pipeline can cache every step's tensors separately.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, DataError
+from .layerwise import LayerGroup, WalkReport, walk
+from .patterns import LayerRules
+from .pruners import get_method, inverse_hessian_factor, sparsegpt
+
+
+def calibration_ids(calibration) -> torch.Tensor:
+    """Accept a `sds.data.Calibration`, or a LongTensor [nsamples, seqlen]."""
+    ids = getattr(calibration, "input_ids", calibration)
+    if not isinstance(ids, torch.Tensor):
+        raise DataError(f"calibration must be a Calibration or a [nsamples, seqlen] token tensor, "
+                        f"got {type(calibration).__name__}")
+    if ids.dim() != 2 or ids.numel() == 0:
+        raise DataError(f"calibration is empty or not [nsamples, seqlen] (shape "
+                        f"{tuple(ids.shape)}); load at least one sample")
+    return ids.long()
+
+
+def check_seqlen(model: nn.Module, ids: torch.Tensor) -> None:
+    from .models import max_positions
+
+    limit = max_positions(model.config) if hasattr(model, "config") else None
+    if limit is not None and ids.shape[1] > limit:
+        raise ConfigError(f"calibration seqlen {ids.shape[1]} exceeds the model's "
+                          f"{limit} positions; use --seqlen {limit} or less")
+
+
+def pruning_transform(method: str, rules: LayerRules, blocksize: int = 128,
+                      percdamp: float = 0.01):
+    """A walk transform that prunes every layer of a group with `method` under `rules`."""
+    prune_layer = get_method(method)
+
+    def transform(group: LayerGroup) -> dict[str, torch.Tensor]:
+        H = group.stats.H
+        factor = inverse_hessian_factor(H, percdamp) if method == "sparsegpt" else None
+        out = {}
+        for name, W in group.weights().items():
+            pattern = rules.pattern_for(name)
+            if pattern is None:
+                continue
+            if method == "sparsegpt":
+                out[name] = sparsegpt(W, H, pattern, blocksize, percdamp, factor=factor)
+            else:
+                out[name] = prune_layer(W, H, pattern)
+            group.info[name] = {"pattern": str(pattern)}
+        return out
+
+    return transform
+
+
+@dataclass
+class PruneReport:
+    """What `prune` did: per step, the per-layer records of the walk."""
+
+    method: str
+    rules: dict
+    steps: dict[str, WalkReport] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "rules": self.rules, "seconds": self.seconds,
+                "steps": {k: v.to_dict() for k, v in self.steps.items()}}
+
+    def summary(self) -> dict:
+        """Per step: mean sparsity and mean relative reconstruction error over layers."""
+        out = {}
+        for step, rep in self.steps.items():
+            n = max(len(rep.layers), 1)
+            out[step] = {"sparsity": sum(r.sparsity for r in rep.layers) / n,
+                         "rel_error": sum(r.rel_error for r in rep.layers) / n,
+                         "seconds": rep.seconds}
+        return out
+
+
+def oneshot(model: nn.Module, calibration, method: str = "sparsegpt",
+            pattern="2:4", *, overrides=None, exclude=(), blocksize: int = 128,
+            percdamp: float = 0.01, device=None, progress: bool = True,
+            on_block=None) -> WalkReport:
+    """Step 1 (and the whole of one-shot pruning): prune `model` in place, block by block."""
+    rules = pattern if isinstance(pattern, LayerRules) else LayerRules.build(pattern, overrides,
+                                                                             exclude)
+    get_method(method)
+    if method == "sparsegpt":
+        for p in [rules.default] + [p for _, p in rules.overrides]:
+            if p.is_nm and blocksize % p.m:
+                raise ConfigError(f"blocksize {blocksize} is not a multiple of M={p.m} for {p}; "
+                                  f"use a multiple of {p.m} such as {p.m * 32}")
+    ids = calibration_ids(calibration)
+    check_seqlen(model, ids)
+    return walk(model, ids, pruning_transform(method, rules, blocksize, percdamp),
+                select=lambda name: rules.pattern_for(name) is not None, device=device,
+                progress=progress, on_block=on_block)
+
+
+def prune(model: nn.Module, calibration, method: str = "sparsegpt", pattern="2:4", *,
+          sds: bool = False, sds_config=None, overrides=None, exclude=(),
+          blocksize: int = 128, percdamp: float = 0.01, device=None,
+          progress: bool = True) -> PruneReport:
+    """Prune a whole model in place and return a report.
+
+    method: "magnitude" | "wanda" | "sparsegpt"; pattern: "2:4", "4:8", "50%", 0.5, ...
+    `overrides` maps module-name regexes to patterns, `exclude` lists regexes left dense.
+    With `sds=True` the Sparse-Dense-Sparse steps follow the one-shot pruning
+    (`sds_config`: a `sds.reconstruct.SDSConfig`).
+    """
+    rules = LayerRules.build(pattern, overrides, exclude)
+    report = PruneReport(method=method, rules=rules.describe())
+    if sds:
+        from .reconstruct import SDSConfig, sds_prune
+
+        config = sds_config or SDSConfig()
+        return sds_prune(model, calibration, method, rules, config, blocksize=blocksize,
+                         percdamp=percdamp, device=device, progress=progress, report=report)
+    t0 = time.perf_counter()
+    report.steps["oneshot"] = oneshot(model, calibration, method, rules, blocksize=blocksize,
+                                      percdamp=percdamp, device=device, progress=progress)
+    report.seconds["oneshot"] = time.perf_counter() - t0
+    return report

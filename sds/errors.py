@@ -1,0 +1,29 @@
+"""One family of errors. Every message says what was wrong and what to do about it."""
+
+
+class SDSError(Exception):
+    """Base class of every error this project raises on purpose."""
+
+
+class ConfigError(SDSError, ValueError):
+    """A user-supplied option is malformed or out of range (deterministic: never retried)."""
+
+
+class DataError(SDSError, ValueError):
+    """Calibration or evaluation data is missing, empty or unusable."""
+
+
+class HubUnreachableError(DataError):
+    """The Hugging Face hub (models or datasets) cannot be reached."""
+
+
+class ModelError(SDSError, ValueError):
+    """The model cannot be loaded or its architecture is not supported."""
+
+
+class NumericalError(SDSError, ArithmeticError):
+    """Weights or statistics hold NaN/Inf, or a factorization failed beyond repair."""
+
+
+class StoreError(SDSError, OSError):
+    """The artifact store cannot be reached, or an artifact is corrupt (transient: may be retried)."""

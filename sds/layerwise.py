@@ -1,0 +1,390 @@
+"""The sequential (layer-wise) engine: one walk over the transformer blocks.
+
+    capture the inputs of block 0 (every positional and keyword argument the model passes)
+    for each block:
+        hook its linear layers and run every calibration sample through it -> statistics
+        apply the per-layer transform (prune, re-dense, adjust...)
+        run the samples through the transformed block -> inputs of the next block
+
+One-shot pruning, SDS re-dense and second pruning are walks with different transforms.
+Layers that read the same input tensor (q/k/v, gate/up) form one group with one Gram matrix.
+Only the current block sits on the compute device; the rest of the model stays where it was.
+
+Optionally a *reference* stream runs beside the current one: the same samples through the
+block with other weights (the dense model's). It yields the reference inputs' Gram matrix
+`H_ref` and the cross-Gram `C = X_refᵀ X` that the distillation variant of SDS needs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import DataError, NumericalError
+from .models import block_linears, default_device, find_blocks, set_weight_matrix, weight_matrix
+
+log = logging.getLogger("sds")
+
+
+@dataclass
+class LayerStats:
+    """Statistics of one input shared by a group of layers. X: [tokens, in]."""
+
+    H: torch.Tensor  # [in, in] fp32: Σ XᵀX over all calibration tokens
+    tokens: int = 0
+    H_ref: torch.Tensor | None = None  # [in, in]: Σ X_refᵀ X_ref (reference stream)
+    C: torch.Tensor | None = None  # [in, in]: Σ X_refᵀ X (reference rows, current columns)
+
+
+@dataclass
+class LayerGroup:
+    """Layers of one block that read the same input; what a transform receives."""
+
+    block: int
+    names: list[str]  # full module names
+    modules: list[nn.Module]
+    stats: LayerStats
+    info: dict = field(default_factory=dict)  # transforms may add {name: {...}} to the report
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """Current weights as fp32 copies W: [out, in]."""
+        return {n: weight_matrix(m).detach().float().clone() for n, m in zip(self.names,
+                                                                             self.modules)}
+
+
+# A transform maps a group to new weights {name: W' [out, in]}; names left out are unchanged.
+Transform = Callable[[LayerGroup], dict[str, torch.Tensor]]
+
+
+@dataclass
+class LayerRecord:
+    name: str
+    block: int
+    shape: tuple[int, int]  # [out, in]
+    sparsity: float  # fraction of exact zeros after the transform
+    rel_error: float  # ‖WX − W'X‖² / ‖WX‖², W before the transform, X the calibration inputs
+    rel_error_ref: float | None = None  # same against the reference (dense) weights
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class WalkReport:
+    layers: list[LayerRecord] = field(default_factory=list)
+    blocks: list[dict] = field(default_factory=list)  # [{"block", "seconds"}]
+    seconds: float = 0.0
+    device: str = "cpu"
+    tokens: int = 0
+    outputs: list | None = field(default=None, repr=False)  # last block's outputs, on request
+
+    def to_dict(self) -> dict:
+        return {"layers": [asdict(r) for r in self.layers], "blocks": self.blocks,
+                "seconds": self.seconds, "device": self.device, "tokens": self.tokens}
+
+
+class _Captured(Exception):
+    """Raised by the pre-hook on block 0 to stop the forward pass once its inputs are known."""
+
+
+def output_error(W_from: torch.Tensor, W_to: torch.Tensor, H: torch.Tensor) -> float:
+    """‖W_from X − W_to X‖² / ‖W_from X‖² from H = XᵀX. W: [out, in], H: [in, in]."""
+    D = (W_from - W_to).float()
+    num = torch.einsum("oi,ij,oj->", D, H, D)
+    den = torch.einsum("oi,ij,oj->", W_from.float(), H, W_from.float())
+    return (num / den.clamp_min(1e-30)).item()
+
+
+def _hidden(out):
+    return out[0] if isinstance(out, tuple | list) else out
+
+
+def _to(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple | list):
+        return type(obj)(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, tuple | list) and isinstance(b, tuple | list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return False
+    return a is b or (type(a) is type(b) and a == b)
+
+
+def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor, device) -> tuple[list, list]:
+    """Run each sample up to block 0: (hidden states per sample, (args, kwargs) per sample).
+
+    input_ids: [nsamples, seqlen]. Whatever the model passes besides the hidden states
+    (attention mask, position ids, rotary embeddings, cache positions...) is kept as is; samples
+    whose extra arguments equal the first sample's share them.
+    """
+    prefix, blocks = find_blocks(model)
+    block_ids = {id(p) for p in blocks.parameters()}
+    moved = [p for p in model.parameters() if id(p) not in block_ids]
+    homes = [p.data.device for p in moved]
+    block0_home = next(blocks[0].parameters()).device
+    buffers = [(m, n, b) for m in model.modules() for n, b in m.named_buffers(recurse=False)
+               if not any(b is bb for bb in blocks.buffers())]
+    hidden, extras = [], []
+
+    def hook(_module, args, kwargs):
+        if args:
+            h, rest = args[0], args[1:]
+        else:
+            kwargs = dict(kwargs)
+            h, rest = kwargs.pop("hidden_states"), ()
+        kwargs = {k: (None if k in ("cache", "past_key_values", "past_key_value", "layer_past")
+                      else v) for k, v in kwargs.items()}
+        kwargs.pop("use_cache", None)
+        hidden.append(h.detach())
+        extra = (tuple(rest), kwargs)
+        if extras and _same(extra, extras[0]):
+            extra = extras[0]
+        extras.append(extra)
+        raise _Captured
+
+    for p in moved:
+        p.data = p.data.to(device)
+    for m, n, b in buffers:
+        m._buffers[n] = b.to(device)
+    blocks[0].to(device)
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for i in range(input_ids.shape[0]):
+                try:
+                    model(input_ids=input_ids[i : i + 1].to(device), use_cache=False)
+                except _Captured:
+                    pass
+                else:
+                    raise DataError("the model finished a forward pass without calling its first "
+                                    "block; it is not a supported transformer")
+    finally:
+        handle.remove()
+        blocks[0].to(block0_home)
+        for p, home in zip(moved, homes):
+            p.data = p.data.to(home)
+        for m, n, b in buffers:
+            m._buffers[n] = b
+    return hidden, extras
+
+
+def _groups_by_input(block: nn.Module, layers: dict[str, nn.Module], hidden, extra) -> list[list]:
+    """Group a block's layers by the tensor they read, from one probe forward pass."""
+    seen: dict[str, tuple] = {}
+    handles = []
+    for name, module in layers.items():
+        def probe(_m, inp, _out, name=name):
+            x = inp[0]
+            seen[name] = (x.data_ptr(), tuple(x.shape), x.stride())
+        handles.append(module.register_forward_hook(probe))
+    try:
+        with torch.no_grad():
+            block(hidden, *extra[0], **extra[1])
+    finally:
+        for h in handles:
+            h.remove()
+    groups: dict[tuple, list[str]] = {}
+    for name in layers:  # definition order
+        if name not in seen:
+            log.warning("layer %s was not called in the forward pass; it is left unchanged", name)
+            continue
+        groups.setdefault(seen[name], []).append(name)
+    return list(groups.values())
+
+
+def walk(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    transform: Transform,
+    *,
+    select: Callable[[str], bool] = lambda name: True,
+    reference: dict[str, torch.Tensor] | None = None,
+    cross: bool = False,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    on_block: Callable[[int, int, float], None] | None = None,
+    keep_outputs: bool = False,
+) -> WalkReport:
+    """Walk the blocks of `model` with the calibration `input_ids: [nsamples, seqlen]`.
+
+    `select(name)` chooses the layers the transform sees (full module names). `reference`
+    holds weights `{name: W [out, in]}` for a second stream of activations (e.g. the dense
+    model's); with it each group's stats carry `H_ref`, and with `cross=True` also `C`.
+    `on_block(i, n, seconds)` is called after each block. The model is changed in place.
+    """
+    if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise DataError(f"calibration must be a non-empty [nsamples, seqlen] tensor, got shape "
+                        f"{tuple(input_ids.shape)}; load at least one sample")
+    device = torch.device(device) if device is not None else default_device()
+    t_start = time.perf_counter()
+    prefix, blocks = find_blocks(model)
+    hidden, extras = capture_block_inputs(model, input_ids, device)
+    store = _activation_device(hidden, device, streams=2 if reference is not None else 1)
+    hidden = [h.to(store) for h in hidden]
+    ref_hidden = [h.clone() for h in hidden] if reference is not None else None
+    report = WalkReport(device=str(device), tokens=int(input_ids.numel()))
+
+    bar = _progress(len(blocks), progress)
+    for b, block in enumerate(blocks):
+        t0 = time.perf_counter()
+        home = next(block.parameters()).device
+        block.to(device)
+        all_layers = {f"{prefix}.{b}.{n}": m for n, m in block_linears(block).items()}
+        layers = {n: m for n, m in all_layers.items() if select(n)}
+        extra0 = _to(extras[0], device)
+        groups = _groups_by_input(block, layers, hidden[0].to(device), extra0) if layers else []
+        ref_block = _RefWeights(layers, reference) if reference is not None else None
+
+        stats = _collect(block, groups, layers, hidden, ref_hidden, extras, device, ref_block,
+                         cross)
+        for names, st in zip(groups, stats):
+            group = LayerGroup(b, names, [layers[n] for n in names], st)
+            before = group.weights()
+            new = transform(group) or {}
+            for name in names:
+                W_old = before[name]
+                W_new = new.get(name, W_old)
+                if not torch.isfinite(W_new).all():
+                    raise NumericalError(f"the transform produced NaN/Inf weights for {name}")
+                set_weight_matrix(layers[name], W_new)
+                W_new = weight_matrix(layers[name]).float()
+                rec = LayerRecord(
+                    name=name, block=b, shape=tuple(W_new.shape),
+                    sparsity=(W_new == 0).float().mean().item(),
+                    rel_error=output_error(W_old.to(device), W_new, st.H),
+                    extra=group.info.get(name, {}),
+                )
+                if reference is not None and name in reference:
+                    W_ref = reference[name].to(device).float()
+                    rec.rel_error_ref = output_error(W_ref, W_new, st.H)
+                report.layers.append(rec)
+            del st
+        del stats
+
+        with torch.no_grad():  # propagate: this block's outputs are the next block's inputs
+            for i in range(len(hidden)):
+                extra = _to(extras[i], device)
+                hidden[i] = _hidden(block(hidden[i].to(device), *extra[0], **extra[1])).to(store)
+            if ref_block is not None:
+                with ref_block:
+                    for i in range(len(ref_hidden)):
+                        extra = _to(extras[i], device)
+                        out = block(ref_hidden[i].to(device), *extra[0], **extra[1])
+                        ref_hidden[i] = _hidden(out).to(store)
+        block.to(home)
+        seconds = time.perf_counter() - t0
+        report.blocks.append({"block": b, "seconds": seconds})
+        if on_block is not None:
+            on_block(b, len(blocks), seconds)
+        bar.update(1)
+    bar.close()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    report.seconds = time.perf_counter() - t_start
+    if keep_outputs:
+        report.outputs = [h.cpu() for h in hidden]
+    return report
+
+
+class _RefWeights:
+    """Context manager that swaps the reference weights into a block's layers and back."""
+
+    def __init__(self, layers: dict[str, nn.Module], reference: dict[str, torch.Tensor]):
+        self.layers = {n: m for n, m in layers.items() if n in reference}
+        self.reference = reference
+        self.saved: dict[str, torch.Tensor] = {}
+
+    def __enter__(self):
+        for n, m in self.layers.items():
+            self.saved[n] = weight_matrix(m).clone()
+            set_weight_matrix(m, self.reference[n])
+        return self
+
+    def __exit__(self, *exc):
+        for n, m in self.layers.items():
+            set_weight_matrix(m, self.saved[n])
+        self.saved.clear()
+        return False
+
+
+def _collect(block, groups, layers, hidden, ref_hidden, extras, device, ref_block, cross):
+    """Accumulate each group's statistics over every calibration sample."""
+    stats = []
+    for names in groups:
+        n_in = weight_matrix(layers[names[0]]).shape[1]
+        H = torch.zeros(n_in, n_in, dtype=torch.float32, device=device)
+        st = LayerStats(H=H)
+        if ref_block is not None:
+            st.H_ref = torch.zeros_like(H)
+            if cross:
+                st.C = torch.zeros_like(H)
+        stats.append(st)
+    if not groups:
+        return stats
+    leaders = [layers[names[0]] for names in groups]
+    current: list[torch.Tensor | None] = [None] * len(groups)
+
+    def hook_for(k):
+        def hook(_m, inp, _out):
+            current[k] = inp[0].detach().reshape(-1, inp[0].shape[-1]).float()  # [tokens, in]
+        return hook
+
+    handles = [m.register_forward_hook(hook_for(k)) for k, m in enumerate(leaders)]
+    try:
+        with torch.no_grad():
+            for i in range(len(hidden)):
+                extra = _to(extras[i], device)
+                X_ref = None
+                if ref_block is not None:
+                    with ref_block:
+                        block(ref_hidden[i].to(device), *extra[0], **extra[1])
+                    X_ref = list(current)
+                block(hidden[i].to(device), *extra[0], **extra[1])
+                for k, st in enumerate(stats):
+                    X = current[k]  # [tokens, in]
+                    st.H.addmm_(X.t(), X)
+                    st.tokens += X.shape[0]
+                    if X_ref is not None:
+                        st.H_ref.addmm_(X_ref[k].t(), X_ref[k])
+                        if st.C is not None:
+                            st.C.addmm_(X_ref[k].t(), X)
+    finally:
+        for h in handles:
+            h.remove()
+    for names, st in zip(groups, stats):
+        if not torch.isfinite(st.H).all():
+            raise NumericalError(f"calibration statistics of {names[0]} hold NaN/Inf; the "
+                                 "activations overflowed (load the model in fp32 or bf16)")
+    return stats
+
+
+def _activation_device(hidden: list[torch.Tensor], device: torch.device, streams: int):
+    """Keep calibration activations on the compute device when they fit, else on the CPU."""
+    if device.type != "cuda":
+        return device
+    need = 2 * streams * sum(h.numel() * h.element_size() for h in hidden)
+    free, _total = torch.cuda.mem_get_info(device)
+    if need < 0.5 * free:
+        return device
+    log.info("calibration activations (%.1f GiB) stay on the CPU", need / 2**30)
+    return torch.device("cpu")
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="blocks", unit="block", disable=not enabled, leave=False)

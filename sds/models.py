@@ -1,0 +1,198 @@
+"""Models: loading, identity, and the structure the sequential engine needs.
+
+Nothing here is written per family. The transformer blocks are found as the longest
+`nn.ModuleList` whose children all share one class and hold linear layers; the prunable layers
+of a block are its `nn.Linear` and GPT-2-style `Conv1D` modules. `Conv1D` stores its weight as
+`[in, out]`; `weight_matrix` / `set_weight_matrix` present every layer as `W: [out, in]`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, HubUnreachableError, ModelError
+
+log = logging.getLogger("sds")
+
+try:  # GPT-2 family
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover
+    Conv1D = ()
+
+LINEAR_TYPES = (nn.Linear, Conv1D) if Conv1D else (nn.Linear,)
+
+
+# -- structure -----------------------------------------------------------------------------------
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The transformer block list: (its module name, the ModuleList)."""
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        classes = {type(child) for child in module}
+        if len(classes) != 1:
+            continue
+        if not any(isinstance(m, LINEAR_TYPES) for m in module[0].modules()):
+            continue
+        if best is None or len(module) > len(best[1]):
+            best = (name, module)
+    if best is None:
+        raise ModelError(
+            f"cannot find transformer blocks in {type(model).__name__}: looked for an "
+            "nn.ModuleList of identical blocks containing nn.Linear or Conv1D layers. "
+            "Supported: OPT, LLaMA-style (Llama, Mistral, Qwen2), GPT-2, GPT-NeoX, BERT-style"
+        )
+    return best
+
+
+def block_linears(block: nn.Module) -> dict[str, nn.Module]:
+    """Linear layers of one block, by name relative to the block, in forward-definition order."""
+    return {n: m for n, m in block.named_modules() if isinstance(m, LINEAR_TYPES)}
+
+
+def prunable_layers(model: nn.Module, rules=None) -> dict[str, nn.Module]:
+    """Every linear layer inside the blocks (full module names), optionally filtered by rules."""
+    prefix, blocks = find_blocks(model)
+    out = {}
+    for i, block in enumerate(blocks):
+        for n, m in block_linears(block).items():
+            full = f"{prefix}.{i}.{n}"
+            if rules is None or rules.pattern_for(full) is not None:
+                out[full] = m
+    return out
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """W: [out, in] (a view for nn.Linear; a transposed view for Conv1D)."""
+    if Conv1D and isinstance(module, Conv1D):
+        return module.weight.data.t()
+    return module.weight.data
+
+
+def set_weight_matrix(module: nn.Module, W: torch.Tensor) -> None:
+    """Write W: [out, in] into the module in its own layout, dtype and device."""
+    target = module.weight.data
+    W = W.t() if (Conv1D and isinstance(module, Conv1D)) else W
+    if tuple(W.shape) != tuple(target.shape):
+        raise ConfigError(f"weight shape {tuple(W.shape)} does not fit {tuple(target.shape)}")
+    target.copy_(W.to(device=target.device, dtype=target.dtype))
+
+
+def layer_state(model: nn.Module, names) -> dict[str, torch.Tensor]:
+    """`{"<module>.weight": tensor}` in the model's own parameter layout, CPU copies."""
+    modules = dict(model.named_modules())
+    return {f"{n}.weight": modules[n].weight.detach().to("cpu", copy=True).contiguous()
+            for n in names}
+
+
+def load_layer_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Inverse of `layer_state`: write saved weights back into the model."""
+    params = dict(model.named_parameters())
+    for key, value in tensors.items():
+        if key not in params:
+            raise ModelError(f"saved tensor {key!r} does not exist in this model; the artifact "
+                             "belongs to a different architecture")
+        p = params[key]
+        if tuple(p.shape) != tuple(value.shape):
+            raise ModelError(f"saved tensor {key!r} has shape {tuple(value.shape)}, the model "
+                             f"expects {tuple(p.shape)}")
+        p.data.copy_(value.to(device=p.device, dtype=p.dtype))
+
+
+def max_positions(config) -> int | None:
+    for attr in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# -- loading and identity -------------------------------------------------------------------------
+_DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32,
+           "float16": torch.float16, "fp16": torch.float16,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def _offline_hint(name: str) -> str:
+    return (f"cannot reach the Hugging Face hub to load {name!r}; check the network (and "
+            "HF_HUB_OFFLINE), or pass a local model folder (e.g. `--model path/to/model`), "
+            "or run without --model to use the offline demo model")
+
+
+def load_model(name_or_path: str, dtype: str = "auto", revision: str | None = None,
+               trust_remote_code: bool = False, causal: bool = True):
+    """Load (model, tokenizer) from a hub id or a local folder, in eval mode, on the CPU."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in _DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}")
+    local = Path(name_or_path).expanduser()
+    looks_local = local.exists() or name_or_path.startswith((".", "/", "~"))
+    if looks_local and not (local / "config.json").is_file():
+        raise ModelError(f"model folder {str(local)!r} does not exist or has no config.json; "
+                         "pass a Hugging Face model folder or a hub id like facebook/opt-125m")
+    source = str(local) if looks_local else name_or_path
+    cls = AutoModelForCausalLM if causal else AutoModel
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision,
+                                                  trust_remote_code=trust_remote_code)
+        model = cls.from_pretrained(source, revision=revision, dtype=_DTYPES[dtype],
+                                    trust_remote_code=trust_remote_code)
+    except OSError as e:
+        if looks_local:
+            raise ModelError(f"cannot load model from {source!r}: {e}") from e
+        text = str(e).lower()
+        if any(s in text for s in ("offline", "connect", "resolve", "network", "couldn't")):
+            raise HubUnreachableError(_offline_hint(name_or_path)) from e
+        raise ModelError(f"cannot load model {name_or_path!r}: {e}") from e
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise ModelError(f"{name_or_path!r} needs custom code from its repository; pass "
+                             "--trust-remote-code if you trust it") from e
+        raise ModelError(f"cannot load model {name_or_path!r}: {e}") from e
+    model.eval()
+    return model, tokenizer
+
+
+def folder_hash(path: str | os.PathLike) -> str:
+    """sha256 over the relative names and bytes of every file in a model folder."""
+    root = Path(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(root)).encode())
+        digest.update(b"\0")
+        with open(file, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def model_identity(name_or_path: str, revision: str | None = None) -> dict:
+    """What makes a base model unique: a local folder's content hash, or hub id + commit."""
+    local = Path(name_or_path).expanduser()
+    if local.is_dir():
+        return {"kind": "local", "name": local.name, "sha256": folder_hash(local)}
+    try:
+        from huggingface_hub import HfApi
+
+        info = HfApi().model_info(name_or_path, revision=revision)
+        return {"kind": "hub", "id": name_or_path, "revision": info.sha}
+    except Exception as e:  # noqa: BLE001 - any hub failure means the same to the user
+        raise HubUnreachableError(_offline_hint(name_or_path)) from e
+
+
+def describe(model: nn.Module) -> dict:
+    prefix, blocks = find_blocks(model)
+    return {"architecture": type(model).__name__, "blocks": len(blocks), "block_list": prefix,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}

@@ -1,0 +1,170 @@
+"""Sparsity patterns: what fraction of a weight matrix is zero, and how the zeros are arranged.
+
+Two kinds, both along the *input* dimension of `W: [out, in]`:
+
+- unstructured, ratio `s` in (0, 1): a fraction `s` of the weights are zero;
+- N:M: in every group of M consecutive weights of each output row at most N are non-zero
+  (2:4 and 4:8 keep half; any 0 < N < M is accepted).
+
+Pruners score every weight (larger = more important) and call `prune_mask` to turn the scores
+into a mask; the pattern decides the comparison group (whole layer, row, or M-group).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import ConfigError
+
+_ACCEPTED = "accepted forms: 'N:M' with 0 < N < M (e.g. '2:4', '4:8'), '50%', or a ratio like '0.5'"
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """A sparsity pattern: `Pattern.parse("2:4")`, `Pattern.parse("50%")`, `Pattern.parse(0.5)`."""
+
+    ratio: float | None = None  # unstructured: fraction of zeros, in (0, 1)
+    n: int | None = None  # N:M: kept per group
+    m: int | None = None  # N:M: group size
+
+    def __post_init__(self):
+        if self.ratio is not None:
+            if self.n is not None or self.m is not None:
+                raise ConfigError("a pattern is either a ratio or N:M, not both")
+            if not (isinstance(self.ratio, int | float) and 0.0 < self.ratio < 1.0):
+                raise ConfigError(f"sparsity ratio {self.ratio!r} is outside (0, 1); {_ACCEPTED}")
+        elif self.n is not None and self.m is not None:
+            if not (0 < self.n < self.m):
+                raise ConfigError(f"N:M pattern {self.n}:{self.m} needs 0 < N < M; {_ACCEPTED}")
+        else:
+            raise ConfigError(f"empty sparsity pattern; {_ACCEPTED}")
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def parse(cls, spec: str | float | Pattern) -> Pattern:
+        if isinstance(spec, Pattern):
+            return spec
+        if isinstance(spec, bool):
+            raise ConfigError(f"sparsity pattern {spec!r} is not a pattern; {_ACCEPTED}")
+        if isinstance(spec, int | float):
+            return cls(ratio=float(spec))
+        if not isinstance(spec, str):
+            raise ConfigError(f"sparsity pattern {spec!r} is not a string; {_ACCEPTED}")
+        text = spec.strip()
+        nm = re.fullmatch(r"(\d+)\s*:\s*(\d+)", text)
+        if nm:
+            return cls(n=int(nm.group(1)), m=int(nm.group(2)))
+        pct = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)\s*%", text)
+        if pct:
+            return cls(ratio=float(pct.group(1)) / 100.0)
+        try:
+            value = float(text)
+        except ValueError:
+            raise ConfigError(f"cannot parse sparsity pattern {spec!r}; {_ACCEPTED}") from None
+        if not math.isfinite(value):
+            raise ConfigError(f"sparsity ratio {spec!r} is not finite; {_ACCEPTED}")
+        return cls(ratio=value)
+
+    # -- properties ---------------------------------------------------------------------------
+    @property
+    def is_nm(self) -> bool:
+        return self.n is not None
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of zeros the pattern asks for."""
+        return self.ratio if self.ratio is not None else 1.0 - self.n / self.m
+
+    def __str__(self) -> str:
+        if self.is_nm:
+            return f"{self.n}:{self.m}"
+        pct = self.ratio * 100
+        return f"{pct:g}%" if abs(pct - round(pct, 6)) < 1e-9 else f"{self.ratio!r}"
+
+    # -- mask selection -----------------------------------------------------------------------
+    def prune_mask(self, scores: torch.Tensor, per_row: bool = False) -> torch.Tensor:
+        """Boolean mask of the weights to prune (True = set to zero).
+
+        scores: [out, in], larger = more important. Unstructured patterns prune the
+        `floor(s * count)` lowest scores of the whole matrix, or of each row when `per_row`;
+        N:M prunes the M-N lowest of every group of M along the input dimension.
+        """
+        if scores.dim() != 2:
+            raise ConfigError(f"scores must be 2-D [out, in], got shape {tuple(scores.shape)}")
+        rows, cols = scores.shape
+        mask = torch.zeros(rows, cols, dtype=torch.bool, device=scores.device)
+        if self.is_nm:
+            if cols % self.m:
+                raise ConfigError(
+                    f"{self} needs the input dimension to be a multiple of {self.m}, got {cols}; "
+                    "exclude this layer or use an unstructured ratio"
+                )
+            groups = scores.reshape(rows, cols // self.m, self.m)  # [out, in/M, M]
+            low = torch.topk(groups, self.m - self.n, dim=2, largest=False).indices
+            mask.view(rows, cols // self.m, self.m).scatter_(2, low, True)
+        elif per_row:
+            k = int(cols * self.ratio)
+            if k:
+                low = torch.topk(scores, k, dim=1, largest=False).indices  # [out, k]
+                mask.scatter_(1, low, True)
+        else:
+            k = int(scores.numel() * self.ratio)
+            if k:
+                low = torch.topk(scores.flatten(), k, largest=False).indices
+                mask.view(-1)[low] = True
+        return mask
+
+
+_NEVER_PRUNED = (r"(^|\.)(lm_head|embed_out|embed_tokens|embed_positions|wte|wpe|word_embeddings)$",)
+
+
+@dataclass(frozen=True)
+class LayerRules:
+    """Which pattern applies to which linear layer.
+
+    `overrides` are `(regex, pattern)` pairs tried in order against the module name (the first
+    `re.search` match wins); `exclude` regexes name layers left dense. Embeddings and the LM head
+    are never pruned.
+    """
+
+    default: Pattern
+    overrides: tuple[tuple[str, Pattern], ...] = ()
+    exclude: tuple[str, ...] = ()
+    never: tuple[str, ...] = field(default=_NEVER_PRUNED, repr=False)
+
+    def __post_init__(self):
+        for rx in [r for r, _ in self.overrides] + list(self.exclude):
+            try:
+                re.compile(rx)
+            except re.error as e:
+                raise ConfigError(f"layer regex {rx!r} does not compile: {e}") from None
+
+    @classmethod
+    def build(cls, pattern, overrides=None, exclude=()) -> LayerRules:
+        """`overrides` may be a dict {regex: pattern spec}; `exclude` a list of regexes."""
+        items = overrides.items() if isinstance(overrides, dict) else (overrides or ())
+        return cls(
+            default=Pattern.parse(pattern),
+            overrides=tuple((rx, Pattern.parse(p)) for rx, p in items),
+            exclude=tuple(exclude),
+        )
+
+    def pattern_for(self, name: str) -> Pattern | None:
+        """The pattern for layer `name`, or None when the layer stays dense."""
+        if any(re.search(rx, name) for rx in self.never + self.exclude):
+            return None
+        for rx, pattern in self.overrides:
+            if re.search(rx, name):
+                return pattern
+        return self.default
+
+    def describe(self) -> dict:
+        return {
+            "default": str(self.default),
+            "overrides": [[rx, str(p)] for rx, p in self.overrides],
+            "exclude": list(self.exclude),
+        }

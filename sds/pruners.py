@@ -1,0 +1,170 @@
+"""Layer-level pruners: `(W, H, pattern) -> W'`.
+
+`W: [out, in]` is a linear layer's weight (`y = W x`), `H = XᵀX: [in, in]` the Gram matrix of its
+calibration inputs `X: [tokens, in]` (SparseGPT's Hessian up to a constant). All math runs in
+fp32 whatever the model dtype; the result is cast back to `W.dtype`.
+
+- magnitude: score |W|; unstructured prunes the lowest of the whole layer, N:M per group.
+- Wanda: score |W_ij| · ‖X_j‖₂ = |W_ij| · sqrt(H_jj), compared within each output row.
+- SparseGPT: Optimal Brain Surgeon column by column with lazy block updates (Frantar & Alistarh).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .errors import ConfigError, NumericalError
+from .patterns import Pattern
+
+log = logging.getLogger("sds")
+
+
+def _check_finite(name: str, t: torch.Tensor) -> None:
+    if not torch.isfinite(t).all():
+        bad = (~torch.isfinite(t)).sum().item()
+        raise NumericalError(
+            f"{name} holds {bad} NaN/Inf value(s); check the model weights and the calibration "
+            "data (fp16 overflow is a common cause: load the model in fp32 or bf16)"
+        )
+
+
+def _check_shapes(W: torch.Tensor, H: torch.Tensor | None) -> None:
+    if W.dim() != 2:
+        raise ConfigError(f"W must be 2-D [out, in], got shape {tuple(W.shape)}")
+    if H is not None and tuple(H.shape) != (W.shape[1], W.shape[1]):
+        raise ConfigError(f"H must be [in, in] = {(W.shape[1],) * 2} for W {tuple(W.shape)}, "
+                          f"got {tuple(H.shape)}")
+
+
+def magnitude(W: torch.Tensor, H: torch.Tensor | None, pattern: Pattern | str) -> torch.Tensor:
+    """W: [out, in]; H ignored. Zero the smallest |W| (per layer, or per N:M group)."""
+    pattern = Pattern.parse(pattern)
+    _check_shapes(W, None)
+    _check_finite("W", W)
+    W32 = W.float()
+    mask = pattern.prune_mask(W32.abs())
+    return W32.masked_fill(mask, 0.0).to(W.dtype)
+
+
+def wanda(W: torch.Tensor, H: torch.Tensor, pattern: Pattern | str) -> torch.Tensor:
+    """W: [out, in], H: [in, in]. Score |W_ij|·‖X_j‖₂, pruned per output row (or N:M group)."""
+    pattern = Pattern.parse(pattern)
+    _check_shapes(W, H)
+    _check_finite("W", W)
+    _check_finite("H", H)
+    W32 = W.float()
+    x_norm = torch.diagonal(H).float().clamp_min(0).sqrt()  # [in]: ‖X_j‖₂
+    scores = W32.abs() * x_norm.unsqueeze(0)  # [out, in]
+    mask = pattern.prune_mask(scores, per_row=True)
+    return W32.masked_fill(mask, 0.0).to(W.dtype)
+
+
+def inverse_hessian_factor(
+    H: torch.Tensor, percdamp: float = 0.01, max_tries: int = 8
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upper Cholesky factor U of (H + λI)⁻¹ (so (H + λI)⁻¹ = UᵀU), and the dead-input mask.
+
+    H: [in, in]. Dead inputs (H_jj == 0) get H_jj = 1. λ = percdamp · mean(diag H); when the
+    factorization fails, λ grows tenfold and the attempt is logged; after `max_tries` failures
+    a NumericalError is raised. Layers that read the same input share this factor.
+    """
+    if not 0 <= percdamp:
+        raise ConfigError(f"percdamp must be >= 0, got {percdamp}")
+    _check_finite("H", H)
+    H = H.detach().float().clone()
+    dead = torch.diagonal(H) == 0  # [in]
+    H[dead, dead] = 1.0
+    mean_diag = torch.diagonal(H).mean().item()
+    damp = percdamp * mean_diag
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    for attempt in range(max_tries):
+        L, info = torch.linalg.cholesky_ex(H + damp * eye)
+        if info.item() == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if info.item() == 0 and torch.isfinite(U).all():
+                return U, dead
+        new_damp = max(damp * 10.0, 1e-8 * max(mean_diag, 1e-12), 1e-10)
+        log.warning("Cholesky factorization of H failed with dampening %.3g; retrying with %.3g "
+                    "(attempt %d of %d)", damp, new_damp, attempt + 2, max_tries)
+        damp = new_damp
+    raise NumericalError(
+        f"H could not be factorized even with dampening {damp:.3g} after {max_tries} tries; the "
+        "calibration statistics are degenerate (too few samples, or inputs that are all zero)"
+    )
+
+
+def sparsegpt(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    pattern: Pattern | str,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    factor: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """SparseGPT on one layer. W: [out, in], H: [in, in]; returns the pruned, updated W.
+
+    Columns are visited left to right in blocks of `blocksize`. Unstructured masks are chosen at
+    the start of each block from w²/U_jj² over the block; N:M masks at the first column of each
+    group from the same score over the group. Each pruned column's error is spread over the
+    remaining columns of the block at once and to the columns right of the block after it.
+    `factor` is a precomputed `inverse_hessian_factor(H, percdamp)`, shared by layers that
+    read the same input.
+    """
+    pattern = Pattern.parse(pattern)
+    _check_shapes(W, H)
+    if blocksize < 1:
+        raise ConfigError(f"blocksize must be positive, got {blocksize}")
+    if pattern.is_nm and blocksize % pattern.m:
+        raise ConfigError(f"blocksize {blocksize} is not a multiple of M={pattern.m} for {pattern};"
+                          f" use a multiple of {pattern.m} such as {pattern.m * 32}")
+    if pattern.is_nm and W.shape[1] % pattern.m:
+        raise ConfigError(f"{pattern} needs the input dimension to be a multiple of {pattern.m}, "
+                          f"got {W.shape[1]}; exclude this layer or use an unstructured ratio")
+    _check_finite("W", W)
+    U, dead = factor if factor is not None else inverse_hessian_factor(H, percdamp)
+    rows, cols = W.shape
+    dtype = W.dtype
+    W = W.detach().float().clone()  # [out, in]
+    W[:, dead] = 0.0
+    U = U.to(W.device)
+
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        count = i2 - i1
+        W1 = W[:, i1:i2].clone()  # [out, B]: block weights, updated as columns are pruned
+        Q1 = torch.zeros_like(W1)  # [out, B]: the pruned block
+        Err1 = torch.zeros_like(W1)  # [out, B]: scaled errors (w - q) / U_jj
+        U1 = U[i1:i2, i1:i2]  # [B, B]
+        d = torch.diagonal(U1)  # [B]
+        if pattern.is_nm:
+            mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        else:
+            mask1 = Pattern(ratio=pattern.ratio).prune_mask(W1.square() / d.square())
+        for i in range(count):
+            if pattern.is_nm and i % pattern.m == 0:
+                g = slice(i, i + pattern.m)
+                mask1[:, g] = pattern.prune_mask(W1[:, g].square() / d[g].square())
+            w = W1[:, i]  # [out]
+            q = w.masked_fill(mask1[:, i], 0.0)
+            Q1[:, i] = q
+            err = (w - q) / d[i]  # [out]
+            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i1:i2] = Q1
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    _check_finite("pruned W", W)
+    return W.to(dtype)
+
+
+METHODS = {"magnitude": magnitude, "wanda": wanda, "sparsegpt": sparsegpt}
+
+
+def get_method(name: str):
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ConfigError(f"unknown pruning method {name!r}; choose one of "
+                          f"{', '.join(sorted(METHODS))}") from None

@@ -1,0 +1,158 @@
+import pytest
+import torch
+
+import sds
+from sds.errors import ConfigError, DataError
+from sds.layerwise import output_error, walk
+from sds.models import find_blocks, prunable_layers, weight_matrix
+from tests.helpers import tiny_llama, tiny_opt
+
+
+def _last_block_outputs(model, ids):
+    """Plain forward of the model, recording what its last block returns, per sample."""
+    _, blocks = find_blocks(model)
+    outs = []
+    h = blocks[-1].register_forward_hook(
+        lambda _m, _i, o: outs.append((o[0] if isinstance(o, tuple) else o).detach()))
+    with torch.no_grad():
+        for i in range(ids.shape[0]):
+            model(ids[i : i + 1])
+    h.remove()
+    return outs
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_opt])
+def test_propagated_outputs_equal_a_plain_forward_of_the_pruned_model(make):
+    model = make(layers=3)
+    ids = torch.randint(0, 128, (4, 32))
+    from sds.api import pruning_transform
+    from sds.patterns import LayerRules
+
+    rep = walk(model, ids, pruning_transform("sparsegpt", LayerRules.build("2:4")),
+               progress=False, keep_outputs=True)
+    plain = _last_block_outputs(model, ids)
+    for a, b in zip(rep.outputs, plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_noop_transform_leaves_logits_unchanged():
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (3, 16))
+    with torch.no_grad():
+        before = model(ids).logits
+    rep = walk(model, ids, lambda group: {}, progress=False)
+    with torch.no_grad():
+        after = model(ids).logits
+    assert torch.equal(before, after)
+    assert all(r.rel_error == 0 for r in rep.layers)
+    assert len(rep.layers) == 2 * 7
+
+
+def test_layers_reading_one_input_share_one_group_and_gram_matrix():
+    model = tiny_llama(layers=1)
+    ids = torch.randint(0, 128, (2, 16))
+    seen = []
+
+    def record(group):
+        seen.append([n.split(".")[-1] for n in group.names])
+        # H is XᵀX of the group's input: symmetric PSD with trace = Σ‖x‖²
+        H = group.stats.H
+        assert torch.allclose(H, H.T)
+        assert group.stats.tokens == 2 * 16
+        return {}
+
+    walk(model, ids, record, progress=False)
+    assert seen == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"],
+                    ["down_proj"]]
+
+
+def test_gram_matrix_equals_inputs_recorded_independently():
+    model = tiny_opt(layers=1)
+    ids = torch.randint(0, 128, (2, 16))
+    layer = dict(model.named_modules())["model.decoder.layers.0.fc2"]
+    xs = []
+    h = layer.register_forward_hook(lambda _m, i, _o: xs.append(i[0].reshape(-1, i[0].shape[-1])))
+    with torch.no_grad():
+        for i in range(2):
+            model(ids[i : i + 1])
+    h.remove()
+    X = torch.cat(xs)
+    got = {}
+    walk(model, ids, lambda g: got.update({g.names[0]: g.stats.H.clone()}) or {}, progress=False)
+    torch.testing.assert_close(got["model.decoder.layers.0.fc2"], X.T @ X, rtol=1e-5, atol=1e-4)
+
+
+def test_reference_stream_with_current_weights_gives_equal_grams():
+    model = tiny_llama(layers=2)
+    ids = torch.randint(0, 128, (2, 16))
+    ref = {n: weight_matrix(m).clone() for n, m in prunable_layers(model).items()}
+    checked = []
+
+    def check(group):
+        st = group.stats
+        torch.testing.assert_close(st.H_ref, st.H)
+        torch.testing.assert_close(st.C, st.H)
+        checked.append(group.names[0])
+        return {}
+
+    walk(model, ids, check, reference=ref, cross=True, progress=False)
+    assert len(checked) == 8
+
+
+def test_output_error_is_the_closed_form_ratio():
+    X = torch.randn(100, 8)
+    W, W2 = torch.randn(4, 8), torch.randn(4, 8)
+    expect = ((X @ W.T - X @ W2.T).square().sum() / (X @ W.T).square().sum()).item()
+    assert output_error(W, W2, X.T @ X) == pytest.approx(expect, rel=1e-4)
+
+
+def test_prune_report_per_layer_sparsity_error_and_time():
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (4, 32))
+    report = sds.prune(model, ids, method="wanda", pattern="4:8", progress=False)
+    layers = report.steps["oneshot"].layers
+    assert len(layers) == 14
+    for r in layers:
+        W = weight_matrix(dict(model.named_modules())[r.name])
+        assert r.sparsity == pytest.approx((W == 0).float().mean().item())
+        assert r.sparsity == 0.5 and 0 < r.rel_error < 1
+    assert len(report.steps["oneshot"].blocks) == 2
+    assert all(b["seconds"] > 0 for b in report.steps["oneshot"].blocks)
+    assert report.to_dict()["steps"]["oneshot"]["layers"][0]["name"].endswith("q_proj")
+
+
+def test_excluded_layers_stay_dense():
+    model = tiny_llama()
+    before = weight_matrix(model.model.layers[0].mlp.down_proj).clone()
+    sds.prune(model, torch.randint(0, 128, (2, 16)), "magnitude", "50%",
+              exclude=[r"layers\.0\.mlp\.down_proj"], overrides={r"o_proj": "2:4"},
+              progress=False)
+    assert torch.equal(weight_matrix(model.model.layers[0].mlp.down_proj), before)
+    o = weight_matrix(model.model.layers[1].self_attn.o_proj)
+    assert ((o == 0).reshape(64, 16, 4).sum(-1) == 2).all()
+
+
+def test_empty_calibration_is_rejected():
+    with pytest.raises(DataError, match="empty"):
+        sds.prune(tiny_llama(), torch.zeros(0, 16, dtype=torch.long), progress=False)
+
+
+def test_seqlen_beyond_model_positions_is_rejected():
+    with pytest.raises(ConfigError, match="seqlen 80 exceeds the model's 64 positions"):
+        sds.prune(tiny_llama(), torch.randint(0, 128, (1, 80)), progress=False)
+
+
+def test_blocksize_not_multiple_of_m_is_rejected_before_any_work():
+    model = tiny_llama()
+    before = weight_matrix(model.model.layers[0].self_attn.q_proj).clone()
+    with pytest.raises(ConfigError, match="blocksize 6"):
+        sds.prune(model, torch.randint(0, 128, (1, 16)), "sparsegpt", "4:8", blocksize=6,
+                  progress=False)
+    assert torch.equal(weight_matrix(model.model.layers[0].self_attn.q_proj), before)
+
+
+def test_nan_weights_in_model_raise_numerical_error():
+    model = tiny_llama()
+    model.model.layers[1].mlp.up_proj.weight.data[0, 0] = float("nan")
+    with pytest.raises(sds.NumericalError):
+        sds.prune(model, torch.randint(0, 128, (1, 16)), "sparsegpt", "2:4", progress=False)

@@ -1,0 +1,61 @@
+import pytest
+import torch
+
+from sds.errors import ConfigError
+from sds.patterns import LayerRules, Pattern
+
+
+@pytest.mark.parametrize("spec,ratio,nm", [
+    ("2:4", None, (2, 4)), ("4:8", None, (4, 8)), (" 1 : 3 ", None, (1, 3)),
+    ("50%", 0.5, None), ("0.5", 0.5, None), (0.7, 0.7, None), ("12.5%", 0.125, None),
+])
+def test_parse_accepts_the_documented_forms(spec, ratio, nm):
+    p = Pattern.parse(spec)
+    assert p.ratio == ratio
+    assert (p.n, p.m) == (nm if nm else (None, None))
+    assert Pattern.parse(str(p)) == p  # str round-trips
+
+
+@pytest.mark.parametrize("spec", ["4:4", "5:4", "0:4", "1.5", "0", "-0.2", "100%", "abc", "2:",
+                                  "2-4", "", "nan", "inf", True, None])
+def test_parse_rejects_bad_patterns_naming_the_value_and_forms(spec):
+    with pytest.raises(ConfigError) as e:
+        Pattern.parse(spec)
+    assert "accepted forms" in str(e.value) or "not" in str(e.value)
+
+
+@pytest.mark.parametrize("spec", ["2:4", "4:8", "1:4", "3:8"])
+def test_nm_mask_prunes_exactly_m_minus_n_in_every_group(spec):
+    p = Pattern.parse(spec)
+    scores = torch.rand(16, 64)
+    mask = p.prune_mask(scores)
+    groups = mask.reshape(16, 64 // p.m, p.m)
+    assert (groups.sum(-1) == p.m - p.n).all()
+    # the pruned ones are the lowest scores of their group
+    g = scores.reshape(16, -1, p.m)
+    kept_min = g.masked_fill(groups, float("inf")).min(-1).values
+    pruned_max = g.masked_fill(~groups, -float("inf")).max(-1).values
+    assert (pruned_max <= kept_min).all()
+
+
+def test_unstructured_mask_counts_per_layer_and_per_row():
+    p = Pattern.parse("30%")
+    scores = torch.rand(10, 37)
+    assert p.prune_mask(scores).sum() == int(370 * 0.3)
+    assert (p.prune_mask(scores, per_row=True).sum(1) == int(37 * 0.3)).all()
+
+
+def test_nm_mask_rejects_input_dim_not_multiple_of_m():
+    with pytest.raises(ConfigError, match="multiple of 4"):
+        Pattern.parse("2:4").prune_mask(torch.rand(4, 10))
+
+
+def test_layer_rules_overrides_excludes_and_never_pruned():
+    rules = LayerRules.build("2:4", {r"mlp\.down_proj$": "50%"}, exclude=[r"layers\.0\."])
+    assert str(rules.pattern_for("model.layers.3.self_attn.q_proj")) == "2:4"
+    assert str(rules.pattern_for("model.layers.3.mlp.down_proj")) == "50%"
+    assert rules.pattern_for("model.layers.0.mlp.down_proj") is None
+    assert rules.pattern_for("lm_head") is None
+    assert rules.pattern_for("model.embed_tokens") is None
+    with pytest.raises(ConfigError, match="does not compile"):
+        LayerRules.build("2:4", exclude=["("])
