@@ -27,3 +27,7 @@ class NumericalError(SDSError, ArithmeticError):
 
 class StoreError(SDSError, OSError):
     """The artifact store cannot be reached, or an artifact is corrupt (transient: may be retried)."""
+
+
+class CorruptArtifactError(StoreError):
+    """A stored artifact is missing, half-written or fails its hash check: recompute it."""

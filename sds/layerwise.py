@@ -184,12 +184,11 @@ def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor, device) -> t
 
 def _groups_by_input(block: nn.Module, layers: dict[str, nn.Module], hidden, extra) -> list[list]:
     """Group a block's layers by the tensor they read, from one probe forward pass."""
-    seen: dict[str, tuple] = {}
+    seen: dict[str, torch.Tensor] = {}  # holding the inputs keeps their memory from reuse
     handles = []
     for name, module in layers.items():
         def probe(_m, inp, _out, name=name):
-            x = inp[0]
-            seen[name] = (x.data_ptr(), tuple(x.shape), x.stride())
+            seen[name] = inp[0]
         handles.append(module.register_forward_hook(probe))
     try:
         with torch.no_grad():
@@ -202,7 +201,8 @@ def _groups_by_input(block: nn.Module, layers: dict[str, nn.Module], hidden, ext
         if name not in seen:
             log.warning("layer %s was not called in the forward pass; it is left unchanged", name)
             continue
-        groups.setdefault(seen[name], []).append(name)
+        x = seen[name]
+        groups.setdefault((x.data_ptr(), tuple(x.shape), x.stride()), []).append(name)
     return list(groups.values())
 
 
@@ -214,6 +214,8 @@ def walk(
     select: Callable[[str], bool] = lambda name: True,
     reference: dict[str, torch.Tensor] | None = None,
     cross: bool = False,
+    compare_to: dict[str, torch.Tensor] | None = None,
+    propagate: str = "transformed",
     device: str | torch.device | None = None,
     progress: bool = True,
     on_block: Callable[[int, int, float], None] | None = None,
@@ -224,8 +226,14 @@ def walk(
     `select(name)` chooses the layers the transform sees (full module names). `reference`
     holds weights `{name: W [out, in]}` for a second stream of activations (e.g. the dense
     model's); with it each group's stats carry `H_ref`, and with `cross=True` also `C`.
+    `compare_to` holds weights `{name: W [out, in]}` (the dense ones) that each layer's
+    `rel_error_ref` is measured against. `propagate="transformed"` feeds the next block with the
+    transformed block's outputs (the usual sequential protocol); `"original"` with the outputs
+    of the block as it was before the transform (statistics of the untransformed model).
     `on_block(i, n, seconds)` is called after each block. The model is changed in place.
     """
+    if propagate not in ("transformed", "original"):
+        raise ValueError(f"propagate must be 'transformed' or 'original', got {propagate!r}")
     if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
         raise DataError(f"calibration must be a non-empty [nsamples, seqlen] tensor, got shape "
                         f"{tuple(input_ids.shape)}; load at least one sample")
@@ -251,6 +259,7 @@ def walk(
 
         stats = _collect(block, groups, layers, hidden, ref_hidden, extras, device, ref_block,
                          cross)
+        pending: dict[str, torch.Tensor] = {}  # new weights, written after propagation
         for names, st in zip(groups, stats):
             group = LayerGroup(b, names, [layers[n] for n in names], st)
             before = group.weights()
@@ -260,16 +269,19 @@ def walk(
                 W_new = new.get(name, W_old)
                 if not torch.isfinite(W_new).all():
                     raise NumericalError(f"the transform produced NaN/Inf weights for {name}")
-                set_weight_matrix(layers[name], W_new)
-                W_new = weight_matrix(layers[name]).float()
+                W_new = _as_stored(layers[name], W_new)
+                if propagate == "original":
+                    pending[name] = W_new
+                else:
+                    set_weight_matrix(layers[name], W_new)
                 rec = LayerRecord(
                     name=name, block=b, shape=tuple(W_new.shape),
                     sparsity=(W_new == 0).float().mean().item(),
                     rel_error=output_error(W_old.to(device), W_new, st.H),
                     extra=group.info.get(name, {}),
                 )
-                if reference is not None and name in reference:
-                    W_ref = reference[name].to(device).float()
+                if compare_to is not None and name in compare_to:
+                    W_ref = compare_to[name].to(device).float()
                     rec.rel_error_ref = output_error(W_ref, W_new, st.H)
                 report.layers.append(rec)
             del st
@@ -285,6 +297,8 @@ def walk(
                         extra = _to(extras[i], device)
                         out = block(ref_hidden[i].to(device), *extra[0], **extra[1])
                         ref_hidden[i] = _hidden(out).to(store)
+        for name, W_new in pending.items():
+            set_weight_matrix(layers[name], W_new)
         block.to(home)
         seconds = time.perf_counter() - t0
         report.blocks.append({"block": b, "seconds": seconds})
@@ -298,6 +312,11 @@ def walk(
     if keep_outputs:
         report.outputs = [h.cpu() for h in hidden]
     return report
+
+
+def _as_stored(module: nn.Module, W: torch.Tensor) -> torch.Tensor:
+    """W as the module will hold it (its dtype and device), back in fp32 for measurements."""
+    return W.to(device=module.weight.device, dtype=module.weight.dtype).float()
 
 
 class _RefWeights:

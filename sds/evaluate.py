@@ -1,0 +1,442 @@
+"""Evaluation: perplexity, output fidelity to a reference model, zero-shot accuracy.
+
+- `perplexity`: the SparseGPT / Wanda protocol. The token stream is cut into `N // seqlen`
+  non-overlapping windows; every token but the first of a window is predicted;
+  ppl = exp(total nll / predicted tokens), with the log-softmax taken in fp32.
+- `final_hidden_states` / `output_fidelity`: how far the last hidden state of a pruned model is
+  from the dense one on the same inputs (cosine per token, relative L2 over everything). Works
+  for causal LMs and encoders alike.
+- `zero_shot`: lm-evaluation-harness 0.4.x on the in-memory model. Built-in tasks download their
+  data from the hub; `write_local_tasks` turns multiple-choice JSONL files into offline tasks, and
+  the "demo" preset runs the demo tasks shipped with the package.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import json
+import logging
+import math
+import operator
+import random
+import re
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .data import hub_unreachable, max_positions
+from .errors import ConfigError, DataError, HubUnreachableError, ModelError, NumericalError
+
+log = logging.getLogger("sds")
+
+TASK_PRESETS: dict[str, list[str]] = {
+    # SDS paper (v1): COPA, LAMBADA, OpenBookQA, PIQA, RTE, StoryCloze, WinoGrande.
+    "sds": ["copa", "lambada_openai", "openbookqa", "piqa", "rte", "storycloze_2016",
+            "winogrande"],
+    # Wanda's table: BoolQ, RTE, HellaSwag, WinoGrande, ARC-e, ARC-c, OBQA.
+    "wanda": ["boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge",
+              "openbookqa"],
+    # Offline multiple-choice tasks built from the demo corpus (sds.demo).
+    "demo": ["demo_next_sentence", "demo_last_word"],
+}
+DEMO_TASKS = tuple(TASK_PRESETS["demo"])
+_TASK_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
+_LOCAL_TASK_HINT = (
+    "run the offline demo tasks (--tasks demo) or a local multiple-choice task "
+    "(sds.evaluate.write_local_tasks)"
+)
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module):
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+# -- perplexity ---------------------------------------------------------------------------------
+def perplexity(
+    model,
+    input_ids: torch.Tensor,
+    seqlen: int,
+    batch_size: int = 1,
+    device: str | torch.device | None = None,
+    max_windows: int | None = None,
+    progress: bool = False,
+) -> dict:
+    """Perplexity of a causal LM on `input_ids: [1, N]` in `N // seqlen` non-overlapping windows.
+
+    Returns {"ppl", "nll" (total, nats), "nll_per_token", "tokens" (predicted: seqlen - 1 per
+    window), "windows", "seqlen"}. `max_windows` evaluates the first windows only.
+    """
+    if input_ids.dim() == 1:
+        input_ids = input_ids.unsqueeze(0)
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise ConfigError(
+            f"input_ids must be one token stream [1, N], got {tuple(input_ids.shape)}"
+        )
+    seqlen = _positive_int("seqlen", seqlen, minimum=2)
+    batch_size = _positive_int("batch_size", batch_size)
+    positions = max_positions(model.config)
+    if positions is not None and seqlen > positions:
+        raise ConfigError(
+            f"seqlen {seqlen} exceeds the model's {positions} positions "
+            f"(max_position_embeddings); evaluate with a seqlen of at most {positions}"
+        )
+    n_windows = input_ids.numel() // seqlen
+    if n_windows == 0:
+        raise DataError(
+            f"the evaluation text has {input_ids.numel()} tokens, fewer than one window of "
+            f"seqlen={seqlen}; use a smaller seqlen or a longer text"
+        )
+    if max_windows is not None:
+        n_windows = min(n_windows, _positive_int("max_windows", max_windows))
+    windows = input_ids[0, : n_windows * seqlen].reshape(n_windows, seqlen)  # [n, seqlen]
+    device = torch.device(device) if device is not None else _model_device(model)
+
+    from tqdm.auto import tqdm
+
+    total_nll = 0.0  # python float: fp64 accumulation over windows
+    with _eval_mode(model):
+        starts = range(0, n_windows, batch_size)
+        for start in tqdm(starts, desc="perplexity", unit="batch", disable=not progress):
+            batch = windows[start:start + batch_size].to(device)  # [b, seqlen]
+            logits = model(input_ids=batch, use_cache=False).logits  # [b, seqlen, vocab]
+            shift = logits[:, :-1, :].float()
+            nll = F.cross_entropy(shift.reshape(-1, shift.shape[-1]),
+                                  batch[:, 1:].reshape(-1), reduction="sum")
+            if not torch.isfinite(nll):
+                raise NumericalError(
+                    f"the model's logits hold NaN/Inf on windows {start}..{start + len(batch) - 1}"
+                    "; check the weights (fp16 overflow is a common cause: evaluate in fp32 "
+                    "or bf16)"
+                )
+            total_nll += nll.item()
+            del logits, shift
+    tokens = n_windows * (seqlen - 1)
+    return {
+        "ppl": math.exp(total_nll / tokens),
+        "nll": total_nll,
+        "nll_per_token": total_nll / tokens,
+        "tokens": tokens,
+        "windows": n_windows,
+        "seqlen": seqlen,
+    }
+
+
+def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        value = operator.index(value)
+    except TypeError:
+        raise ConfigError(f"{name} must be an integer, got {value!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+# -- output fidelity ----------------------------------------------------------------------------
+def final_hidden_states(
+    model,
+    input_ids: torch.Tensor,
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
+) -> torch.Tensor:
+    """Last hidden state of the base model (no LM head), `input_ids: [n, seqlen]` ->
+    `[n, seqlen, hidden]` fp32 on the CPU. Works for causal LMs and encoders (BERT...)."""
+    if input_ids.dim() != 2:
+        raise ConfigError(f"input_ids must be [n, seqlen], got {tuple(input_ids.shape)}")
+    batch_size = _positive_int("batch_size", batch_size)
+    device = torch.device(device) if device is not None else _model_device(model)
+    base = getattr(model, "base_model", None)
+    if base is None:
+        base = model
+    kwargs: dict[str, Any] = {"output_hidden_states": True}
+    if getattr(getattr(base, "config", None), "use_cache", None) is not None:
+        kwargs["use_cache"] = False
+    outputs = []
+    with _eval_mode(model):
+        for start in range(0, input_ids.shape[0], batch_size):
+            batch = input_ids[start:start + batch_size].to(device)
+            out = base(input_ids=batch, **kwargs)
+            hidden = getattr(out, "hidden_states", None)
+            last = hidden[-1] if hidden else getattr(out, "last_hidden_state", None)
+            if last is None:
+                raise ModelError(f"{type(base).__name__} returns no hidden states; "
+                                 "output fidelity needs a transformers model")
+            outputs.append(last.float().cpu())
+    return torch.cat(outputs)
+
+
+def output_fidelity(
+    model,
+    reference_hidden: torch.Tensor,
+    input_ids: torch.Tensor,
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
+) -> dict:
+    """Compare the model's last hidden states on `input_ids: [n, seqlen]` with
+    `reference_hidden: [n, seqlen, hidden]` (from `final_hidden_states` of the reference model).
+
+    Returns {"cosine": mean per-token cosine similarity, "rel_l2": ‖h − h_ref‖ / ‖h_ref‖ over all
+    entries, "tokens"}.
+    """
+    if input_ids.dim() != 2 or reference_hidden.dim() != 3 or (
+            tuple(reference_hidden.shape[:2]) != tuple(input_ids.shape)):
+        raise DataError(
+            f"reference hidden states {tuple(reference_hidden.shape)} do not match the inputs "
+            f"{tuple(input_ids.shape)}: expected [n, seqlen, hidden] for input_ids [n, seqlen]; "
+            "compute them with final_hidden_states on the same input_ids"
+        )
+    cos_sum = diff_sq = ref_sq = 0.0
+    for start in range(0, input_ids.shape[0], batch_size):
+        h = final_hidden_states(model, input_ids[start:start + batch_size], batch_size, device)
+        ref = reference_hidden[start:start + batch_size].float()
+        if h.shape != ref.shape:
+            raise DataError(f"hidden size {h.shape[-1]} of the model differs from the reference's "
+                            f"{ref.shape[-1]}")
+        cos_sum += F.cosine_similarity(h, ref, dim=-1).double().sum().item()
+        diff_sq += (h - ref).double().pow(2).sum().item()
+        ref_sq += ref.double().pow(2).sum().item()
+    tokens = input_ids.numel()
+    return {
+        "cosine": cos_sum / tokens,
+        "rel_l2": math.sqrt(diff_sq) / math.sqrt(ref_sq) if ref_sq > 0 else math.inf,
+        "tokens": tokens,
+    }
+
+
+# -- zero-shot ----------------------------------------------------------------------------------
+def expand_tasks(tasks: str | Sequence[str]) -> list[str]:
+    """Task names from presets and names: "sds", "copa,piqa", ["demo", "rte"]; order kept,
+    duplicates dropped."""
+    items = [tasks] if isinstance(tasks, str) else list(tasks)
+    names: list[str] = []
+    for item in items:
+        for part in str(item).split(","):
+            part = part.strip()
+            if not part:
+                continue
+            for name in TASK_PRESETS.get(part, [part]):
+                if name not in names:
+                    names.append(name)
+    return names
+
+
+def write_local_tasks(dest_dir: str | Path, jsonl_files: dict[str, str | Path]) -> Path:
+    """Write one lm-eval task YAML per multiple-choice JSONL file into `dest_dir`; return the
+    folder, to pass as `include_path`.
+
+    Each JSONL line: {"context": str, "choices": [str, ...], "label": int}. The task scores
+    " " + choice after the context (acc and acc_norm, like the built-in multiple-choice tasks).
+    Data paths are written absolute: lm-eval resolves relative ones against the working directory.
+    """
+    import yaml
+
+    if not jsonl_files:
+        raise ConfigError("write_local_tasks needs at least one {task name: JSONL file}")
+    dest = Path(dest_dir).expanduser().resolve()
+    dest.mkdir(parents=True, exist_ok=True)
+    for name, data_path in jsonl_files.items():
+        if not isinstance(name, str) or not _TASK_NAME.fullmatch(name):
+            raise ConfigError(f"task name {name!r} must be letters, digits, '_', '.', '-'")
+        path = Path(data_path).expanduser().resolve()
+        _check_task_file(path)
+        config = {
+            "task": name,
+            "dataset_path": "json",
+            "dataset_kwargs": {"data_files": {"validation": str(path)}},
+            "output_type": "multiple_choice",
+            "validation_split": "validation",
+            "doc_to_text": "context",
+            "doc_to_choice": "choices",
+            "doc_to_target": "label",
+            "metric_list": [
+                {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+                {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
+            ],
+            "metadata": {"version": 1.0},
+        }
+        (dest / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False),
+                                           encoding="utf-8")
+    return dest
+
+
+def _check_task_file(path: Path) -> None:
+    """Fail early, with the line number, on what lm-eval would reject obscurely."""
+    if not path.is_file():
+        raise DataError(f"task data file {path} does not exist")
+    lines = 0
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                doc = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path} line {n} is not valid JSON: {exc}") from exc
+            ok = (isinstance(doc, dict) and isinstance(doc.get("context"), str)
+                  and isinstance(doc.get("choices"), list) and len(doc["choices"]) >= 2
+                  and all(isinstance(c, str) for c in doc["choices"])
+                  and isinstance(doc.get("label"), int) and not isinstance(doc["label"], bool)
+                  and 0 <= doc["label"] < len(doc["choices"]))
+            if not ok:
+                raise DataError(
+                    f"{path} line {n} does not match the multiple-choice schema "
+                    '{"context": str, "choices": [str, str, ...], "label": index of the answer}'
+                )
+            lines += 1
+    if lines == 0:
+        raise DataError(f"task data file {path} holds no examples")
+
+
+@functools.lru_cache(maxsize=1)
+def _builtin_task_manager():
+    """lm-eval's index of its ~14,700 built-in tasks (seconds to build: built once)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager()
+
+
+@contextlib.contextmanager
+def _preserved_rng():
+    """lm-eval reseeds python, numpy and torch globally; give the caller its streams back."""
+    import numpy as np
+
+    py, npy, cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def _load_task(manager, name: str, local: bool) -> list:
+    """lm-eval Task / Group objects for one name, with hub failures named after the task."""
+    try:
+        loaded = manager.load([name])
+    except KeyError:
+        known = ", ".join(sorted(TASK_PRESETS))
+        raise ConfigError(
+            f"unknown zero-shot task {name!r}: not an lm-eval task or a local task; presets: "
+            f"{known}; or {_LOCAL_TASK_HINT}"
+        ) from None
+    except Exception as exc:
+        if not local and hub_unreachable(exc):
+            raise HubUnreachableError(
+                f"zero-shot task {name!r} needs its dataset from the Hugging Face hub, which "
+                f"cannot be reached ({exc}); {_LOCAL_TASK_HINT}"
+            ) from exc
+        raise DataError(f"cannot load zero-shot task {name!r}: {exc}") from exc
+    if name in loaded["groups"]:
+        return [loaded["groups"][name]]
+    return list(loaded["tasks"].values())
+
+
+def zero_shot(
+    model,
+    tokenizer,
+    tasks: str | Sequence[str],
+    batch_size: int = 8,
+    limit: int | float | None = None,
+    include_path: str | Path | Sequence[str | Path] | None = None,
+    num_fewshot: int = 0,
+) -> dict[str, dict]:
+    """Accuracy of the in-memory model on lm-eval tasks (names or presets, see TASK_PRESETS).
+
+    Returns {task: {"acc", "acc_norm" (None when the task has none), "acc_stderr",
+    "acc_norm_stderr" (None when not numeric), "samples", and "perplexity" where reported}}.
+    Local tasks come from `include_path` (see `write_local_tasks`); the demo tasks are written
+    from `sds.demo` unless `include_path` defines them.
+    """
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    names = expand_tasks(tasks)
+    if not names:
+        raise ConfigError(f"no zero-shot tasks given; presets: {', '.join(TASK_PRESETS)}")
+    _positive_int("batch_size", batch_size)
+    if isinstance(include_path, str | Path):
+        include_paths = [Path(include_path)]
+    else:
+        include_paths = [Path(p) for p in include_path or []]
+    for p in include_paths:
+        if not p.exists():
+            raise DataError(f"task include path {p} does not exist")
+
+    with contextlib.ExitStack() as stack:
+        local_manager = TaskManager(include_path=[str(p) for p in include_paths] or None,
+                                    include_defaults=False)
+        local = set(local_manager.all_tasks)
+        demo_needed = [n for n in names if n in DEMO_TASKS and n not in local]
+        if demo_needed:
+            demo = importlib.import_module("sds.demo")
+            folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="sds-tasks-"))
+            write_local_tasks(folder, {n: demo.task_data_path(n) for n in demo_needed})
+            include_paths.append(Path(folder))
+            local_manager = TaskManager(include_path=[str(p) for p in include_paths],
+                                        include_defaults=False)
+            local = set(local_manager.all_tasks)
+
+        objects = []
+        for name in names:
+            manager = local_manager if name in local else _builtin_task_manager()
+            objects += _load_task(manager, name, local=name in local)
+
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        with _preserved_rng():
+            out = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=objects,
+                num_fewshot=num_fewshot,
+                limit=limit,
+                task_manager=local_manager,
+                log_samples=False,
+            )
+    return _tidy_results(out)
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _tidy_results(out: dict) -> dict[str, dict]:
+    samples = out.get("n-samples", {})
+    tidy = {}
+    for task, metrics in out["results"].items():
+        entry = {
+            "acc": _number(metrics.get("acc,none")),
+            "acc_norm": _number(metrics.get("acc_norm,none")),
+            "acc_stderr": _number(metrics.get("acc_stderr,none")),
+            "acc_norm_stderr": _number(metrics.get("acc_norm_stderr,none")),
+            "samples": samples.get(task, {}).get("effective"),
+        }
+        if _number(metrics.get("perplexity,none")) is not None:
+            entry["perplexity"] = _number(metrics["perplexity,none"])
+        tidy[task] = entry
+    return tidy

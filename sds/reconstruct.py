@@ -1,0 +1,281 @@
+"""The SDS steps after one-shot pruning (Sparse-Dense-Sparse, arXiv 2408.10473).
+
+Step 2, re-dense: from the step-1 sparse weight, let every entry train and minimise
+
+    J(W) = ‖T − W X‖² / ν + λ1 ‖W‖₁ + λ2 ‖W‖₂²
+
+where `T = W_dense X_t` is the dense layer's output. The data variants choose `X_t` and `X`:
+
+    "sd"       X_t = X = inputs in the pruned model (the paper's choice, "SD-data")
+    "dense"    X_t = X = inputs in the dense model
+    "distill"  X_t = dense-model inputs, X = pruned-model inputs
+
+Step 3, second pruning + adjustment: prune the re-dense weight again with the base method,
+then minimise ‖W_dense X − W X‖² / ν over weights that satisfy the pattern, re-selecting the
+mask by magnitude at every iteration (projected gradient). A layer keeps the plain
+second-pruned weight when the adjustment does not lower its calibration error (early exit).
+
+Nothing here passes over the tokens per iteration: with A = XᵀX and G = X_tᵀX,
+
+    ‖T − W X‖² = tr(W A Wᵀ) − 2 tr(W_dense G Wᵀ) + tr(W_dense H_t W_denseᵀ),
+    ∇ = 2 (W A − W_dense G).
+
+Optimisers: "prox" is proximal gradient (ISTA) with step `lr / L`, L the Lipschitz constant
+of the smooth part, so `lr <= 1` decreases J at every iteration (L1 by soft-thresholding);
+"adam" is Adam with absolute step `lr` and the L1 subgradient.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .errors import ConfigError
+from .layerwise import LayerGroup, walk
+from .patterns import LayerRules, Pattern
+from .pruners import get_method, inverse_hessian_factor, sparsegpt
+
+DATA_VARIANTS = ("sd", "dense", "distill")
+OPTIMIZERS = ("prox", "adam")
+NORMALIZATIONS = ("target", "tokens")
+
+
+@dataclass(frozen=True)
+class SDSConfig:
+    """Options of steps 2 and 3. The paper publishes epochs, lr, λ1, λ2 and nothing else;
+    the optimiser and the normalisation ν were chosen by experiment (see BENCHMARKS.md)."""
+
+    data: str = "sd"  # step 2 data variant: "sd" | "dense" | "distill"
+    epochs: int = 200  # step 2 iterations
+    lr: float = 0.1
+    l1: float = 0.1  # λ1
+    l2: float = 0.1  # λ2
+    optimizer: str = "prox"  # "prox" | "adam"
+    normalize: str = "target"  # ν: "target" = ‖W_dense X_t‖², "tokens" = number of tokens
+    reg_mean: bool = True  # regularisers averaged over the layer's entries (else summed)
+    adjust_epochs: int = 200  # step 3 iterations (0 skips the adjustment)
+    adjust_lr: float = 0.1
+    early_exit: bool = True  # keep the plain second pruning where adjusting does not help
+
+    def __post_init__(self):
+        if self.data not in DATA_VARIANTS:
+            raise ConfigError(f"unknown re-dense data variant {self.data!r}; choose one of "
+                              f"{', '.join(DATA_VARIANTS)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose one of "
+                              f"{', '.join(OPTIMIZERS)}")
+        if self.normalize not in NORMALIZATIONS:
+            raise ConfigError(f"unknown normalisation {self.normalize!r}; choose one of "
+                              f"{', '.join(NORMALIZATIONS)}")
+        for name in ("epochs", "adjust_epochs"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("lr", "adjust_lr"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("l1", "l2"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# -- the quadratic objective ------------------------------------------------------------------
+@dataclass
+class Quadratic:
+    """‖T − W X‖² = tr(W A Wᵀ) − 2 tr(B Wᵀ) + c, with B = W_dense G. Shapes: A, G [in, in]."""
+
+    A: torch.Tensor  # [in, in]
+    B: torch.Tensor  # [out, in]
+    c: float
+    tokens: int
+
+    @classmethod
+    def from_grams(cls, W_dense, A, G, H_t, tokens):
+        W_dense = W_dense.float()
+        B = W_dense @ G  # [out, in]
+        c = torch.einsum("oi,ij,oj->", W_dense, H_t, W_dense).item()
+        return cls(A=A, B=B, c=c, tokens=tokens)
+
+    def value_and_grad(self, W):
+        WA = W @ self.A  # [out, in]
+        value = (WA * W).sum() - 2 * (self.B * W).sum() + self.c
+        return value.item(), 2 * (WA - self.B)
+
+    def lipschitz(self) -> float:
+        """Largest eigenvalue of the Hessian 2A of W ↦ tr(W A Wᵀ)."""
+        return 2 * torch.linalg.eigvalsh(self.A.double())[-1].clamp_min(0).item()
+
+
+def _scales(q: Quadratic, numel: int, config: SDSConfig) -> tuple[float, float]:
+    nu = q.c if config.normalize == "target" else float(q.tokens)
+    nu = max(nu, 1e-30)
+    reg = 1.0 / numel if config.reg_mean else 1.0
+    return nu, reg
+
+
+def _soft(W, t):
+    return torch.sign(W) * (W.abs() - t).clamp_min(0)
+
+
+def redense_layer(W0: torch.Tensor, q: Quadratic, config: SDSConfig,
+                  L: float | None = None) -> tuple[torch.Tensor, list[float]]:
+    """Step 2 on one layer. W0: [out, in] sparse start. Returns (W, objective per iteration)."""
+    W = W0.detach().float().clone()
+    nu, reg = _scales(q, W.numel(), config)
+    l1, l2 = config.l1 * reg, config.l2 * reg
+
+    def objective(value):
+        return value / nu + l1 * W.abs().sum().item() + l2 * W.square().sum().item()
+
+    value, grad = q.value_and_grad(W)
+    history = [objective(value)]
+    if config.optimizer == "prox":
+        L_smooth = (L if L is not None else q.lipschitz()) / nu + 2 * l2
+        step = config.lr / max(L_smooth, 1e-30)
+        for _ in range(config.epochs):
+            W = _soft(W - step * (grad / nu + 2 * l2 * W), step * l1)
+            value, grad = q.value_and_grad(W)
+            history.append(objective(value))
+    else:
+        m = torch.zeros_like(W)
+        v = torch.zeros_like(W)
+        b1, b2, eps = 0.9, 0.999, 1e-8
+        for t in range(1, config.epochs + 1):
+            g = grad / nu + 2 * l2 * W + l1 * torch.sign(W)
+            m.mul_(b1).add_(g, alpha=1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            W = W - config.lr * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
+            value, grad = q.value_and_grad(W)
+            history.append(objective(value))
+    return W, history
+
+
+def adjust_layer(W0: torch.Tensor, q: Quadratic, pattern: Pattern, config: SDSConfig,
+                 L: float | None = None) -> tuple[torch.Tensor, list[float]]:
+    """Step 3's adjustment on one layer: projected gradient on ‖W_dense X − W X‖² / ν with the
+    mask re-selected by magnitude within `pattern` at every iteration. W0: [out, in]."""
+    W = W0.detach().float().clone()
+    nu, _ = _scales(q, W.numel(), config)
+    value, grad = q.value_and_grad(W)
+    history = [value / nu]
+    step = config.adjust_lr / max((L if L is not None else q.lipschitz()) / nu, 1e-30)
+    for _ in range(config.adjust_epochs):
+        W = W - step * grad / nu
+        W = W.masked_fill(pattern.prune_mask(W.abs()), 0.0)
+        value, grad = q.value_and_grad(W)
+        history.append(value / nu)
+    return W, history
+
+
+# -- walks --------------------------------------------------------------------------------------
+def dense_weights(model, rules: LayerRules) -> dict[str, torch.Tensor]:
+    """Snapshot {name: W [out, in]} of the layers `rules` prunes (call before step 1)."""
+    from .models import prunable_layers, weight_matrix
+
+    return {n: weight_matrix(m).detach().to("cpu", copy=True)
+            for n, m in prunable_layers(model, rules).items()}
+
+
+def _quadratic(group: LayerGroup, name: str, W_dense, variant: str) -> Quadratic:
+    st = group.stats
+    if variant == "sd":
+        return Quadratic.from_grams(W_dense, st.H, st.H, st.H, st.tokens)
+    if variant == "dense":
+        return Quadratic.from_grams(W_dense, st.H_ref, st.H_ref, st.H_ref, st.tokens)
+    return Quadratic.from_grams(W_dense, st.H, st.C, st.H_ref, st.tokens)  # distill
+
+
+def redense(model, calibration, dense: dict[str, torch.Tensor], rules: LayerRules,
+            config: SDSConfig = SDSConfig(), *, device=None, progress=True, on_block=None):
+    """Step 2 on a pruned model, in place. `dense`: {name: W_dense [out, in]} (see
+    `dense_weights`). Statistics come from the pruned model (its blocks are propagated with
+    their sparse weights) or, for the "dense"/"distill" variants, also from the dense model."""
+    from .api import calibration_ids
+
+    ids = calibration_ids(calibration)
+
+    def transform(group: LayerGroup):
+        out = {}
+        A = group.stats.H if config.data == "sd" else (
+            group.stats.H_ref if config.data == "dense" else group.stats.H)
+        L = 2 * torch.linalg.eigvalsh(A.double())[-1].clamp_min(0).item()
+        for name, W in group.weights().items():
+            q = _quadratic(group, name, dense[name].to(W.device), config.data)
+            W_new, hist = redense_layer(W, q, config, L=L)
+            out[name] = W_new
+            group.info[name] = {"objective_start": hist[0], "objective_end": hist[-1],
+                                "reactivated": ((W == 0) & (W_new != 0)).float().mean().item()}
+        return out
+
+    return walk(model, ids, transform, select=lambda n: n in dense,
+                reference=dense if config.data != "sd" else None,
+                cross=config.data == "distill", compare_to=dense, propagate="original",
+                device=device,
+                progress=progress, on_block=on_block)
+
+
+def second_prune(model, calibration, dense: dict[str, torch.Tensor], method: str,
+                 rules: LayerRules, config: SDSConfig = SDSConfig(), *, blocksize=128,
+                 percdamp=0.01, device=None, progress=True, on_block=None):
+    """Step 3 on a re-dense model, in place: prune again with `method`, then adjust the kept
+    weights towards the dense outputs (skipped per layer where it does not help)."""
+    from .api import calibration_ids
+
+    prune_layer = get_method(method)
+    ids = calibration_ids(calibration)
+
+    def transform(group: LayerGroup):
+        H = group.stats.H
+        factor = inverse_hessian_factor(H, percdamp) if method == "sparsegpt" else None
+        L = None
+        out = {}
+        for name, W in group.weights().items():
+            pattern = rules.pattern_for(name)
+            if method == "sparsegpt":
+                W_pruned = sparsegpt(W, H, pattern, blocksize, percdamp, factor=factor)
+            else:
+                W_pruned = prune_layer(W, H, pattern)
+            q = Quadratic.from_grams(dense[name].to(W.device), H, H, H, group.stats.tokens)
+            info = {"pattern": str(pattern), "adjusted": False}
+            out[name] = W_pruned
+            if config.adjust_epochs > 0:
+                if L is None:
+                    L = 2 * torch.linalg.eigvalsh(H.double())[-1].clamp_min(0).item()
+                W_adj, hist = adjust_layer(W_pruned, q, pattern, config, L=L)
+                info.update(error_pruned=hist[0], error_adjusted=hist[-1])
+                if hist[-1] < hist[0] or not config.early_exit:
+                    out[name] = W_adj
+                    info["adjusted"] = True
+            group.info[name] = info
+        return out
+
+    return walk(model, ids, transform, select=lambda n: n in dense, compare_to=dense,
+                device=device, progress=progress, on_block=on_block)
+
+
+def sds_prune(model, calibration, method: str, rules: LayerRules, config: SDSConfig, *,
+              blocksize=128, percdamp=0.01, device=None, progress=True, report=None):
+    """All three steps on `model`, in place; returns a PruneReport with one entry per step."""
+    from .api import PruneReport, oneshot
+
+    report = report or PruneReport(method=method, rules=rules.describe())
+    report.rules["sds"] = config.to_dict()
+    dense = dense_weights(model, rules)
+    steps = [
+        ("oneshot", lambda: oneshot(model, calibration, method, rules, blocksize=blocksize,
+                                    percdamp=percdamp, device=device, progress=progress)),
+        ("redense", lambda: redense(model, calibration, dense, rules, config, device=device,
+                                    progress=progress)),
+        ("second", lambda: second_prune(model, calibration, dense, method, rules, config,
+                                        blocksize=blocksize, percdamp=percdamp, device=device,
+                                        progress=progress)),
+    ]
+    for step, run in steps:
+        t0 = time.perf_counter()
+        report.steps[step] = run()
+        report.seconds[step] = time.perf_counter() - t0
+    return report

@@ -1,0 +1,910 @@
+"""The artifact store: each stage's output tensors and metadata, on local disk or S3.
+
+Layout under the root (a local folder, or `s3://bucket/prefix` through s3fs):
+
+    <root>/<stage>/<key>/tensors.safetensors   the tensors the stage produced (possibly none)
+    <root>/<stage>/<key>/meta.json             written last: its presence is the commit
+
+The key hashes everything that determines a stage's output (`artifact_key`), so the same inputs
+find the same artifact on any machine. Only validated stage names and hex keys ever become path
+segments; model ids and other free text live inside meta.json.
+
+Writes are atomic and reads verify the sha256 recorded in meta.json. Failures of the storage
+itself raise `StoreError` (transient: the caller may retry); a missing, half-written or damaged
+artifact raises `CorruptArtifactError` (recompute it); bad arguments raise `ConfigError`.
+
+S3 credentials and endpoint come from the standard AWS environment (AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL or AWS_ENDPOINT_URL_S3, AWS_PROFILE, ~/.aws files).
+The store never reads or keeps them itself: botocore does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import functools
+import hashlib
+import json
+import logging
+import math
+import numbers
+import os
+import platform
+import re
+import socket
+import tempfile
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from importlib import metadata
+from typing import Any
+from urllib.parse import urlsplit
+
+import safetensors
+import safetensors.torch
+import torch
+
+from .errors import ConfigError, CorruptArtifactError, SDSError, StoreError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ROOT = "./sds-store"
+TENSORS = "tensors.safetensors"
+META = "meta.json"
+FORMAT = 1  # layout of meta.json; bump when its meaning changes
+KEY_LENGTH = 32  # hex characters kept of the sha256: 128 bits
+
+_STAGE_RE = re.compile(r"[a-z][a-z0-9_-]{0,63}")
+_KEY_RE = re.compile(rf"[0-9a-f]{{{KEY_LENGTH}}}")
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+_BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_PREFIX_PART_RE = re.compile(r"[A-Za-z0-9._=+-]+")
+_SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+_RESERVED = frozenset(
+    {"format", "stage", "key", "sha256", "bytes", "tensor_names", "created", "versions"}
+)
+_CREDENTIALS_FIX = (
+    "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_ENDPOINT_URL for an S3 service "
+    "other than AWS), or AWS_PROFILE naming a profile in ~/.aws/credentials"
+)
+
+
+# -- keys ---------------------------------------------------------------------------------------
+def canonical_json(value: Any) -> str:
+    """The one JSON spelling of `value`, the text that is hashed into artifact keys.
+
+    Dict keys are sorted, there is no whitespace, and the output is ASCII. Tuples are written as
+    lists and dataclasses as dicts of their fields. A float with an integral value is written as
+    that integer (`1.0` -> `1`), so a value spelled either way gives the same key; bools stay
+    `true`/`false`. Other floats use Python's shortest round-trip form, which is the same on
+    every IEEE-754 machine. NaN, infinities, non-string dict keys and types without an obvious
+    JSON form (sets, bytes, tensors, ...) raise ConfigError rather than being guessed at.
+    """
+    return json.dumps(
+        _plain(value, "value"),
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=True,
+        allow_nan=False,
+    )
+
+
+def _plain(value: Any, where: str) -> Any:
+    """`value` as None/bool/int/float/str/list/dict only, ready for `json.dumps`."""
+    if value is None or isinstance(value, bool | str):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        x = float(value)
+        if not math.isfinite(x):
+            raise ConfigError(f"{where} is {x}: keys need finite numbers; use None for 'unset'")
+        return int(x) if x.is_integer() and abs(x) < 2**53 else x
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ConfigError(f"{where} has the non-string key {k!r}; use string keys")
+            out[k] = _plain(v, f"{where}.{k}")
+        return out
+    if isinstance(value, list | tuple):
+        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {
+            f.name: _plain(getattr(value, f.name), f"{where}.{f.name}")
+            for f in dataclasses.fields(value)
+        }
+    raise ConfigError(
+        f"{where} is a {type(value).__name__}, which has no canonical JSON form; "
+        "use None, bool, int, float, str, list or dict (a sorted list for a set)"
+    )
+
+
+def artifact_key(
+    stage: str,
+    version: int | str,
+    base_model: Mapping[str, Any],
+    config: Mapping[str, Any],
+    upstream: list[str],
+) -> str:
+    """The key of a stage's artifact: a hash of everything that determines its output.
+
+    `base_model` identifies the model (hub id + resolved revision, or a content hash of a local
+    folder); `config` is the stage's own options (a dict or a dataclass); `upstream` lists the
+    keys of the artifacts the stage reads, in the order the stage takes them. Bump `version`
+    when the stage's code changes what it produces.
+    """
+    _check_stage(stage)
+    if isinstance(version, bool) or not isinstance(version, int | str) or version == "":
+        raise ConfigError(f"stage version {version!r} must be an int or a non-empty string")
+    for name, value in (("base_model", base_model), ("config", config)):
+        if not isinstance(value, Mapping) and not (
+            dataclasses.is_dataclass(value) and not isinstance(value, type)
+        ):
+            raise ConfigError(f"{name} must be a dict (or a dataclass), not {type(value).__name__}")
+    if not isinstance(upstream, list | tuple):
+        raise ConfigError(
+            f"upstream must be a list of artifact keys, not {type(upstream).__name__}"
+        )
+    for k in upstream:
+        _check_key(k)
+    payload = {
+        "stage": stage,
+        "version": version,
+        "base_model": base_model,
+        "config": config,
+        "upstream": list(upstream),
+    }
+    return hashlib.sha256(canonical_json(payload).encode("ascii")).hexdigest()[:KEY_LENGTH]
+
+
+def _check_stage(stage: Any) -> str:
+    if not isinstance(stage, str) or not _STAGE_RE.fullmatch(stage):
+        raise ConfigError(
+            f"stage name {_short(stage)} is not valid: use 1-64 lowercase letters, digits, "
+            "'_' or '-', starting with a letter (e.g. 'oneshot')"
+        )
+    return stage
+
+
+def _check_key(key: Any) -> str:
+    if not isinstance(key, str) or not _KEY_RE.fullmatch(key):
+        raise ConfigError(
+            f"artifact key {_short(key)} is not valid: keys are {KEY_LENGTH} lowercase hex "
+            "characters, as made by artifact_key()"
+        )
+    return key
+
+
+# -- references ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ArtifactRef:
+    """Where one artifact lives; small and JSON-serialisable (what the orchestration caches)."""
+
+    root: str
+    stage: str
+    key: str
+    uri: str  # the artifact's folder: <root>/<stage>/<key>
+
+    def __post_init__(self):
+        _check_stage(self.stage)
+        _check_key(self.key)
+        if not isinstance(self.root, str) or self.uri != f"{self.root}/{self.stage}/{self.key}":
+            raise ConfigError(
+                f"artifact reference {_short(self.uri)} does not match its root, stage and key"
+            )
+
+    def to_dict(self) -> dict[str, str]:
+        return {"root": self.root, "stage": self.stage, "key": self.key, "uri": self.uri}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ArtifactRef:
+        try:
+            return cls(data["root"], data["stage"], data["key"], data["uri"])
+        except (KeyError, TypeError) as exc:
+            raise ConfigError(
+                f"not an artifact reference: {_short(data)}; expected root, stage, key and uri"
+            ) from exc
+
+
+@dataclass
+class _Entry:
+    """One `<stage>/<key>` folder found by a listing."""
+
+    ref: ArtifactRef
+    meta: dict | None  # None when not committed or not usable
+    reason: str | None  # why meta is None
+    modified: float | None  # newest file time (POSIX seconds), if the listing knows it
+
+
+# -- the store ----------------------------------------------------------------------------------
+class ArtifactStore:
+    """Artifacts under one root: a local folder, or `s3://bucket/prefix`.
+
+    Nothing is contacted until the first operation; `check()` verifies that the root can be
+    reached and written, and says what to fix when it cannot. Safe to pickle (the filesystem
+    client is rebuilt on the other side).
+    """
+
+    def __init__(self, root: str | os.PathLike = DEFAULT_ROOT, *, connect_timeout: float = 5.0):
+        if isinstance(root, os.PathLike):
+            root = os.fspath(root)
+        if not isinstance(root, str) or not root.strip():
+            raise ConfigError(
+                f"store root {_short(root)} is empty; use a local folder or s3://bucket/prefix"
+            )
+        if isinstance(connect_timeout, bool) or not (
+            isinstance(connect_timeout, int | float) and connect_timeout > 0
+        ):
+            raise ConfigError(f"connect_timeout {connect_timeout!r} must be a positive number")
+        self.connect_timeout = float(connect_timeout)
+        root = root.strip()
+        if root.startswith("s3://"):
+            self._bucket, prefix = _parse_s3_root(root)
+            self._base = "/".join(p for p in (self._bucket, prefix) if p)  # s3fs path, no scheme
+            self.root = f"s3://{self._base}"
+        else:
+            if root.startswith("file://"):
+                root = root[len("file://") :]
+            elif _SCHEME_RE.match(root):
+                raise ConfigError(
+                    f"store root {_short(root)} is not supported: use a local folder "
+                    "or s3://bucket/prefix"
+                )
+            self._bucket = None
+            self._base = self.root = os.path.abspath(os.path.expanduser(root))
+        self._fs = None
+
+    @property
+    def is_s3(self) -> bool:
+        return self._bucket is not None
+
+    def __repr__(self) -> str:
+        return f"ArtifactStore({self.root!r})"
+
+    def __getstate__(self) -> dict:
+        return {"root": self.root, "connect_timeout": self.connect_timeout}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["root"], connect_timeout=state["connect_timeout"])
+
+    def ref(self, stage: str, key: str) -> ArtifactRef:
+        """The reference of `stage`/`key` in this store (whether or not it exists)."""
+        _check_stage(stage)
+        _check_key(key)
+        return ArtifactRef(self.root, stage, key, f"{self.root}/{stage}/{key}")
+
+    # -- reachability ---------------------------------------------------------------------------
+    def check(self) -> None:
+        """Write, read back and delete a small probe object; raise StoreError saying what to fix."""
+        fs = self._filesystem()
+        probe = f"{self._base}/.sds-check-{uuid.uuid4().hex}"
+        if not self.is_s3:
+            if os.path.exists(self.root) and not os.path.isdir(self.root):
+                raise StoreError(
+                    f"store root {self.root} is a file, not a folder; choose another store root"
+                )
+            with self._guard(f"creating the store folder {self.root}", missing_ok=False):
+                os.makedirs(self.root, exist_ok=True)
+        with self._guard(f"writing a test object under {self.root}", missing_ok=False):
+            fs.pipe_file(probe, b"ok")
+        with self._guard(f"reading a test object under {self.root}", missing_ok=False):
+            fs.cat_file(probe)
+        with self._guard(f"deleting a test object under {self.root}", missing_ok=False):
+            fs.rm_file(probe)
+
+    # -- writing --------------------------------------------------------------------------------
+    def save(
+        self,
+        stage: str,
+        key: str,
+        tensors: Mapping[str, torch.Tensor],
+        meta: Mapping[str, Any] | None = None,
+    ) -> ArtifactRef:
+        """Store `tensors` (may be empty) and `meta` as `stage`/`key`, replacing any old copy.
+
+        The tensors file goes in first (atomically), then meta.json, which is the commit: it
+        holds the caller's `meta` plus format, stage, key, sha256, bytes, tensor_names, created
+        (UTC) and library versions. `meta['upstream']`, when present, should list the upstream
+        keys: `remove(keep=...)` follows it. Until meta.json lands, `exists` reports False.
+        """
+        ref = self.ref(stage, key)
+        tensors = _prepare_tensors(tensors)
+        meta = _prepare_meta(meta)
+        fs = self._filesystem()
+        folder = self._dir(stage, key)
+
+        if self.is_s3:
+            fd, tmp = tempfile.mkstemp(prefix="sds-", suffix=".safetensors")
+            os.close(fd)
+        else:
+            with self._guard(f"creating {folder}", missing_ok=False):
+                os.makedirs(folder, exist_ok=True)
+            # same folder as the target, so the final os.replace is an atomic rename
+            tmp = os.path.join(folder, f".tensors-{uuid.uuid4().hex}.tmp")
+        try:
+            try:
+                safetensors.torch.save_file(tensors, tmp)
+                if not self.is_s3:
+                    _fsync(tmp)
+                size = os.path.getsize(tmp)
+                digest = _sha256_file(tmp)
+            except OSError as exc:
+                raise StoreError(self._explain(f"writing the tensors of {ref.uri}", exc)) from exc
+            self._uncommit(folder)
+            target = f"{folder}/{TENSORS}"
+            with self._guard(f"writing {self._uri(target)}", missing_ok=False):
+                if self.is_s3:
+                    # one PUT (or one completed multipart upload) is atomic on S3: readers see
+                    # the old object or the new one, never a part, so no temporary key is needed
+                    fs.put_file(tmp, target)
+                else:
+                    os.replace(tmp, target)
+                    _fsync_dir(folder)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+
+        record = {
+            **meta,
+            "format": FORMAT,
+            "stage": stage,
+            "key": key,
+            "sha256": digest,
+            "bytes": size,
+            "tensor_names": sorted(tensors),
+            "created": datetime.now(UTC).isoformat(timespec="milliseconds"),
+            "versions": _versions(),
+        }
+        self._write_meta(folder, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
+        log.debug("saved %s (%d tensors, %d bytes)", ref.uri, len(tensors), size)
+        return ref
+
+    def discard(self, stage: str, key: str) -> bool:
+        """Remove an artifact (meta.json first, so it never looks committed while half-deleted).
+
+        Returns False when there was nothing to remove.
+        """
+        ref = self.ref(stage, key)
+        fs = self._filesystem()
+        folder = self._dir(stage, key)
+        with self._guard(f"removing {ref.uri}"):
+            try:
+                if not fs.find(folder):
+                    return False
+            except FileNotFoundError as exc:
+                if _is_missing_bucket(exc):
+                    raise
+                return False
+        self._uncommit(folder)
+        with self._guard(f"removing {ref.uri}"):
+            with contextlib.suppress(FileNotFoundError):
+                fs.rm(folder, recursive=True)
+        if not self.is_s3:
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.dirname(folder))  # the stage folder, once it is empty
+        log.debug("discarded %s", ref.uri)
+        return True
+
+    def remove(
+        self,
+        stage: str | None = None,
+        *,
+        older_than: timedelta | None = None,
+        keep: Iterable[str] = (),
+        incomplete: bool = False,
+        dry_run: bool = False,
+    ) -> list[ArtifactRef]:
+        """Remove many artifacts at once; returns what was removed (or would be, if `dry_run`).
+
+        Candidates are the committed artifacts of `stage` (all stages if None), created more
+        than `older_than` ago (any age if None), except the keys in `keep` and, transitively,
+        the keys their meta lists under 'upstream'. `remove(keep=[final keys])` is a garbage
+        collection. With `incomplete=True`, folders without a usable meta.json are removed too
+        (their age is their newest file's): a save in progress elsewhere looks like one, so give
+        an `older_than` when other machines may be writing.
+        """
+        if stage is not None:
+            _check_stage(stage)
+        if older_than is not None and not (
+            isinstance(older_than, timedelta) and older_than >= timedelta(0)
+        ):
+            raise ConfigError(f"older_than {older_than!r} must be a non-negative timedelta")
+        if isinstance(keep, str):
+            raise ConfigError("keep must be a list of artifact keys, not one string")
+        keep = {_check_key(k) for k in keep}
+
+        entries = self._scan(None if keep else stage)
+        protected = _with_upstream(keep, {e.ref.key: e.meta for e in entries if e.meta})
+        cutoff = None
+        if older_than is not None:
+            cutoff = (datetime.now(UTC) - older_than).timestamp()
+        chosen = []
+        for e in entries:
+            if (stage is not None and e.ref.stage != stage) or e.ref.key in protected:
+                continue
+            if e.meta is None and not incomplete:
+                continue
+            if cutoff is not None:
+                when = _created(e.meta) if e.meta is not None else e.modified
+                if when is None or when > cutoff:
+                    continue
+            chosen.append(e.ref)
+        if not dry_run:
+            for ref in chosen:
+                self.discard(ref.stage, ref.key)
+        return chosen
+
+    # -- reading --------------------------------------------------------------------------------
+    def exists(self, stage: str, key: str) -> bool:
+        """True when meta.json parses and the tensors file has the recorded size (no hashing)."""
+        self.ref(stage, key)
+        meta = self._read_meta(stage, key)
+        if isinstance(meta, str):
+            return False
+        return self._size(f"{self._dir(stage, key)}/{TENSORS}") == meta["bytes"]
+
+    def load_meta(self, stage: str, key: str) -> dict:
+        """The committed meta.json of `stage`/`key`; CorruptArtifactError if there is none."""
+        ref = self.ref(stage, key)
+        meta = self._read_meta(stage, key)
+        if isinstance(meta, str):
+            raise CorruptArtifactError(
+                f"artifact {ref.uri} cannot be used: {meta}; recompute it "
+                f"(discard({stage!r}, {key!r}) clears what is left)"
+            )
+        return meta
+
+    def load(
+        self, stage: str, key: str, verify: bool = True
+    ) -> tuple[dict[str, torch.Tensor], dict]:
+        """The tensors (on CPU) and meta of `stage`/`key`.
+
+        Raises CorruptArtifactError when meta.json is missing or unreadable, the tensors file is
+        missing or has the wrong size, or (with `verify`) its sha256 differs from the record.
+        """
+        ref = self.ref(stage, key)
+        meta = self.load_meta(stage, key)
+
+        def corrupt(why: str) -> CorruptArtifactError:
+            return CorruptArtifactError(
+                f"artifact {ref.uri} is corrupt: {why}; recompute it "
+                f"(discard({stage!r}, {key!r}) removes the damaged copy)"
+            )
+
+        with self._local_copy(f"{self._dir(stage, key)}/{TENSORS}") as path:
+            if path is None:
+                raise corrupt("its tensors file is missing")
+            size = os.path.getsize(path)
+            if size != meta["bytes"]:
+                raise corrupt(f"its tensors file has {size} bytes; meta.json says {meta['bytes']}")
+            if verify and _sha256_file(path) != meta["sha256"]:
+                raise corrupt("the sha256 of its tensors file differs from meta.json")
+            try:
+                tensors = safetensors.torch.load_file(path)
+            except Exception as exc:  # the safetensors reader raises its own error types
+                raise corrupt(f"its tensors file cannot be read ({type(exc).__name__})") from exc
+        if sorted(tensors) != sorted(meta["tensor_names"]):
+            raise corrupt("its tensor names differ from meta.json")
+        return tensors, meta
+
+    def list(self, stage: str | None = None) -> list[dict]:
+        """The metas of the committed artifacts (of one stage, or all), by stage and age."""
+        metas = [e.meta for e in self._scan(stage) if e.meta is not None]
+        return sorted(metas, key=lambda m: (m["stage"], str(m.get("created", "")), m["key"]))
+
+    def incomplete(self, stage: str | None = None) -> list[ArtifactRef]:
+        """Folders that hold files but no usable commit: interrupted saves, damaged metas."""
+        return [e.ref for e in self._scan(stage) if e.meta is None]
+
+    # -- internals ------------------------------------------------------------------------------
+    def _filesystem(self):
+        if self._fs is None:
+            if self.is_s3:
+                try:
+                    import s3fs
+                except ImportError as exc:
+                    raise ConfigError(
+                        f"store root {self.root} needs s3fs: pip install s3fs"
+                    ) from exc
+                self._fs = s3fs.S3FileSystem(
+                    skip_instance_cache=True,  # our own timeouts; credentials read afresh
+                    use_listings_cache=False,  # other machines write here too
+                    config_kwargs={
+                        "connect_timeout": self.connect_timeout,
+                        "retries": {"max_attempts": 3, "mode": "standard"},
+                    },
+                )
+            else:
+                from fsspec.implementations.local import LocalFileSystem
+
+                self._fs = LocalFileSystem()
+        return self._fs
+
+    def _dir(self, stage: str, key: str) -> str:
+        return f"{self._base}/{stage}/{key}"
+
+    def _uri(self, path: str) -> str:
+        return f"s3://{path}" if self.is_s3 else path
+
+    def _read_meta(self, stage: str, key: str) -> dict | str:
+        """The parsed, consistent meta.json, or the reason there is none."""
+        path = f"{self._dir(stage, key)}/{META}"
+        with self._guard(f"reading {self._uri(path)}"):
+            try:
+                raw = self._filesystem().cat_file(path)
+            except FileNotFoundError as exc:
+                if _is_missing_bucket(exc):
+                    raise
+                return "it has no meta.json (never saved, or the save was interrupted)"
+        return _parse_meta(raw, stage, key)
+
+    def _size(self, path: str) -> int | None:
+        with self._guard(f"reading {self._uri(path)}"):
+            try:
+                return self._filesystem().size(path)
+            except FileNotFoundError as exc:
+                if _is_missing_bucket(exc):
+                    raise
+                return None
+
+    def _uncommit(self, folder: str) -> None:
+        path = f"{folder}/{META}"
+        with self._guard(f"removing {self._uri(path)}"):
+            with contextlib.suppress(FileNotFoundError):
+                self._filesystem().rm_file(path)
+
+    def _write_meta(self, folder: str, data: bytes) -> None:
+        path = f"{folder}/{META}"
+        with self._guard(f"writing {self._uri(path)}", missing_ok=False):
+            if self.is_s3:
+                self._filesystem().pipe_file(path, data)
+                return
+            tmp = os.path.join(folder, f".meta-{uuid.uuid4().hex}.tmp")
+            try:
+                with open(tmp, "xb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+                _fsync_dir(folder)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(tmp)
+
+    @contextlib.contextmanager
+    def _local_copy(self, path: str) -> Iterator[str | None]:
+        """A local file with the contents of `path` (None if there is no such file)."""
+        if not self.is_s3:
+            yield path if os.path.isfile(path) else None
+            return
+        fd, tmp = tempfile.mkstemp(prefix="sds-", suffix=".safetensors")
+        os.close(fd)
+        try:
+            missing = False
+            with self._guard(f"downloading {self._uri(path)}"):
+                try:
+                    self._filesystem().get_file(path, tmp)
+                except FileNotFoundError as exc:
+                    if _is_missing_bucket(exc):
+                        raise
+                    missing = True
+            yield None if missing else tmp
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+
+    def _scan(self, stage: str | None = None) -> list[_Entry]:
+        """Every `<stage>/<key>` folder under the root (or one stage), committed or not."""
+        if stage is not None:
+            _check_stage(stage)
+        fs = self._filesystem()
+        top = self._base if stage is None else f"{self._base}/{stage}"
+        with self._guard(f"listing {self._uri(top)}"):
+            try:
+                found = fs.find(top, detail=True)
+            except FileNotFoundError as exc:
+                if _is_missing_bucket(exc):
+                    raise
+                found = {}
+        prefix = self._base.rstrip("/") + "/"
+        folders: dict[tuple[str, str], dict[str, dict]] = {}
+        for path, info in found.items():
+            parts = path[len(prefix) :].split("/") if path.startswith(prefix) else []
+            if len(parts) == 3 and _STAGE_RE.fullmatch(parts[0]) and _KEY_RE.fullmatch(parts[1]):
+                folders.setdefault((parts[0], parts[1]), {})[parts[2]] = info
+
+        meta_paths = [
+            f"{self._dir(s, k)}/{META}" for (s, k), files in folders.items() if META in files
+        ]
+        raw: dict = {}
+        if meta_paths:
+            with self._guard(f"reading the meta.json files under {self._uri(top)}"):
+                raw = fs.cat(meta_paths, on_error="return")
+
+        entries = []
+        for (s, k), files in sorted(folders.items()):
+            blob = raw.get(f"{self._dir(s, k)}/{META}")
+            if META not in files or isinstance(blob, FileNotFoundError):
+                meta: dict | str = "it has no meta.json"
+            elif isinstance(blob, Exception):
+                # a transient read failure must not make a good artifact look removable
+                raise StoreError(self._explain(f"reading {self._uri(self._dir(s, k))}", blob))
+            else:
+                meta = _parse_meta(blob, s, k)
+            if isinstance(meta, dict) and files.get(TENSORS, {}).get("size") != meta["bytes"]:
+                meta = "its tensors file is missing or has the wrong size"
+            times = [t for t in (_mtime(i) for i in files.values()) if t is not None]
+            entries.append(
+                _Entry(
+                    ref=self.ref(s, k),
+                    meta=meta if isinstance(meta, dict) else None,
+                    reason=None if isinstance(meta, dict) else meta,
+                    modified=max(times) if times else None,
+                )
+            )
+        return entries
+
+    # -- errors ---------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _guard(self, action: str, *, missing_ok: bool = True) -> Iterator[None]:
+        """Turn storage failures into StoreError with a cause and a fix.
+
+        A plain FileNotFoundError passes through when `missing_ok` (the caller decides what a
+        missing file means); a missing bucket never does.
+        """
+        try:
+            yield
+        except SDSError:
+            raise
+        except FileNotFoundError as exc:
+            if missing_ok and not _is_missing_bucket(exc):
+                raise
+            raise StoreError(self._explain(action, exc)) from exc
+        except Exception as exc:
+            raise StoreError(self._explain(action, exc)) from exc
+
+    def _explain(self, action: str, exc: BaseException) -> str:
+        """One line: what failed, why, and what to do about it."""
+        if _is_missing_credentials(exc):
+            cause, fix = "no AWS credentials were found", _CREDENTIALS_FIX
+        elif isinstance(exc, PermissionError):
+            if self.is_s3:
+                cause = f"access to {self.root} was denied"
+                fix = (
+                    "check that the credentials are valid and allow s3:ListBucket, "
+                    "s3:GetObject, s3:PutObject and s3:DeleteObject on this bucket and prefix"
+                )
+            else:
+                cause = f"permission denied under {self.root}"
+                fix = "choose a store folder you can write to, or fix its permissions"
+        elif self.is_s3 and (_is_missing_bucket(exc) or isinstance(exc, FileNotFoundError)):
+            cause = f"bucket {self._bucket!r} does not exist at {self._endpoint()}"
+            fix = f"create it (e.g. `aws s3 mb s3://{self._bucket}`) or correct the store root"
+        elif _is_connection_problem(exc):
+            where = self._endpoint() if self.is_s3 else self.root
+            cause = f"cannot reach {where}"
+            fix = "check AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3) and the network, then retry"
+        elif isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            cause, fix = "no space left on the device", "free some space, or use another root"
+        else:
+            cause = "the storage operation failed"
+            fix = "retry; if it keeps failing, run ArtifactStore(root).check() to diagnose"
+        detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+        return _redact(f"{action}: {cause} ({detail}); {fix}")
+
+    def _endpoint(self) -> str:
+        client = getattr(self._fs, "_s3", None)
+        url = (
+            getattr(getattr(client, "meta", None), "endpoint_url", None)
+            or os.environ.get("AWS_ENDPOINT_URL_S3")
+            or os.environ.get("AWS_ENDPOINT_URL")
+        )
+        if not url:
+            return "the default AWS S3 endpoint"
+        try:
+            parts = urlsplit(url)
+            host = parts.hostname or ""
+            port = f":{parts.port}" if parts.port else ""
+            return f"{parts.scheme}://{host}{port}{parts.path}" if parts.scheme else url
+        except ValueError:
+            return "the configured S3 endpoint"
+
+
+# -- helpers ------------------------------------------------------------------------------------
+def _parse_s3_root(root: str) -> tuple[str, str]:
+    rest = root[len("s3://") :]
+    bucket, _, prefix = rest.partition("/")
+    prefix = prefix.strip("/")
+    if not _BUCKET_RE.fullmatch(bucket) or ".." in bucket:
+        raise ConfigError(
+            f"store root {_short(root)} has no valid bucket name: "
+            "use s3://bucket/prefix with a bucket of 3-63 lowercase letters, digits, '.' or '-'"
+        )
+    parts = prefix.split("/") if prefix else []
+    if any(not _PREFIX_PART_RE.fullmatch(p) or p in (".", "..") for p in parts):
+        raise ConfigError(
+            f"store root {_short(root)} has an unsupported prefix: use letters, digits and "
+            "'._=+-' between single slashes"
+        )
+    return bucket, prefix
+
+
+def _prepare_tensors(tensors: Any) -> dict[str, torch.Tensor]:
+    """Detached, contiguous CPU tensors that share no storage (what safetensors can write)."""
+    if not isinstance(tensors, Mapping):
+        raise ConfigError(
+            f"tensors must be a dict of name -> torch.Tensor (it may be empty), "
+            f"not {type(tensors).__name__}"
+        )
+    out: dict[str, torch.Tensor] = {}
+    storages: set[int] = set()
+    for name, t in tensors.items():
+        if not isinstance(name, str) or not name or name == "__metadata__":
+            raise ConfigError(f"tensor name {_short(name)} is not valid: use a non-empty string")
+        if not isinstance(t, torch.Tensor):
+            raise ConfigError(f"tensor {name!r} is a {type(t).__name__}, not a torch.Tensor")
+        if t.layout != torch.strided or t.is_meta:
+            raise ConfigError(f"tensor {name!r} has no dense data ({t.layout}, {t.device})")
+        t = t.detach().to("cpu").contiguous()
+        if t.numel():
+            if t.untyped_storage().data_ptr() in storages:
+                t = t.clone()  # tied or overlapping views: safetensors refuses shared memory
+            storages.add(t.untyped_storage().data_ptr())
+        out[name] = t
+    return out
+
+
+def _prepare_meta(meta: Any) -> dict:
+    if meta is None:
+        return {}
+    if not isinstance(meta, Mapping):
+        raise ConfigError(f"meta must be a dict, not {type(meta).__name__}")
+    clash = sorted(_RESERVED.intersection(meta))
+    if clash:
+        raise ConfigError(f"meta fields {clash} are written by the store; rename them")
+    meta = dict(meta)
+    try:
+        json.dumps(meta, sort_keys=True)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"meta cannot be written as JSON ({exc}); use str, numbers, bools, lists and dicts"
+        ) from exc
+    return meta
+
+
+def _parse_meta(raw: bytes, stage: str, key: str) -> dict | str:
+    """The meta.json of `stage`/`key` if it is complete and consistent, else why not."""
+    try:
+        meta = json.loads(raw)
+    except ValueError:  # includes UnicodeDecodeError
+        return "its meta.json is not valid JSON"
+    if not isinstance(meta, dict):
+        return "its meta.json is not a JSON object"
+    if meta.get("stage") != stage or meta.get("key") != key:
+        return "its meta.json names another stage or key"
+    sha = meta.get("sha256")
+    size = meta.get("bytes")
+    names = meta.get("tensor_names")
+    if not (isinstance(sha, str) and _SHA256_RE.fullmatch(sha)):
+        return "its meta.json has no valid sha256"
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        return "its meta.json has no valid byte count"
+    if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        return "its meta.json has no valid tensor_names"
+    return meta
+
+
+def _with_upstream(keys: set[str], metas: Mapping[str, dict]) -> set[str]:
+    """`keys` and every key reachable from them through meta['upstream']."""
+    seen: set[str] = set()
+    todo = list(keys)
+    while todo:
+        k = todo.pop()
+        if k in seen:
+            continue
+        seen.add(k)
+        upstream = (metas.get(k) or {}).get("upstream")
+        if isinstance(upstream, list):
+            todo.extend(u for u in upstream if isinstance(u, str))
+    return seen
+
+
+def _created(meta: dict) -> float | None:
+    try:
+        return datetime.fromisoformat(meta["created"]).timestamp()
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _mtime(info: Mapping[str, Any]) -> float | None:
+    if isinstance(info.get("mtime"), int | float):
+        return float(info["mtime"])
+    modified = info.get("LastModified")
+    return modified.timestamp() if isinstance(modified, datetime) else None
+
+
+def _sha256_file(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: str) -> None:
+    with contextlib.suppress(OSError):  # not every platform can open a directory
+        _fsync(path)
+
+
+@functools.cache
+def _versions() -> dict[str, str]:
+    out = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "safetensors": safetensors.__version__,
+    }
+    with contextlib.suppress(metadata.PackageNotFoundError):
+        out["sds"] = metadata.version("sds")
+    return out
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    seen = 0
+    while exc is not None and seen < 8:
+        yield exc
+        exc = exc.__cause__
+        seen += 1
+
+
+def _is_missing_bucket(exc: BaseException) -> bool:
+    for e in _causes(exc):
+        response = getattr(e, "response", None)
+        if isinstance(response, dict) and response.get("Error", {}).get("Code") == "NoSuchBucket":
+            return True
+        if isinstance(e, FileNotFoundError) and "bucket does not exist" in str(e):
+            return True
+    return False
+
+
+def _is_missing_credentials(exc: BaseException) -> bool:
+    try:
+        from botocore.exceptions import NoCredentialsError, PartialCredentialsError
+    except ImportError:
+        return False
+    return any(isinstance(e, NoCredentialsError | PartialCredentialsError) for e in _causes(exc))
+
+
+def _is_connection_problem(exc: BaseException) -> bool:
+    kinds: tuple[type, ...] = (ConnectionError, TimeoutError, socket.gaierror)
+    with contextlib.suppress(ImportError):
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+        from botocore.exceptions import HTTPClientError
+
+        kinds += (BotoConnectionError, HTTPClientError)
+    with contextlib.suppress(ImportError):
+        import aiohttp
+
+        kinds += (aiohttp.ClientError,)
+    return any(isinstance(e, kinds) for e in _causes(exc))
+
+
+def _redact(text: str) -> str:
+    """Belt and braces: no secret from the environment ever reaches a message."""
+    for name in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        value = os.environ.get(name)
+        if value and len(value) >= 4:
+            text = text.replace(value, "***")
+    return text
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
