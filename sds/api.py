@@ -31,7 +31,7 @@ def calibration_ids(calibration) -> torch.Tensor:
 
 
 def check_seqlen(model: nn.Module, ids: torch.Tensor) -> None:
-    from .models import max_positions
+    from .data import max_positions
 
     limit = max_positions(model.config) if hasattr(model, "config") else None
     if limit is not None and ids.shape[1] > limit:

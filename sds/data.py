@@ -203,7 +203,7 @@ def load_calibration(
 
     if name == "wikitext2":
         data = _hub_dataset(WIKITEXT_DATASET, WIKITEXT_CONFIG, split="train", hint=_CALIB_HINT)
-        texts = data["text"]
+        texts = list(data["text"])
         ids = torch.tensor(_encode(tokenizer, "\n\n".join(texts)), dtype=torch.int64)
         record.update(source="wikitext2", dataset=WIKITEXT_DATASET, config=WIKITEXT_CONFIG,
                       split="train", protocol="stream", joiner="\n\n",
@@ -312,18 +312,18 @@ def load_eval_tokens(tokenizer, source: str, max_tokens: int | None = None
 
     if name == "wikitext2":
         data = _hub_dataset(WIKITEXT_DATASET, WIKITEXT_CONFIG, split="test", hint=_EVAL_HINT)
-        texts, joiner = data["text"], "\n\n"
+        texts, joiner = list(data["text"]), "\n\n"
         record.update(source="wikitext2", dataset=WIKITEXT_DATASET, config=WIKITEXT_CONFIG,
                       split="test")
     elif name == "c4":
         data = _hub_dataset(C4_DATASET, data_files={"validation": C4_VALIDATION_FILE},
                             split="validation", hint=_EVAL_HINT)
-        texts, joiner = data[:C4_EVAL_DOCUMENTS]["text"], " "
+        texts, joiner = list(data[:C4_EVAL_DOCUMENTS]["text"]), " "
         record.update(source="c4", dataset=C4_DATASET, data_files=C4_VALIDATION_FILE,
                       split="validation", first_documents=C4_EVAL_DOCUMENTS)
     elif name == "ptb":
         data = _hub_dataset(PTB_DATASET, PTB_CONFIG, split="test", hint=_EVAL_HINT)
-        texts, joiner = data["sentence"], " "
+        texts, joiner = list(data["sentence"]), " "
         record.update(source="ptb", dataset=PTB_DATASET, config=PTB_CONFIG, split="test")
     elif name in DEMO_CORPORA:
         path = _demo_corpus_path(name, "heldout")

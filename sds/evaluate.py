@@ -246,7 +246,8 @@ def write_local_tasks(dest_dir: str | Path, jsonl_files: dict[str, str | Path]) 
     folder, to pass as `include_path`.
 
     Each JSONL line: {"context": str, "choices": [str, ...], "label": int}. The task scores
-    " " + choice after the context (acc and acc_norm, like the built-in multiple-choice tasks).
+    " " + choice after the context, or the choice as it is when every choice of the file already
+    starts with whitespace (acc and acc_norm, like the built-in multiple-choice tasks).
     Data paths are written absolute: lm-eval resolves relative ones against the working directory.
     """
     import yaml
@@ -259,7 +260,7 @@ def write_local_tasks(dest_dir: str | Path, jsonl_files: dict[str, str | Path]) 
         if not isinstance(name, str) or not _TASK_NAME.fullmatch(name):
             raise ConfigError(f"task name {name!r} must be letters, digits, '_', '.', '-'")
         path = Path(data_path).expanduser().resolve()
-        _check_task_file(path)
+        spaced = _check_task_file(path)
         config = {
             "task": name,
             "dataset_path": "json",
@@ -269,6 +270,7 @@ def write_local_tasks(dest_dir: str | Path, jsonl_files: dict[str, str | Path]) 
             "doc_to_text": "context",
             "doc_to_choice": "choices",
             "doc_to_target": "label",
+            "target_delimiter": "" if spaced else " ",
             "metric_list": [
                 {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
                 {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
@@ -280,11 +282,12 @@ def write_local_tasks(dest_dir: str | Path, jsonl_files: dict[str, str | Path]) 
     return dest
 
 
-def _check_task_file(path: Path) -> None:
-    """Fail early, with the line number, on what lm-eval would reject obscurely."""
+def _check_task_file(path: Path) -> bool:
+    """Fail early, with the line number, on what lm-eval would reject obscurely. Returns
+    whether every choice starts with whitespace."""
     if not path.is_file():
         raise DataError(f"task data file {path} does not exist")
-    lines = 0
+    lines, spaced = 0, True
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, start=1):
             if not line.strip():
@@ -304,8 +307,10 @@ def _check_task_file(path: Path) -> None:
                     '{"context": str, "choices": [str, str, ...], "label": index of the answer}'
                 )
             lines += 1
+            spaced = spaced and all(c[:1].isspace() for c in doc["choices"])
     if lines == 0:
         raise DataError(f"task data file {path} holds no examples")
+    return spaced
 
 
 @functools.lru_cache(maxsize=1)
@@ -318,7 +323,8 @@ def _builtin_task_manager():
 
 @contextlib.contextmanager
 def _preserved_rng():
-    """lm-eval reseeds python, numpy and torch globally; give the caller its streams back."""
+    """lm-eval reseeds python, numpy and torch globally and draws from them: give the caller its
+    random streams back."""
     import numpy as np
 
     py, npy, cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
@@ -388,6 +394,7 @@ def zero_shot(
             raise DataError(f"task include path {p} does not exist")
 
     with contextlib.ExitStack() as stack:
+        stack.enter_context(_preserved_rng())
         local_manager = TaskManager(include_path=[str(p) for p in include_paths] or None,
                                     include_defaults=False)
         local = set(local_manager.all_tasks)
@@ -406,8 +413,9 @@ def zero_shot(
             manager = local_manager if name in local else _builtin_task_manager()
             objects += _load_task(manager, name, local=name in local)
 
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-        with _preserved_rng():
+        was_training = model.training  # HFLM switches the model to eval mode
+        try:
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
             out = lm_eval.simple_evaluate(
                 model=lm,
                 tasks=objects,
@@ -416,6 +424,8 @@ def zero_shot(
                 task_manager=local_manager,
                 log_samples=False,
             )
+        finally:
+            model.train(was_training)
     return _tidy_results(out)
 
 

@@ -105,14 +105,6 @@ def load_layer_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None
         p.data.copy_(value.to(device=p.device, dtype=p.dtype))
 
 
-def max_positions(config) -> int | None:
-    for attr in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
-        value = getattr(config, attr, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -196,3 +188,46 @@ def describe(model: nn.Module) -> dict:
     return {"architecture": type(model).__name__, "blocks": len(blocks), "block_list": prefix,
             "parameters": sum(p.numel() for p in model.parameters()),
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
+
+
+def _local_source(name_or_path: str) -> tuple[str, bool]:
+    """(what to pass to from_pretrained, whether it names a local folder), as `load_model` does."""
+    local = Path(name_or_path).expanduser()
+    looks_local = local.exists() or name_or_path.startswith((".", "/", "~"))
+    if looks_local and not (local / "config.json").is_file():
+        raise ModelError(f"model folder {str(local)!r} does not exist or has no config.json; "
+                         "pass a Hugging Face model folder or a hub id like facebook/opt-125m")
+    return (str(local) if looks_local else name_or_path), looks_local
+
+
+def _load_part(loader, name_or_path: str, revision: str | None, trust_remote_code: bool):
+    source, looks_local = _local_source(name_or_path)
+    try:
+        return loader(source, revision=revision, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        if looks_local:
+            raise ModelError(f"cannot load {source!r}: {e}") from e
+        text = str(e).lower()
+        if any(s in text for s in ("offline", "connect", "resolve", "network", "couldn't")):
+            raise HubUnreachableError(_offline_hint(name_or_path)) from e
+        raise ModelError(f"cannot load model {name_or_path!r}: {e}") from e
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise ModelError(f"{name_or_path!r} needs custom code from its repository; pass "
+                             "--trust-remote-code if you trust it") from e
+        raise ModelError(f"cannot load model {name_or_path!r}: {e}") from e
+
+
+def load_config(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False):
+    """The model's configuration only (no weights): cheap, for planning and validation."""
+    from transformers import AutoConfig
+
+    return _load_part(AutoConfig.from_pretrained, name_or_path, revision, trust_remote_code)
+
+
+def load_tokenizer(name_or_path: str, revision: str | None = None,
+                   trust_remote_code: bool = False):
+    """The model's tokenizer only (no weights), e.g. to cut calibration windows."""
+    from transformers import AutoTokenizer
+
+    return _load_part(AutoTokenizer.from_pretrained, name_or_path, revision, trust_remote_code)

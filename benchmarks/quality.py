@@ -1,0 +1,184 @@
+"""The quality table: dense vs one-shot vs SDS on the offline demo models.
+
+    python benchmarks/quality.py --write          # all of it; writes BENCHMARKS.md + quality.json
+
+For each demo model (OPT- and LLaMA-architecture), each method (magnitude, Wanda, SparseGPT)
+and each pattern (50%, 2:4, 4:8): held-out perplexity on the demo wiki and news text (and on
+WikiText-2 test from ../shared/data when it is there; the tokenised release), accuracy on the
+demo zero-shot tasks, and the time of each stage. SDS options are flags, so the same script
+runs the experiments that chose the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sds.api import oneshot  # noqa: E402
+from sds.data import load_calibration, load_eval_tokens  # noqa: E402
+from sds.demo import demo_model_path  # noqa: E402
+from sds.evaluate import perplexity, zero_shot  # noqa: E402
+from sds.models import load_model  # noqa: E402
+from sds.patterns import LayerRules  # noqa: E402
+from sds.reconstruct import SDSConfig, dense_weights, redense, second_prune  # noqa: E402
+
+WIKITEXT2 = ROOT.parent / "shared" / "data" / "wikitext-2" / "test.txt"
+
+
+def evaluate(model, tok, evals, seqlen, tasks, limit):
+    out = {}
+    for name, ids in evals.items():
+        out[f"ppl/{name}"] = perplexity(model, ids, seqlen)["ppl"]
+    if tasks:
+        for task, res in zero_shot(model, tok, tasks, batch_size=32, limit=limit).items():
+            out[f"acc/{task}"] = res["acc"]
+            if res.get("acc_norm") is not None:
+                out[f"acc_norm/{task}"] = res["acc_norm"]
+    return out
+
+
+def run(args) -> dict:
+    torch.manual_seed(0)
+    config = SDSConfig(data=args.data, epochs=args.epochs, lr=args.lr, l1=args.l1, l2=args.l2,
+                       optimizer=args.optimizer, normalize=args.normalize,
+                       reg_mean=not args.reg_sum, adjust_epochs=args.adjust_epochs,
+                       adjust_lr=args.adjust_lr)
+    results = {"config": config.to_dict(), "nsamples": args.nsamples, "seqlen": args.seqlen,
+               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
+                          f"torch {torch.__version__}", "models": {}}
+    tasks = [] if args.no_zero_shot else ["demo_next_sentence", "demo_last_word"]
+    for family in args.models:
+        dense_model, tok = load_model(str(demo_model_path(family)), dtype="float32")
+        calib = load_calibration(tok, "demo", args.nsamples, args.seqlen, seed=0)
+        evals = {c: load_eval_tokens(tok, c)[0] for c in ("wiki", "news")}
+        if WIKITEXT2.exists() and not args.no_wikitext2:
+            evals["wikitext2"] = load_eval_tokens(tok, str(WIKITEXT2))[0]
+        t0 = time.perf_counter()
+        entry = {"dense": evaluate(dense_model, tok, evals, args.seqlen, tasks, args.limit),
+                 "parameters": sum(p.numel() for p in dense_model.parameters()), "runs": []}
+        entry["eval_seconds"] = time.perf_counter() - t0
+        print(family, "dense", entry["dense"], flush=True)
+        for pattern in args.patterns:
+            rules = LayerRules.build(pattern)
+            for method in args.methods:
+                model = copy.deepcopy(dense_model)
+                dense = dense_weights(model, rules)
+                times = {}
+                t0 = time.perf_counter()
+                oneshot(model, calib.input_ids, method, rules, progress=False)
+                times["oneshot"] = time.perf_counter() - t0
+                m_one = evaluate(model, tok, evals, args.seqlen, tasks, args.limit)
+                t0 = time.perf_counter()
+                rd = redense(model, calib.input_ids, dense, rules, config, progress=False)
+                times["redense"] = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                sp = second_prune(model, calib.input_ids, dense, method, rules, config,
+                                  progress=False)
+                times["second"] = time.perf_counter() - t0
+                m_sds = evaluate(model, tok, evals, args.seqlen, tasks, args.limit)
+                adjusted = sum(r.extra.get("adjusted", False) for r in sp.layers)
+                run_ = {"method": method, "pattern": pattern, "oneshot": m_one, "sds": m_sds,
+                        "seconds": times, "layers_adjusted": f"{adjusted}/{len(sp.layers)}",
+                        "redense_error": sum(r.rel_error_ref for r in rd.layers) / len(rd.layers)}
+                entry["runs"].append(run_)
+                print(family, pattern, method, {k: round(v, 2) for k, v in m_one.items()
+                                                if k.startswith("ppl")},
+                      "->", {k: round(v, 2) for k, v in m_sds.items() if k.startswith("ppl")},
+                      {k: round(v, 1) for k, v in times.items()}, flush=True)
+        results["models"][family] = entry
+    return results
+
+
+def _gap(dense, one, sds):
+    return (one - sds) / (one - dense) if one != dense else float("nan")
+
+
+def markdown(results: dict, command: str) -> str:
+    lines = ["## Quality", "", f"Command: `{command}`", "",
+             f"Machine: {results['machine']}. Calibration: {results['nsamples']} windows of "
+             f"{results['seqlen']} tokens from the demo calibration text, seed 0. SDS options: "
+             f"`{json.dumps(results['config'])}`.", "",
+             "Perplexity on held-out text (lower is better); *gap* is the fraction of the "
+             "one-shot pruning gap that SDS recovers, (ppl_oneshot − ppl_sds) / (ppl_oneshot − "
+             "ppl_dense). Accuracy is the mean `acc` over the demo zero-shot tasks. "
+             "**worse** marks a row where SDS does not lower the wiki perplexity.", ""]
+    for family, entry in results["models"].items():
+        d = entry["dense"]
+        names = [k for k in d if k.startswith("ppl/")]
+        accs = [k for k in d if k.startswith("acc/")]
+        mean_acc = (lambda m: sum(m[k] for k in accs) / len(accs)) if accs else None
+        lines += [f"### demo {family} ({entry['parameters'] / 1e6:.2f} M parameters)", "",
+                  "dense: " + ", ".join(f"{k} {d[k]:.2f}" for k in names)
+                  + (f", acc {mean_acc(d):.3f}" if accs else ""), ""]
+        head = "| pattern | method | " + " | ".join(
+            f"{k} one-shot → SDS (gap)" for k in names) + " | acc one-shot → SDS | seconds " \
+            "one-shot / re-dense / second | layers adjusted |"
+        lines += [head, "|" + "---|" * (head.count("|") - 1)]
+        for r in entry["runs"]:
+            cells = []
+            for k in names:
+                one, sds = r["oneshot"][k], r["sds"][k]
+                cells.append(f"{one:.2f} → {sds:.2f} ({100 * _gap(d[k], one, sds):.0f}%)")
+            worse = " **worse**" if r["sds"][names[0]] >= r["oneshot"][names[0]] else ""
+            acc = (f"{mean_acc(r['oneshot']):.3f} → {mean_acc(r['sds']):.3f}" if accs else "")
+            s = r["seconds"]
+            lines.append(f"| {r['pattern']} | {r['method']}{worse} | " + " | ".join(cells)
+                         + f" | {acc} | {s['oneshot']:.1f} / {s['redense']:.1f} / "
+                           f"{s['second']:.1f} | {r['layers_adjusted']} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=["opt", "llama"])
+    p.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "sparsegpt"])
+    p.add_argument("--patterns", nargs="+", default=["50%", "2:4", "4:8"])
+    p.add_argument("--nsamples", type=int, default=64)
+    p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--limit", type=int, default=None, help="zero-shot items per task")
+    p.add_argument("--no-zero-shot", action="store_true")
+    p.add_argument("--no-wikitext2", action="store_true")
+    d = SDSConfig()
+    p.add_argument("--data", default=d.data)
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--l1", type=float, default=d.l1)
+    p.add_argument("--l2", type=float, default=d.l2)
+    p.add_argument("--optimizer", default=d.optimizer)
+    p.add_argument("--normalize", default=d.normalize)
+    p.add_argument("--reg-sum", action="store_true")
+    p.add_argument("--adjust-epochs", type=int, default=d.adjust_epochs)
+    p.add_argument("--adjust-lr", type=float, default=d.adjust_lr)
+    p.add_argument("--json", default=str(ROOT / "benchmarks" / "quality.json"))
+    p.add_argument("--write", action="store_true", help="update BENCHMARKS.md and --json")
+    args = p.parse_args(argv)
+    results = run(args)
+    command = "python benchmarks/quality.py " + " ".join(argv if argv is not None
+                                                         else sys.argv[1:])
+    text = markdown(results, command.strip())
+    print(text)
+    if args.write:
+        from benchmarks.report import replace_section
+
+        Path(args.json).write_text(json.dumps(results, indent=1))
+        replace_section(ROOT / "BENCHMARKS.md", "Quality", text)
+
+
+if __name__ == "__main__":
+    main()
