@@ -121,7 +121,10 @@ def markdown(results: dict, command: str) -> str:
         d = entry["dense"]
         names = [k for k in d if k.startswith("ppl/")]
         accs = [k for k in d if k.startswith("acc/")]
-        mean_acc = (lambda m: sum(m[k] for k in accs) / len(accs)) if accs else None
+
+        def mean_acc(m, accs=accs):
+            return sum(m[k] for k in accs) / len(accs)
+
         lines += [f"### demo {family} ({entry['parameters'] / 1e6:.2f} M parameters)", "",
                   "dense: " + ", ".join(f"{k} {d[k]:.2f}" for k in names)
                   + (f", acc {mean_acc(d):.3f}" if accs else ""), ""]

@@ -89,8 +89,8 @@ def model_rows(samples, seqlen, device):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         ids = torch.randint(0, model.config.vocab_size, (samples, seqlen),
                             generator=torch.Generator().manual_seed(0))
-        rep, s, gpu = _timed(device, lambda m=model: sds.prune(m, ids, method, "2:4",
-                                                              device=device, progress=False))
+        rep, s, gpu = _timed(device, lambda m=model, ids=ids, method=method: sds.prune(
+            m, ids, method, "2:4", device=device, progress=False))
         rows.append((f"demo OPT ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M), "
                      f"{method} 2:4, {samples}x{seqlen} tokens", s, gpu))
     return rows

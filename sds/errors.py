@@ -26,7 +26,7 @@ class NumericalError(SDSError, ArithmeticError):
 
 
 class StoreError(SDSError, OSError):
-    """The artifact store cannot be reached, or an artifact is corrupt (transient: may be retried)."""
+    """The artifact store cannot be reached or fails (transient: may be retried)."""
 
 
 class CorruptArtifactError(StoreError):

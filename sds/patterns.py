@@ -119,7 +119,9 @@ class Pattern:
         return mask
 
 
-_NEVER_PRUNED = (r"(^|\.)(lm_head|embed_out|embed_tokens|embed_positions|wte|wpe|word_embeddings)$",)
+_NEVER_PRUNED = (
+    r"(^|\.)(lm_head|embed_out|embed_tokens|embed_positions|wte|wpe|word_embeddings)$",
+)
 
 
 @dataclass(frozen=True)

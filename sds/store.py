@@ -15,7 +15,7 @@ artifact raises `CorruptArtifactError` (recompute it); bad arguments raise `Conf
 
 S3 credentials and endpoint come from the standard AWS environment (AWS_ACCESS_KEY_ID,
 AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL or AWS_ENDPOINT_URL_S3, AWS_PROFILE, ~/.aws files).
-The store never reads or keeps them itself: botocore does.
+botocore reads them; the store never records them, and scrubs them from its messages.
 """
 
 from __future__ import annotations
@@ -215,7 +215,6 @@ class _Entry:
 
     ref: ArtifactRef
     meta: dict | None  # None when not committed or not usable
-    reason: str | None  # why meta is None
     modified: float | None  # newest file time (POSIX seconds), if the listing knows it
 
 
@@ -316,14 +315,14 @@ class ArtifactStore:
         fs = self._filesystem()
         folder = self._dir(stage, key)
 
-        if self.is_s3:
-            fd, tmp = tempfile.mkstemp(prefix="sds-", suffix=".safetensors")
-            os.close(fd)
-        else:
-            with self._guard(f"creating {folder}", missing_ok=False):
+        with self._guard(f"preparing to write {ref.uri}", missing_ok=False):
+            if self.is_s3:
+                fd, tmp = tempfile.mkstemp(prefix="sds-", suffix=".safetensors")
+                os.close(fd)
+            else:
                 os.makedirs(folder, exist_ok=True)
-            # same folder as the target, so the final os.replace is an atomic rename
-            tmp = os.path.join(folder, f".tensors-{uuid.uuid4().hex}.tmp")
+                # same folder as the target, so the final os.replace is an atomic rename
+                tmp = os.path.join(folder, f".tensors-{uuid.uuid4().hex}.tmp")
         try:
             try:
                 safetensors.torch.save_file(tensors, tmp)
@@ -474,13 +473,21 @@ class ArtifactStore:
                 f"(discard({stage!r}, {key!r}) removes the damaged copy)"
             )
 
+        def read(fn, path):
+            try:
+                return fn(path)
+            except FileNotFoundError:
+                raise corrupt("its tensors file is missing") from None
+            except OSError as exc:
+                raise StoreError(self._explain(f"reading {ref.uri}", exc)) from exc
+
         with self._local_copy(f"{self._dir(stage, key)}/{TENSORS}") as path:
             if path is None:
                 raise corrupt("its tensors file is missing")
-            size = os.path.getsize(path)
+            size = read(os.path.getsize, path)
             if size != meta["bytes"]:
                 raise corrupt(f"its tensors file has {size} bytes; meta.json says {meta['bytes']}")
-            if verify and _sha256_file(path) != meta["sha256"]:
+            if verify and read(_sha256_file, path) != meta["sha256"]:
                 raise corrupt("the sha256 of its tensors file differs from meta.json")
             try:
                 tensors = safetensors.torch.load_file(path)
@@ -509,18 +516,23 @@ class ArtifactStore:
                     raise ConfigError(
                         f"store root {self.root} needs s3fs: pip install s3fs"
                     ) from exc
-                self._fs = s3fs.S3FileSystem(
+                fs = s3fs.S3FileSystem(
+                    session=_aws_session(),
                     skip_instance_cache=True,  # our own timeouts; credentials read afresh
                     use_listings_cache=False,  # other machines write here too
                     config_kwargs={
                         "connect_timeout": self.connect_timeout,
-                        "retries": {"max_attempts": 3, "mode": "standard"},
+                        "retries": {"max_attempts": 2, "mode": "standard"},
                     },
                 )
+                # s3fs retries dropped connections and throttling on its own as well; keep that
+                # short, since the orchestration retries a StoreError with its own policy
+                fs.retries = 3
             else:
                 from fsspec.implementations.local import LocalFileSystem
 
-                self._fs = LocalFileSystem()
+                fs = LocalFileSystem()
+            self._fs = fs
         return self._fs
 
     def _dir(self, stage: str, key: str) -> str:
@@ -627,24 +639,14 @@ class ArtifactStore:
         entries = []
         for (s, k), files in sorted(folders.items()):
             blob = raw.get(f"{self._dir(s, k)}/{META}")
-            if META not in files or isinstance(blob, FileNotFoundError):
-                meta: dict | str = "it has no meta.json"
-            elif isinstance(blob, Exception):
+            if isinstance(blob, Exception) and not isinstance(blob, FileNotFoundError):
                 # a transient read failure must not make a good artifact look removable
                 raise StoreError(self._explain(f"reading {self._uri(self._dir(s, k))}", blob))
-            else:
-                meta = _parse_meta(blob, s, k)
-            if isinstance(meta, dict) and files.get(TENSORS, {}).get("size") != meta["bytes"]:
-                meta = "its tensors file is missing or has the wrong size"
+            meta = _parse_meta(blob, s, k) if isinstance(blob, bytes) else None
+            if not isinstance(meta, dict) or files.get(TENSORS, {}).get("size") != meta["bytes"]:
+                meta = None
             times = [t for t in (_mtime(i) for i in files.values()) if t is not None]
-            entries.append(
-                _Entry(
-                    ref=self.ref(s, k),
-                    meta=meta if isinstance(meta, dict) else None,
-                    reason=None if isinstance(meta, dict) else meta,
-                    modified=max(times) if times else None,
-                )
-            )
+            entries.append(_Entry(self.ref(s, k), meta, max(times) if times else None))
         return entries
 
     # -- errors ---------------------------------------------------------------------------------
@@ -680,7 +682,7 @@ class ArtifactStore:
             else:
                 cause = f"permission denied under {self.root}"
                 fix = "choose a store folder you can write to, or fix its permissions"
-        elif self.is_s3 and (_is_missing_bucket(exc) or isinstance(exc, FileNotFoundError)):
+        elif self.is_s3 and _is_missing_bucket(exc):
             cause = f"bucket {self._bucket!r} does not exist at {self._endpoint()}"
             fix = f"create it (e.g. `aws s3 mb s3://{self._bucket}`) or correct the store root"
         elif _is_connection_problem(exc):
@@ -854,6 +856,23 @@ def _versions() -> dict[str, str]:
     with contextlib.suppress(metadata.PackageNotFoundError):
         out["sds"] = metadata.version("sds")
     return out
+
+
+def _aws_session():
+    """A fresh AWS session (credentials are looked up anew) sharing one loader of the service
+    descriptions, which otherwise costs about half a second per store."""
+    from aiobotocore.session import AioSession
+
+    session = AioSession()
+    session.register_component("data_loader", _aws_loader())
+    return session
+
+
+@functools.cache
+def _aws_loader():
+    import botocore.loaders
+
+    return botocore.loaders.create_loader()
 
 
 def _causes(exc: BaseException) -> Iterator[BaseException]:

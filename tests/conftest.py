@@ -14,3 +14,6 @@ import torch  # noqa: E402
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+# S3 fixtures (a real moto server on 127.0.0.1) for every test file.
+pytest_plugins = ["tests.s3server"]

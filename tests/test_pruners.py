@@ -163,5 +163,6 @@ def test_blocksize_not_multiple_of_m_is_rejected():
 
 
 def test_unknown_method_names_the_choices():
-    with pytest.raises(ConfigError, match="unknown pruning method 'obs'.*magnitude, sparsegpt, wanda"):
+    with pytest.raises(ConfigError,
+                       match="unknown pruning method 'obs'.*magnitude, sparsegpt, wanda"):
         get_method("obs")
