@@ -56,7 +56,7 @@ def run(args) -> dict:
     torch.manual_seed(0)
     config = SDSConfig(data=args.data, epochs=args.epochs, lr=args.lr, l1=args.l1, l2=args.l2,
                        optimizer=args.optimizer, normalize=args.normalize,
-                       reg_mean=not args.reg_sum, adjust_epochs=args.adjust_epochs,
+                       reg_scale=args.reg_scale, adjust_epochs=args.adjust_epochs,
                        adjust_lr=args.adjust_lr)
     results = {"config": config.to_dict(), "nsamples": args.nsamples, "seqlen": args.seqlen,
                "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
@@ -165,7 +165,7 @@ def main(argv=None):
     p.add_argument("--l2", type=float, default=d.l2)
     p.add_argument("--optimizer", default=d.optimizer)
     p.add_argument("--normalize", default=d.normalize)
-    p.add_argument("--reg-sum", action="store_true")
+    p.add_argument("--reg-scale", default=d.reg_scale)
     p.add_argument("--adjust-epochs", type=int, default=d.adjust_epochs)
     p.add_argument("--adjust-lr", type=float, default=d.adjust_lr)
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "quality.json"))

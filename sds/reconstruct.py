@@ -40,6 +40,7 @@ from .pruners import get_method, inverse_hessian_factor, sparsegpt
 DATA_VARIANTS = ("sd", "dense", "distill")
 OPTIMIZERS = ("prox", "adam")
 NORMALIZATIONS = ("target", "tokens")
+REG_SCALES = ("dense", "mean", "sum")
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,10 @@ class SDSConfig:
     l2: float = 0.1  # λ2
     optimizer: str = "prox"  # "prox" | "adam"
     normalize: str = "target"  # ν: "target" = ‖W_dense X_t‖², "tokens" = number of tokens
-    reg_mean: bool = True  # regularisers averaged over the layer's entries (else summed)
+    # regulariser scale: "dense" divides ‖W‖₁ by ‖W_dense‖₁ and ‖W‖₂² by ‖W_dense‖₂² (so with
+    # normalize="target" every term of J is relative and λ means the same on any layer);
+    # "mean" averages over the layer's entries; "sum" is the plain norm
+    reg_scale: str = "dense"
     adjust_epochs: int = 200  # step 3 iterations (0 skips the adjustment)
     adjust_lr: float = 0.1
     early_exit: bool = True  # keep the plain second pruning where adjusting does not help
@@ -66,6 +70,9 @@ class SDSConfig:
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose one of "
                               f"{', '.join(OPTIMIZERS)}")
+        if self.reg_scale not in REG_SCALES:
+            raise ConfigError(f"unknown regulariser scale {self.reg_scale!r}; choose one of "
+                              f"{', '.join(REG_SCALES)}")
         if self.normalize not in NORMALIZATIONS:
             raise ConfigError(f"unknown normalisation {self.normalize!r}; choose one of "
                               f"{', '.join(NORMALIZATIONS)}")
@@ -92,13 +99,16 @@ class Quadratic:
     B: torch.Tensor  # [out, in]
     c: float
     tokens: int
+    dense_l1: float = 1.0  # ‖W_dense‖₁
+    dense_l2: float = 1.0  # ‖W_dense‖₂²
 
     @classmethod
     def from_grams(cls, W_dense, A, G, H_t, tokens):
         W_dense = W_dense.float()
         B = W_dense @ G  # [out, in]
         c = torch.einsum("oi,ij,oj->", W_dense, H_t, W_dense).item()
-        return cls(A=A, B=B, c=c, tokens=tokens)
+        return cls(A=A, B=B, c=c, tokens=tokens, dense_l1=W_dense.abs().sum().item(),
+                   dense_l2=W_dense.square().sum().item())
 
     def value_and_grad(self, W):
         WA = W @ self.A  # [out, in]
@@ -110,11 +120,13 @@ class Quadratic:
         return 2 * torch.linalg.eigvalsh(self.A.double())[-1].clamp_min(0).item()
 
 
-def _scales(q: Quadratic, numel: int, config: SDSConfig) -> tuple[float, float]:
-    nu = q.c if config.normalize == "target" else float(q.tokens)
-    nu = max(nu, 1e-30)
-    reg = 1.0 / numel if config.reg_mean else 1.0
-    return nu, reg
+def _scales(q: Quadratic, numel: int, config: SDSConfig) -> tuple[float, float, float]:
+    """(ν, λ1 scale, λ2 scale) of J for one layer."""
+    nu = max(q.c if config.normalize == "target" else float(q.tokens), 1e-30)
+    if config.reg_scale == "dense":
+        return nu, 1.0 / max(q.dense_l1, 1e-30), 1.0 / max(q.dense_l2, 1e-30)
+    reg = 1.0 / numel if config.reg_scale == "mean" else 1.0
+    return nu, reg, reg
 
 
 def _soft(W, t):
@@ -125,8 +137,8 @@ def redense_layer(W0: torch.Tensor, q: Quadratic, config: SDSConfig,
                   L: float | None = None) -> tuple[torch.Tensor, list[float]]:
     """Step 2 on one layer. W0: [out, in] sparse start. Returns (W, objective per iteration)."""
     W = W0.detach().float().clone()
-    nu, reg = _scales(q, W.numel(), config)
-    l1, l2 = config.l1 * reg, config.l2 * reg
+    nu, s1, s2 = _scales(q, W.numel(), config)
+    l1, l2 = config.l1 * s1, config.l2 * s2
 
     def objective(value):
         return value / nu + l1 * W.abs().sum().item() + l2 * W.square().sum().item()
@@ -159,7 +171,7 @@ def adjust_layer(W0: torch.Tensor, q: Quadratic, pattern: Pattern, config: SDSCo
     """Step 3's adjustment on one layer: projected gradient on ‖W_dense X − W X‖² / ν with the
     mask re-selected by magnitude within `pattern` at every iteration. W0: [out, in]."""
     W = W0.detach().float().clone()
-    nu, _ = _scales(q, W.numel(), config)
+    nu, _, _ = _scales(q, W.numel(), config)
     value, grad = q.value_and_grad(W)
     history = [value / nu]
     step = config.adjust_lr / max((L if L is not None else q.lipschitz()) / nu, 1e-30)

@@ -20,7 +20,6 @@ import torch
 from sds.errors import ConfigError, CorruptArtifactError, StoreError
 from sds.store import ArtifactRef, ArtifactStore, artifact_key, canonical_json
 
-
 PREFIX = "runs"
 MODEL = {"id": "facebook/opt-125m", "revision": "27dcfa74d334bc871f3234de431e71c6eda5b6d1"}
 

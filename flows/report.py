@@ -1,0 +1,208 @@
+"""Results of a run: results.json, the table and markdown artifacts, the improvement of SDS.
+
+results.json:
+
+    {"config": {...}, "metrics": {"dense": {"ppl/wiki": ...}, "oneshot": {...}, "sds": {...}},
+     "improvement": {"ppl/wiki": {"absolute": ..., "recovered": ...}},
+     "keys": {label: key}, "artifacts": {label: uri},
+     "stages": {label: {"computed": bool, "seconds": {...}}},
+     "timings": {"wall", "stage_seconds", "compute_seconds", "overhead"}, "model_dir": ...}
+
+Improvement of SDS over its one-shot base, per metric: the absolute change in the good
+direction, and the fraction of the dense-to-one-shot gap it recovers,
+`(ppl_oneshot - ppl_sds) / (ppl_oneshot - ppl_dense)` (accuracies the other way round).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from datetime import datetime
+from pathlib import Path
+
+# which evaluation stage measures which model state
+EVALUATIONS = {"dense": "evaluate-dense", "oneshot": "evaluate-oneshot", "sds": "evaluate-sds"}
+
+
+def lower_is_better(metric: str) -> bool:
+    return metric.startswith("ppl/")
+
+
+def improvement(metrics: dict[str, dict]) -> dict[str, dict]:
+    """Per metric measured on all three states: {"absolute", "recovered"} (None if no gap)."""
+    dense, base, final = (metrics.get(s, {}) for s in ("dense", "oneshot", "sds"))
+    out = {}
+    for name in final:
+        d, b, f = dense.get(name), base.get(name), final.get(name)
+        if None in (d, b, f):
+            continue
+        sign = 1.0 if lower_is_better(name) else -1.0
+        absolute = sign * (b - f)
+        gap = sign * (b - d)
+        out[name] = {"absolute": absolute,
+                     "recovered": absolute / gap if abs(gap) > 1e-12 else None}
+    return out
+
+
+def _created(ref: dict) -> datetime | None:
+    try:
+        return datetime.fromisoformat(ref["created"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def build_results(plan, refs: dict[str, dict], started: datetime, wall: float,
+                  model_dir: str | None = None, flow_run: dict | None = None) -> dict:
+    """The record of one pipeline run (see the module docstring)."""
+    metrics = {state: dict(refs[label]["metrics"]) for state, label in EVALUATIONS.items()
+               if label in refs}
+    stages = {}
+    for label, ref in refs.items():
+        created = _created(ref)
+        stages[label] = {"key": ref["key"], "uri": ref["uri"], "sha256": ref.get("sha256"),
+                         "computed": bool(created and created >= started),
+                         "seconds": ref.get("seconds", {})}
+    computed = [s for s in stages.values() if s["computed"]]
+    stage_seconds = sum(s["seconds"].get("work", 0.0) for s in computed)
+    compute_seconds = sum(s["seconds"].get("compute", 0.0) for s in computed)
+    config = dict(plan.settings)
+    return {
+        "model": config["model"], "method": config["method"],
+        "pattern": config["pattern"], "sds": config["sds"],
+        "config": config,
+        "metrics": metrics,
+        "improvement": improvement(metrics),
+        "keys": plan.keys(),
+        "artifacts": {label: s["uri"] for label, s in stages.items()},
+        "final": {"stage": plan.final, "key": plan.specs[plan.final]["key"],
+                  "uri": stages[plan.final]["uri"], "sha256": stages[plan.final]["sha256"]},
+        "stages": stages,
+        "timings": {"wall": wall, "stage_seconds": stage_seconds,
+                    "compute_seconds": compute_seconds,
+                    "overhead": wall - stage_seconds,
+                    "computed": sorted(label for label, s in stages.items() if s["computed"])},
+        "model_dir": model_dir,
+        "flow_run": flow_run or {},
+        "started": started.isoformat(timespec="milliseconds"),
+    }
+
+
+def slug(*parts: str) -> str:
+    """An artifact key / folder name: lowercase letters, digits and dashes."""
+    text = "-".join(p for p in parts if p)
+    return re.sub(r"-+", "-", re.sub(r"[^a-z0-9]+", "-", text.lower())).strip("-")[:100]
+
+
+def run_name(results_or_config: dict) -> str:
+    s = results_or_config.get("config", results_or_config)
+    name = "demo" if s.get("demo") else Path(str(s["model"]).rstrip("/")).name
+    return slug(name, s["method"], s["pattern"].replace("%", "pct"),
+                "sds" if s["sds"] else "oneshot")
+
+
+def _fmt(value, digits: int = 4) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) < 1e4 else f"{value:.0f}"
+    return str(value)
+
+
+def signed(value) -> str:
+    return "–" if value is None else f"{value + 0.0:+.3g}"  # + 0.0: no "-0"
+
+
+def percent(value) -> str:
+    return "–" if value is None else f"{100 * value + 0.0:+.1f}%"
+
+
+def table_rows(results: dict) -> list[dict]:
+    """One row per metric: the value on each model state, and what SDS gained."""
+    metrics = results["metrics"]
+    names = []
+    for state in ("dense", "oneshot", "sds"):
+        names += [n for n in metrics.get(state, {}) if n not in names]
+    rows = []
+    for name in names:
+        row = {"metric": name}
+        for state in ("dense", "oneshot", "sds"):
+            if state in metrics:
+                row[state] = metrics[state].get(name)
+        gain = results["improvement"].get(name)
+        if gain:
+            row["sds gain"] = gain["absolute"]
+            row["gap recovered"] = gain["recovered"]
+        rows.append(row)
+    return rows
+
+
+def markdown(results: dict) -> str:
+    s = results["config"]
+    rows = table_rows(results)
+    lines = [f"# {'SDS' if s['sds'] else 'One-shot'} pruning of `{s['model']}`", "",
+             f"{s['method']}, pattern {s['pattern']}; calibration {s['nsamples']} x "
+             f"{s['seqlen']} tokens of {s['calib']}; store `{s['store']}`.", ""]
+    if rows:
+        columns = list(rows[0])
+        for row in rows:
+            columns += [c for c in row if c not in columns]
+        lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        shown = {"sds gain": signed, "gap recovered": percent}
+        for row in rows:
+            lines.append("| " + " | ".join(shown.get(c, _fmt)(row.get(c)) for c in columns)
+                         + " |")
+        lines.append("")
+    gains = results["improvement"]
+    if gains:
+        lines += ["## Improvement of SDS over one-shot pruning", ""]
+        metrics = results["metrics"]
+        for name, gain in gains.items():
+            rec, change = gain["recovered"], gain["absolute"]
+            share = (f"{percent(rec)} of the gap to dense recovered" if rec is not None
+                     else "one-shot pruning left no gap to dense")
+            verdict = "better" if change > 0 else "worse" if change < 0 else "unchanged"
+            lines.append(f"- **{name}**: one-shot {_fmt(metrics['oneshot'][name])} → SDS "
+                         f"{_fmt(metrics['sds'][name])}, {signed(change)} ({verdict}; {share})")
+        lines.append("")
+    t = results["timings"]
+    lines += ["## Stages", "", "| stage | key | computed | seconds |", "|---|---|---|---|"]
+    for label, st in results["stages"].items():
+        lines.append(f"| {label} | `{st['key']}` | {'yes' if st['computed'] else 'cached'} | "
+                     f"{_fmt(st['seconds'].get('work'), 3)} |")
+    lines += ["", f"Wall time {t['wall']:.1f} s; stages computed in this run "
+              f"{t['stage_seconds']:.1f} s; orchestration overhead {t['overhead']:.1f} s.", ""]
+    if results.get("model_dir"):
+        lines.append(f"Model folder: `{results['model_dir']}`")
+    return "\n".join(lines)
+
+
+def publish(results: dict) -> None:
+    """The results table and the markdown report, as Prefect artifacts of the flow run."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    name = run_name(results)
+    rows = [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()}
+            for r in table_rows(results)]
+    if rows:
+        create_table_artifact(table=rows, key=slug("sds-results", name),
+                              description=f"Metrics per model state: {name}")
+    create_markdown_artifact(markdown=markdown(results), key=slug("sds-report", name),
+                             description=f"SDS report: {name}")
+
+
+def write_json(data: dict, path: str | os.PathLike) -> Path:
+    """Write JSON atomically (a reader sees the old file or the new one)."""
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=False, default=str)
+            f.write("\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path

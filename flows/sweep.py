@@ -1,0 +1,133 @@
+"""The sweep flow: models x methods x patterns, fanned out as tasks of one flow run.
+
+Stages that several grid points share have the same artifact key and are submitted once: the
+calibration of a model and its dense evaluation run once for the whole grid, and a one-shot
+pruning is shared by the SDS and plain variants of the same point.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from prefect import flow
+from prefect.artifacts import create_table_artifact
+from prefect.futures import wait
+
+from sds.errors import SDSError
+from sds.store import DEFAULT_ROOT, ArtifactStore
+from tasks import stages
+from tasks.common import GPU_LIMIT, ensure_gpu_limit
+from tasks.plan import plan_pipeline
+
+from . import report
+from .pipeline import StageRunner, current_run, resolve, submit_stages
+
+
+def _as_list(value, default):
+    if value is None:
+        return list(default)
+    return [value] if isinstance(value, str | bool) else list(value)
+
+
+@flow(name="sweep", description="A grid of models x methods x patterns; shared stages once.")
+def sweep(
+    models: list[str | None] | str | None = None,
+    methods: list[str] | str = "sparsegpt",
+    patterns: list[str] | str = "2:4",
+    sds: bool | list[bool] = True,
+    calib: str | None = None,
+    eval: str | list[str] | None = None,
+    nsamples: int | None = None,
+    seqlen: int | None = None,
+    tasks: str | list[str] | None = None,
+    store: str = DEFAULT_ROOT,
+    out: str | None = "./sds-sweep",
+    sds_options: dict | None = None,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    seed: int = 0,
+    dtype: str = "auto",
+    limit: int | None = None,
+    batch_size: int = 8,
+    device: str | None = None,
+    verify: bool = True,
+    gpu_limit: str | None = GPU_LIMIT,
+    export: bool = False,
+) -> dict:
+    """Every combination of `models`, `methods`, `patterns` (and `sds` True/False).
+
+    Writes `<out>/<run name>/results.json` per point (and the model with `export`) and
+    `<out>/sweep.json`; a point that fails does not stop the others, but fails the sweep.
+    """
+    started = datetime.now(UTC)
+    t0 = time.perf_counter()
+    identities: dict = {}
+    plans = []
+    for model in _as_list(models, [None]):
+        for method in _as_list(methods, ["sparsegpt"]):
+            for pattern in _as_list(patterns, ["2:4"]):
+                for with_sds in _as_list(sds, [True]):
+                    plan = plan_pipeline(
+                        model, method, pattern, with_sds, calib, eval, nsamples, seqlen, tasks,
+                        store, sds_options=sds_options, blocksize=blocksize,
+                        percdamp=percdamp, seed=seed, dtype=dtype, limit=limit,
+                        batch_size=batch_size, device=device, verify=verify,
+                        gpu_limit=gpu_limit, identity=identities.get(model))
+                    identities[model] = plan.settings["identity"]
+                    plans.append(plan)
+    ArtifactStore(plans[0].store).check()
+    ensure_gpu_limit(gpu_limit)
+
+    run = StageRunner()
+    submitted = [submit_stages(run, plan) for plan in plans]
+    wait(list(run.futures.values()))
+
+    points, failures = [], []
+    for plan, futures in zip(plans, submitted):
+        name = report.run_name(plan.settings)
+        try:
+            refs = resolve(futures)
+            model_dir = None
+            if out and export:
+                model_dir = stages.export_model(plan.specs[plan.final], refs[plan.final],
+                                                str(Path(out) / name / "model"))
+            results = report.build_results(plan, refs, started, time.perf_counter() - t0,
+                                           model_dir, current_run())
+            if out:
+                report.write_json(results, Path(out) / name / "results.json")
+            points.append({"name": name, "results": results})
+        except Exception as exc:  # noqa: BLE001 - one failed point must not hide the others
+            message = " ".join(str(exc).split()) or type(exc).__name__
+            failures.append({"name": name, "error": message,
+                             "type": type(exc).__name__})
+
+    summary = {
+        "runs": [{"name": p["name"], "metrics": p["results"]["metrics"],
+                  "improvement": p["results"]["improvement"], "keys": p["results"]["keys"]}
+                 for p in points],
+        "failures": failures,
+        "stage_submissions": run.submitted,  # how many times each stage label ran (shared: 1)
+        "wall": time.perf_counter() - t0,
+        "flow_run": current_run(),
+    }
+    rows = []
+    for p in points:
+        for row in report.table_rows(p["results"]):
+            rows.append({"run": p["name"], **{k: (round(v, 6) if isinstance(v, float) else v)
+                                              for k, v in row.items()}})
+    for f in failures:
+        rows.append({"run": f["name"], "metric": "failed", "error": f["error"]})
+    if rows:
+        create_table_artifact(table=rows, key="sds-sweep", description="Sweep: metric per run")
+    if out:
+        report.write_json(summary, Path(out) / "sweep.json")
+    if failures:
+        raise SweepError(f"{len(failures)} of {len(plans)} runs failed; first: "
+                         f"{failures[0]['name']}: {failures[0]['error']}")
+    return summary
+
+
+class SweepError(SDSError):
+    """Some points of a sweep failed (the others' results are written)."""

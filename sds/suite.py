@@ -1,0 +1,94 @@
+"""The evaluation suite: every number measured on one model state, under flat metric names.
+
+    ppl/<source>        perplexity on an evaluation corpus (sds.data.load_eval_tokens; a
+                        local file goes by its name without suffixes)
+    acc/<task>          zero-shot accuracy (sds.evaluate.zero_shot)
+    acc_norm/<task>     length-normalised zero-shot accuracy, where the task reports it
+
+The same suite runs on the dense model, the one-shot pruned model and the SDS model, so their
+metrics line up name by name.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .data import load_eval_tokens
+from .errors import ConfigError
+from .evaluate import expand_tasks, perplexity, zero_shot
+
+# The C4 protocol of SparseGPT / Wanda scores the first 256 windows of the validation text.
+C4_EVAL_WINDOWS = 256
+
+
+def as_list(value: str | Sequence[str] | None) -> list[str]:
+    """'wiki,news' or ['wiki', 'news'] or None -> ['wiki', 'news'] (order kept, no repeats)."""
+    if value is None:
+        return []
+    items = [value] if isinstance(value, str) else list(value)
+    out: list[str] = []
+    for item in items:
+        for part in str(item).split(","):
+            part = part.strip()
+            if part and part.lower() != "none" and part not in out:
+                out.append(part)
+    return out
+
+
+def source_label(source: str) -> str:
+    """The name a corpus goes by in metric names: 'wiki', 'wikitext2', or a file's stem."""
+    if "/" not in source and "\\" not in source and not source.endswith(
+            (".txt", ".json", ".jsonl", ".gz")):
+        return source
+    name = Path(source).name
+    for suffix in (".gz", ".txt", ".jsonl", ".json"):
+        name = name.removesuffix(suffix)
+    return name or source
+
+
+def evaluate_model(
+    model,
+    tokenizer,
+    *,
+    sources: str | Sequence[str] = ("wiki",),
+    seqlen: int,
+    tasks: str | Sequence[str] | None = None,
+    limit: int | float | None = None,
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
+) -> dict:
+    """Run the suite on `model` (moved to `device` when given).
+
+    Returns {"metrics": {"ppl/<source>": float, "acc/<task>": float, "acc_norm/<task>": float},
+    "details": {name: full record}, "seconds": float}. `limit` caps the examples per zero-shot
+    task (None: all).
+    """
+    sources = as_list(sources)
+    task_names = expand_tasks(as_list(tasks))
+    if not sources and not task_names:
+        raise ConfigError("nothing to evaluate: give at least one evaluation corpus "
+                          "(e.g. --eval wiki) or zero-shot task (e.g. --tasks demo)")
+    if device is not None:
+        model.to(device)
+    t0 = time.perf_counter()
+    metrics: dict[str, float | None] = {}
+    details: dict[str, dict] = {}
+    for source in sources:
+        max_tokens = C4_EVAL_WINDOWS * seqlen if source == "c4" else None
+        ids, record = load_eval_tokens(tokenizer, source, max_tokens=max_tokens)  # [1, N]
+        result = perplexity(model, ids, seqlen, device=device)
+        name = f"ppl/{source_label(source)}"
+        metrics[name] = result["ppl"]
+        details[name] = {**result, "data": record}
+    if task_names:
+        results = zero_shot(model, tokenizer, task_names, batch_size=batch_size, limit=limit)
+        for task, entry in results.items():
+            metrics[f"acc/{task}"] = entry.get("acc")
+            if entry.get("acc_norm") is not None:
+                metrics[f"acc_norm/{task}"] = entry["acc_norm"]
+            details[f"zero_shot/{task}"] = entry
+    return {"metrics": metrics, "details": details, "seconds": time.perf_counter() - t0}

@@ -1,0 +1,230 @@
+"""One Prefect task per stage. Each loads its inputs from the store, calls `sds`, and saves what
+it changed:
+
+    calibration ─┬─> oneshot ──> redense ──> second ──> evaluate(final)
+                 │       └──────────────────────────────> evaluate(oneshot)
+                 └──────────────────────────────────────> evaluate(dense)
+
+Caching, retries and the GPU slot are declared here; the math lives in `sds`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
+
+from sds import api, reconstruct
+from sds.data import load_calibration
+from sds.models import (
+    default_device,
+    layer_state,
+    load_layer_state,
+    load_model,
+    load_tokenizer,
+    prunable_layers,
+)
+from sds.patterns import LayerRules
+from sds.reconstruct import SDSConfig, dense_weights
+from sds.suite import evaluate_model
+
+from .common import (
+    ARTIFACT_KEY,
+    BlockProgress,
+    gpu_slot,
+    load_upstream,
+    open_store,
+    retry_transient,
+    run_stage,
+)
+
+STAGE_TASK = dict(
+    cache_policy=ARTIFACT_KEY,  # keyed on the artifact key, never on the run
+    persist_result=True,
+    result_serializer="json",  # Prefect keeps the small reference, the store keeps tensors
+    retries=3,
+    retry_delay_seconds=exponential_backoff(backoff_factor=5),  # 5, 10, 20 s
+    retry_jitter_factor=0.5,
+    retry_condition_fn=retry_transient,  # storage and network faults only
+)
+
+
+def _rules(config: dict) -> LayerRules:
+    rules = config["rules"]
+    return LayerRules.build(rules["default"], rules["overrides"], rules["exclude"])
+
+
+def _load_base(spec: dict):
+    m = spec["model"]
+    return load_model(m["path"], m["dtype"], m["revision"], m["trust_remote_code"])
+
+
+def _what(spec: dict) -> str:
+    config = spec["config"]
+    return f"{config.get('method', '')} {config.get('rules', {}).get('default', '')}".strip()
+
+
+# -- calibration --------------------------------------------------------------------------------
+def _calibration(spec, store, clock, logger):
+    m, config = spec["model"], spec["config"]
+    with clock("load"):
+        tokenizer = load_tokenizer(m["path"], m["revision"], m["trust_remote_code"])
+    with clock("compute"):
+        calib = load_calibration(tokenizer, config["source"], config["nsamples"],
+                                 config["seqlen"], config["seed"])
+    logger.info("calibration: %d windows of %d tokens from %s", calib.nsamples, calib.seqlen,
+                config["source"])
+    return {"input_ids": calib.input_ids}, {"record": calib.record}
+
+
+@task(name="calibration", **STAGE_TASK)
+def calibration(spec: dict) -> dict:
+    """Calibration windows: `input_ids [nsamples, seqlen]`."""
+    return run_stage(spec, _calibration)
+
+
+# -- step 1: one-shot pruning -------------------------------------------------------------------
+def _oneshot(spec, store, clock, logger):
+    config = spec["config"]
+    ids = load_upstream(store, spec, "calibration")["input_ids"]
+    rules = _rules(config)
+    with gpu_slot(spec):
+        with clock("load"):
+            model, _ = _load_base(spec)
+        with clock("compute"):
+            report = api.oneshot(
+                model, ids, config["method"], rules, blocksize=config.get("blocksize", 128),
+                percdamp=config.get("percdamp", 0.01), device=spec["run"]["device"],
+                progress=False, on_block=BlockProgress(spec, logger, _what(spec)))
+    tensors = layer_state(model, prunable_layers(model, rules))
+    return tensors, {"report": report.to_dict()}
+
+
+@task(name="oneshot", **STAGE_TASK)
+def oneshot(spec: dict, calibration: dict) -> dict:
+    """Step 1: prune the base model with the method and pattern of the spec."""
+    return run_stage(spec, _oneshot, {"calibration": calibration})
+
+
+# -- step 2: re-dense ---------------------------------------------------------------------------
+def _redense(spec, store, clock, logger):
+    ids = load_upstream(store, spec, "calibration")["input_ids"]
+    pruned = load_upstream(store, spec, "oneshot")
+    rules = _rules(spec["config"])
+    with gpu_slot(spec):
+        with clock("load"):
+            model, _ = _load_base(spec)
+            dense = dense_weights(model, rules)
+            load_layer_state(model, pruned)
+        with clock("compute"):
+            report = reconstruct.redense(
+                model, ids, dense, rules, SDSConfig(**spec["config"]["sds"]),
+                device=spec["run"]["device"], progress=False,
+                on_block=BlockProgress(spec, logger, "re-dense"))
+    return layer_state(model, dense), {"report": report.to_dict()}
+
+
+@task(name="redense", **STAGE_TASK)
+def redense(spec: dict, calibration: dict, oneshot: dict) -> dict:
+    """Step 2: reconstruct a dense model from the one-shot sparse one (SDS)."""
+    return run_stage(spec, _redense, {"calibration": calibration, "oneshot": oneshot})
+
+
+# -- step 3: second pruning and adjustment ------------------------------------------------------
+def _second(spec, store, clock, logger):
+    config = spec["config"]
+    ids = load_upstream(store, spec, "calibration")["input_ids"]
+    redensed = load_upstream(store, spec, "redense")
+    rules = _rules(config)
+    with gpu_slot(spec):
+        with clock("load"):
+            model, _ = _load_base(spec)
+            dense = dense_weights(model, rules)
+            load_layer_state(model, redensed)
+        with clock("compute"):
+            report = reconstruct.second_prune(
+                model, ids, dense, config["method"], rules, SDSConfig(**config["sds"]),
+                blocksize=config.get("blocksize", 128), percdamp=config.get("percdamp", 0.01),
+                device=spec["run"]["device"], progress=False,
+                on_block=BlockProgress(spec, logger, f"second pruning, {_what(spec)}"))
+    return layer_state(model, dense), {"report": report.to_dict()}
+
+
+@task(name="second", **STAGE_TASK)
+def second(spec: dict, calibration: dict, redense: dict) -> dict:
+    """Step 3: prune the re-dense model again and adjust the kept weights (SDS)."""
+    return run_stage(spec, _second, {"calibration": calibration, "redense": redense})
+
+
+# -- evaluation ---------------------------------------------------------------------------------
+def _evaluate(spec, store, clock, logger):
+    config = spec["config"]
+    (weights_stage,) = spec["upstream"] or (None,)
+    tensors = load_upstream(store, spec, weights_stage) if weights_stage else None
+    with gpu_slot(spec):
+        with clock("load"):
+            model, tokenizer = _load_base(spec)
+            if tensors is not None:
+                load_layer_state(model, tensors)
+        with clock("compute"):
+            result = evaluate_model(
+                model, tokenizer, sources=config["source_names"], seqlen=config["seqlen"],
+                tasks=config["task_names"], limit=config["limit"],
+                batch_size=config["batch_size"],
+                device=spec["run"]["device"] or default_device())
+    for name, value in result["metrics"].items():
+        logger.info("%s: %s = %s", spec["title"], name, value)
+    return {}, {"metrics": result["metrics"], "details": result["details"]}
+
+
+@task(name="evaluate", **STAGE_TASK)
+def evaluate(spec: dict, weights: dict | None = None) -> dict:
+    """Perplexities and zero-shot accuracies of the base model with `weights` applied."""
+    return run_stage(spec, _evaluate, {next(iter(spec["upstream"])): weights}
+                     if spec["upstream"] else None)
+
+
+# -- export -------------------------------------------------------------------------------------
+MARKER = "sds_artifact.json"
+
+
+@task(name="export", cache_policy=NO_CACHE, persist_result=False, retries=2,
+      retry_delay_seconds=5, retry_condition_fn=retry_transient)
+def export_model(spec: dict, final: dict, folder: str) -> str:
+    """Write the final model as a Hugging Face folder (`from_pretrained` loads it).
+
+    Skipped when the folder already holds this artifact; replaced atomically otherwise.
+    """
+    target = Path(folder).expanduser().resolve()
+    marker = {"store": spec["store"], "stage": spec["stage"], "key": spec["key"],
+              "sha256": final.get("sha256")}
+    try:
+        if json.loads((target / MARKER).read_text()) == marker:
+            return str(target)
+    except (OSError, ValueError):
+        pass
+    store = open_store(spec)
+    tensors, _meta = store.load(spec["stage"], spec["key"])
+    model, tokenizer = _load_base(spec)
+    load_layer_state(model, tensors)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        if target.exists():
+            old = target.with_name(f".{target.name}-old-{uuid.uuid4().hex[:8]}")
+            os.replace(target, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return str(target)

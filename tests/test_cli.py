@@ -1,0 +1,223 @@
+"""The `sds` command end to end: runs, a killed run resumed, bad input, the store commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from sds.store import ArtifactStore
+from tests.test_pipeline_fixtures import REPO, cli_args, server_env, tiny_params
+
+# fixtures: prefect_api, tiny_model, corpus (and the S3 ones from conftest)
+pytest_plugins = ["tests.test_pipeline_fixtures"]
+
+
+def sds_command(args: list[str], env: dict, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=300, **kw)
+
+
+@pytest.fixture
+def clean_environ():
+    """`main()` sets Prefect's and the libraries' variables in os.environ: put them back."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.mark.slow
+def test_sds_run_end_to_end(prefect_api, tiny_model, corpus, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    store, out = tmp_path / "store", tmp_path / "out"
+    done = sds_command(cli_args(tiny_model, corpus, store, out), server_env(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert "metric" in done.stdout and "ppl/heldout" in done.stdout
+    assert "Traceback" not in done.stderr
+
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["metrics"]) == {"dense", "oneshot", "sds"}
+    for state in ("dense", "oneshot", "sds"):
+        assert results["metrics"][state]["ppl/heldout"] > 1
+    gain = results["improvement"]["ppl/heldout"]
+    assert set(gain) == {"absolute", "recovered"}
+    assert set(results["keys"]) >= {"calibration", "oneshot", "redense", "second"}
+    assert results["config"]["gpu_limit"] == "sds-gpu"  # with a server: the global slot
+    assert results["timings"]["wall"] >= results["timings"]["stage_seconds"] > 0
+
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    for block in model.model.decoder.layers:
+        for layer in (block.self_attn.q_proj, block.fc1, block.fc2):
+            groups = layer.weight.detach().reshape(-1, 4)  # 2:4 along the input dimension
+            assert ((groups != 0).sum(dim=1) <= 2).all()
+    # the embeddings and the head are never pruned
+    assert (model.model.decoder.embed_tokens.weight != 0).float().mean() > 0.99
+
+
+def test_store_commands_list_remove_and_collect(prefect_api, tiny_model, corpus, tmp_path,
+                                                capfd, clean_environ):
+    from flows.cli import main
+    from flows.pipeline import pipeline
+
+    store_root = tmp_path / "store"
+    kept = pipeline(**tiny_params(tiny_model, corpus, store_root, tmp_path / "kept"))
+    other = pipeline(**tiny_params(tiny_model, corpus, store_root, method="magnitude",
+                                   sds=False))
+    store = ArtifactStore(store_root)
+    assert len(store.list()) == 7 + 2  # magnitude adds its one-shot and its evaluation
+
+    capfd.readouterr()
+    assert main(["store", "ls", "--store", str(store_root), "--json"]) == 0
+    listed = [json.loads(line) for line in capfd.readouterr().out.splitlines()]
+    assert {f"{x['stage']}/{x['key']}" for x in listed} == {
+        f"{m['stage']}/{m['key']}" for m in store.list()}
+
+    # gc keeps what results.json names (and its upstream), removes the rest
+    assert main(["store", "gc", "--store", str(store_root), "--keep", str(tmp_path / "kept"),
+                 "--older-than", "0s", "--dry-run"]) == 0
+    assert len(store.list()) == 9
+    assert main(["store", "gc", "--store", str(store_root), "--keep", str(tmp_path / "kept"),
+                 "--older-than", "0s"]) == 0
+    left = {m["key"] for m in store.list()}
+    assert left == set(kept["keys"].values())
+    assert other["keys"]["oneshot"] not in left
+
+    key = kept["keys"]["second"]
+    assert main(["store", "rm", "--store", str(store_root), f"second/{key}"]) == 0
+    assert not store.exists("second", key)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_and_ends_with_the_same_final_artifact(prefect_api, tiny_model,
+                                                                  corpus, tmp_path):
+    from flows.pipeline import pipeline
+
+    # a re-dense step of a few seconds, to be killed in the middle of it; no global GPU slot:
+    # a killed process would hold it until its lease expires (a minute), which is not the
+    # subject here
+    slow = ["--epochs", "1000", "--gpu-limit", "none"]
+    store, out = tmp_path / "store", tmp_path / "out"
+    args = cli_args(tiny_model, corpus, store, out) + slow
+    env = server_env(tmp_path)
+    process = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], env=env, cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not list((store / "oneshot").glob("*/meta.json")):  # the one-shot stage is done
+            assert process.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline, "the one-shot stage never finished"
+            time.sleep(0.05)
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.wait(timeout=30)
+    assert not list((store / "second").glob("*/meta.json"))  # killed before the end
+    assert not (out / "results.json").exists()
+
+    resumed = sds_command(args, env)
+    assert resumed.returncode == 0, resumed.stderr
+    results = json.loads((out / "results.json").read_text())
+    computed = set(results["timings"]["computed"])
+    assert not computed & {"calibration", "oneshot"}  # finished before the kill: reused
+    assert {"second", "evaluate-sds"} <= computed
+
+    torch.set_num_threads(1)  # as the CLI processes ran (OMP_NUM_THREADS=1)
+    reference = pipeline(**tiny_params(tiny_model, corpus, tmp_path / "reference",
+                                       sds_options={"epochs": 1000, "adjust_epochs": 5}))
+    assert reference["keys"] == results["keys"]
+    assert reference["final"]["sha256"] == results["final"]["sha256"]
+
+
+def test_sds_sweep_from_a_grid_file(prefect_api, tiny_model, corpus, tmp_path, capfd,
+                                    monkeypatch, clean_environ):
+    from flows.cli import main
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({
+        "models": [str(tiny_model)], "methods": ["sparsegpt", "wanda"], "patterns": ["2:4"],
+        "calib": str(corpus["calib"]), "eval": [str(corpus["heldout"])], "tasks": [],
+        "nsamples": 4, "seqlen": 32, "sds_options": {"epochs": 5, "adjust_epochs": 5}}))
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api)
+    code = main(["sweep", "--grid", str(grid), "--patterns", "2:4,50%", "--gpu-limit", "none",
+                 "--store", str(tmp_path / "store"), "--out", str(tmp_path / "sweep")])
+    captured = capfd.readouterr()
+    assert code == 0, captured.err
+    summary = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert len(summary["runs"]) == 4  # the command line's patterns replace the file's
+    assert summary["stage_submissions"]["calibration"] == 1
+    assert '"calibration": 1' in captured.out
+
+
+def _one_line_error(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, text
+    assert lines[0].startswith("error: ") and "Traceback" not in text
+    return lines[0]
+
+
+def test_bad_pattern_in_a_subprocess_exits_2_with_one_line(tiny_model, corpus, tmp_path):
+    args = cli_args(tiny_model, corpus, tmp_path / "store", tmp_path / "out")
+    done = sds_command(args + ["--pattern", "5:4"], server_env(tmp_path))
+    assert done.returncode == 2
+    line = _one_line_error(done.stderr)
+    assert "5:4" in line and "N:M" in line
+    assert not (tmp_path / "store").exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case", ["unknown model", "bad pattern", "unknown method",
+                                  "bad sds option", "unreachable store", "no credentials"])
+def test_bad_input_exits_nonzero_with_one_line_and_commits_nothing(
+        case, tiny_model, corpus, tmp_path, s3_server, monkeypatch, capfd, clean_environ):
+    from flows.cli import main
+
+    args = cli_args(tiny_model, corpus, tmp_path / "store", tmp_path / "out")
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # never reached
+    expected_code, expected_text = 2, None
+    if case == "unknown model":
+        args[args.index("--model") + 1] = str(tmp_path / "no-such-model")
+        expected_text = "does not exist"
+    elif case == "bad pattern":
+        args += ["--pattern", "60"]
+        expected_text = "outside (0, 1)"
+    elif case == "unknown method":
+        args += ["--method", "obs"]
+        expected_text = "unknown pruning method"
+    elif case == "bad sds option":
+        args += ["--lr", "-1"]
+        expected_text = "lr must be > 0"
+    else:
+        args[args.index("--store") + 1] = "s3://sds-missing/runs"
+        nowhere = str(tmp_path / "absent")
+        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", nowhere)
+        monkeypatch.setenv("AWS_CONFIG_FILE", nowhere)
+        monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        expected_code = 3
+        if case == "unreachable store":
+            monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAFAKE")
+            monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "fake")
+            monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+            expected_text = "cannot reach"
+        else:
+            monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
+            monkeypatch.delenv("AWS_SECRET_ACCESS_KEY", raising=False)
+            monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+            expected_text = "no AWS credentials"
+    capfd.readouterr()
+    code = main(args)
+    captured = capfd.readouterr()
+    assert code == expected_code, captured.err
+    line = _one_line_error(captured.err)
+    assert expected_text in line
+    assert not (tmp_path / "store").exists()
+    assert not (tmp_path / "out").exists()

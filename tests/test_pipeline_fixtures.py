@@ -1,0 +1,196 @@
+"""Shared pieces of the pipeline, CLI and deployment tests (this module holds no tests).
+
+    pytest_plugins = ["tests.test_pipeline_fixtures"]
+
+- `prefect_api`: one real `prefect server start` per test session (a module-level singleton,
+  so importing the fixture into several modules still starts one), waited on /api/health; the
+  fixture points this process at it. `server_env()` gives the same to subprocesses.
+- `tiny_model`: a 2-block OPT with the demo tokenizer, saved to a folder.
+- `corpus`: small calibration and evaluation text files.
+- `tiny_params(...)`: pipeline parameters that run in about a second per stage.
+
+Torch runs one thread in these tests: they share two cores with other processes, and there a
+second OpenMP thread can stall a forward pass for tens of seconds.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TOKENIZER = REPO / "data" / "demo" / "tokenizer"
+
+_server: dict = {}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+            return response.read().strip() == b"true"
+    except OSError:
+        return False
+
+
+def start_prefect_server() -> str:
+    """The session's Prefect server (started on first use, stopped at exit); its API URL."""
+    if _server:
+        return _server["url"]
+    home = Path(tempfile.mkdtemp(prefix="sds-prefect-server-"))
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_UI_ENABLED": "false", "PREFECT_API_URL": ""}
+    log = open(home / "server.log", "wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+         "--port", str(port), "--no-ui"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def stop():
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+        shutil.rmtree(home, ignore_errors=True)
+
+    atexit.register(stop)
+    deadline = time.monotonic() + 90
+    while not _healthy(url):
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"prefect server did not start: {(home / 'server.log').read_text()}")
+        time.sleep(0.3)
+    _server.update(url=url, home=home)
+    return url
+
+
+def server_env(tmp: Path, **extra: str) -> dict:
+    """Environment for a subprocess that talks to the session's server."""
+    env = {**os.environ}
+    env.update(PREFECT_API_URL=start_prefect_server(), PREFECT_HOME=str(tmp / "prefect-home"),
+               PREFECT_SERVER_ANALYTICS_ENABLED="false", OMP_NUM_THREADS="1",
+               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(
+                   os.pathsep))
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory):
+    """This process's flows run against the session's server, quietly and without the 1 s
+    heartbeat wait; Prefect's own result records go to a temporary folder."""
+    import torch
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+        PREFECT_LOGGING_TO_API_BATCH_INTERVAL,
+        PREFECT_RESULTS_LOCAL_STORAGE_PATH,
+        PREFECT_SERVER_ANALYTICS_ENABLED,
+        temporary_settings,
+    )
+
+    url = start_prefect_server()
+    results = tmp_path_factory.mktemp("prefect-results")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with temporary_settings({PREFECT_API_URL: url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None,
+                             PREFECT_RESULTS_LOCAL_STORAGE_PATH: str(results),
+                             PREFECT_SERVER_ANALYTICS_ENABLED: False,
+                             PREFECT_LOGGING_TO_API_BATCH_INTERVAL: 0.3}):
+        yield url
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A 2-block OPT (hidden 64) with the demo tokenizer, saved like a hub model."""
+    import torch
+    from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-opt")
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
+    config = OPTConfig(vocab_size=len(tokenizer), hidden_size=64, word_embed_proj_dim=64,
+                       ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                       max_position_embeddings=128, do_layer_norm_before=True,
+                       pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    OPTForCausalLM(config).eval().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+WORDS = ("the river city north old market bridge stone winter king people small long "
+         "village church road year war music house water field light early great new").split()
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> dict[str, Path]:
+    """Two small text files (documents separated by blank lines): calibration and evaluation."""
+    folder = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    files = {}
+    for name, documents in (("calib", 12), ("heldout", 6)):
+        docs = []
+        for _ in range(documents):
+            sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 14))).capitalize()
+                         + "." for _ in range(rng.randint(4, 8))]
+            docs.append(" ".join(sentences))
+        path = folder / f"{name}.txt"
+        path.write_text("\n\n".join(docs) + "\n")
+        files[name] = path
+    return files
+
+
+def tiny_params(model: Path, corpus: dict[str, Path], store, out=None, /, **overrides) -> dict:
+    """Pipeline parameters for the tiny model: a few seconds per run."""
+    params = {
+        "model": str(model), "method": "sparsegpt", "pattern": "2:4", "sds": True,
+        "calib": str(corpus["calib"]), "eval": [str(corpus["heldout"])], "tasks": [],
+        "nsamples": 4, "seqlen": 32, "store": str(store), "out": str(out) if out else None,
+        "sds_options": {"epochs": 5, "adjust_epochs": 5}, "gpu_limit": None,
+    }
+    params.update(overrides)
+    return params
+
+
+def cli_args(model: Path, corpus: dict[str, Path], store, out) -> list[str]:
+    """`sds run` arguments equivalent to `tiny_params`."""
+    return ["run", "--model", str(model), "--calib", str(corpus["calib"]),
+            "--eval", str(corpus["heldout"]), "--tasks", "none", "--nsamples", "4",
+            "--seqlen", "32", "--epochs", "5", "--adjust-epochs", "5", "--store", str(store),
+            "--out", str(out)]
+
+
+def task_runs(flow_run_id: str) -> dict[str, list]:
+    """The task runs of a flow run, by stage label (the first word of a run's name), read
+    through the API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    out: dict[str, list] = {}
+    for run in runs:
+        out.setdefault(run.name.split()[0], []).append(run)
+    return out

@@ -1,0 +1,46 @@
+"""The library pieces the pipeline added to sds: the evaluation suite and the cheap loaders."""
+
+from __future__ import annotations
+
+import pytest
+
+from sds.errors import ConfigError, ModelError
+from sds.models import load_config, load_model, load_tokenizer
+from sds.suite import as_list, evaluate_model, source_label
+
+# fixtures: tiny_model, corpus
+pytest_plugins = ["tests.test_pipeline_fixtures"]
+
+
+def test_source_labels_name_corpora_and_files():
+    assert source_label("wikitext2") == "wikitext2"
+    assert source_label("wiki") == "wiki"
+    assert source_label("/data/eval/heldout.txt") == "heldout"
+    assert source_label("texts/news.jsonl.gz") == "news"
+    assert as_list("wiki, news,wiki") == ["wiki", "news"]
+    assert as_list(["none"]) == [] and as_list(None) == []
+
+
+def test_suite_measures_perplexity_under_flat_names(tiny_model, corpus):
+    model, tokenizer = load_model(str(tiny_model))
+    result = evaluate_model(model, tokenizer, sources=[str(corpus["heldout"])], seqlen=32)
+    assert set(result["metrics"]) == {"ppl/heldout"}
+    assert result["metrics"]["ppl/heldout"] > 1
+    assert result["details"]["ppl/heldout"]["windows"] >= 1
+
+
+def test_suite_needs_something_to_evaluate(tiny_model):
+    model, tokenizer = load_model(str(tiny_model))
+    with pytest.raises(ConfigError, match="nothing to evaluate"):
+        evaluate_model(model, tokenizer, sources=[], tasks=None, seqlen=32)
+
+
+def test_config_and_tokenizer_load_without_weights(tiny_model, tmp_path):
+    config = load_config(str(tiny_model))
+    assert config.num_hidden_layers == 2
+    tokenizer = load_tokenizer(str(tiny_model))
+    _, reference = load_model(str(tiny_model))
+    assert tokenizer("a small text")["input_ids"] == reference("a small text")["input_ids"]
+    for loader in (load_config, load_tokenizer):
+        with pytest.raises(ModelError, match="does not exist"):
+            loader(str(tmp_path / "missing"))
