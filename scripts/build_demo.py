@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import bz2
+import functools
 import hashlib
 import html
 import importlib.util
@@ -22,6 +23,7 @@ import math
 import random
 import re
 import sys
+import textwrap
 import time
 import unicodedata
 import xml.etree.ElementTree as ET
@@ -44,7 +46,7 @@ STEPS = ("corpus", "tasks", "tokenizer", "opt", "llama", "readme")
 WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 NEWS_FILES = ("lee_background.cor", "lee.cor")
 
-# Share of characters (wiki) or documents (news) per split; the rest is train.
+# Share of the characters of each corpus per split (whole documents); the rest is train.
 HELDOUT_SHARE = 0.10
 CALIB_SHARE = 0.06
 
@@ -117,7 +119,7 @@ def _render_template(body: str) -> str:
     if name.startswith("lang-") and positional:
         return positional[0]
     if name in ("nowrap", "nobr", "small", "smaller", "big", "formatnum", "sc", "smallcaps",
-                "math", "mvar", "em", "' \"", "nihongo") and positional:
+                "math", "mvar", "em", "nihongo") and positional:
         return positional[0]
     if name in ("chem", "chem2"):
         return "".join(positional)
@@ -198,6 +200,17 @@ def split_sentences(paragraph: str) -> list[str]:
     return [p for p in pieces if p]
 
 
+_DAMAGE = re.compile(
+    r"\b(for|the|of|to|and|in|with|by|from|a|an|is|was|at|than|between|including|or|are|were|"
+    r"on|about|as)[.:](\s|$)|\b[a-z]{3,}\. [a-z]|\.\.(?!\.)|\(\s*\)|^[^A-Z0-9\"'(]"
+)
+
+
+def _drop_damaged_sentences(paragraph: str) -> str:
+    """Remove sentences that lost words with a dropped template ("between 60 and. An")."""
+    return " ".join(s for s in split_sentences(paragraph) if not _DAMAGE.search(s))
+
+
 def _is_prose(line: str) -> bool:
     if len(line) < 80 or len(line.split()) < 12:
         return False
@@ -247,7 +260,7 @@ def clean_wikitext(text: str) -> list[str]:
         stripped = line.strip()
         if not stripped or stripped[0] in "*#:;|!={}" or stripped.startswith("----"):
             continue
-        line = _tidy(stripped)
+        line = _drop_damaged_sentences(_tidy(stripped))
         if _is_prose(line):
             paragraphs.append(line)
     return paragraphs
@@ -346,7 +359,7 @@ def _word_counts() -> Counter:
     counts: Counter = Counter()
     for corpus in CORPORA:
         for doc in read_split(corpus, "train"):
-            counts.update(re.findall(r"[A-Za-z]+", doc))
+            counts.update(re.findall(r"[A-Za-z]+|\d+", doc))
     return counts
 
 
@@ -356,39 +369,47 @@ def _paragraph_sentences(docs: list[str]) -> list[list[list[str]]]:
 
 
 def _good_sentence(s: str) -> bool:
-    return 5 <= len(s.split()) <= 45 and s[0].isupper() and s[-1] in ".!?\"'"
+    return (5 <= len(s.split()) <= 45 and s[0].isupper() and s[-1] in ".!?\"'"
+            and s.count('"') % 2 == 0 and s.count("(") == s.count(")"))
 
 
-def next_sentence_items(docs: list[str], n_items: int, rng: random.Random) -> list[dict]:
+def next_sentence_items(docs: list[str], n_items: int, counts: Counter,
+                        rng: random.Random) -> list[dict]:
     structure = _paragraph_sentences(docs)
+    total = sum(counts.values()) + len(counts)
+
+    @functools.cache
+    def unigram_logp(sentence: str) -> float:
+        words = re.findall(r"[A-Za-z]+|\d+", sentence)
+        return sum(math.log((counts[w] + 1) / total) for w in words)
+
     pool = [(d, s) for d, doc in enumerate(structure) for par in doc for s in par
             if _good_sentence(s)]
     candidates = []
     for d, doc in enumerate(structure):
         for par in doc:
-            i = 0
-            while i + 3 <= len(par):  # non-overlapping passages
-                k = 2 + (hash_int(par[i]) % 2)  # 2 or 3 sentences of context
-                if i + k >= len(par):
-                    k = 2
-                if i + k < len(par):
-                    ctx, nxt = par[i:i + k], par[i + k]
-                    if all(_good_sentence(s) for s in (*ctx, nxt)):
-                        candidates.append((d, " ".join(ctx), nxt))
-                i += k + 1
+            # Every sentence with two or three sentences before it in its paragraph is a target.
+            for j in range(2, len(par)):
+                k = min(j, 2 + hash_int(par[j]) % 2)
+                ctx, nxt = par[j - k:j], par[j]
+                if all(_good_sentence(s) for s in (*ctx, nxt)):
+                    candidates.append((d, " ".join(ctx), nxt))
     rng.shuffle(candidates)
     items, per_doc = [], Counter()
-    cap = max(3, n_items // 8)
+    cap = max(3, n_items // 5)  # no single document dominates
     for d, context, true in candidates:
         if len(items) == n_items:
             break
         if per_doc[d] >= cap:
             continue
-        # Distractors: sentences of other documents, of similar length (so length gives nothing away).
-        near = [s for dd, s in pool if dd != d and abs(len(s) - len(true)) <= 0.25 * len(true)]
-        near = sorted(set(near) - {true})
-        if len(near) < 3:
-            continue
+        # Distractors: sentences of other documents that are as likely as the true one without
+        # the context: nearly the same length (a summed log-probability favours short choices)
+        # and the same unigram log-probability (rare names and numbers cost many nats). What
+        # is left to tell them apart is the context.
+        others = sorted({s for dd, s in pool if dd != d} - {true})
+        same_length = sorted(others, key=lambda s: (abs(len(s) - len(true)), s))[:60]
+        target = unigram_logp(true)
+        near = sorted(same_length, key=lambda s: (abs(unigram_logp(s) - target), s))[:12]
         choices = rng.sample(near, 3) + [true]
         rng.shuffle(choices)
         items.append({"context": context, "choices": [" " + c for c in choices],
@@ -407,12 +428,10 @@ def last_word_items(docs: list[str], n_items: int, counts: Counter,
     candidates = []
     for d, doc in enumerate(structure):
         for par in doc:
-            i = 0
-            while i < len(par):
-                k = 2 + (hash_int(par[i]) % 2)
-                passage = par[i:i + k]
-                i += k
-                if len(passage) < 2 or not all(_good_sentence(s) for s in passage):
+            # Every sentence end is a candidate, with up to two sentences before it as lead-in.
+            for j in range(len(par)):
+                passage = par[max(0, j - 1 - hash_int(par[j]) % 2):j + 1]
+                if not all(_good_sentence(s) for s in passage):
                     continue
                 text = " ".join(passage)
                 m = re.search(r" ([A-Za-z]+)\.$", text)
@@ -425,7 +444,7 @@ def last_word_items(docs: list[str], n_items: int, counts: Counter,
                 candidates.append((d, text[: m.start()], word))
     rng.shuffle(candidates)
     items, per_doc = [], Counter()
-    cap = max(3, n_items // 8)
+    cap = max(3, n_items // 5)  # no single document dominates
     for d, context, word in candidates:
         if len(items) == n_items:
             break
@@ -455,7 +474,7 @@ def build_tasks(seed: int = 0) -> dict:
     plan = {"wiki": 300, "news": 100}
     stats = {}
     for name, make in (
-        ("demo_next_sentence", lambda docs, n, rng: next_sentence_items(docs, n, rng)),
+        ("demo_next_sentence", lambda docs, n, rng: next_sentence_items(docs, n, counts, rng)),
         ("demo_last_word", lambda docs, n, rng: last_word_items(docs, n, counts, rng)),
     ):
         items = []
@@ -507,6 +526,14 @@ def train_tokenizer(vocab_size: int = VOCAB_SIZE):
     )
 
 
+def _drop_loading_keys(path: Path) -> None:
+    """Keys that describe how the tokenizer was last loaded, not what it is."""
+    config = json.loads(path.read_text())
+    for key in ("is_local", "local_files_only"):
+        config.pop(key, None)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def load_tokenizer():
     from transformers import AutoTokenizer
 
@@ -554,13 +581,14 @@ def model_config(family: str, vocab_size: int, size: str = "demo", pad_id: int =
 @dataclass(frozen=True)
 class TrainConfig:
     seqlen: int = 256
-    batch_size: int = 16
-    epochs: int = 2
+    batch_size: int = 8
+    epochs: int = 3
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 40
     weight_decay: float = 0.1
     grad_clip: float = 1.0
+    bf16: bool = True  # autocast matmuls to bfloat16 (weights and optimizer stay float32)
     seed: int = 0
 
 
@@ -603,12 +631,14 @@ def make_optimizer(model, cfg: TrainConfig, total_steps: int):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def train_step(model, optimizer, scheduler, batch, grad_clip: float = 1.0) -> float:
+def train_step(model, optimizer, scheduler, batch, grad_clip: float = 1.0,
+               bf16: bool = False) -> float:
     """One optimisation step on `batch` ([batch, seqlen] token ids); returns the loss before it."""
     import torch
 
     model.train()
-    loss = model(input_ids=batch, labels=batch).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss = model(input_ids=batch, labels=batch).loss
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -621,7 +651,7 @@ def token_stream(tokenizer, docs: list[str]) -> list[int]:
     """Documents as `<s> text </s>`, concatenated (the tokenizer adds `<s>`)."""
     ids: list[int] = []
     for doc in docs:
-        ids += tokenizer(doc).input_ids + [tokenizer.eos_token_id]
+        ids += tokenizer(doc, verbose=False).input_ids + [tokenizer.eos_token_id]
     return ids
 
 
@@ -633,7 +663,7 @@ def train_windows(stream, seqlen: int, offset: int):
 
 
 def train_model(family: str, tokenizer, cfg: TrainConfig, size: str = "demo",
-                progress_every: int = 20):
+                progress_every: int = 50):
     """Train one demo model on the whole train split of both corpora; returns (model, stats)."""
     import torch
 
@@ -659,7 +689,7 @@ def train_model(family: str, tokenizer, cfg: TrainConfig, size: str = "demo",
             idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
             if len(idx) < cfg.batch_size:
                 break
-            loss = train_step(model, optimizer, scheduler, windows[idx], cfg.grad_clip)
+            loss = train_step(model, optimizer, scheduler, windows[idx], cfg.grad_clip, cfg.bf16)
             losses.append(loss)
             step += 1
             if step == 1 or step % progress_every == 0 or step == total:
@@ -685,7 +715,7 @@ def eval_windows(tokenizer, docs: list[str], seqlen: int):
     """WikiText-2 protocol: join with blank lines, tokenise once, non-overlapping windows."""
     import torch
 
-    ids = tokenizer("\n\n".join(docs)).input_ids
+    ids = tokenizer("\n\n".join(docs), verbose=False).input_ids
     n = len(ids) // seqlen
     return torch.tensor(ids[: n * seqlen], dtype=torch.long).view(n, seqlen)
 
@@ -712,6 +742,34 @@ def unigram_perplexity(train_ids: list[int], windows, vocab_size: int) -> float:
     counts = torch.bincount(torch.tensor(train_ids), minlength=vocab_size).double() + 1
     logp = (counts / counts.sum()).log()
     return math.exp(-float(logp[windows[:, 1:].reshape(-1)].mean()))
+
+
+def task_accuracy(model, tokenizer, path: Path) -> dict:
+    """Multiple-choice accuracy as lm-eval scores it: acc (sum of log-probabilities of the
+    choice) and acc_norm (the same divided by the choice's length in bytes)."""
+    import torch
+
+    hits, hits_norm, n = 0, 0, 0
+    with torch.inference_mode():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            item = json.loads(line)
+            ctx = tokenizer(item["context"], add_special_tokens=False).input_ids
+            conts = [tokenizer(c, add_special_tokens=False).input_ids for c in item["choices"]]
+            width = len(ctx) + max(map(len, conts))
+            # Right padding: a causal model's logits at real positions ignore what follows.
+            batch = torch.tensor([ctx + c + [tokenizer.pad_token_id] * (width - len(ctx) - len(c))
+                                  for c in conts])
+            logp = model(input_ids=batch).logits[:, :-1].float().log_softmax(-1)
+            scores = [
+                float(logp[i, len(ctx) - 1:len(ctx) - 1 + len(c)]
+                      .gather(1, batch[i, len(ctx):len(ctx) + len(c), None]).sum())
+                for i, c in enumerate(conts)
+            ]
+            norm = [sc / len(ch.encode()) for sc, ch in zip(scores, item["choices"], strict=True)]
+            hits += max(range(4), key=scores.__getitem__) == item["label"]
+            hits_norm += max(range(4), key=norm.__getitem__) == item["label"]
+            n += 1
+    return {"acc": round(hits / n, 3), "acc_norm": round(hits_norm / n, 3), "items": n}
 
 
 def evaluate_model(model, tokenizer, seqlen: int) -> dict:
@@ -741,9 +799,14 @@ def build_one_model(family: str, cfg: TrainConfig) -> dict:
         if old.is_file():
             old.unlink()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(out, safe_serialization=True)
+    model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    _drop_loading_keys(out / "tokenizer_config.json")
     stats["heldout"] = evaluate_model(model, tokenizer, cfg.seqlen)
+    stats["tasks"] = {p.stem: task_accuracy(model, tokenizer, p)
+                      for p in sorted(TASKS_DIR.glob("*.jsonl"))}
+    for name, r in stats["tasks"].items():
+        log(f"  {family} {name}: acc {r['acc']:.3f}, acc_norm {r['acc_norm']:.3f}")
     stats["config"] = {k: v for k, v in model.config.to_dict().items()
                        if k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
                                 "num_key_value_heads", "ffn_dim", "intermediate_size",
@@ -767,109 +830,165 @@ def dir_size(path: Path) -> int:
 
 
 def write_readme(report: dict) -> None:
-    rows = []
+    models = report.get("models", {})
+    rows, task_rows = [], []
     for family in FAMILIES:
-        r = report.get("models", {}).get(family)
+        r = models.get(family)
         if not r:
             continue
         c = r["config"]
-        shape = (f"d={c['hidden_size']}, {c['num_hidden_layers']} layers, "
-                 f"{c['num_attention_heads']} heads")
         if family == "llama":
-            shape += f" ({c['num_key_value_heads']} kv), mlp {c['intermediate_size']}"
+            shape = (f"d {c['hidden_size']}, {c['num_hidden_layers']} layers, "
+                     f"{c['num_attention_heads']} heads ({c['num_key_value_heads']} kv), "
+                     f"mlp {c['intermediate_size']}")
         else:
-            shape += f", ffn {c['ffn_dim']}"
-        ppl = r["heldout"]
+            shape = (f"d {c['hidden_size']}, {c['num_hidden_layers']} layers, "
+                     f"{c['num_attention_heads']} heads, ffn {c['ffn_dim']}")
+        h = r["heldout"]
         rows.append(
-            f"| {family} | {shape} | {r['parameters'] / 1e6:.2f} M | {r['train_seconds'] / 60:.1f} "
-            f"| {ppl['wiki']['perplexity']:.1f} | {ppl['wiki']['unigram_perplexity']:.1f} "
-            f"| {ppl['news']['perplexity']:.1f} | {ppl['news']['unigram_perplexity']:.1f} |"
+            f"| {family} | {shape} | {r['parameters'] / 1e6:.2f} M | {r['train_seconds'] / 60:.1f}"
+            f" | {h['wiki']['perplexity']:.1f} | {h['wiki']['unigram_perplexity']:.1f}"
+            f" | {h['news']['perplexity']:.1f} | {h['news']['unigram_perplexity']:.1f} |"
         )
-    corpus_rows = [
-        f"| {k} | {v['documents']} | {v['chars'] / 1e3:.0f} k |"
-        for k, v in sorted(report.get("corpus", {}).items())
-    ]
+        t = r.get("tasks", {})
+        if t:
+            task_rows.append(
+                f"| {family} | " + " | ".join(
+                    f"{t[n]['acc']:.3f} / {t[n]['acc_norm']:.3f}"
+                    for n in ("demo_next_sentence", "demo_last_word")) + " |")
+    corpus_rows = [f"| `{k}.txt` | {v['documents']} | {v['chars'] / 1e3:.0f} k |"
+                   for k, v in sorted(report.get("corpus", {}).items())]
     tasks = report.get("tasks", {})
-    train = next(iter(report.get("models", {}).values()), {}).get("train", asdict(TrainConfig()))
+    tr = next(iter(models.values()), {}).get("train", asdict(TrainConfig()))
+    precision = ("bfloat16 autocast for the matrix products (weights, gradients and AdamW state "
+                 "in float32)" if tr.get("bf16") else "float32 throughout")
+    nl = "\n"
     text = f"""# Offline demo: corpus, tokenizer, models, zero-shot tasks
 
-Everything `sds run` needs without a network: two small causal LMs trained here from scratch on
-real English text, the text itself split for training, calibration and evaluation, and two
-multiple-choice tasks made from the heldout text. Rebuilt from scratch by
+Everything `sds run` needs without a network: two small causal LMs trained from scratch on real
+English text, that text split for training, calibration and evaluation, and two multiple-choice
+tasks made from the heldout text. Paths are in `sds/demo.py`. Rebuilt from scratch by
 
 ```
-pip install -e .[demo]        # gensim provides the source text
+pip install -e .[demo]        # gensim ships the source text
 python scripts/build_demo.py  # about 20 minutes on 2 CPU cores
 ```
 
-`--only corpus|tasks|tokenizer|opt|llama|readme` (repeatable) rebuilds one part; a model needs
-the tokenizer and the corpus, the tasks need the corpus. Paths are in `sds/demo.py`.
+`--only corpus|tasks|tokenizer|opt|llama|readme` (repeatable) rebuilds one part: the tasks and
+the tokenizer need the corpus, a model needs the tokenizer. `build_report.json` holds every
+number below and the full training record.
 
 ## Sources and licences
-- `wiki_*`: the English Wikipedia excerpt shipped as gensim test data
-  (`gensim/test/test_data/{WIKI_FILE}`, a 2016 dump of articles
-  beginning with "A"). Wikipedia text is licensed under
-  [CC BY-SA 4.0](https://creativecommons.org/licenses/by-sa/4.0/) (older revisions also GFDL);
-  authors are listed in each article's history on en.wikipedia.org. The cleaned text here is a
-  derivative and carries the same licence.
-- `news_*`: the Lee corpus of Australian Broadcasting Corporation news summaries used in
-  M. D. Lee, B. Pincombe and M. Welsh, "An empirical evaluation of models of text document
-  similarity" (CogSci 2005), as shipped in gensim's test data (`lee_background.cor`, `lee.cor`;
-  gensim is LGPL-2.1). Use for research and testing, as gensim does.
-- The models and task files are derived from this text and inherit these terms.
+- `corpus/wiki_*`: cleaned from the English Wikipedia excerpt in gensim's test data,
+  `{WIKI_FILE}` (a 2016 dump, articles of the first page-id range). Wikipedia text is licensed
+  under [CC BY-SA 4.0](https://creativecommons.org/licenses/by-sa/4.0/) (older revisions also
+  GFDL); the authors are listed in each article's history on en.wikipedia.org. This derived text
+  carries the same licence.
+- `corpus/news_*`: the Lee corpus, news articles from the Australian Broadcasting Corporation's
+  news mail service, collected for M. D. Lee, B. Pincombe and M. Welsh, "An empirical evaluation
+  of models of text document similarity" (CogSci 2005), as shipped in gensim's test data
+  (`lee_background.cor` and `lee.cor`; gensim itself is LGPL-2.1). For research and testing.
+- The tokenizer, models and task files are derived from this text and inherit these terms.
 
 ## Corpus (`corpus/`)
-Wiki markup is removed (templates, tables, references, links, HTML, headings, lists, and the
-"See also"/"References" tail of each article); only paragraphs that read as prose are kept
-(at least 12 words, end with sentence punctuation, no markup left). Each file holds documents
-separated by a blank line, with one paragraph per line inside a document. Whole documents are
-assigned to heldout ({HELDOUT_SHARE:.0%} of the characters), calib ({CALIB_SHARE:.0%}) and
-train (the rest) in the order of a hash of their title (wiki) or text (news): the three splits
-are disjoint. The news corpus pools `lee_background.cor` and `lee.cor`, duplicates removed.
+The wiki markup is removed: templates (a few that carry prose, such as `convert` and `lang`, are
+rendered), tables, references, comments, HTML, links (their labels kept), files and categories,
+headings, lists, and everything from "See also" / "References" on. Sentences damaged by a dropped
+template are removed, and only paragraphs that read as prose are kept (at least 12 words, ending
+with sentence punctuation, no markup left). Each file holds documents separated by a blank line,
+one paragraph per line. Whole documents go to heldout ({HELDOUT_SHARE:.0%} of a corpus's
+characters), calib ({CALIB_SHARE:.0%}) and train (the rest) in the order of a hash of their title
+(wiki) or text (news), so the splits are disjoint. The news corpus pools `lee_background.cor` and
+`lee.cor`, duplicates removed.
 
 | file | documents | characters |
 |---|---|---|
-{chr(10).join(corpus_rows)}
+{nl.join(corpus_rows)}
 
-## Tokenizer
-Byte-level BPE, {VOCAB_SIZE} tokens, trained with `tokenizers` on both train splits; `<pad>`=0,
-`<s>`=1 (prepended by the tokenizer), `</s>`=2. Saved as a `PreTrainedTokenizerFast` with each
-model and in `tokenizer/`.
+## Tokenizer (`tokenizer/`, and a copy in each model folder)
+Byte-level BPE of {VOCAB_SIZE} tokens trained with `tokenizers` on both train splits, saved as a
+`PreTrainedTokenizerFast`: `<pad>` = 0, `<s>` = 1 (prepended when encoding with special tokens),
+`</s>` = 2.
 
 ## Models (`opt/`, `llama/`)
 `OPTForCausalLM` (pre-norm, ReLU, learned positions) and `LlamaForCausalLM` (RMSNorm, SwiGLU,
-rotary positions, grouped-query attention). Tied input/output embeddings; every linear layer's
-input dimension is a multiple of 8, so 2:4 and 4:8 patterns apply; `max_position_embeddings`
-512; float32 safetensors. Trained from seed {train['seed']} on both train splits (documents as
-`<s> text </s>`, concatenated, cut into windows of {train['seqlen']} tokens, shuffled each
-epoch): AdamW (lr {train['lr']}, betas 0.9/0.95, weight decay {train['weight_decay']}),
-{train['warmup_steps']} warmup steps then cosine decay to {train['min_lr_ratio']} of the peak,
-batch {train['batch_size']}, {train['epochs']} epochs, gradient clipping {train['grad_clip']},
-`torch.use_deterministic_algorithms(True)`. Same seed, same first-step loss.
+rotary positions, grouped-query attention), input and output embeddings tied, float32
+safetensors, `max_position_embeddings` 512. Every linear layer's input dimension is a multiple of
+8, so 2:4 and 4:8 patterns apply.
 
-Heldout perplexity: heldout documents joined by blank lines, tokenised once, non-overlapping
-windows of {train['seqlen']} tokens (the WikiText-2 protocol). The baseline is an add-one unigram
-model of the train tokens scored on the same predicted tokens. Training time is wall-clock on a
-shared 2-core x86 CPU (torch {report.get('torch', '?')}).
+Training, identical for both: seed {tr['seed']}; both train splits as `<s> document </s>`,
+concatenated and cut into windows of {tr['seqlen']} tokens (a different offset each epoch),
+shuffled; {tr['epochs']} epochs of batch {tr['batch_size']}; AdamW (lr {tr['lr']}, betas
+0.9 / 0.95, weight decay {tr['weight_decay']} on matrices), {tr['warmup_steps']} warmup steps
+then cosine decay to {tr['min_lr_ratio']} of the peak, gradient clipping {tr['grad_clip']};
+{precision}; one CPU thread, `torch.use_deterministic_algorithms(True)`. The same seed gives the
+same first-step loss. Time is wall-clock on a shared 2-core x86 CPU with other jobs running
+(torch {report.get('torch', '?')}).
+
+Heldout perplexity follows the WikiText-2 protocol: the heldout documents joined by blank lines,
+tokenised once, cut into non-overlapping windows of {tr['seqlen']} tokens. The baseline is an
+add-one unigram model of the train tokens scored on the same predicted tokens.
 
 | model | shape | parameters | train min | wiki ppl | wiki unigram | news ppl | news unigram |
 |---|---|---|---|---|---|---|---|
-{chr(10).join(rows)}
+{nl.join(rows)}
 
 ## Zero-shot tasks (`tasks/`)
 JSON lines `{{"context": str, "choices": [str, str, str, str], "label": int}}`, made only from
-heldout text; each choice starts with a space and continues the context.
+heldout text (about three quarters wiki, one quarter news); each choice starts with a space and
+continues the context.
 - `demo_next_sentence.jsonl` ({tasks.get('demo_next_sentence', '?')} items): two or three
-  consecutive sentences of a paragraph; the true next sentence against three sentences of
-  similar length from other heldout documents of the same corpus.
-- `demo_last_word.jsonl` ({tasks.get('demo_last_word', '?')} items): two or three sentences
-  with the final word (and its full stop) removed; the true word against three words of similar
-  frequency in the train text, of the same capitalisation, absent from the passage.
-Chance is 25%. About three quarters of the items come from wiki, a quarter from news.
+  consecutive sentences of a paragraph; the true next sentence against three sentences from other
+  heldout documents of the same corpus, chosen to be as likely as the true one without the
+  context (nearly the same length and the same unigram log-probability of their words).
+- `demo_last_word.jsonl` ({tasks.get('demo_last_word', '?')} items): one to three sentences with
+  the final word and its full stop removed; the true word against three words of similar
+  frequency in the train text, of the same capitalisation and absent from the passage.
+
+Accuracy of the demo models (chance 0.25), scored as lm-eval scores multiple choice: `acc` /
+`acc_norm` (log-probability summed over the choice / divided by its length in bytes).
+
+| model | next sentence | last word |
+|---|---|---|
+{nl.join(task_rows)}
+
+The next-sentence task rewards only a model that uses context across sentences; models this
+small barely do (the context raises the true sentence's log-probability by a couple of nats, less
+than the spread between sentences), so it sits near chance for them. The last-word task separates
+them clearly.
 
 Total size of `data/demo`: {report.get('size_mb', '?')} MB.
 """
-    (DEMO_DIR / "README.md").write_text(text, encoding="utf-8")
+    (DEMO_DIR / "README.md").write_text(_reflow(text), encoding="utf-8")
+
+
+def _reflow(markdown: str, width: int = 100) -> str:
+    """Re-wrap prose paragraphs and list items; tables, headings and code stay as written."""
+    out, block, fenced = [], [], False
+
+    def flush() -> None:
+        if block:
+            bullet = block[0].startswith("- ")
+            body = " ".join(line.strip() for line in block)
+            out.append(textwrap.fill(body, width, subsequent_indent="  " if bullet else "",
+                                     break_on_hyphens=False, break_long_words=False))
+            block.clear()
+
+    for line in markdown.splitlines():
+        if line.startswith("```"):
+            flush()
+            fenced = not fenced
+            out.append(line)
+        elif fenced or not line.strip() or line.startswith(("#", "|")):
+            flush()
+            out.append(line)
+        elif line.startswith("- "):
+            flush()
+            block.append(line)
+        else:
+            block.append(line)
+    flush()
+    return "\n".join(out) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -878,12 +997,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="rebuild only this part (repeatable); default: everything")
     parser.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     parser.add_argument("--seed", type=int, default=TrainConfig.seed)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (1 is fastest on a busy shared CPU)")
+    parser.add_argument("--fp32", action="store_true", help="train without bfloat16 autocast")
     args = parser.parse_args(argv)
     steps = args.only or list(STEPS)
     report = load_report()
-    cfg = TrainConfig(epochs=args.epochs, seed=args.seed)
-    if args.threads:
+    cfg = TrainConfig(epochs=args.epochs, seed=args.seed, bf16=not args.fp32)
+    if any(f in steps for f in FAMILIES):
         import torch
 
         torch.set_num_threads(args.threads)
