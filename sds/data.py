@@ -228,7 +228,7 @@ def _local_calibration(tokenizer, path: Path, nsamples: int, seqlen: int,
     """Document protocol when the long documents hold at least nsamples·seqlen tokens, else
     random windows of the concatenated token stream."""
     documents = read_documents(path)
-    record.update(path=str(path), sha256=_sha256(path), documents_total=len(documents),
+    record.update(path=str(path), sha256=sha256_file(path), documents_total=len(documents),
                   documents_read=len(documents))
     encoded = _encode_many(tokenizer, documents)
     long_tokens = sum(len(ids) for ids in encoded if len(ids) > seqlen)
@@ -329,11 +329,11 @@ def load_eval_tokens(tokenizer, source: str, max_tokens: int | None = None
         path = _demo_corpus_path(name, "heldout")
         texts, joiner = read_documents(path), "\n\n"
         record.update(source=name, corpus=name, corpus_split="heldout", path=str(path),
-                      sha256=_sha256(path))
+                      sha256=sha256_file(path))
     else:
         path = _local_path(name, accepted=EVAL_SOURCES, kind="evaluation source")
         texts, joiner = read_documents(path), "\n\n"
-        record.update(source="file", path=str(path), sha256=_sha256(path))
+        record.update(source="file", path=str(path), sha256=sha256_file(path))
 
     text = joiner.join(texts)
     if not text.strip():
@@ -429,12 +429,10 @@ def _demo_corpus_path(corpus: str, split: str) -> Path:
     return path
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
+def sha256_file(path: str | Path) -> str:
+    """sha256 hex digest of a file's bytes, read in 1 MiB chunks."""
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 # -- tokenization -------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ of a block are its `nn.Linear` and GPT-2-style `Conv1D` modules. `Conv1D` stores
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -124,34 +125,14 @@ def _offline_hint(name: str) -> str:
 def load_model(name_or_path: str, dtype: str = "auto", revision: str | None = None,
                trust_remote_code: bool = False, causal: bool = True):
     """Load (model, tokenizer) from a hub id or a local folder, in eval mode, on the CPU."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM
 
     if dtype not in _DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}")
-    local = Path(name_or_path).expanduser()
-    looks_local = local.exists() or name_or_path.startswith((".", "/", "~"))
-    if looks_local and not (local / "config.json").is_file():
-        raise ModelError(f"model folder {str(local)!r} does not exist or has no config.json; "
-                         "pass a Hugging Face model folder or a hub id like facebook/opt-125m")
-    source = str(local) if looks_local else name_or_path
     cls = AutoModelForCausalLM if causal else AutoModel
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision,
-                                                  trust_remote_code=trust_remote_code)
-        model = cls.from_pretrained(source, revision=revision, dtype=_DTYPES[dtype],
-                                    trust_remote_code=trust_remote_code)
-    except OSError as e:
-        if looks_local:
-            raise ModelError(f"cannot load model from {source!r}: {e}") from e
-        text = str(e).lower()
-        if any(s in text for s in ("offline", "connect", "resolve", "network", "couldn't")):
-            raise HubUnreachableError(_offline_hint(name_or_path)) from e
-        raise ModelError(f"cannot load model {name_or_path!r}: {e}") from e
-    except ValueError as e:
-        if "trust_remote_code" in str(e):
-            raise ModelError(f"{name_or_path!r} needs custom code from its repository; pass "
-                             "--trust-remote-code if you trust it") from e
-        raise ModelError(f"cannot load model {name_or_path!r}: {e}") from e
+    tokenizer = load_tokenizer(name_or_path, revision, trust_remote_code)
+    model = _load_part(functools.partial(cls.from_pretrained, dtype=_DTYPES[dtype]),
+                       name_or_path, revision, trust_remote_code)
     model.eval()
     return model, tokenizer
 

@@ -46,6 +46,7 @@ import safetensors
 import safetensors.torch
 import torch
 
+from .data import sha256_file
 from .errors import ConfigError, CorruptArtifactError, SDSError, StoreError
 
 log = logging.getLogger(__name__)
@@ -329,7 +330,7 @@ class ArtifactStore:
                 if not self.is_s3:
                     _fsync(tmp)
                 size = os.path.getsize(tmp)
-                digest = _sha256_file(tmp)
+                digest = sha256_file(tmp)
             except OSError as exc:
                 raise StoreError(self._explain(f"writing the tensors of {ref.uri}", exc)) from exc
             self._uncommit(folder)
@@ -487,7 +488,7 @@ class ArtifactStore:
             size = read(os.path.getsize, path)
             if size != meta["bytes"]:
                 raise corrupt(f"its tensors file has {size} bytes; meta.json says {meta['bytes']}")
-            if verify and read(_sha256_file, path) != meta["sha256"]:
+            if verify and read(sha256_file, path) != meta["sha256"]:
                 raise corrupt("the sha256 of its tensors file differs from meta.json")
             try:
                 tensors = safetensors.torch.load_file(path)
@@ -826,11 +827,6 @@ def _mtime(info: Mapping[str, Any]) -> float | None:
         return float(info["mtime"])
     modified = info.get("LastModified")
     return modified.timestamp() if isinstance(modified, datetime) else None
-
-
-def _sha256_file(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _fsync(path: str) -> None:

@@ -14,11 +14,11 @@ WikiText-2 perplexity.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sds.data import sha256_file
 from sds.errors import ConfigError
 from sds.evaluate import DEMO_TASKS, expand_tasks
 from sds.patterns import LayerRules
@@ -60,26 +60,18 @@ class Plan:
         return {label: spec["key"] for label, spec in self.specs.items()}
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _data_identity(source: str, role: str) -> dict:
     """What a data source is, for a key: hub datasets by name, files by content."""
     corpus_split = DEMO_FILES[role].get(source)
     if corpus_split is not None:
         from sds import demo
 
-        return {"source": source, "sha256": _sha256(demo.corpus_path(*corpus_split))}
+        return {"source": source, "sha256": sha256_file(demo.corpus_path(*corpus_split))}
     if source in HUB_SOURCES:
         return {"source": source}
     path = Path(source).expanduser()
     if path.is_file():
-        return {"source": "file", "name": path.name, "sha256": _sha256(path)}
+        return {"source": "file", "name": path.name, "sha256": sha256_file(path)}
     return {"source": source}  # let sds.data say what is wrong with it, at the stage
 
 
@@ -89,7 +81,7 @@ def _task_identity(names: list[str]) -> list:
         if name in DEMO_TASKS:
             from sds import demo
 
-            out.append({"task": name, "sha256": _sha256(demo.task_data_path(name))})
+            out.append({"task": name, "sha256": sha256_file(demo.task_data_path(name))})
         else:
             out.append(name)
     return out
