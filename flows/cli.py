@@ -63,6 +63,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--sds-data", choices=("sd", "dense", "distill"),
                    help="data of the re-dense step (default sd)")
     g.add_argument("--optimizer", choices=("prox", "adam"), help="re-dense optimiser (prox)")
+    g.add_argument("--normalize", choices=("target", "tokens"),
+                   help="loss normalisation of the SDS steps (target: ‖W_dense X‖²)")
+    g.add_argument("--reg-scale", choices=("mean", "dense", "sum"),
+                   help="scale of the λ1/λ2 terms (mean: averaged over a layer's weights)")
 
     g = parser.add_argument_group("model, device and storage")
     g.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
@@ -268,7 +272,7 @@ def exit_code(exc: BaseException) -> int:
 def _sds_options(args) -> dict:
     names = {"epochs": "epochs", "lr": "lr", "l1": "l1", "l2": "l2",
              "adjust_epochs": "adjust_epochs", "adjust_lr": "adjust_lr", "sds_data": "data",
-             "optimizer": "optimizer"}
+             "optimizer": "optimizer", "normalize": "normalize", "reg_scale": "reg_scale"}
     return {field: getattr(args, attr) for attr, field in names.items()
             if getattr(args, attr, None) is not None}
 

@@ -1,0 +1,72 @@
+"""Wall time of `sds run` on the demo defaults, cold and fully cached, and the orchestration
+overhead (pipeline wall time minus the sum of the stage work done in the run).
+
+    python benchmarks/pipeline.py --write
+
+Each run is a fresh `sds run` process with its own store, output folder and PREFECT_HOME, so
+the cold run includes creating Prefect's embedded database.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def run_once(workdir: Path, extra: list[str]) -> dict:
+    env = dict(os.environ, PREFECT_HOME=str(workdir / "prefect"), HF_HUB_OFFLINE="1",
+               HF_DATASETS_OFFLINE="1")
+    cmd = [sys.executable, "-m", "flows.cli", "run", "--store", str(workdir / "store"),
+           "--out", str(workdir / "out"), *extra]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        raise SystemExit(f"sds run failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+    results = json.loads((workdir / "out" / "results.json").read_text())
+    return {"process": wall, **results["timings"], "metrics": results["metrics"]}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
+    p.add_argument("extra", nargs="*", help="more `sds run` options (after --)")
+    a = p.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        cold = run_once(Path(tmp), a.extra)
+        cached = run_once(Path(tmp), a.extra)
+    rows = [("cold", cold), ("fully cached", cached)]
+    command = "python benchmarks/pipeline.py " + " ".join(argv if argv is not None
+                                                          else sys.argv[1:])
+    lines = ["## Pipeline", "", f"Command: `{command.strip()}`", "",
+             "`sds run` with no options (demo OPT model, SparseGPT 2:4 + SDS, demo calibration, "
+             "wiki/news perplexity and the demo zero-shot tasks, local store, Prefect's embedded "
+             "API). *process* is the whole command (imports and Prefect start-up included); "
+             "*pipeline* is the flow's wall time; *stage work* sums the stages computed in the "
+             "run (stages can overlap, e.g. the dense evaluation runs beside the pruning); "
+             "overhead = pipeline − stage work.", "",
+             "| run | process s | pipeline s | stage work s | overhead s | stages computed |",
+             "|---|---|---|---|---|---|"]
+    for name, r in rows:
+        lines.append(f"| {name} | {r['process']:.1f} | {r['wall']:.1f} | "
+                     f"{r['stage_seconds']:.1f} | {r['overhead']:.1f} | "
+                     f"{', '.join(r['computed']) or 'none'} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if a.write:
+        from benchmarks.report import replace_section
+
+        replace_section(ROOT / "BENCHMARKS.md", "Pipeline", text)
+
+
+if __name__ == "__main__":
+    main()
