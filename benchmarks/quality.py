@@ -40,10 +40,10 @@ from sds.reconstruct import SDSConfig, dense_weights, redense, second_prune  # n
 WIKITEXT2 = ROOT.parent / "shared" / "data" / "wikitext-2" / "test.txt"
 
 
-def evaluate(model, tok, evals, seqlen, tasks, limit):
+def evaluate(model, tok, evals, seqlen, tasks, limit, max_windows=None):
     out = {}
     for name, ids in evals.items():
-        out[f"ppl/{name}"] = perplexity(model, ids, seqlen)["ppl"]
+        out[f"ppl/{name}"] = perplexity(model, ids, seqlen, max_windows=max_windows)["ppl"]
     if tasks:
         for task, res in zero_shot(model, tok, tasks, batch_size=32, limit=limit).items():
             out[f"acc/{task}"] = res["acc"]
@@ -59,6 +59,7 @@ def run(args) -> dict:
                        reg_scale=args.reg_scale, adjust_epochs=args.adjust_epochs,
                        adjust_lr=args.adjust_lr)
     results = {"config": config.to_dict(), "nsamples": args.nsamples, "seqlen": args.seqlen,
+               "max_windows": args.max_windows, "limit": args.limit,
                "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
                           f"torch {torch.__version__}", "models": {}}
     tasks = [] if args.no_zero_shot else ["demo_next_sentence", "demo_last_word"]
@@ -69,7 +70,8 @@ def run(args) -> dict:
         if WIKITEXT2.exists() and not args.no_wikitext2:
             evals["wikitext2"] = load_eval_tokens(tok, str(WIKITEXT2))[0]
         t0 = time.perf_counter()
-        entry = {"dense": evaluate(dense_model, tok, evals, args.seqlen, tasks, args.limit),
+        entry = {"dense": evaluate(dense_model, tok, evals, args.seqlen, tasks, args.limit,
+                                  args.max_windows),
                  "parameters": sum(p.numel() for p in dense_model.parameters()), "runs": []}
         entry["eval_seconds"] = time.perf_counter() - t0
         print(family, "dense", entry["dense"], flush=True)
@@ -82,7 +84,8 @@ def run(args) -> dict:
                 t0 = time.perf_counter()
                 oneshot(model, calib.input_ids, method, rules, progress=False)
                 times["oneshot"] = time.perf_counter() - t0
-                m_one = evaluate(model, tok, evals, args.seqlen, tasks, args.limit)
+                m_one = evaluate(model, tok, evals, args.seqlen, tasks, args.limit,
+                                 args.max_windows)
                 t0 = time.perf_counter()
                 rd = redense(model, calib.input_ids, dense, rules, config, progress=False)
                 times["redense"] = time.perf_counter() - t0
@@ -90,7 +93,8 @@ def run(args) -> dict:
                 sp = second_prune(model, calib.input_ids, dense, method, rules, config,
                                   progress=False)
                 times["second"] = time.perf_counter() - t0
-                m_sds = evaluate(model, tok, evals, args.seqlen, tasks, args.limit)
+                m_sds = evaluate(model, tok, evals, args.seqlen, tasks, args.limit,
+                                 args.max_windows)
                 adjusted = sum(r.extra.get("adjusted", False) for r in sp.layers)
                 run_ = {"method": method, "pattern": pattern, "oneshot": m_one, "sds": m_sds,
                         "seconds": times, "layers_adjusted": f"{adjusted}/{len(sp.layers)}",
@@ -111,7 +115,9 @@ def _gap(dense, one, sds):
 def markdown(results: dict, command: str) -> str:
     lines = ["## Quality", "", f"Command: `{command}`", "",
              f"Machine: {results['machine']}. Calibration: {results['nsamples']} windows of "
-             f"{results['seqlen']} tokens from the demo calibration text, seed 0. SDS options: "
+             f"{results['seqlen']} tokens from the demo calibration text, seed 0. Perplexity "
+             f"windows of {results['seqlen']} tokens, at most {results.get('max_windows')} per "
+             f"corpus; zero-shot items per task: {results.get('limit') or 'all'}. SDS options: "
              f"`{json.dumps(results['config'])}`.", "",
              "Perplexity on held-out text (lower is better); *gap* is the fraction of the "
              "one-shot pruning gap that SDS recovers, (ppl_oneshot − ppl_sds) / (ppl_oneshot − "
@@ -155,6 +161,9 @@ def main(argv=None):
     p.add_argument("--nsamples", type=int, default=64)
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--limit", type=int, default=None, help="zero-shot items per task")
+    p.add_argument("--max-windows", type=int, default=200, help="perplexity windows per corpus")
+    p.add_argument("--merge", nargs="+", metavar="JSON",
+                   help="combine result files of earlier runs (one per model) instead of running")
     p.add_argument("--no-zero-shot", action="store_true")
     p.add_argument("--no-wikitext2", action="store_true")
     d = SDSConfig()
@@ -171,7 +180,15 @@ def main(argv=None):
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "quality.json"))
     p.add_argument("--write", action="store_true", help="update BENCHMARKS.md and --json")
     args = p.parse_args(argv)
-    results = run(args)
+    if args.merge:
+        parts = [json.loads(Path(f).read_text()) for f in args.merge]
+        results = parts[0]
+        for part in parts[1:]:
+            results["models"].update(part["models"])
+    else:
+        results = run(args)
+        if not args.write:
+            Path(args.json).write_text(json.dumps(results, indent=1))
     command = "python benchmarks/quality.py " + " ".join(argv if argv is not None
                                                          else sys.argv[1:])
     text = markdown(results, command.strip())
