@@ -44,16 +44,16 @@ def _timed(device, fn):
     return out, seconds, gpu
 
 
-def layer_rows(rows, cols, samples, seqlen, device):
+def layer_rows(rows, cols, samples, seqlen, device, iterations):
     g = torch.Generator(device="cpu").manual_seed(0)
     W = torch.randn(rows, cols, generator=g).to(device) / cols**0.5
-    mix = (torch.randn(cols, cols, generator=g) / cols**0.5).to(device)
+    scales = torch.exp(torch.randn(cols, generator=g)).to(device)  # uneven input norms
     table = []
 
     def accumulate():
         H = torch.zeros(cols, cols, device=device)
         for _ in range(samples):  # one calibration sample of `seqlen` tokens at a time
-            X = torch.randn(seqlen, cols, generator=g).to(device) @ mix  # [seqlen, in]
+            X = torch.randn(seqlen, cols, generator=g).to(device) * scales  # [seqlen, in]
             H.addmm_(X.T, X)
         return H
 
@@ -70,7 +70,7 @@ def layer_rows(rows, cols, samples, seqlen, device):
         table.append((name, s, gpu))
     W1 = sds.sparsegpt(W, H, "2:4")
     q = Quadratic.from_grams(W, H, H, H, samples * seqlen)
-    cfg = SDSConfig()
+    cfg = SDSConfig(epochs=iterations, adjust_epochs=iterations)
     _, s, gpu = _timed(device, lambda: redense_layer(W1, q, cfg))
     table.append((f"SDS re-dense, {cfg.epochs} iterations", s, gpu))
     _, s, gpu = _timed(device, lambda: adjust_layer(W1, q, sds.Pattern.parse("2:4"), cfg))
@@ -104,6 +104,8 @@ def main(argv=None):
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--model-samples", type=int, default=32)
     p.add_argument("--model-seqlen", type=int, default=256)
+    p.add_argument("--sds-iterations", type=int, default=200,
+                   help="iterations of each SDS step on the layer (the paper: 200)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
     a = p.parse_args(argv)
@@ -112,7 +114,7 @@ def main(argv=None):
              f"device {device} ({platform.processor() or platform.machine()}, "
              f"{torch.get_num_threads()} threads), torch {torch.__version__}.", "",
              "| phase | seconds | peak RSS MiB (cumulative) | peak GPU MiB |", "|---|---|---|---|"]
-    for name, s, gpu in layer_rows(a.rows, a.cols, a.samples, a.seqlen, device):
+    for name, s, gpu in layer_rows(a.rows, a.cols, a.samples, a.seqlen, device, a.sds_iterations):
         lines.append(f"| {name} | {s:.2f} | {_peak_rss_mib():.0f} | "
                      f"{'' if gpu is None else f'{gpu:.0f}'} |")
         print(lines[-1], flush=True)
