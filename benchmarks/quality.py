@@ -113,7 +113,8 @@ def _gap(dense, one, sds):
 
 
 def markdown(results: dict, command: str) -> str:
-    lines = ["## Quality", "", f"Command: `{command}`", "",
+    commands = [p["command"] for p in results.get("parts", [])] + [command]
+    lines = ["## Quality", "", "Commands:", "", "```", *commands, "```", "",
              f"Machine: {results['machine']}. Calibration: {results['nsamples']} windows of "
              f"{results['seqlen']} tokens from the demo calibration text, seed 0. Perplexity "
              f"windows of {results['seqlen']} tokens, at most {results.get('max_windows')} per "
@@ -142,7 +143,9 @@ def markdown(results: dict, command: str) -> str:
             cells = []
             for k in names:
                 one, sds = r["oneshot"][k], r["sds"][k]
-                cells.append(f"{one:.2f} → {sds:.2f} ({100 * _gap(d[k], one, sds):.0f}%)")
+                gap = (f"{100 * _gap(d[k], one, sds):.0f}%" if one > d[k]
+                       else "no gap: one-shot ≤ dense")
+                cells.append(f"{one:.2f} → {sds:.2f} ({gap})")
             worse = " **worse**" if r["sds"][names[0]] >= r["oneshot"][names[0]] else ""
             acc = (f"{mean_acc(r['oneshot']):.3f} → {mean_acc(r['sds']):.3f}" if accs else "")
             s = r["seconds"]
@@ -180,18 +183,22 @@ def main(argv=None):
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "quality.json"))
     p.add_argument("--write", action="store_true", help="update BENCHMARKS.md and --json")
     args = p.parse_args(argv)
+    command = "python benchmarks/quality.py " + " ".join(argv if argv is not None
+                                                         else sys.argv[1:])
+    command = command.strip()
     if args.merge:
         parts = [json.loads(Path(f).read_text()) for f in args.merge]
         results = parts[0]
+        results["parts"] = [{"command": p.get("command", f"(not recorded: {f})")}
+                            for p, f in zip(parts, args.merge)]
         for part in parts[1:]:
             results["models"].update(part["models"])
     else:
         results = run(args)
+        results["command"] = command
         if not args.write:
             Path(args.json).write_text(json.dumps(results, indent=1))
-    command = "python benchmarks/quality.py " + " ".join(argv if argv is not None
-                                                         else sys.argv[1:])
-    text = markdown(results, command.strip())
+    text = markdown(results, command)
     print(text)
     if args.write:
         from benchmarks.report import replace_section
