@@ -137,7 +137,7 @@ def resolve_seqlen(model_config: Any, requested: int | None) -> int:
     positions = max_positions(model_config)
     if requested is None:
         return DEFAULT_SEQLEN if positions is None else min(DEFAULT_SEQLEN, positions)
-    seqlen = _as_int("seqlen", requested, minimum=2)
+    seqlen = as_int("seqlen", requested, minimum=2)
     if positions is not None and seqlen > positions:
         raise ConfigError(
             f"seqlen {seqlen} exceeds the model's {positions} positions "
@@ -146,7 +146,8 @@ def resolve_seqlen(model_config: Any, requested: int | None) -> int:
     return seqlen
 
 
-def _as_int(name: str, value: Any, minimum: int | None = None) -> int:
+def as_int(name: str, value: Any, minimum: int | None = None) -> int:
+    """`value` as an int (bools and floats refused), at least `minimum`, else ConfigError."""
     try:
         if isinstance(value, bool):
             raise TypeError
@@ -167,9 +168,9 @@ def load_calibration(
     seed: int = 0,
 ) -> Calibration:
     """`nsamples` random windows of `seqlen` tokens from `source` (see the module docstring)."""
-    nsamples = _as_int("nsamples", nsamples, minimum=1)
-    seqlen = _as_int("seqlen", seqlen, minimum=2)
-    seed = _as_int("seed", seed)
+    nsamples = as_int("nsamples", nsamples, minimum=1)
+    seqlen = as_int("seqlen", seqlen, minimum=2)
+    seed = as_int("seed", seed)
     if not isinstance(source, str | Path) or not str(source).strip():
         raise ConfigError(
             f"calibration source {source!r} is empty; accepted: {CALIBRATION_SOURCES}"
@@ -304,7 +305,7 @@ def load_eval_tokens(tokenizer, source: str, max_tokens: int | None = None
     `max_tokens` keeps the first tokens only (the C4 protocol keeps 256·seqlen).
     """
     if max_tokens is not None:
-        max_tokens = _as_int("max_tokens", max_tokens, minimum=1)
+        max_tokens = as_int("max_tokens", max_tokens, minimum=1)
     if not isinstance(source, str | Path) or not str(source).strip():
         raise ConfigError(f"evaluation source {source!r} is empty; accepted: {EVAL_SOURCES}")
     name = str(source).strip()

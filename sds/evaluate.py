@@ -19,7 +19,6 @@ import importlib
 import json
 import logging
 import math
-import operator
 import random
 import re
 import tempfile
@@ -30,7 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .data import hub_unreachable, max_positions
+from .data import as_int, hub_unreachable, max_positions
 from .errors import ConfigError, DataError, HubUnreachableError, ModelError, NumericalError
 
 log = logging.getLogger("sds")
@@ -92,8 +91,8 @@ def perplexity(
         raise ConfigError(
             f"input_ids must be one token stream [1, N], got {tuple(input_ids.shape)}"
         )
-    seqlen = _positive_int("seqlen", seqlen, minimum=2)
-    batch_size = _positive_int("batch_size", batch_size)
+    seqlen = as_int("seqlen", seqlen, minimum=2)
+    batch_size = as_int("batch_size", batch_size, minimum=1)
     positions = max_positions(model.config)
     if positions is not None and seqlen > positions:
         raise ConfigError(
@@ -107,7 +106,7 @@ def perplexity(
             f"seqlen={seqlen}; use a smaller seqlen or a longer text"
         )
     if max_windows is not None:
-        n_windows = min(n_windows, _positive_int("max_windows", max_windows))
+        n_windows = min(n_windows, as_int("max_windows", max_windows, minimum=1))
     windows = input_ids[0, : n_windows * seqlen].reshape(n_windows, seqlen)  # [n, seqlen]
     device = torch.device(device) if device is not None else _model_device(model)
 
@@ -141,18 +140,6 @@ def perplexity(
     }
 
 
-def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        value = operator.index(value)
-    except TypeError:
-        raise ConfigError(f"{name} must be an integer, got {value!r}") from None
-    if value < minimum:
-        raise ConfigError(f"{name} must be at least {minimum}, got {value}")
-    return value
-
-
 # -- output fidelity ----------------------------------------------------------------------------
 def final_hidden_states(
     model,
@@ -164,7 +151,7 @@ def final_hidden_states(
     `[n, seqlen, hidden]` fp32 on the CPU. Works for causal LMs and encoders (BERT...)."""
     if input_ids.dim() != 2:
         raise ConfigError(f"input_ids must be [n, seqlen], got {tuple(input_ids.shape)}")
-    batch_size = _positive_int("batch_size", batch_size)
+    batch_size = as_int("batch_size", batch_size, minimum=1)
     device = torch.device(device) if device is not None else _model_device(model)
     base = getattr(model, "base_model", None)
     if base is None:
@@ -384,7 +371,7 @@ def zero_shot(
     names = expand_tasks(tasks)
     if not names:
         raise ConfigError(f"no zero-shot tasks given; presets: {', '.join(TASK_PRESETS)}")
-    _positive_int("batch_size", batch_size)
+    as_int("batch_size", batch_size, minimum=1)
     if isinstance(include_path, str | Path):
         include_paths = [Path(include_path)]
     else:
