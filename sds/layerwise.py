@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .errors import DataError, NumericalError
+from .errors import ConfigError, DataError, NumericalError
 from .models import block_linears, default_device, find_blocks, set_weight_matrix, weight_matrix
 
 log = logging.getLogger("sds")
@@ -233,7 +233,7 @@ def walk(
     `on_block(i, n, seconds)` is called after each block. The model is changed in place.
     """
     if propagate not in ("transformed", "original"):
-        raise ValueError(f"propagate must be 'transformed' or 'original', got {propagate!r}")
+        raise ConfigError(f"propagate must be 'transformed' or 'original', got {propagate!r}")
     if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
         raise DataError(f"calibration must be a non-empty [nsamples, seqlen] tensor, got shape "
                         f"{tuple(input_ids.shape)}; load at least one sample")
