@@ -28,7 +28,7 @@ import operator
 import random
 import re
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -381,19 +381,23 @@ def read_documents(path: str | Path) -> list[str]:
             raise DataError(f"{path} is not valid JSON: {exc}") from exc
         documents = [_text_field(item, path, f"entry {n + 1}") for n, item in enumerate(items)]
     else:
-        documents = []
-        for n, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path} line {n} is not valid JSON: {exc}") from exc
-            documents.append(_text_field(item, path, f"line {n}"))
+        documents = [_text_field(item, path, f"line {n}")
+                     for n, item in jsonl_records(text.splitlines(), path)]
     documents = [d for d in documents if d.strip()]
     if not documents:
         raise DataError(f"corpus file {path} holds no text")
     return documents
+
+
+def jsonl_records(lines, path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed JSON) for each non-blank line; DataError naming a bad line."""
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            yield n, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path} line {n} is not valid JSON: {exc}") from exc
 
 
 def _text_field(item: Any, path: Path, where: str) -> str:

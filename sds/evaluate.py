@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
-import json
 import logging
 import math
 import random
@@ -29,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .data import as_int, hub_unreachable, max_positions
+from .data import as_int, hub_unreachable, jsonl_records, max_positions
 from .errors import ConfigError, DataError, HubUnreachableError, ModelError, NumericalError
 
 log = logging.getLogger("sds")
@@ -276,13 +275,7 @@ def _check_task_file(path: Path) -> bool:
         raise DataError(f"task data file {path} does not exist")
     lines, spaced = 0, True
     with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                doc = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path} line {n} is not valid JSON: {exc}") from exc
+        for n, doc in jsonl_records(f, path):
             ok = (isinstance(doc, dict) and isinstance(doc.get("context"), str)
                   and isinstance(doc.get("choices"), list) and len(doc["choices"]) >= 2
                   and all(isinstance(c, str) for c in doc["choices"])

@@ -35,7 +35,6 @@ import torch
 from .errors import ConfigError
 from .layerwise import LayerGroup, walk
 from .patterns import LayerRules, Pattern
-from .pruners import get_method, inverse_hessian_factor, sparsegpt
 
 DATA_VARIANTS = ("sd", "dense", "distill")
 OPTIMIZERS = ("prox", "adam")
@@ -117,8 +116,13 @@ class Quadratic:
         return value.item(), 2 * (WA - self.B)
 
     def lipschitz(self) -> float:
-        """Largest eigenvalue of the Hessian 2A of W ↦ tr(W A Wᵀ)."""
-        return 2 * torch.linalg.eigvalsh(self.A.double())[-1].clamp_min(0).item()
+        return lipschitz(self.A)
+
+
+def lipschitz(A: torch.Tensor) -> float:
+    """Largest eigenvalue of the Hessian 2A of W ↦ tr(W A Wᵀ); A: [in, in]. Layers of one
+    group share A, so the walks compute it once per group."""
+    return 2 * torch.linalg.eigvalsh(A.double())[-1].clamp_min(0).item()
 
 
 def _scales(q: Quadratic, numel: int, config: SDSConfig) -> tuple[float, float, float]:
@@ -215,7 +219,7 @@ def redense(model, calibration, dense: dict[str, torch.Tensor], rules: LayerRule
         out = {}
         A = group.stats.H if config.data == "sd" else (
             group.stats.H_ref if config.data == "dense" else group.stats.H)
-        L = 2 * torch.linalg.eigvalsh(A.double())[-1].clamp_min(0).item()
+        L = lipschitz(A)
         for name, W in group.weights().items():
             q = _quadratic(group, name, dense[name].to(W.device), config.data)
             W_new, hist = redense_layer(W, q, config, L=L)
@@ -236,34 +240,29 @@ def second_prune(model, calibration, dense: dict[str, torch.Tensor], method: str
                  percdamp=0.01, device=None, progress=True, on_block=None):
     """Step 3 on a re-dense model, in place: prune again with `method`, then adjust the kept
     weights towards the dense outputs (skipped per layer where it does not help)."""
-    from .api import calibration_ids
+    from .api import calibration_ids, pruning_transform
 
-    prune_layer = get_method(method)
+    prune = pruning_transform(method, rules, blocksize, percdamp)
     ids = calibration_ids(calibration)
 
     def transform(group: LayerGroup):
         H = group.stats.H
-        factor = inverse_hessian_factor(H, percdamp) if method == "sparsegpt" else None
         L = None
-        out = {}
-        for name, W in group.weights().items():
+        out = prune(group)  # the second pruning; group.info[name] holds its pattern
+        for name, W_pruned in list(out.items()):
             pattern = rules.pattern_for(name)
-            if method == "sparsegpt":
-                W_pruned = sparsegpt(W, H, pattern, blocksize, percdamp, factor=factor)
-            else:
-                W_pruned = prune_layer(W, H, pattern)
-            q = Quadratic.from_grams(dense[name].to(W.device), H, H, H, group.stats.tokens)
-            info = {"pattern": str(pattern), "adjusted": False}
-            out[name] = W_pruned
+            q = Quadratic.from_grams(dense[name].to(W_pruned.device), H, H, H,
+                                     group.stats.tokens)
+            info = group.info[name]
+            info["adjusted"] = False
             if config.adjust_epochs > 0:
                 if L is None:
-                    L = 2 * torch.linalg.eigvalsh(H.double())[-1].clamp_min(0).item()
+                    L = lipschitz(H)
                 W_adj, hist = adjust_layer(W_pruned, q, pattern, config, L=L)
                 info.update(error_pruned=hist[0], error_adjusted=hist[-1])
                 if hist[-1] < hist[0] or not config.early_exit:
                     out[name] = W_adj
                     info["adjusted"] = True
-            group.info[name] = info
         return out
 
     return walk(model, ids, transform, select=lambda n: n in dense, compare_to=dense,

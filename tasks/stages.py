@@ -113,16 +113,23 @@ def oneshot(spec: dict, calibration: dict) -> dict:
     return run_stage(spec, _oneshot, {"calibration": calibration})
 
 
+# -- SDS steps 2 and 3: both start from the base model with an upstream stage's weights ---------
+def _load_sds_inputs(spec, store, clock, upstream: str):
+    """(calibration ids, rules, model holding the upstream weights, dense weights snapshot)."""
+    ids = load_upstream(store, spec, "calibration")["input_ids"]
+    weights = load_upstream(store, spec, upstream)
+    rules = _rules(spec["config"])
+    with clock("load"):
+        model, _ = _load_base(spec)
+        dense = dense_weights(model, rules)
+        load_layer_state(model, weights)
+    return ids, rules, model, dense
+
+
 # -- step 2: re-dense ---------------------------------------------------------------------------
 def _redense(spec, store, clock, logger):
-    ids = load_upstream(store, spec, "calibration")["input_ids"]
-    pruned = load_upstream(store, spec, "oneshot")
-    rules = _rules(spec["config"])
     with gpu_slot(spec):
-        with clock("load"):
-            model, _ = _load_base(spec)
-            dense = dense_weights(model, rules)
-            load_layer_state(model, pruned)
+        ids, rules, model, dense = _load_sds_inputs(spec, store, clock, "oneshot")
         with clock("compute"):
             report = reconstruct.redense(
                 model, ids, dense, rules, SDSConfig(**spec["config"]["sds"]),
@@ -140,14 +147,8 @@ def redense(spec: dict, calibration: dict, oneshot: dict) -> dict:
 # -- step 3: second pruning and adjustment ------------------------------------------------------
 def _second(spec, store, clock, logger):
     config = spec["config"]
-    ids = load_upstream(store, spec, "calibration")["input_ids"]
-    redensed = load_upstream(store, spec, "redense")
-    rules = _rules(config)
     with gpu_slot(spec):
-        with clock("load"):
-            model, _ = _load_base(spec)
-            dense = dense_weights(model, rules)
-            load_layer_state(model, redensed)
+        ids, rules, model, dense = _load_sds_inputs(spec, store, clock, "redense")
         with clock("compute"):
             report = reconstruct.second_prune(
                 model, ids, dense, config["method"], rules, SDSConfig(**config["sds"]),
