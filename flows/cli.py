@@ -142,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("--stage", help="every artifact of this stage")
     rm.add_argument("--older-than", help="only those older than this (e.g. 12h, 7d)")
     rm.add_argument("--incomplete", action="store_true",
-                    help="also half-written artifacts (interrupted saves)")
+                    help="only half-written artifacts (interrupted saves) and stray temporary "
+                    "files; committed artifacts stay")
     gc = store_sub.add_parser("gc", help="remove what no results.json needs")
     gc.add_argument("--keep", action="append", default=[], metavar="RESULTS",
                     help="results.json (or a folder searched for them) whose artifacts and "
@@ -626,6 +627,7 @@ def cmd_store(args, console) -> int:
     if args.store_command == "ls":
         metas = store.list(args.stage)
         broken = store.incomplete(args.stage)
+        strays = store.strays(args.stage)
         if args.json:
             for m in metas:
                 print(json.dumps({k: m.get(k) for k in ("stage", "key", "label", "title", "model",
@@ -634,6 +636,8 @@ def cmd_store(args, console) -> int:
             for ref in broken:
                 print(json.dumps({"stage": ref.stage, "key": ref.key, "incomplete": True}),
                       file=out)
+            for path in strays:
+                print(json.dumps({"stray": path}), file=out)
             return 0
         table = Table(title=store.root)
         table.add_column("artifact", no_wrap=True)
@@ -646,9 +650,12 @@ def cmd_store(args, console) -> int:
         for ref in broken:
             table.add_row(f"{ref.stage}/{ref.key}", "[red]incomplete[/]", "", "", "")
         _stdout_console().print(table)
+        for path in strays:
+            table.add_row(path.removeprefix(store.root + "/"), "[red]stray file[/]", "", "", "")
         print(f"{len(metas)} artifacts, {_size(sum(m.get('bytes', 0) for m in metas))}"
-              + (f"; {len(broken)} incomplete (sds store rm --incomplete)" if broken else ""),
-              file=out)
+              + (f"; {len(broken)} incomplete" if broken else "")
+              + (f"; {len(strays)} stray temporary files" if strays else "")
+              + (" (sds store rm --incomplete)" if broken or strays else ""), file=out)
         return 0
 
     if args.store_command == "rm":
@@ -663,14 +670,15 @@ def cmd_store(args, console) -> int:
             found = store.exists(stage, key) if args.dry_run else store.discard(stage, key)
             if found:
                 removed.append(item)
+        age = parse_age(args.older_than)
         if args.stage or args.incomplete:
-            refs = store.remove(args.stage, older_than=parse_age(args.older_than),
+            # --incomplete narrows the choice to interrupted saves: committed artifacts stay
+            refs = store.remove(args.stage, older_than=age, committed=not args.incomplete,
                                 incomplete=args.incomplete, dry_run=args.dry_run)
             removed += [f"{r.stage}/{r.key}" for r in refs]
-        verb = "would remove" if args.dry_run else "removed"
-        print(f"{verb} {len(removed)} artifact(s)", file=out)
-        for item in removed:
-            print(f"  {item}", file=out)
+        strays = (store.remove_strays(args.stage, older_than=age, dry_run=args.dry_run)
+                  if args.incomplete else [])
+        _print_removed(args.dry_run, removed, strays, "")
         return 0
 
     # gc: keep what results.json files name (and, transitively, their upstream)
@@ -679,13 +687,21 @@ def cmd_store(args, console) -> int:
     if not keep:
         raise ConfigError("gc found no results.json to keep (it would remove everything); "
                           "pass --keep path/to/results.json, or use `sds store rm --stage`")
-    refs = store.remove(None, older_than=parse_age(args.older_than), keep=sorted(keep),
-                        incomplete=True, dry_run=args.dry_run)
-    verb = "would remove" if args.dry_run else "removed"
-    print(f"{verb} {len(refs)} artifact(s); kept {len(keep)} named by results", file=out)
-    for r in refs:
-        print(f"  {r.stage}/{r.key}", file=out)
+    age = parse_age(args.older_than)
+    refs = store.remove(None, older_than=age, keep=sorted(keep), incomplete=True,
+                        dry_run=args.dry_run)
+    strays = store.remove_strays(None, older_than=age, dry_run=args.dry_run)
+    _print_removed(args.dry_run, [f"{r.stage}/{r.key}" for r in refs], strays,
+                   f"; kept {len(keep)} named by results")
     return 0
+
+
+def _print_removed(dry_run: bool, artifacts: list[str], strays: list[str], tail: str) -> None:
+    verb = "would remove" if dry_run else "removed"
+    files = f" and {len(strays)} stray temporary file(s)" if strays else ""
+    print(f"{verb} {len(artifacts)} artifact(s){files}{tail}")
+    for item in artifacts + strays:
+        print(f"  {item}")
 
 
 def _size(n: int) -> str:

@@ -217,6 +217,7 @@ class _Entry:
     ref: ArtifactRef
     meta: dict | None  # None when not committed or not usable
     modified: float | None  # newest file time (POSIX seconds), if the listing knows it
+    strays: dict[str, float | None]  # other files (temporaries of a killed save): path -> mtime
 
 
 # -- the store ----------------------------------------------------------------------------------
@@ -282,10 +283,7 @@ class ArtifactStore:
         fs = self._filesystem()
         probe = f"{self._base}/.sds-check-{uuid.uuid4().hex}"
         if not self.is_s3:
-            if os.path.exists(self.root) and not os.path.isdir(self.root):
-                raise StoreError(
-                    f"store root {self.root} is a file, not a folder; choose another store root"
-                )
+            self._not_a_file()
             with self._guard(f"creating the store folder {self.root}", missing_ok=False):
                 os.makedirs(self.root, exist_ok=True)
         with self._guard(f"writing a test object under {self.root}", missing_ok=False):
@@ -394,38 +392,35 @@ class ArtifactStore:
         *,
         older_than: timedelta | None = None,
         keep: Iterable[str] = (),
+        committed: bool = True,
         incomplete: bool = False,
         dry_run: bool = False,
     ) -> list[ArtifactRef]:
         """Remove many artifacts at once; returns what was removed (or would be, if `dry_run`).
 
-        Candidates are the committed artifacts of `stage` (all stages if None), created more
-        than `older_than` ago (any age if None), except the keys in `keep` and, transitively,
-        the keys their meta lists under 'upstream'. `remove(keep=[final keys])` is a garbage
-        collection. With `incomplete=True`, folders without a usable meta.json are removed too
-        (their age is their newest file's): a save in progress elsewhere looks like one, so give
-        an `older_than` when other machines may be writing.
+        Candidates are the artifacts of `stage` (all stages if None), created more than
+        `older_than` ago (any age if None), except the keys in `keep` and, transitively, the
+        keys their meta lists under 'upstream'. `committed` and `incomplete` say which kinds
+        are candidates: committed artifacts, and folders without a usable meta.json (their age
+        is their newest file's). `remove(keep=[final keys], incomplete=True)` is a garbage
+        collection; `remove(committed=False, incomplete=True)` clears interrupted saves only.
+        A save in progress elsewhere looks incomplete, so give an `older_than` when other
+        machines may be writing.
         """
         if stage is not None:
             _check_stage(stage)
-        if older_than is not None and not (
-            isinstance(older_than, timedelta) and older_than >= timedelta(0)
-        ):
-            raise ConfigError(f"older_than {older_than!r} must be a non-negative timedelta")
+        cutoff = _cutoff(older_than)
         if isinstance(keep, str):
             raise ConfigError("keep must be a list of artifact keys, not one string")
         keep = {_check_key(k) for k in keep}
 
         entries = self._scan(None if keep else stage)
         protected = _with_upstream(keep, {e.ref.key: e.meta for e in entries if e.meta})
-        cutoff = None
-        if older_than is not None:
-            cutoff = (datetime.now(UTC) - older_than).timestamp()
         chosen = []
         for e in entries:
             if (stage is not None and e.ref.stage != stage) or e.ref.key in protected:
                 continue
-            if e.meta is None and not incomplete:
+            if not (incomplete if e.meta is None else committed):
                 continue
             if cutoff is not None:
                 when = _created(e.meta) if e.meta is not None else e.modified
@@ -507,6 +502,36 @@ class ArtifactStore:
         """Folders that hold files but no usable commit: interrupted saves, damaged metas."""
         return [e.ref for e in self._scan(stage) if e.meta is None]
 
+    def strays(
+        self, stage: str | None = None, *, older_than: timedelta | None = None
+    ) -> list[str]:
+        """Files inside committed artifacts that are not part of them (the temporary file of a
+        save that was killed), older than `older_than` if given: what `remove_strays` deletes."""
+        return [self._uri(p) for p in self._strays(stage, older_than)]
+
+    def remove_strays(
+        self, stage: str | None = None, *, older_than: timedelta | None = None,
+        dry_run: bool = False
+    ) -> list[str]:
+        """Delete `strays(stage, older_than=...)`; returns their URIs. The artifacts stay."""
+        paths = self._strays(stage, older_than)
+        if not dry_run:
+            for path in paths:
+                with self._guard(f"removing {self._uri(path)}"):
+                    with contextlib.suppress(FileNotFoundError):
+                        self._filesystem().rm_file(path)
+        return [self._uri(p) for p in paths]
+
+    def _strays(self, stage: str | None, older_than: timedelta | None) -> list[str]:
+        cutoff = _cutoff(older_than)
+        return sorted(
+            path
+            for e in self._scan(stage)
+            if e.meta is not None
+            for path, mtime in e.strays.items()
+            if cutoff is None or (mtime is not None and mtime <= cutoff)
+        )
+
     # -- internals ------------------------------------------------------------------------------
     def _filesystem(self):
         if self._fs is None:
@@ -535,6 +560,12 @@ class ArtifactStore:
                 fs = LocalFileSystem()
             self._fs = fs
         return self._fs
+
+    def _not_a_file(self) -> None:
+        if not self.is_s3 and os.path.exists(self.root) and not os.path.isdir(self.root):
+            raise StoreError(
+                f"store root {self.root} is a file, not a folder; choose another store root"
+            )
 
     def _dir(self, stage: str, key: str) -> str:
         return f"{self._base}/{stage}/{key}"
@@ -613,6 +644,7 @@ class ArtifactStore:
         """Every `<stage>/<key>` folder under the root (or one stage), committed or not."""
         if stage is not None:
             _check_stage(stage)
+        self._not_a_file()
         fs = self._filesystem()
         top = self._base if stage is None else f"{self._base}/{stage}"
         with self._guard(f"listing {self._uri(top)}"):
@@ -647,7 +679,12 @@ class ArtifactStore:
             if not isinstance(meta, dict) or files.get(TENSORS, {}).get("size") != meta["bytes"]:
                 meta = None
             times = [t for t in (_mtime(i) for i in files.values()) if t is not None]
-            entries.append(_Entry(self.ref(s, k), meta, max(times) if times else None))
+            strays = {
+                f"{self._dir(s, k)}/{name}": _mtime(info)
+                for name, info in files.items()
+                if name not in (TENSORS, META)
+            }
+            entries.append(_Entry(self.ref(s, k), meta, max(times) if times else None, strays))
         return entries
 
     # -- errors ---------------------------------------------------------------------------------
@@ -813,6 +850,15 @@ def _with_upstream(keys: set[str], metas: Mapping[str, dict]) -> set[str]:
         if isinstance(upstream, list):
             todo.extend(u for u in upstream if isinstance(u, str))
     return seen
+
+
+def _cutoff(older_than: timedelta | None) -> float | None:
+    """The POSIX time before which something is older than `older_than` (None: any age)."""
+    if older_than is None:
+        return None
+    if not (isinstance(older_than, timedelta) and older_than >= timedelta(0)):
+        raise ConfigError(f"older_than {older_than!r} must be a non-negative timedelta")
+    return (datetime.now(UTC) - older_than).timestamp()
 
 
 def _created(meta: dict) -> float | None:

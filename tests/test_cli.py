@@ -221,3 +221,59 @@ def test_bad_input_exits_nonzero_with_one_line_and_commits_nothing(
     assert expected_text in line
     assert not (tmp_path / "store").exists()
     assert not (tmp_path / "out").exists()
+
+
+def _store_of_six_and_one_broken(root) -> tuple[ArtifactStore, str]:
+    """Six committed artifacts and one interrupted save (no meta.json)."""
+    from tests.test_store import key_for, some_tensors
+
+    store = ArtifactStore(root)
+    for i in range(6):
+        store.save("oneshot", key_for(sparsity=i / 10), some_tensors(), {})
+    broken = key_for(sparsity=0.9)
+    store.save("oneshot", broken, some_tensors(), {})
+    os.remove(root / "oneshot" / broken / "meta.json")
+    return store, broken
+
+
+def test_store_rm_incomplete_removes_only_the_interrupted_save(tmp_path, capfd, clean_environ):
+    from flows.cli import main
+
+    store, broken = _store_of_six_and_one_broken(tmp_path / "store")
+    good = {m["key"] for m in store.list()}
+    assert main(["store", "ls", "--store", str(store.root)]) == 0
+    assert "sds store rm --incomplete" in capfd.readouterr().out
+
+    assert main(["store", "rm", "--store", str(store.root), "--incomplete", "--dry-run"]) == 0
+    assert capfd.readouterr().out.splitlines() == [
+        "would remove 1 artifact(s)", f"  oneshot/{broken}"]
+    assert main(["store", "rm", "--store", str(store.root), "--incomplete"]) == 0
+    assert {m["key"] for m in store.list()} == good
+    assert store.incomplete() == []
+
+
+def test_a_stray_temporary_file_is_listed_and_collected(tmp_path, capfd, clean_environ):
+    from flows.cli import main
+
+    store, _broken = _store_of_six_and_one_broken(tmp_path / "store")
+    key = store.list()[0]["key"]
+    stray = tmp_path / "store" / "oneshot" / key / ".tensors-0123.tmp"  # a save killed midway
+    stray.write_bytes(b"\0" * 1000)
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"keys": {"oneshot": key}}))
+    assert main(["store", "ls", "--store", str(store.root), "--json"]) == 0
+    assert {"stray": str(stray)} in map(json.loads, capfd.readouterr().out.splitlines())
+
+    assert main(["store", "gc", "--store", str(store.root), "--keep", str(results),
+                 "--older-than", "0s"]) == 0
+    assert "1 stray temporary file" in capfd.readouterr().out
+    assert not stray.exists()
+    assert [m["key"] for m in store.list()] == [key] and store.exists("oneshot", key)
+
+
+def test_store_ls_on_a_regular_file_is_a_store_error(tmp_path, capfd, clean_environ):
+    from flows.cli import main
+
+    (tmp_path / "store").write_text("not a store")
+    assert main(["store", "ls", "--store", str(tmp_path / "store")]) == 3
+    assert "not a folder" in _one_line_error(capfd.readouterr().err)

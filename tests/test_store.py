@@ -504,12 +504,32 @@ def test_remove_by_stage_age_and_what_is_kept(store):
     removed = store.remove(keep=[final], incomplete=True)
     assert set(removed) == {store.ref("oneshot", half), store.ref("oneshot", stray)}
     assert store.remove(stage="oneshot", keep=[final]) == []
+    store.save("oneshot", half, some_tensors(), {})
+    Behind(store).delete("oneshot", half, "meta.json")
+    # interrupted saves only: every committed artifact stays
+    assert store.remove(committed=False, incomplete=True) == [store.ref("oneshot", half)]
+    assert store.incomplete() == [] and {m["key"] for m in store.list()} == {calib, shot, final}
     assert store.remove(stage="second", older_than=timedelta(0)) == [store.ref("second", final)]
     assert {m["key"] for m in store.list()} == {calib, shot}
     with pytest.raises(ConfigError):
         store.remove(older_than=3600)
     with pytest.raises(ConfigError):
         store.remove(keep=final)
+
+
+def test_stray_files_in_a_committed_artifact_are_found_and_removed(store):
+    key = key_for()
+    store.save("oneshot", key, some_tensors(), {})
+    Behind(store).write("oneshot", key, ".tensors-0123.tmp", b"left by a killed save")
+    stray = f"{store.root}/oneshot/{key}/.tensors-0123.tmp"
+
+    assert store.strays() == [stray]
+    assert store.strays(older_than=timedelta(days=1)) == []  # maybe a save in progress
+    assert store.remove_strays(dry_run=True) == [stray]
+    assert store.remove_strays() == [stray]
+    assert store.strays() == [] and store.exists("oneshot", key)
+    assert Behind(store).names() == [f"oneshot/{key}/{name}"
+                                     for name in ("meta.json", "tensors.safetensors")]
 
 
 # -- reaching the storage -----------------------------------------------------------------------
@@ -590,8 +610,10 @@ def test_denied_access_is_a_store_error(s3_bucket, s3_env, s3_enforce_auth, monk
 
 def test_a_local_root_that_is_a_file_is_reported(tmp_path):
     (tmp_path / "store").write_text("not a folder")
-    with pytest.raises(StoreError, match="not a folder"):
-        ArtifactStore(tmp_path / "store").check()
+    store = ArtifactStore(tmp_path / "store")
+    for op in (store.check, store.list, store.incomplete, store.remove):
+        with pytest.raises(StoreError, match="not a folder"):
+            op()
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
