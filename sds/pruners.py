@@ -125,36 +125,40 @@ def sparsegpt(
                           f"got {W.shape[1]}; exclude this layer or use an unstructured ratio")
     _check_finite("W", W)
     U, dead = factor if factor is not None else inverse_hessian_factor(H, percdamp)
-    rows, cols = W.shape
     dtype = W.dtype
-    W = W.detach().float().clone()  # [out, in]
-    W[:, dead] = 0.0
-    U = U.to(W.device)
+    # The loop walks the columns of W; it works on Wᵀ: [in, out] so that each column is one
+    # contiguous row and every per-column update is an in-place rank-1 BLAS call (no temporaries).
+    Wt = W.detach().float().t().contiguous()  # [in, out]
+    Wt[dead] = 0.0
+    U = U.to(Wt.device)
+    cols, rows = Wt.shape
+    Err = torch.empty(min(blocksize, cols), rows, device=Wt.device)  # [B, out]: (w - q) / U_jj
+    mask = torch.zeros(min(blocksize, cols), rows, dtype=torch.bool, device=Wt.device)
 
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         count = i2 - i1
-        W1 = W[:, i1:i2].clone()  # [out, B]: block weights, updated as columns are pruned
-        Q1 = torch.zeros_like(W1)  # [out, B]: the pruned block
-        Err1 = torch.zeros_like(W1)  # [out, B]: scaled errors (w - q) / U_jj
+        W1 = Wt[i1:i2]  # [B, out] view: block columns, updated as columns are pruned
         U1 = U[i1:i2, i1:i2]  # [B, B]
         d = torch.diagonal(U1)  # [B]
-        if pattern.is_nm:
-            mask1 = torch.zeros_like(W1, dtype=torch.bool)
-        else:
-            mask1 = Pattern(ratio=pattern.ratio).prune_mask(W1.square() / d.square())
+        Err1, mask1 = Err[:count], mask[:count]
+        if not pattern.is_nm:
+            score = W1.square() / d.unsqueeze(1).square()  # [B, out]: w² / U_jj²
+            mask1.copy_(Pattern(ratio=pattern.ratio).prune_mask(score))
         for i in range(count):
             if pattern.is_nm and i % pattern.m == 0:
                 g = slice(i, i + pattern.m)
-                mask1[:, g] = pattern.prune_mask(W1[:, g].square() / d[g].square())
-            w = W1[:, i]  # [out]
-            q = w.masked_fill(mask1[:, i], 0.0)
-            Q1[:, i] = q
-            err = (w - q) / d[i]  # [out]
-            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
-        W[:, i1:i2] = Q1
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+                score = W1[g].square() / d[g].unsqueeze(1).square()  # [M, out]
+                low = torch.topk(score, pattern.m - pattern.n, dim=0, largest=False).indices
+                mask1[g] = False
+                mask1[g].scatter_(0, low, True)  # the M - N lowest of each output row's group
+            w, err = W1[i], Err1[i]  # [out]
+            torch.mul(w, mask1[i], out=err)  # w - q: the pruned entries
+            err.div_(d[i])
+            w.masked_fill_(mask1[i], 0.0)  # q, final for this column
+            W1[i + 1:].addr_(U1[i, i + 1:], err, alpha=-1.0)
+        Wt[i2:].addmm_(U[i1:i2, i2:].t(), Err1, alpha=-1.0)
+    W = Wt.t().contiguous()  # [out, in]
     _check_finite("pruned W", W)
     return W.to(dtype)
 
