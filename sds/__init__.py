@@ -8,11 +8,12 @@ from .api import PruneReport, oneshot, prune
 from .errors import ConfigError, DataError, ModelError, NumericalError, SDSError, StoreError
 from .patterns import LayerRules, Pattern
 from .pruners import magnitude, sparsegpt, wanda
+from .solver import SolverOptions, admm
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError", "DataError", "LayerRules", "ModelError", "NumericalError", "Pattern",
-    "PruneReport", "SDSError", "StoreError", "magnitude", "oneshot", "prune", "sparsegpt",
-    "wanda",
+    "PruneReport", "SDSError", "SolverOptions", "StoreError", "admm", "magnitude", "oneshot",
+    "prune", "sparsegpt", "wanda",
 ]

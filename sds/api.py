@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 from torch import nn
@@ -15,7 +16,8 @@ from torch import nn
 from .errors import ConfigError, DataError
 from .layerwise import LayerGroup, WalkReport, walk
 from .patterns import LayerRules
-from .pruners import get_method, inverse_hessian_factor, sparsegpt
+from .pruners import get_method, inverse_hessian_factor
+from .solver import ScaledGram, SolverOptions
 
 
 def calibration_ids(calibration) -> torch.Tensor:
@@ -39,23 +41,53 @@ def check_seqlen(model: nn.Module, ids: torch.Tensor) -> None:
                           f"{limit} positions; use --seqlen {limit} or less")
 
 
-def pruning_transform(method: str, rules: LayerRules, blocksize: int = 128,
-                      percdamp: float = 0.01):
-    """A walk transform that prunes every layer of a group with `method` under `rules`."""
-    prune_layer = get_method(method)
+class GroupFactors:
+    """What the methods need of one input group's Gram matrix H: [in, in], computed on first
+    use and shared by the group's layers (q/k/v, gate/up) and by the steps of one walk."""
 
-    def transform(group: LayerGroup) -> dict[str, torch.Tensor]:
+    def __init__(self, H: torch.Tensor, percdamp: float = 0.01):
+        self.H, self.percdamp = H, percdamp
+
+    @cached_property
+    def cholesky(self):
+        """SparseGPT's factor: `inverse_hessian_factor(H, percdamp)`."""
+        return inverse_hessian_factor(self.H, self.percdamp)
+
+    @cached_property
+    def scaled(self) -> ScaledGram:
+        """The solver's unit-diagonal Gram matrix and its eigendecomposition."""
+        return ScaledGram.of(self.H, self.percdamp)
+
+
+def layer_pruner(method: str, blocksize: int = 128, percdamp: float = 0.01,
+                 solver: SolverOptions | None = None):
+    """`prune(W, H, pattern, factors) -> W'` for `method`, taking from `factors` (a
+    GroupFactors) what the method needs per group."""
+    prune_layer = get_method(method)
+    if method == "sparsegpt":
+        return lambda W, H, p, f: prune_layer(W, H, p, blocksize, percdamp, factor=f.cholesky)
+    if method == "admm":
+        return lambda W, H, p, f: prune_layer(W, H, p, percdamp, gram=f.scaled, options=solver)
+    return lambda W, H, p, f: prune_layer(W, H, p)
+
+
+def pruning_transform(method: str, rules: LayerRules, blocksize: int = 128,
+                      percdamp: float = 0.01, solver: SolverOptions | None = None):
+    """A walk transform that prunes every layer of a group with `method` under `rules`.
+
+    It may be called as `transform(group, factors)` to share the group's factorizations.
+    """
+    prune_layer = layer_pruner(method, blocksize, percdamp, solver)
+
+    def transform(group: LayerGroup, factors: GroupFactors | None = None):
         H = group.stats.H
-        factor = inverse_hessian_factor(H, percdamp) if method == "sparsegpt" else None
+        factors = factors or GroupFactors(H, percdamp)
         out = {}
         for name, W in group.weights().items():
             pattern = rules.pattern_for(name)
             if pattern is None:
                 continue
-            if method == "sparsegpt":
-                out[name] = sparsegpt(W, H, pattern, blocksize, percdamp, factor=factor)
-            else:
-                out[name] = prune_layer(W, H, pattern)
+            out[name] = prune_layer(W, H, pattern, factors)
             group.info[name] = {"pattern": str(pattern)}
         return out
 
@@ -88,9 +120,10 @@ class PruneReport:
 
 def oneshot(model: nn.Module, calibration, method: str = "sparsegpt",
             pattern="2:4", *, overrides=None, exclude=(), blocksize: int = 128,
-            percdamp: float = 0.01, device=None, progress: bool = True,
-            on_block=None) -> WalkReport:
-    """Step 1 (and the whole of one-shot pruning): prune `model` in place, block by block."""
+            percdamp: float = 0.01, solver: SolverOptions | None = None, device=None,
+            progress: bool = True, on_block=None) -> WalkReport:
+    """Step 1 (and the whole of one-shot pruning): prune `model` in place, block by block.
+    `solver` holds the options of method "admm" (default `SolverOptions()`)."""
     rules = pattern if isinstance(pattern, LayerRules) else LayerRules.build(pattern, overrides,
                                                                              exclude)
     get_method(method)
@@ -101,7 +134,7 @@ def oneshot(model: nn.Module, calibration, method: str = "sparsegpt",
                                   f"use a multiple of {p.m} such as {p.m * 32}")
     ids = calibration_ids(calibration)
     check_seqlen(model, ids)
-    return walk(model, ids, pruning_transform(method, rules, blocksize, percdamp),
+    return walk(model, ids, pruning_transform(method, rules, blocksize, percdamp, solver),
                 select=lambda name: rules.pattern_for(name) is not None, device=device,
                 progress=progress, on_block=on_block)
 
@@ -112,10 +145,10 @@ def prune(model: nn.Module, calibration, method: str = "sparsegpt", pattern="2:4
           progress: bool = True) -> PruneReport:
     """Prune a whole model in place and return a report.
 
-    method: "magnitude" | "wanda" | "sparsegpt"; pattern: "2:4", "4:8", "50%", 0.5, ...
+    method: "magnitude" | "wanda" | "sparsegpt" | "admm"; pattern: "2:4", "4:8", "50%", 0.5, ...
     `overrides` maps module-name regexes to patterns, `exclude` lists regexes left dense.
     With `sds=True` the Sparse-Dense-Sparse steps follow the one-shot pruning
-    (`sds_config`: a `sds.reconstruct.SDSConfig`).
+    (`sds_config`: a `sds.reconstruct.SDSConfig`; its solver options also apply to "admm").
     """
     rules = LayerRules.build(pattern, overrides, exclude)
     report = PruneReport(method=method, rules=rules.describe())
@@ -126,7 +159,9 @@ def prune(model: nn.Module, calibration, method: str = "sparsegpt", pattern="2:4
         return sds_prune(model, calibration, method, rules, config, blocksize=blocksize,
                          percdamp=percdamp, device=device, progress=progress, report=report)
     t0 = time.perf_counter()
+    solver = sds_config.solver_options() if sds_config is not None else None
     report.steps["oneshot"] = oneshot(model, calibration, method, rules, blocksize=blocksize,
-                                      percdamp=percdamp, device=device, progress=progress)
+                                      percdamp=percdamp, solver=solver, device=device,
+                                      progress=progress)
     report.seconds["oneshot"] = time.perf_counter() - t0
     return report

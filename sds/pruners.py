@@ -17,6 +17,7 @@ import torch
 
 from .errors import ConfigError, NumericalError
 from .patterns import Pattern
+from .solver import admm
 
 log = logging.getLogger("sds")
 
@@ -163,7 +164,7 @@ def sparsegpt(
     return W.to(dtype)
 
 
-METHODS = {"magnitude": magnitude, "wanda": wanda, "sparsegpt": sparsegpt}
+METHODS = {"magnitude": magnitude, "wanda": wanda, "sparsegpt": sparsegpt, "admm": admm}
 
 
 def get_method(name: str):

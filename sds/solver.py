@@ -1,0 +1,392 @@
+"""The best weights within a pattern: `min ‖W_t X − W X‖²` over `W` that obey the pattern.
+
+`W_t: [out, in]` are the target (dense) weights, `H = XᵀX: [in, in]` the Gram matrix of the
+layer's calibration inputs, so the objective is `tr(Δ H Δᵀ)` with `Δ = W_t − W`. Two phases
+(ADMM weight update, Boža 2024; ALPS, Meng et al. 2024):
+
+1. ADMM on the Gram matrix scaled to unit diagonal. With `D = diag(sqrt(H_jj))`, `Ĥ = D⁻¹HD⁻¹`
+   and `Ŵ = W D` the objective is unchanged, `|Ŵ|` is the Wanda score, and one
+   eigendecomposition `Ĥ = Q Λ Qᵀ` per input group gives `(Ĥ + ρI)⁻¹ = Q diag(1/(λ+ρ)) Qᵀ`
+   for every ρ. Split `W = Z` with `Z` in the pattern set:
+
+       W = (Ŵ_t Ĥ + ρ (Z − U)) (Ĥ + ρI)⁻¹     (in the eigenbasis: a division per column)
+       Z = project(W + U)                      (keep the largest |·| in the method's grouping)
+       U = U + W − Z
+
+   ρ grows by `rho_growth` every `rho_every` iterations, so W and Z meet; the projection's
+   sparsity rises from the start's to the target over the first `ramp_iters` iterations
+   (cubic schedule), so the mask is chosen gradually rather than once.
+2. With the best mask fixed, conjugate gradient on the kept weights: each row is an
+   independent least-squares problem on its support, solved for all rows at once (the CG
+   scalars are per row). The scaling to unit diagonal is the Jacobi preconditioner.
+
+Both phases minimise the damped objective `tr(Δ (H + δ diag H) Δᵀ)` (`δ = percdamp`, the same
+relative dampening as SparseGPT's) and stop on a tolerance; the caps are safety limits. Among
+the feasible iterates the one with the lowest `tr(Δ H Δᵀ)` is returned.
+
+The same eigendecomposition solves step 2 of SDS (`redense`): the quadratic part in closed
+form, the L1 and L2 terms in the elementwise ADMM step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .errors import ConfigError, NumericalError
+from .patterns import Pattern
+
+
+@dataclass(frozen=True)
+class SolverOptions:
+    """Iteration caps, tolerances and the ρ schedule of `solve`."""
+
+    admm_iters: int = 100  # cap on ADMM iterations (0: no ADMM, prune the start once)
+    admm_tol: float = 1e-3  # stop when ‖W − Z‖ ≤ tol·‖Z‖ and the mask no longer changes
+    cg_iters: int = 100  # cap on conjugate-gradient iterations (0: no refit)
+    cg_tol: float = 1e-3  # stop when every row's residual ≤ tol · its right-hand side
+    rho: float = 0.1  # initial ρ, relative to the unit diagonal of Ĥ
+    rho_growth: float = 1.3  # ρ ← ρ · growth ...
+    rho_every: int = 3  # ... every this many iterations
+    ramp_iters: int = 10  # iterations over which the sparsity rises to the target
+
+    def __post_init__(self):
+        check_options(self, caps=("admm_iters", "cg_iters", "ramp_iters"),
+                      tolerances=("admm_tol", "cg_tol"), positive=("rho",))
+        if not (math.isfinite(self.rho_growth) and self.rho_growth >= 1):
+            raise ConfigError(f"rho_growth must be a finite number >= 1, got {self.rho_growth}; "
+                              "use e.g. 1.3 (1 keeps ρ fixed)")
+        if not (isinstance(self.rho_every, int) and self.rho_every >= 1):
+            raise ConfigError(f"rho_every must be an integer >= 1, got {self.rho_every!r}; "
+                              "use e.g. 3")
+
+
+def check_options(obj, caps=(), tolerances=(), positive=()) -> None:
+    """One-line ConfigErrors for iteration caps (integers >= 0), tolerances (finite, > 0) and
+    other positive numbers of an options dataclass."""
+    for name in caps:
+        v = getattr(obj, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ConfigError(f"{name} must be an integer >= 0, got {v!r}; use 0 to skip")
+    for name in tolerances + positive:
+        v = getattr(obj, name)
+        if isinstance(v, bool) or not isinstance(v, int | float) or not (math.isfinite(v)
+                                                                          and v > 0):
+            kind = "tolerance" if name in tolerances else "value"
+            raise ConfigError(f"{name} must be a finite number > 0, got {v!r}; use a small "
+                              f"positive {kind} such as {1e-3 if name in tolerances else 0.1}")
+
+
+# -- the scaled Gram matrix -----------------------------------------------------------------------
+@dataclass
+class ScaledGram:
+    """H scaled to unit diagonal and its eigendecomposition, shared by the layers of a group.
+
+    Dead inputs (H_jj = 0) get D_jj = 1; their weights cannot change the output and are set
+    to zero.
+    """
+
+    H: torch.Tensor  # [in, in] fp32: the unscaled Gram matrix
+    Hs: torch.Tensor  # [in, in]: Ĥ = D⁻¹ H D⁻¹
+    d: torch.Tensor  # [in]: diagonal of D
+    dead: torch.Tensor  # [in] bool
+    Q: torch.Tensor  # [in, in]: eigenvectors of Ĥ (columns)
+    lam: torch.Tensor  # [in]: eigenvalues of Ĥ, clamped at 0
+    damp: float  # δ: the solver uses Ĥ + δI
+
+    @classmethod
+    def of(cls, H: torch.Tensor, damp: float = 0.01) -> ScaledGram:
+        if not (math.isfinite(damp) and damp >= 0):
+            raise ConfigError(f"damping must be a finite number >= 0, got {damp}; use 0.01")
+        if not torch.isfinite(H).all():
+            raise NumericalError("H holds NaN/Inf values; check the calibration data (fp16 "
+                                 "overflow is a common cause: load the model in fp32 or bf16)")
+        H = H.detach().float()
+        diag = torch.diagonal(H)
+        dead = diag <= 0  # [in]
+        d = torch.where(dead, torch.ones_like(diag), diag.clamp_min(0).sqrt())  # [in]
+        Hs = H / d.unsqueeze(1) / d.unsqueeze(0)  # [in, in]
+        Hs[dead, :] = 0.0
+        Hs[:, dead] = 0.0
+        Hs = (Hs + Hs.T) / 2
+        lam, Q = _eigh(Hs)
+        return cls(H=H, Hs=Hs, d=d, dead=dead, Q=Q, lam=lam.clamp_min(0), damp=float(damp))
+
+    def scale(self, W: torch.Tensor) -> torch.Tensor:
+        """Ŵ = W D with dead inputs zeroed. W: [out, in]."""
+        return (W.float() * self.d).masked_fill(self.dead, 0.0)
+
+    def unscale(self, W_hat: torch.Tensor) -> torch.Tensor:
+        """W = Ŵ D⁻¹ with dead inputs zeroed. Ŵ: [out, in]."""
+        return (W_hat / self.d).masked_fill(self.dead, 0.0)
+
+    def error(self, W_hat_t: torch.Tensor, W_hat: torch.Tensor) -> float:
+        """tr(Δ Ĥ Δᵀ) with Δ = Ŵ_t − Ŵ, equal to tr((W_t − W) H (W_t − W)ᵀ)."""
+        Delta = W_hat_t - W_hat  # [out, in]
+        return (Delta @ self.Hs * Delta).sum().item()
+
+
+def _eigh(Hs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigendecomposition of a symmetric matrix, in float64 when float32 does not converge."""
+    try:
+        lam, Q = torch.linalg.eigh(Hs)
+        if torch.isfinite(lam).all() and torch.isfinite(Q).all():
+            return lam, Q
+    except RuntimeError:
+        pass
+    try:
+        lam, Q = torch.linalg.eigh(Hs.double())
+    except RuntimeError as e:
+        raise NumericalError(f"the eigendecomposition of the scaled Gram matrix failed ({e}); "
+                             "the calibration statistics are degenerate") from None
+    return lam.float(), Q.float()
+
+
+# -- projection onto the pattern ------------------------------------------------------------------
+def prune_mask(V: torch.Tensor, pattern: Pattern, per_row: bool, dead: torch.Tensor,
+               sparsity: float | None = None) -> torch.Tensor:
+    """Mask (True = zero) of the smallest |V| in the pattern's grouping. V: [out, in] scaled.
+
+    With `sparsity` below the pattern's, only that fraction (per row for `per_row` or N:M,
+    else of the layer) of the entries the full pattern would prune is pruned: the gradual
+    masks of the ramp end in the pattern's mask. Dead inputs are always pruned.
+    """
+    score = V.abs().masked_fill(dead, -1.0)  # [out, in]; dead inputs first
+    s = pattern.sparsity if sparsity is None else min(sparsity, pattern.sparsity)
+    if pattern.is_nm:
+        mask = pattern.prune_mask(score)
+        if s < pattern.sparsity:
+            mask = _lowest(score.masked_fill(~mask, math.inf), s, per_row=True)
+    else:
+        mask = _lowest(score, s, per_row)
+    return mask | dead
+
+
+def _lowest(score: torch.Tensor, s: float, per_row: bool) -> torch.Tensor:
+    """Mask of the floor(s · count) lowest scores of each row (or of the whole matrix).
+
+    A threshold from `kthvalue` (several times faster than `topk` on large layers); entries
+    tied with the threshold are pruned too, so at least the asked count is.
+    """
+    rows, cols = score.shape
+    k = int(s * (cols if per_row else rows * cols))
+    if k <= 0:
+        return torch.zeros_like(score, dtype=torch.bool)
+    if per_row:
+        return score <= torch.kthvalue(score, k, dim=1, keepdim=True).values
+    return score <= torch.kthvalue(score.flatten(), k).values
+
+
+def _ramp(k: int, s0: float, s: float, iters: int) -> float:
+    """Cubic schedule from s0 at k = 0 to s at k >= iters."""
+    if k >= iters:
+        return s
+    return s + (s0 - s) * (1 - k / iters) ** 3
+
+
+# -- the solver -----------------------------------------------------------------------------------
+def solve(W_t: torch.Tensor, gram: ScaledGram, pattern: Pattern | str, *, per_row: bool = False,
+          W0: torch.Tensor | None = None,
+          options: SolverOptions = SolverOptions()) -> tuple[torch.Tensor, dict]:
+    """Best W in `pattern` for the targets W_t: [out, in] (fp32 result, dead inputs zero).
+
+    `W0: [out, in]` is the starting point (default W_t); `per_row` selects unstructured masks
+    per output row (Wanda's grouping) instead of over the whole layer. Returns (W, info) with
+    info = {iterations, cg_iterations, objective_start, objective_end, seconds}; the objectives
+    are tr(Δ H Δᵀ) of the plain projection of the start and of the result.
+    """
+    t0 = time.perf_counter()
+    pattern = Pattern.parse(pattern)
+    Q, lam, dead, delta = gram.Q, gram.lam, gram.dead, gram.damp
+    T = gram.scale(W_t)  # [out, in]: Ŵ_t
+    V0 = gram.scale(W0) if W0 is not None else T  # [out, in]
+    s_target = pattern.sparsity
+    s0 = min((V0 == 0).masked_fill(dead, False).float().mean().item(), s_target)
+
+    mask = prune_mask(V0, pattern, per_row, dead)
+    best = V0.masked_fill(mask, 0.0)  # the plain projection of the start: feasible
+    best_f = objective_start = gram.error(T, best)
+    TQ = T @ Q  # [out, in]: Ŵ_t in the eigenbasis
+    Z = V0.masked_fill(prune_mask(V0, pattern, per_row, dead, s0), 0.0)  # [out, in]
+    ZQ = Z @ Q
+    U = torch.zeros_like(T)  # [out, in]: scaled dual
+    UQ = torch.zeros_like(T)
+    rho = options.rho
+    iterations = 0
+    prev_mask = None
+    for k in range(1, options.admm_iters + 1):
+        iterations = k
+        WQ = ((lam + delta) * TQ + rho * (ZQ - UQ)) / (lam + delta + rho)  # [out, in]
+        W = WQ @ Q.T
+        s = _ramp(k, s0, s_target, options.ramp_iters)
+        V = W + U
+        new_mask = prune_mask(V, pattern, per_row, dead, s)
+        Z = V.masked_fill(new_mask, 0.0)
+        ZQ = Z @ Q
+        U += W - Z
+        UQ += WQ - ZQ
+        if s >= s_target:  # Z is feasible: f(Z) = Σ λ ((Ŵ_t − Z) Q)², no cancellation
+            f = (lam * (TQ - ZQ).square()).sum().item()
+            if f < best_f:
+                best, best_f, mask = Z.clone(), f, new_mask
+            settled = prev_mask is not None and torch.equal(new_mask, prev_mask)
+            if settled and (W - Z).norm() <= options.admm_tol * Z.norm().clamp_min(1e-30):
+                break
+        prev_mask = new_mask
+        if k % options.rho_every == 0 and options.rho_growth != 1:
+            U /= options.rho_growth  # the scaled dual is y / ρ
+            UQ /= options.rho_growth
+            rho *= options.rho_growth
+
+    W_cg, cg_iterations = refit(T, gram, mask, best, options.cg_iters, options.cg_tol)
+    f_cg = gram.error(T, W_cg)
+    if f_cg < best_f:
+        best, best_f = W_cg, f_cg
+    W = gram.unscale(best)
+    if not torch.isfinite(W).all():
+        raise NumericalError("the layer solver produced NaN/Inf weights; the calibration "
+                             "statistics are degenerate (check the data and the model dtype)")
+    info = {"iterations": iterations, "cg_iterations": cg_iterations,
+            "objective_start": objective_start, "objective_end": gram.error(T, best),
+            "seconds": time.perf_counter() - t0}
+    return W, info
+
+
+def refit(T: torch.Tensor, gram: ScaledGram, mask: torch.Tensor, start: torch.Tensor,
+          iters: int, tol: float) -> tuple[torch.Tensor, int]:
+    """Conjugate gradient on the kept weights (mask fixed), all rows at once.
+
+    Minimises tr(Δ (Ĥ + δI) Δᵀ), Δ = T − W, over W: [out, in] with W[mask] = 0, from `start`
+    (scaled, obeying the mask). Row i solves (Ĥ + δI)[S_i, S_i] w = ((Ĥ + δI) t_i)[S_i] on its
+    support S_i. Returns (W, iterations).
+    """
+    keep = ~mask  # [out, in]
+    Hd = gram.Hs + gram.damp * torch.eye(gram.Hs.shape[0], dtype=gram.Hs.dtype,
+                                         device=gram.Hs.device)  # [in, in]
+    X = start.masked_fill(mask, 0.0)  # [out, in]
+    B = (T @ Hd) * keep  # [out, in]: right-hand sides
+    R = B - (X @ Hd) * keep  # [out, in]: residuals
+    P = R.clone()
+    rr = (R * R).sum(1)  # [out]
+    bb = (B * B).sum(1)  # [out]
+    floor = tol**2 * torch.maximum(bb, 1e-12 * bb.mean().clamp_min(1e-30))  # [out]
+    it = 0
+    for it in range(1, iters + 1):
+        active = rr > floor  # [out]
+        if not active.any():
+            it -= 1
+            break
+        AP = (P @ Hd) * keep  # [out, in]
+        pAp = (P * AP).sum(1)  # [out]
+        alpha = torch.where(active & (pAp > 0), rr / pAp.clamp_min(1e-30), 0.0)  # [out]
+        X += alpha.unsqueeze(1) * P
+        R -= alpha.unsqueeze(1) * AP
+        rr_new = (R * R).sum(1)
+        beta = torch.where(rr > 0, rr_new / rr.clamp_min(1e-30), 0.0)
+        P = R + beta.unsqueeze(1) * P
+        rr = rr_new
+    return X, it
+
+
+# -- step 2 of SDS: the regularised dense reconstruction ------------------------------------------
+def redense_solve(B: torch.Tensor, c: float, gram: ScaledGram, W0: torch.Tensor, nu: float,
+                  l1: float, l2: float, iters: int, tol: float) -> tuple[torch.Tensor, dict]:
+    """min_W J(W) = (tr(W A Wᵀ) − 2 tr(B Wᵀ) + c) / ν + l1 ‖W‖₁ + l2 ‖W‖₂².
+
+    A = `gram.H`: [in, in], B: [out, in], W0: [out, in] the start (reported as
+    objective_start). Without L1 the minimiser is the ridge solution W (A + ν l2 I) = B, solved
+    directly. With L1, ADMM in the scaled variables from the ridge solution: the quadratic part
+    in the eigenbasis of Ĥ, the L1 and L2 terms in the elementwise step (a soft-threshold, then
+    a shrink: the ridge's curvature is not isotropic in the scaled variables). ρ is fixed at
+    the quadratic part's mean curvature 2/ν (balancing ρ against the residuals stalls once the
+    primal residual reaches float32 rounding); it stops when the primal and dual residuals are
+    below `tol` relative to the iterates. J is convex (strictly when l2 > 0), so the start
+    only affects the speed. Returns (W, info).
+    """
+    t0 = time.perf_counter()
+    Q, lam = gram.Q, gram.lam
+    a = (1.0 / gram.d).masked_fill(gram.dead, 0.0)  # [in]: W_ij = Ŵ_ij a_j
+    Bs = B.float() * a  # [out, in]: B̂ = B D⁻¹
+
+    def J(Zh, ZhQ):  # J at a scaled point, from its eigen coordinates
+        quad = (lam * ZhQ.square()).sum() - 2 * (Bs * Zh).sum() + c
+        W = Zh * a
+        return (quad / nu + l1 * W.abs().sum() + l2 * W.square().sum()).item()
+
+    Z = gram.scale(W0)
+    objective_start = J(Z, Z @ Q)
+    Z = _ridge(gram, Bs, nu * l2 * a.square())  # [out, in]
+    ZQ = Z @ Q
+    best, best_J = Z, J(Z, ZQ)
+    U = torch.zeros_like(Z)  # [out, in]: scaled dual
+    UQ = torch.zeros_like(Z)
+    rho = 2.0 / nu  # the mean curvature of the scaled quadratic part (unit diagonal)
+    iterations = 0
+    BQ = Bs @ Q
+    for k in range(1, iters + 1 if l1 > 0 else 1):
+        iterations = k
+        WQ = (2.0 / nu * BQ + rho * (ZQ - UQ)) / (2.0 / nu * lam + rho)  # [out, in]
+        W = WQ @ Q.T
+        V = W + U
+        Z_prev = Z
+        Z = torch.sign(V) * (V.abs() - l1 * a / rho).clamp_min(0) / (1 + 2 * l2 * a.square() / rho)
+        ZQ = Z @ Q
+        U += W - Z
+        UQ += WQ - ZQ
+        j = J(Z, ZQ)
+        if j < best_J:
+            best, best_J = Z, j
+        r = (W - Z).norm().item()
+        s = rho * (Z - Z_prev).norm().item()
+        if (r <= tol * max(W.norm().item(), Z.norm().item(), 1e-30)
+                and s <= tol * max(rho * U.norm().item(), 1e-30)):
+            break
+    W = gram.unscale(best)
+    if not torch.isfinite(W).all():
+        raise NumericalError("the re-dense solver produced NaN/Inf weights; the calibration "
+                             "statistics are degenerate (check the data and the model dtype)")
+    return W, {"iterations": iterations, "objective_start": objective_start,
+               "objective_end": best_J, "seconds": time.perf_counter() - t0}
+
+
+def _ridge(gram: ScaledGram, Bs: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """Ŵ with Ŵ (Ĥ + diag r) = B̂ on the live inputs (dead ones 0). Bs: [out, in], r: [in].
+
+    A Cholesky solve; where Ĥ + diag r is singular (no ridge, rank-deficient inputs), the
+    least-norm solution from the eigendecomposition.
+    """
+    live = ~gram.dead
+    M = gram.Hs[live][:, live] + torch.diag(r[live])  # [live, live]
+    L, info = torch.linalg.cholesky_ex(M.double())
+    W = torch.zeros_like(Bs)
+    if info.item() == 0:
+        W[:, live] = torch.cholesky_solve(Bs[:, live].double().T, L).T.float()
+        if torch.isfinite(W).all():
+            return W
+    lam = gram.lam
+    inv = torch.where(lam > 1e-6 * lam.max().clamp_min(1e-30), 1.0 / lam.clamp_min(1e-30), 0.0)
+    return ((Bs @ gram.Q) * inv) @ gram.Q.T
+
+
+def admm(W: torch.Tensor, H: torch.Tensor, pattern: Pattern | str, percdamp: float = 0.01,
+         gram: ScaledGram | None = None,
+         options: SolverOptions | None = None) -> torch.Tensor:
+    """One-shot pruning by the solver from the dense weights (targets W_t = W).
+
+    W: [out, in], H: [in, in]; unstructured masks over the whole layer. `gram` is a
+    precomputed `ScaledGram.of(H, percdamp)`, shared by layers that read the same input.
+    """
+    from .pruners import _check_finite, _check_shapes
+
+    pattern = Pattern.parse(pattern)
+    _check_shapes(W, H)
+    _check_finite("W", W)
+    if pattern.is_nm and W.shape[1] % pattern.m:
+        raise ConfigError(f"{pattern} needs the input dimension to be a multiple of {pattern.m}, "
+                          f"got {W.shape[1]}; exclude this layer or use an unstructured ratio")
+    gram = gram if gram is not None else ScaledGram.of(H, percdamp)
+    W_new, _ = solve(W.float(), gram, pattern, options=options or SolverOptions())
+    return W_new.to(W.dtype)

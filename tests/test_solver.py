@@ -1,0 +1,172 @@
+import math
+
+import pytest
+import torch
+
+import sds
+from sds.errors import ConfigError, NumericalError
+from sds.patterns import Pattern
+from sds.pruners import get_method
+from sds.solver import ScaledGram, SolverOptions, redense_solve, refit, solve
+from tests.helpers import correlated_inputs
+
+TIGHT = SolverOptions(admm_tol=1e-5, cg_iters=500, cg_tol=1e-6)
+
+
+def _layer(rows=32, cols=64, tokens=1024, seed=0):
+    g = torch.Generator().manual_seed(seed + 1)
+    X = correlated_inputs(tokens, cols, seed)  # [tokens, in]
+    W = torch.randn(rows, cols, generator=g)  # [out, in]
+    return W, X.T @ X
+
+
+def _error(W_t, W, H):
+    D = (W_t - W).double()
+    return torch.einsum("oi,ij,oj->", D, H.double(), D).item()
+
+
+def _obeys(W, spec, per_row=False):
+    zeros = W == 0
+    rows, cols = W.shape
+    p = Pattern.parse(spec)
+    if p.is_nm:
+        return bool((zeros.reshape(rows, cols // p.m, p.m).sum(-1) >= p.m - p.n).all())
+    if per_row:
+        return bool((zeros.sum(1) >= int(cols * p.ratio)).all())
+    return int(zeros.sum()) >= int(rows * cols * p.ratio)
+
+
+def test_conjugate_gradient_matches_the_least_squares_solution_of_every_row():
+    W_t, H = _layer()
+    delta = 0.01
+    gram = ScaledGram.of(H, delta)
+    mask = Pattern.parse("2:4").prune_mask(torch.rand(W_t.shape, generator=torch.Generator()
+                                                      .manual_seed(3)))
+    T = gram.scale(W_t)
+    X, iters = refit(T, gram, mask, T.masked_fill(mask, 0.0), iters=1000, tol=1e-7)
+    W = gram.unscale(X)
+    assert 0 < iters < 1000
+    assert torch.equal(W[mask], torch.zeros(int(mask.sum())))
+    # independent: each row's normal equations on its support with H + δ diag(H), in float64
+    Hd = H.double() + delta * torch.diag(torch.diagonal(H).double())
+    for i in range(W_t.shape[0]):
+        S = ~mask[i]
+        rhs = (Hd @ W_t[i].double())[S]
+        w = torch.linalg.solve(Hd[S][:, S], rhs)
+        assert torch.allclose(W[i, S].double(), w, rtol=1e-3, atol=1e-4 * w.abs().max())
+
+
+@pytest.mark.parametrize("spec,per_row", [("2:4", False), ("4:8", False), ("50%", True),
+                                          ("50%", False), ("70%", False)])
+def test_solver_result_obeys_the_pattern_exactly(spec, per_row):
+    W_t, H = _layer()
+    W, info = solve(W_t, ScaledGram.of(H), spec, per_row=per_row)
+    assert _obeys(W, spec, per_row)
+    assert torch.isfinite(W).all()
+    assert info["objective_end"] <= info["objective_start"]
+    assert info["objective_end"] == pytest.approx(_error(W_t, W, H), rel=1e-3)
+
+
+@pytest.mark.parametrize("spec", ["50%", "2:4", "4:8"])
+def test_solver_objective_is_below_sparsegpt_and_wanda(spec):
+    W_t, H = _layer(rows=64, cols=128, tokens=2048)
+    gram = ScaledGram.of(H)
+    W_layer, _ = solve(W_t, gram, spec)
+    W_row, _ = solve(W_t, gram, spec, per_row=True)  # Wanda's grouping
+    e_sgpt = _error(W_t, sds.sparsegpt(W_t, H, spec), H)
+    e_wanda = _error(W_t, sds.wanda(W_t, H, spec), H)
+    assert _error(W_t, W_layer, H) < e_sgpt
+    assert _error(W_t, W_row, H) < e_wanda
+    assert _error(W_t, W_row, H) < e_sgpt
+
+
+def _dead(H):
+    H = H.clone()
+    H[[3, 10, 11]] = 0
+    H[:, [3, 10, 11]] = 0
+    return H
+
+
+@pytest.mark.parametrize("case", ["dead inputs", "rank deficient", "zero"])
+@pytest.mark.parametrize("spec", ["2:4", "50%"])
+def test_degenerate_gram_gives_a_finite_weight_in_the_pattern(case, spec):
+    W_t, H = _layer(rows=16, cols=64)
+    if case == "dead inputs":
+        H = _dead(H)
+    elif case == "rank deficient":
+        X = correlated_inputs(12, 64, 5)  # 12 tokens for 64 inputs
+        H = X.T @ X
+    else:
+        H = torch.zeros(64, 64)
+    W = get_method("admm")(W_t, H, spec)
+    assert torch.isfinite(W).all()
+    assert _obeys(W, spec)
+    dead = torch.diagonal(H) == 0
+    assert (W[:, dead] == 0).all()
+    if case != "zero":  # the solver still lowers the error of plain pruning
+        plain = sds.wanda(W_t, H, spec)
+        assert _error(W_t, W, H) <= _error(W_t, plain, H) * (1 + 1e-6)
+
+
+def test_admm_method_runs_through_the_api_on_a_model():
+    from tests.helpers import tiny_llama
+
+    model = tiny_llama(layers=1)
+    ids = torch.randint(0, 128, (2, 16))
+    report = sds.prune(model, ids, "admm", "2:4", progress=False)
+    for r in report.steps["oneshot"].layers:
+        assert r.sparsity >= 0.5 and math.isfinite(r.rel_error)
+
+
+def test_admm_refuses_nan_weights():
+    W_t, H = _layer(rows=8, cols=16, tokens=64)
+    W_t[0, 0] = float("nan")
+    with pytest.raises(NumericalError, match="NaN"):
+        get_method("admm")(W_t, H, "50%")
+
+
+def _redense_problem(rows=12, cols=32, tokens=600):
+    W_d, H = _layer(rows, cols, tokens, seed=2)
+    X = correlated_inputs(tokens, cols, 2)
+    X_t = X + 0.3 * torch.randn(tokens, cols, generator=torch.Generator().manual_seed(9))
+    A, G = X.T @ X, X_t.T @ X
+    B = W_d @ G  # [out, in]
+    c = torch.einsum("oi,ij,oj->", W_d, X_t.T @ X_t, W_d).item()
+    return W_d, A, B, c
+
+
+def test_redense_without_l1_is_the_closed_form_ridge_solution():
+    W_d, A, B, c = _redense_problem()
+    nu, l2 = c, 1e-3
+    W0 = sds.magnitude(W_d, None, "50%")
+    W, info = redense_solve(B, c, ScaledGram.of(A, 0.0), W0, nu, 0.0, l2, iters=2000, tol=1e-7)
+    W_star = torch.linalg.solve((A.double() + nu * l2 * torch.eye(32, dtype=torch.double)).T,
+                                B.double().T).T  # W (A + ν λ2 I) = B
+    assert ((W.double() - W_star).norm() / W_star.norm()).item() < 1e-3
+    assert info["objective_end"] < info["objective_start"]
+
+
+def test_redense_with_l1_satisfies_the_subgradient_optimality_condition():
+    W_d, A, B, c = _redense_problem()
+    nu, l1, l2 = c, 2e-3, 1e-3
+    W, _ = redense_solve(B, c, ScaledGram.of(A, 0.0), W_d, nu, l1, l2, iters=5000, tol=1e-7)
+    W = W.double()
+    G = 2 * (W @ A.double() - B.double()) / nu + 2 * l2 * W  # gradient of the smooth part
+    nz = W != 0
+    assert 0.02 < (~nz).float().mean() < 0.98  # the L1 term is active somewhere, not everywhere
+    assert ((G[nz] + l1 * torch.sign(W[nz])).abs() <= 0.02 * l1).all()
+    assert (G[~nz].abs() <= 1.02 * l1).all()
+
+
+@pytest.mark.parametrize("kw,msg", [
+    ({"admm_iters": -1}, "admm_iters must be an integer >= 0"),
+    ({"cg_iters": 2.5}, "cg_iters must be an integer >= 0"),
+    ({"admm_tol": 0}, "admm_tol must be a finite number > 0"),
+    ({"cg_tol": float("nan")}, "cg_tol must be a finite number > 0"),
+    ({"rho": -0.1}, "rho must be a finite number > 0"),
+    ({"rho_growth": 0.5}, "rho_growth must be a finite number >= 1"),
+    ({"rho_every": 0}, "rho_every must be an integer >= 1"),
+])
+def test_bad_solver_options_are_refused(kw, msg):
+    with pytest.raises(ConfigError, match=msg):
+        SolverOptions(**kw)
