@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
+import math
 import os
 import re
 import sys
@@ -31,6 +33,17 @@ EXIT_FAILED, EXIT_INPUT, EXIT_STORE, EXIT_INTERRUPTED = 1, 2, 3, 130
 
 
 # -- arguments ----------------------------------------------------------------------------------
+def finite(text: str) -> float:
+    """argparse type of the real-valued options: a finite number (argparse names the option)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number; give e.g. 0.1")
+    return value
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     """Options shared by `run` and `sweep`."""
     g = parser.add_argument_group("data and evaluation")
@@ -53,13 +66,13 @@ def _common(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-sds", dest="sds", action="store_false",
                    help="one-shot pruning only (no re-dense / second pruning)")
     g.add_argument("--blocksize", type=int, default=128, help="SparseGPT block size")
-    g.add_argument("--percdamp", type=float, default=0.01, help="SparseGPT dampening")
+    g.add_argument("--percdamp", type=finite, default=0.01, help="SparseGPT dampening")
     g.add_argument("--epochs", type=int, help="SDS step-2 (re-dense) iterations (default 200)")
-    g.add_argument("--lr", type=float, help="SDS step-2 step size (default 0.1)")
-    g.add_argument("--lambda1", "--l1", dest="l1", type=float, help="SDS λ1, L1 weight (0.1)")
-    g.add_argument("--lambda2", "--l2", dest="l2", type=float, help="SDS λ2, L2 weight (0.1)")
+    g.add_argument("--lr", type=finite, help="SDS step-2 step size (default 0.1)")
+    g.add_argument("--lambda1", "--l1", dest="l1", type=finite, help="SDS λ1, L1 weight (0.1)")
+    g.add_argument("--lambda2", "--l2", dest="l2", type=finite, help="SDS λ2, L2 weight (0.1)")
     g.add_argument("--adjust-epochs", type=int, help="SDS step-3 iterations (default 200)")
-    g.add_argument("--adjust-lr", type=float, help="SDS step-3 step size (default 0.1)")
+    g.add_argument("--adjust-lr", type=finite, help="SDS step-3 step size (default 0.1)")
     g.add_argument("--sds-data", choices=("sd", "dense", "distill"),
                    help="data of the re-dense step (default sd)")
     g.add_argument("--optimizer", choices=("prox", "adam"), help="re-dense optimiser (prox)")
@@ -252,10 +265,21 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def _no_space(exc: BaseException) -> bool:
+    """A full disk (or quota) anywhere in the chain of causes."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
 def exit_code(exc: BaseException) -> int:
+    """The one mapping of errors to exit codes (see the module docstring)."""
     from sds.errors import ConfigError, DataError, ModelError, StoreError
 
-    if isinstance(exc, StoreError):
+    if isinstance(exc, StoreError) or _no_space(exc):
         return EXIT_STORE
     if isinstance(exc, ConfigError | DataError | ModelError):
         return EXIT_INPUT
@@ -425,6 +449,23 @@ def _stderr_to(log: Path | None):
         os.close(saved)
 
 
+def check_out(out: str | os.PathLike) -> None:
+    """The output folder can be created and written, before any stage runs."""
+    from sds.errors import ConfigError
+
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--out {str(out)!r} is a file, not a folder; choose a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with open(path / f".sds-write-check-{os.getpid()}", "wb") as probe:
+            probe.write(b"ok")
+        os.remove(probe.name)
+    except OSError as exc:
+        raise ConfigError(f"--out {str(out)!r} cannot be written ({exc.strerror or exc}); "
+                          "choose a folder you can write to") from None
+
+
 def _run_flow(flow_fn, params: dict, console, warm_up: threading.Thread | None,
               log: Path | None):
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
@@ -469,6 +510,7 @@ def cmd_run(args, console) -> int:
         plan_args = {k: v for k, v in params.items() if k not in ("out", "export")}
         plan = plan_pipeline(**plan_args)  # fails fast, before any server or stage
         ArtifactStore(plan.store).check()
+        check_out(args.out)
     log = None if args.verbose else Path(args.out) / "sds.log"
     results = _run_flow(pipeline, params, console, warm_up, log)
     out = sys.stdout
@@ -551,6 +593,7 @@ def cmd_sweep(args, console) -> int:
         _quiet_libraries(args.verbose)
         params = sweep_parameters(args)
         ArtifactStore(params.get("store", "./sds-store")).check()
+        check_out(params.get("out", "./sds-sweep"))
     log = None if args.verbose else Path(params.get("out", "./sds-sweep")) / "sds.log"
     summary = _run_flow(sweep, params, console, warm_up, log)
     from rich.table import Table

@@ -29,5 +29,14 @@ class StoreError(SDSError, OSError):
     """The artifact store cannot be reached or fails (transient: may be retried)."""
 
 
+class StoreFullError(StoreError):
+    """The storage has no space left: not retried, since freeing space takes a person."""
+
+
 class CorruptArtifactError(StoreError):
     """A stored artifact is missing, half-written or fails its hash check: recompute it."""
+
+
+class UpstreamLostError(CorruptArtifactError):
+    """An artifact a stage reads vanished or was damaged mid-run: a new run recomputes it (a
+    retry of the reading stage cannot)."""

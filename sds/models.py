@@ -58,15 +58,53 @@ def block_linears(block: nn.Module) -> dict[str, nn.Module]:
 
 
 def prunable_layers(model: nn.Module, rules=None) -> dict[str, nn.Module]:
-    """Every linear layer inside the blocks (full module names), optionally filtered by rules."""
+    """Every linear layer inside the blocks (full module names), optionally filtered by rules.
+
+    Rules that select no layer, or hold an override that matches none, raise ConfigError
+    (`LayerRules.check`)."""
     prefix, blocks = find_blocks(model)
-    out = {}
-    for i, block in enumerate(blocks):
-        for n, m in block_linears(block).items():
-            full = f"{prefix}.{i}.{n}"
-            if rules is None or rules.pattern_for(full) is not None:
-                out[full] = m
-    return out
+    layers = {f"{prefix}.{i}.{n}": m
+              for i, block in enumerate(blocks) for n, m in block_linears(block).items()}
+    if rules is None:
+        return layers
+    rules.check(layers)
+    return {n: m for n, m in layers.items() if rules.pattern_for(n) is not None}
+
+
+def skeleton(config, trust_remote_code: bool = False) -> nn.Module:
+    """The causal LM of `config` without weights (on the meta device): its module names and
+    shapes, for checking a run before loading anything."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        try:
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        except ValueError as e:
+            raise ModelError(f"cannot build a causal LM from this configuration: {e}") from e
+
+
+def _is_causal_lm(config) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    archs = getattr(config, "architectures", None) or []
+    if not archs or "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {}):
+        return True  # nothing says otherwise; loading checks that the LM head is there
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    return any(a in causal or a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+
+
+def _not_causal(name: str, what: str) -> ModelError:
+    return ModelError(
+        f"{name!r} is not a causal language model ({what}): loaded as one, its LM head would be "
+        "random and its perplexity and zero-shot accuracy meaningless; use a *ForCausalLM "
+        "checkpoint, or prune it from Python (sds.prune) and compare the final hidden states "
+        "with sds.evaluate.output_fidelity")
+
+
+def check_causal_lm(config, name: str) -> None:
+    """Refuse a checkpoint whose saved architecture is not a causal LM (e.g. a BERT encoder)."""
+    if not _is_causal_lm(config):
+        raise _not_causal(name, f"its checkpoint is a {config.architectures[0]}")
 
 
 def weight_matrix(module: nn.Module) -> torch.Tensor:
@@ -110,6 +148,31 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def check_device(device: str | torch.device | None) -> None:
+    """Refuse a device that is not a device name, or that this machine and torch build lack."""
+    if device is None:
+        return
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device {device!r} is not a device name; use cpu, cuda or cuda:N "
+                          "(or leave it out: cuda when available, else cpu)") from None
+    if d.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"device {device!r} asks for a GPU, but this torch build or "
+                              "machine has no CUDA device; use cpu (or install a CUDA build "
+                              "of torch on a GPU machine)")
+        if d.index is not None and d.index >= count:
+            raise ConfigError(f"device {device!r} does not exist: this machine has {count} "
+                              f"CUDA device(s), cuda:0 to cuda:{count - 1}")
+    elif d.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError(f"device {device!r} is not available here; use cpu")
+    elif d.type != "cpu":
+        raise ConfigError(f"device {device!r} is not supported; use cpu, cuda or cuda:N")
+
+
 # -- loading and identity -------------------------------------------------------------------------
 _DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32,
            "float16": torch.float16, "fp16": torch.float16,
@@ -131,8 +194,13 @@ def load_model(name_or_path: str, dtype: str = "auto", revision: str | None = No
         raise ConfigError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}")
     cls = AutoModelForCausalLM if causal else AutoModel
     tokenizer = load_tokenizer(name_or_path, revision, trust_remote_code)
-    model = _load_part(functools.partial(cls.from_pretrained, dtype=_DTYPES[dtype]),
-                       name_or_path, revision, trust_remote_code)
+    model, info = _load_part(functools.partial(cls.from_pretrained, dtype=_DTYPES[dtype],
+                                               output_loading_info=True),
+                             name_or_path, revision, trust_remote_code)
+    missing = sorted(info.get("missing_keys") or ())
+    if causal and missing:  # randomly initialised: e.g. the LM head of an encoder checkpoint
+        raise _not_causal(name_or_path, f"its checkpoint lacks {', '.join(missing[:3])}"
+                          + (f" and {len(missing) - 3} more weights" if len(missing) > 3 else ""))
     model.eval()
     return model, tokenizer
 
@@ -181,10 +249,33 @@ def _local_source(name_or_path: str) -> tuple[str, bool]:
     return (str(local) if looks_local else name_or_path), looks_local
 
 
+def check_weight_files(name_or_path: str) -> None:
+    """Read the header of every safetensors file of a local model folder (cheap: no tensors),
+    so that a truncated or empty weights file fails before any work, as a ModelError."""
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(name_or_path).expanduser()
+    for file in sorted(folder.glob("*.safetensors")) if folder.is_dir() else ():
+        try:
+            with safe_open(file, "pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise _damaged(file, e) from e
+
+
+def _damaged(file, e: BaseException) -> ModelError:
+    return ModelError(f"the weights file {str(file)!r} cannot be read ({e}): it is truncated or "
+                      "damaged; copy or save the model again")
+
+
 def _load_part(loader, name_or_path: str, revision: str | None, trust_remote_code: bool):
+    from safetensors import SafetensorError
+
     source, looks_local = _local_source(name_or_path)
     try:
         return loader(source, revision=revision, trust_remote_code=trust_remote_code)
+    except SafetensorError as e:
+        raise _damaged(source, e) from e
     except OSError as e:
         if looks_local:
             raise ModelError(f"cannot load {source!r}: {e}") from e

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -154,6 +155,25 @@ class LayerRules:
             overrides=tuple((rx, Pattern.parse(p)) for rx, p in items),
             exclude=tuple(exclude),
         )
+
+    def check(self, names: Iterable[str]) -> None:
+        """Refuse rules that select nothing among `names` (every linear layer of the blocks):
+        exclude regexes that leave no layer to prune, or an override that matches none of the
+        layers that are pruned. Either would otherwise run to the end and report a pruning
+        that did not happen."""
+        names = list(names)
+        pruned = [n for n in names if not any(re.search(rx, n) for rx in self.never + self.exclude)]
+        if not pruned:
+            raise ConfigError(
+                f"no layer is left to prune: the exclude regexes {list(self.exclude)} match all "
+                f"{len(names)} linear layers of the blocks (e.g. {names[0]!r}); exclude fewer"
+            )
+        for rx, pattern in self.overrides:
+            if not any(re.search(rx, n) for n in pruned):
+                raise ConfigError(
+                    f"override {rx!r}={pattern} matches no pruned layer (they are named like "
+                    f"{pruned[0]!r}); correct the regex or drop the override"
+                )
 
     def pattern_for(self, name: str) -> Pattern | None:
         """The pattern for layer `name`, or None when the layer stays dense."""

@@ -47,7 +47,7 @@ import safetensors.torch
 import torch
 
 from .data import sha256_file
-from .errors import ConfigError, CorruptArtifactError, SDSError, StoreError
+from .errors import ConfigError, CorruptArtifactError, SDSError, StoreError, StoreFullError
 
 log = logging.getLogger(__name__)
 
@@ -329,8 +329,8 @@ class ArtifactStore:
                     _fsync(tmp)
                 size = os.path.getsize(tmp)
                 digest = sha256_file(tmp)
-            except OSError as exc:
-                raise StoreError(self._explain(f"writing the tensors of {ref.uri}", exc)) from exc
+            except (OSError, safetensors.SafetensorError) as exc:  # its own type for I/O too
+                raise self._error(f"writing the tensors of {ref.uri}", exc) from exc
             self._uncommit(folder)
             target = f"{folder}/{TENSORS}"
             with self._guard(f"writing {self._uri(target)}", missing_ok=False):
@@ -475,7 +475,7 @@ class ArtifactStore:
             except FileNotFoundError:
                 raise corrupt("its tensors file is missing") from None
             except OSError as exc:
-                raise StoreError(self._explain(f"reading {ref.uri}", exc)) from exc
+                raise self._error(f"reading {ref.uri}", exc) from exc
 
         with self._local_copy(f"{self._dir(stage, key)}/{TENSORS}") as path:
             if path is None:
@@ -674,7 +674,7 @@ class ArtifactStore:
             blob = raw.get(f"{self._dir(s, k)}/{META}")
             if isinstance(blob, Exception) and not isinstance(blob, FileNotFoundError):
                 # a transient read failure must not make a good artifact look removable
-                raise StoreError(self._explain(f"reading {self._uri(self._dir(s, k))}", blob))
+                raise self._error(f"reading {self._uri(self._dir(s, k))}", blob)
             meta = _parse_meta(blob, s, k) if isinstance(blob, bytes) else None
             if not isinstance(meta, dict) or files.get(TENSORS, {}).get("size") != meta["bytes"]:
                 meta = None
@@ -702,9 +702,16 @@ class ArtifactStore:
         except FileNotFoundError as exc:
             if missing_ok and not _is_missing_bucket(exc):
                 raise
-            raise StoreError(self._explain(action, exc)) from exc
+            raise self._error(action, exc) from exc
         except Exception as exc:
-            raise StoreError(self._explain(action, exc)) from exc
+            raise self._error(action, exc) from exc
+
+    def _error(self, action: str, exc: BaseException) -> StoreError:
+        """The StoreError for `exc` (StoreFullError when the storage is full)."""
+        full = (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)) or (
+            "No space left" in str(exc)  # safetensors reports I/O errors in its message
+        )
+        return (StoreFullError if full else StoreError)(self._explain(action, exc))
 
     def _explain(self, action: str, exc: BaseException) -> str:
         """One line: what failed, why, and what to do about it."""
@@ -727,7 +734,9 @@ class ArtifactStore:
             where = self._endpoint() if self.is_s3 else self.root
             cause = f"cannot reach {where}"
             fix = "check AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3) and the network, then retry"
-        elif isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        elif (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)) or (
+            "No space left" in str(exc)  # safetensors reports I/O errors in its message
+        ):
             cause, fix = "no space left on the device", "free some space, or use another root"
         else:
             cause = "the storage operation failed"

@@ -19,6 +19,7 @@ and answers with a *reference*, the small dict Prefect caches (never tensors):
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import threading
@@ -36,6 +37,8 @@ from sds.errors import (
     ModelError,
     NumericalError,
     StoreError,
+    StoreFullError,
+    UpstreamLostError,
 )
 from sds.store import ArtifactStore, artifact_key
 
@@ -133,7 +136,9 @@ DETERMINISTIC = (ConfigError, DataError, ModelError, NumericalError)
 
 def is_transient(exc: BaseException) -> bool:
     """Storage and network faults are worth another try; bad input and bad math are not."""
-    if isinstance(exc, DETERMINISTIC):
+    if isinstance(exc, (*DETERMINISTIC, UpstreamLostError, StoreFullError)):
+        return False  # a lost upstream artifact or free space is not back seconds later
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return False
     return isinstance(exc, StoreError | OSError | ConnectionError | TimeoutError)
 
@@ -316,13 +321,14 @@ def run_stage(spec: dict, compute: Compute, upstream: dict[str, dict] | None = N
 def load_upstream(store: ArtifactStore, spec: dict, stage: str) -> dict:
     """The tensors of the upstream artifact of `stage` (hash-verified).
 
-    A damaged upstream artifact is discarded and the stage fails with a message to run again:
-    the next run recomputes it (the flow checks every artifact before trusting its cache).
+    A damaged or vanished upstream artifact is discarded and the stage fails (a store fault,
+    not retried) with a message to run again: the next run recomputes it (the flow checks
+    every artifact before trusting its cache).
     """
     key = spec["upstream"][stage]
     try:
         tensors, _meta = store.load(stage, key)
     except CorruptArtifactError as exc:
         store.discard(stage, key)
-        raise DataError(f"{exc}; it was discarded: run again to recompute it") from exc
+        raise UpstreamLostError(f"{exc}; it was discarded: run again to recompute it") from exc
     return tensors

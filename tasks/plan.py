@@ -14,6 +14,7 @@ WikiText-2 perplexity.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,11 @@ def _positive(name: str, value: Any) -> int:
     return value
 
 
+def _finite(name: str, value: Any) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{name} is {value}; give a finite number")
+
+
 def sds_config(options: dict | SDSConfig | None) -> SDSConfig:
     if isinstance(options, SDSConfig):
         return options
@@ -102,6 +108,8 @@ def sds_config(options: dict | SDSConfig | None) -> SDSConfig:
     if unknown:
         raise ConfigError(f"unknown SDS option(s) {', '.join(unknown)}; known: "
                           f"{', '.join(sorted(known))}")
+    for name, value in options.items():
+        _finite(f"SDS option {name}", value)
     return SDSConfig(**{k: v for k, v in options.items() if v is not None})
 
 
@@ -141,7 +149,14 @@ def plan_pipeline(
 ) -> Plan:
     """Validate the options and compute the spec (and artifact key) of every stage."""
     from sds.data import resolve_seqlen
-    from sds.models import load_config
+    from sds.models import (
+        check_causal_lm,
+        check_device,
+        check_weight_files,
+        load_config,
+        prunable_layers,
+        skeleton,
+    )
 
     demo = model in (None, "", "demo")
     if demo:
@@ -160,6 +175,8 @@ def plan_pipeline(
         raise ConfigError(f"limit must be a positive number of examples per task, got {limit!r}")
     _positive("blocksize", blocksize)
     _positive("batch_size", batch_size)
+    _finite("percdamp", percdamp)
+    check_device(device)
     get_method(method)
     rules = LayerRules.build(pattern, overrides, exclude or ())
     config = sds_config(sds_options)
@@ -168,6 +185,9 @@ def plan_pipeline(
     if local.is_dir():
         model = str(local.resolve())
     model_config = load_config(model, revision, trust_remote_code)  # fails fast on a bad model
+    check_causal_lm(model_config, model)
+    check_weight_files(model)
+    prunable_layers(skeleton(model_config, trust_remote_code), rules)  # rules select layers
     seqlen = resolve_seqlen(model_config, seqlen if seqlen is not None else defaults["seqlen"])
     if identity is None:
         identity = model_identity(model, revision, dtype)

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
 from sds.store import ArtifactStore
-from tests.test_pipeline_fixtures import REPO, cli_args, server_env, tiny_params
+from tests.test_pipeline_fixtures import REPO, TOKENIZER, cli_args, server_env, tiny_params
 
 # fixtures: prefect_api, tiny_model, corpus (and the S3 ones from conftest)
 pytest_plugins = ["tests.test_pipeline_fixtures"]
@@ -172,8 +176,30 @@ def test_bad_pattern_in_a_subprocess_exits_2_with_one_line(tiny_model, corpus, t
     assert not (tmp_path / "store").exists() and not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("case", ["unknown model", "bad pattern", "unknown method",
-                                  "bad sds option", "unreachable store", "no credentials"])
+def encoder_model(folder: Path) -> Path:
+    """A BERT encoder checkpoint (no LM head) with the demo tokenizer."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
+    BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, intermediate_size=64)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def damaged_copy(model: Path, folder: Path, keep_bytes: int | None) -> Path:
+    """A copy of `model` whose model.safetensors is cut to `keep_bytes` (None: half)."""
+    shutil.copytree(model, folder)
+    weights = folder / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size // 2 if keep_bytes is None else keep_bytes)
+    return folder
+
+
+@pytest.mark.parametrize("case", [
+    "unknown model", "bad pattern", "unknown method", "bad sds option", "unreachable store",
+    "no credentials", "encoder model", "truncated weights", "empty weights", "exclude all",
+    "override matching nothing", "unknown device", "cuda without a gpu", "infinite sds option"])
 def test_bad_input_exits_nonzero_with_one_line_and_commits_nothing(
         case, tiny_model, corpus, tmp_path, s3_server, monkeypatch, capfd, clean_environ):
     from flows.cli import main
@@ -181,9 +207,34 @@ def test_bad_input_exits_nonzero_with_one_line_and_commits_nothing(
     args = cli_args(tiny_model, corpus, tmp_path / "store", tmp_path / "out")
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # never reached
     expected_code, expected_text = 2, None
+    model = args.index("--model") + 1
     if case == "unknown model":
-        args[args.index("--model") + 1] = str(tmp_path / "no-such-model")
+        args[model] = str(tmp_path / "no-such-model")
         expected_text = "does not exist"
+    elif case == "encoder model":
+        args[model] = str(encoder_model(tmp_path / "bert"))
+        expected_text = "not a causal language model (its checkpoint is a BertModel)"
+    elif case in ("truncated weights", "empty weights"):
+        keep = None if case == "truncated weights" else 0
+        args[model] = str(damaged_copy(tiny_model, tmp_path / "damaged", keep))
+        expected_text = "model.safetensors' cannot be read"
+    elif case == "exclude all":
+        args += ["--exclude", ".*"]
+        expected_text = "no layer is left to prune"
+    elif case == "override matching nothing":
+        args += ["--override", "fc1$=4:8", "--override", "mlp\\.down_proj=50%"]
+        expected_text = "override 'mlp\\\\.down_proj'=50% matches no pruned layer"
+    elif case == "unknown device":
+        args += ["--device", "foo"]
+        expected_text = "device 'foo' is not a device name"
+    elif case == "cuda without a gpu":
+        if torch.cuda.is_available():
+            pytest.skip("this machine has a GPU")
+        args += ["--device", "cuda"]
+        expected_text = "no CUDA device"
+    elif case == "infinite sds option":  # what a grid file or a flow parameter can carry
+        monkeypatch.setattr("flows.cli._sds_options", lambda a: {"epochs": 5, "lr": math.inf})
+        expected_text = "finite"
     elif case == "bad pattern":
         args += ["--pattern", "60"]
         expected_text = "outside (0, 1)"
@@ -192,7 +243,7 @@ def test_bad_input_exits_nonzero_with_one_line_and_commits_nothing(
         expected_text = "unknown pruning method"
     elif case == "bad sds option":
         args += ["--lr", "-1"]
-        expected_text = "lr must be > 0"
+        expected_text = "> 0"
     else:
         args[args.index("--store") + 1] = "s3://sds-missing/runs"
         nowhere = str(tmp_path / "absent")
@@ -277,3 +328,68 @@ def test_store_ls_on_a_regular_file_is_a_store_error(tmp_path, capfd, clean_envi
     (tmp_path / "store").write_text("not a store")
     assert main(["store", "ls", "--store", str(tmp_path / "store")]) == 3
     assert "not a folder" in _one_line_error(capfd.readouterr().err)
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "ten"])
+def test_a_real_option_that_is_not_a_finite_number_is_refused_naming_it(value, capfd):
+    from flows.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["run", f"--lr={value}"])
+    assert exited.value.code == 2
+    err = capfd.readouterr().err
+    assert f"argument --lr: {value!r} is not a finite number" in err and "keys" not in err
+
+
+@pytest.mark.parametrize("case", ["a file", "unwritable"])
+def test_an_out_that_cannot_be_written_exits_2_before_any_stage(
+        case, tiny_model, corpus, tmp_path, monkeypatch, capfd, clean_environ):
+    from flows.cli import main
+
+    if case == "a file":
+        out = tmp_path / "results.txt"
+        out.write_text("not a folder")
+        expected = "is a file, not a folder"
+    else:  # inside a file: no folder can be made there, whoever runs it
+        (tmp_path / "blocker").write_text("a file")
+        out = tmp_path / "blocker" / "out"
+        expected = "cannot be written (Not a directory)"
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # never reached
+    code = main(cli_args(tiny_model, corpus, tmp_path / "store", out))
+    assert code == 2
+    assert expected in _one_line_error(capfd.readouterr().err)
+    assert not list((tmp_path / "store").rglob("meta.json"))
+
+
+@pytest.mark.parametrize("fault", ["disk full while saving", "store loses its objects"])
+def test_a_store_fault_in_the_middle_of_a_run_exits_3_without_retries(
+        fault, prefect_api, tiny_model, corpus, tmp_path, monkeypatch, capfd, clean_environ):
+    import safetensors.torch
+
+    import tasks.stages
+    from flows.cli import main
+
+    store, calls = tmp_path / "store", []
+    if fault == "disk full while saving":
+        def save_file(tensors, path, *a, **kw):
+            calls.append(os.path.dirname(path))
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+        monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+        expected = "no space left on the device"
+    else:
+        load_upstream = tasks.stages.load_upstream
+
+        def losing(store_, spec, stage):  # the calibration vanishes before one-shot reads it
+            calls.append(spec["label"])
+            shutil.rmtree(store / "calibration", ignore_errors=True)
+            return load_upstream(store_, spec, stage)
+
+        monkeypatch.setattr(tasks.stages, "load_upstream", losing)
+        expected = "run again to recompute it"
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api)
+    code = main(cli_args(tiny_model, corpus, store, tmp_path / "out") + ["--gpu-limit", "none"])
+    err = capfd.readouterr().err
+    assert code == 3, err
+    assert expected in err.splitlines()[-1]
+    assert calls and len(calls) == len(set(calls))  # no stage retried: it would not heal

@@ -1,5 +1,7 @@
 """Every supported family prunes end to end from a tiny config and keeps finite outputs."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import transformers as tf
@@ -8,6 +10,7 @@ import sds
 from sds.errors import ModelError
 from sds.models import find_blocks, prunable_layers, weight_matrix
 
+REPO_TOKENIZER = Path(__file__).resolve().parents[1] / "data" / "demo" / "tokenizer"
 SMALL = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
 
 
@@ -71,3 +74,22 @@ def test_unsupported_architecture_says_what_was_looked_for():
     model = torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.Linear(8, 8))
     with pytest.raises(ModelError, match="looked for an nn.ModuleList"):
         find_blocks(model)
+
+
+def test_rules_that_select_no_layer_of_a_model_are_refused_before_pruning():
+    model = _build("llama")
+    for kw in ({"exclude": [".*"]}, {"overrides": {"fc2$": "4:8"}}):
+        with pytest.raises(sds.ConfigError, match="no layer is left|matches no pruned layer"):
+            sds.prune(model, torch.randint(0, 128, (2, 16)), "magnitude", "2:4", sds=True, **kw)
+    assert all((weight_matrix(m) != 0).all() for m in prunable_layers(model).values())
+
+
+def test_an_encoder_checkpoint_does_not_load_as_a_causal_lm(tmp_path):
+    from sds.models import load_model
+
+    tf.BertModel(tf.BertConfig(intermediate_size=128, **SMALL)).save_pretrained(tmp_path)
+    tf.AutoTokenizer.from_pretrained(REPO_TOKENIZER).save_pretrained(tmp_path)
+    with pytest.raises(ModelError, match="not a causal language model .*lacks cls.predictions"):
+        load_model(str(tmp_path))
+    model, _ = load_model(str(tmp_path), causal=False)  # as an encoder it is fine
+    assert type(model).__name__ == "BertModel"

@@ -59,3 +59,24 @@ def test_layer_rules_overrides_excludes_and_never_pruned():
     assert rules.pattern_for("model.embed_tokens") is None
     with pytest.raises(ConfigError, match="does not compile"):
         LayerRules.build("2:4", exclude=["("])
+
+
+LAYERS = [f"model.layers.{i}.{n}" for i in range(2) for n in ("self_attn.q_proj", "mlp.fc1")]
+
+
+def test_rules_that_select_layers_pass_the_check():
+    rules = LayerRules.build("2:4", {r"fc1$": "4:8"}, [r"\.0\.self_attn"])
+    rules.check(LAYERS)
+    assert [n for n in LAYERS if rules.pattern_for(n)] == LAYERS[1:]
+
+
+@pytest.mark.parametrize("overrides,exclude,message", [
+    (None, [".*"], "no layer is left to prune"),
+    (None, ["layers"], "no layer is left to prune"),
+    ({"down_proj": "4:8"}, [], "override 'down_proj'=4:8 matches no pruned layer"),
+    ({"fc1": "4:8"}, ["mlp"], "override 'fc1'=4:8 matches no pruned layer"),  # all excluded
+])
+def test_rules_that_select_nothing_are_refused(overrides, exclude, message):
+    rules = LayerRules.build("2:4", overrides, exclude)
+    with pytest.raises(ConfigError, match=message):
+        rules.check(LAYERS)

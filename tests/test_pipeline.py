@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import errno
 import json
 
 import pytest
 
-from sds.errors import ConfigError, CorruptArtifactError, DataError, ModelError, StoreError
+from sds.errors import (
+    ConfigError,
+    CorruptArtifactError,
+    DataError,
+    ModelError,
+    StoreError,
+    StoreFullError,
+    UpstreamLostError,
+)
 from sds.store import ArtifactStore
 from tests.test_pipeline_fixtures import task_runs, tiny_params
 
@@ -75,7 +84,9 @@ def test_only_transient_errors_are_retried():
     assert is_transient(StoreError("s3 unreachable"))
     assert is_transient(ConnectionResetError())
     assert is_transient(CorruptArtifactError("bad hash"))
-    for exc in (ConfigError("bad"), DataError("bad"), ModelError("bad"), ValueError("bad")):
+    full = OSError(errno.ENOSPC, "No space left on device")
+    for exc in (ConfigError("bad"), DataError("bad"), ModelError("bad"), ValueError("bad"),
+                UpstreamLostError("gone"), StoreFullError("no space left"), full):
         assert not is_transient(exc)
 
 
