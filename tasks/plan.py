@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sds.data import sha256_file
+from sds.data import check_hub, sha256_file
 from sds.errors import ConfigError
 from sds.evaluate import DEMO_TASKS, expand_tasks
 from sds.patterns import LayerRules
@@ -181,6 +181,10 @@ def plan_pipeline(
     rules = LayerRules.build(pattern, overrides, exclude or ())
     config = sds_config(sds_options)
 
+    hub_data = [s for s in [calib, *sources] if s in HUB_SOURCES]
+    if hub_data:  # unreachable: fail now, not after datasets' retries inside a stage
+        check_hub(", ".join(hub_data), "use a local .txt/.jsonl file or the demo corpus "
+                  "(calib 'demo', eval 'wiki') instead")
     local = Path(model).expanduser()
     if local.is_dir():
         model = str(local.resolve())

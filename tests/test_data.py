@@ -4,6 +4,7 @@ import gzip
 import json
 import os
 import random
+import socket
 import sys
 import time
 import types
@@ -13,6 +14,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import GPT2Config, LlamaConfig, PreTrainedTokenizerFast
 
+import sds.data
 from sds.data import (
     Calibration,
     hub_unreachable,
@@ -229,6 +231,46 @@ def test_hub_calibration_offline_fails_fast_suggesting_a_local_file(tokenizer, s
     assert "demo" in str(info.value)
 
 
+@pytest.fixture
+def no_load_dataset(monkeypatch):
+    """datasets.load_dataset, which retries an unreachable hub for 25-50 s, must not be called."""
+    import datasets
+
+    def load_dataset(*args, **kwargs):
+        raise AssertionError("datasets.load_dataset was called for an unreachable hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+
+
+@pytest.mark.parametrize("source", ["c4", "wikitext2"])
+def test_offline_mode_fails_before_datasets_is_asked(tokenizer, no_load_dataset, source):
+    assert os.environ.get("HF_DATASETS_OFFLINE") == "1"
+    with pytest.raises(HubUnreachableError, match="offline mode is on"):
+        load_calibration(tokenizer, source, nsamples=2, seqlen=16)
+
+
+@pytest.mark.parametrize("failure", [socket.gaierror(-2, "Name or service not known"),
+                                     ConnectionRefusedError(111, "Connection refused"),
+                                     TimeoutError("timed out")])
+def test_an_unreachable_hub_without_offline_mode_fails_before_datasets_is_asked(
+        tokenizer, no_load_dataset, monkeypatch, failure):
+    import huggingface_hub.constants
+
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HTTPS_PROXY", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    probes = []
+
+    def create_connection(address, timeout=None, *args, **kwargs):
+        probes.append((address, timeout))
+        raise failure
+
+    monkeypatch.setattr(socket, "create_connection", create_connection)
+    with pytest.raises(HubUnreachableError, match="hub is unreachable .*--calib demo"):
+        load_calibration(tokenizer, "c4", nsamples=2, seqlen=16)
+    assert probes == [(("huggingface.co", 443), sds.data.HUB_PROBE_SECONDS)]
+
+
 # -- the hub sources, with datasets.load_dataset standing in for the hub ------------------------
 @pytest.fixture
 def fake_hub(monkeypatch):
@@ -236,6 +278,7 @@ def fake_hub(monkeypatch):
     import datasets
 
     calls, tables = [], {}
+    monkeypatch.setattr("sds.data.check_hub", lambda what, hint: None)  # reachable
 
     def load_dataset(path, name=None, *, data_files=None, split=None):
         calls.append({"path": path, "name": name, "data_files": data_files, "split": split})
