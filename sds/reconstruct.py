@@ -11,22 +11,28 @@ where `T = W_dense X_t` is the dense layer's output. The data variants choose `X
     "distill"  X_t = dense-model inputs, X = pruned-model inputs
 
 Step 3, second pruning + adjustment: prune the re-dense weight again with the base method,
-then minimise ‖W_dense X − W X‖² / ν over weights that satisfy the pattern, re-selecting the
-mask by magnitude at every iteration (projected gradient). A layer keeps the plain
-second-pruned weight when the adjustment does not lower its calibration error (early exit).
+then find the best weights within the pattern for ‖W_dense X − W X‖², starting from the
+re-dense weight, with the mask re-selected in the base method's grouping (per row for Wanda,
+per layer otherwise; N:M per group). A layer keeps the plain second-pruned weight when the
+adjustment does not lower its calibration error (early exit).
 
 Nothing here passes over the tokens per iteration: with A = XᵀX and G = X_tᵀX,
 
     ‖T − W X‖² = tr(W A Wᵀ) − 2 tr(W_dense G Wᵀ) + tr(W_dense H_t W_denseᵀ),
     ∇ = 2 (W A − W_dense G).
 
-Optimisers: "prox" is proximal gradient (ISTA) with step `lr / L`, L the Lipschitz constant
-of the smooth part, so `lr <= 1` decreases J at every iteration (L1 by soft-thresholding);
-"adam" is Adam with absolute step `lr` and the L1 subgradient.
+Solvers (`SDSConfig.solver`): "admm" (the default) runs `sds.solver` in both steps, with one
+eigendecomposition of the unit-diagonal Gram matrix per input group: step 2 to convergence
+(the quadratic part in closed form, L1 and L2 by ADMM), step 3 by ADMM then conjugate
+gradient on the kept weights. "pgd" keeps the earlier gradient methods: in step 2 "prox"
+(proximal gradient with step `lr / L`, L the Lipschitz constant of the smooth part) or "adam"
+(absolute step `lr`, L1 subgradient), in step 3 projected gradient with the mask re-selected by
+magnitude at every iteration.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 
@@ -35,56 +41,73 @@ import torch
 from .errors import ConfigError
 from .layerwise import LayerGroup, walk
 from .patterns import LayerRules, Pattern
+from .solver import ScaledGram, SolverOptions, check_options, redense_solve, solve
 
 DATA_VARIANTS = ("sd", "dense", "distill")
+SOLVERS = ("admm", "pgd")
 OPTIMIZERS = ("prox", "adam")
 NORMALIZATIONS = ("target", "tokens")
 REG_SCALES = ("dense", "mean", "sum")
 
 
+_DEFAULT = SolverOptions()
+
+
 @dataclass(frozen=True)
 class SDSConfig:
     """Options of steps 2 and 3. The paper publishes epochs, lr, λ1, λ2 and nothing else;
-    the optimiser and the normalisation ν were chosen by experiment (see BENCHMARKS.md)."""
+    the normalisation ν and the regulariser scale were chosen by experiment (see
+    BENCHMARKS.md), the solver replaces the paper's gradient steps."""
 
     data: str = "sd"  # step 2 data variant: "sd" | "dense" | "distill"
-    epochs: int = 200  # step 2 iterations
-    lr: float = 0.1
+    solver: str = "admm"  # "admm" (eigendecomposition solver) | "pgd" (gradient steps)
+    epochs: int = 200  # step 2 iterations: a cap for "admm"; 0 skips step 2
+    tol: float = 1e-3  # step 2 ("admm"): stop at this relative residual or J decrease
+    lr: float = 0.1  # step 2 ("pgd") step size
     l1: float = 0.1  # λ1
     l2: float = 0.1  # λ2
-    optimizer: str = "prox"  # "prox" | "adam"
+    optimizer: str = "prox"  # step 2 ("pgd"): "prox" | "adam"
     normalize: str = "target"  # ν: "target" = ‖W_dense X_t‖², "tokens" = number of tokens
     # regulariser scale: "mean" averages |W| and W² over the layer's entries; "dense" divides
     # ‖W‖₁ by ‖W_dense‖₁ and ‖W‖₂² by ‖W_dense‖₂² (every term of J relative); "sum" is the
     # plain norm. With λ = 0.1, "dense" pulls the re-dense model away from dense and loses
     # the gain on the demo models; "mean" keeps it (BENCHMARKS.md, "SDS defaults").
     reg_scale: str = "mean"
-    adjust_epochs: int = 200  # step 3 iterations (0 skips the adjustment)
-    adjust_lr: float = 0.1
+    adjust_epochs: int = _DEFAULT.admm_iters  # step 3 ADMM cap ("pgd": iterations); 0 skips
+    adjust_tol: float = _DEFAULT.admm_tol  # step 3 ADMM: ‖W − Z‖/‖Z‖ to stop at
+    adjust_lr: float = 0.1  # step 3 ("pgd") step size
+    cg_iters: int = _DEFAULT.cg_iters  # step 3 conjugate-gradient cap
+    cg_tol: float = _DEFAULT.cg_tol  # step 3 conjugate gradient: relative residual per row
+    rho: float = _DEFAULT.rho  # step 3 ADMM: initial ρ (Gram matrix at unit diagonal)
+    rho_growth: float = _DEFAULT.rho_growth  # ρ ← ρ · rho_growth every rho_every iterations
+    rho_every: int = _DEFAULT.rho_every
+    ramp_iters: int = _DEFAULT.ramp_iters  # iterations over which the mask tightens
     early_exit: bool = True  # keep the plain second pruning where adjusting does not help
 
     def __post_init__(self):
-        if self.data not in DATA_VARIANTS:
-            raise ConfigError(f"unknown re-dense data variant {self.data!r}; choose one of "
-                              f"{', '.join(DATA_VARIANTS)}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose one of "
-                              f"{', '.join(OPTIMIZERS)}")
-        if self.reg_scale not in REG_SCALES:
-            raise ConfigError(f"unknown regulariser scale {self.reg_scale!r}; choose one of "
-                              f"{', '.join(REG_SCALES)}")
-        if self.normalize not in NORMALIZATIONS:
-            raise ConfigError(f"unknown normalisation {self.normalize!r}; choose one of "
-                              f"{', '.join(NORMALIZATIONS)}")
-        for name in ("epochs", "adjust_epochs"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("lr", "adjust_lr"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name, value, choices in (("re-dense data variant", self.data, DATA_VARIANTS),
+                                     ("solver", self.solver, SOLVERS),
+                                     ("optimizer", self.optimizer, OPTIMIZERS),
+                                     ("regulariser scale", self.reg_scale, REG_SCALES),
+                                     ("normalisation", self.normalize, NORMALIZATIONS)):
+            if value not in choices:
+                raise ConfigError(f"unknown {name} {value!r}; choose one of "
+                                  f"{', '.join(choices)}")
+        check_options(self, caps=("epochs", "adjust_epochs"), tolerances=("tol",),
+                      positive=("lr", "adjust_lr"))
         for name in ("l1", "l2"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+            v = getattr(self, name)
+            if not (isinstance(v, int | float) and math.isfinite(v) and v >= 0):
+                raise ConfigError(f"{name} must be >= 0 and a finite number, got {v!r}; use 0 to "
+                                  "drop the term")
+        self.solver_options()  # validates the step-3 solver options
+
+    def solver_options(self) -> SolverOptions:
+        """The layer solver's options (step 3, and the one-shot method "admm")."""
+        return SolverOptions(admm_iters=self.adjust_epochs, admm_tol=self.adjust_tol,
+                             cg_iters=self.cg_iters, cg_tol=self.cg_tol, rho=self.rho,
+                             rho_growth=self.rho_growth, rho_every=self.rho_every,
+                             ramp_iters=self.ramp_iters)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -206,6 +229,18 @@ def _quadratic(group: LayerGroup, name: str, W_dense, variant: str) -> Quadratic
     return Quadratic.from_grams(W_dense, st.H, st.C, st.H_ref, st.tokens)  # distill
 
 
+ROW_WISE = ("wanda",)  # methods whose unstructured masks are chosen per output row
+
+
+def redense_admm(W0: torch.Tensor, q: Quadratic, gram: ScaledGram, config: SDSConfig,
+                 W_dense: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """Step 2 on one layer by `sds.solver.redense_solve`. W0: [out, in] sparse start; `gram`
+    is `ScaledGram.of(q.A, 0)`, shared by the group; W_dense when the targets are W_dense X."""
+    nu, s1, s2 = _scales(q, W0.numel(), config)
+    return redense_solve(q.B, q.c, gram, W0, nu, config.l1 * s1, config.l2 * s2, config.epochs,
+                         config.tol, W_t=W_dense)
+
+
 def redense(model, calibration, dense: dict[str, torch.Tensor], rules: LayerRules,
             config: SDSConfig = SDSConfig(), *, device=None, progress=True, on_block=None):
     """Step 2 on a pruned model, in place. `dense`: {name: W_dense [out, in]} (see
@@ -216,16 +251,27 @@ def redense(model, calibration, dense: dict[str, torch.Tensor], rules: LayerRule
     ids = calibration_ids(calibration)
 
     def transform(group: LayerGroup):
+        if config.epochs == 0:
+            return {}
         out = {}
-        A = group.stats.H if config.data == "sd" else (
-            group.stats.H_ref if config.data == "dense" else group.stats.H)
-        L = lipschitz(A)
+        A = group.stats.H_ref if config.data == "dense" else group.stats.H
+        if config.solver == "admm":
+            gram = ScaledGram.of(A, 0.0)  # one eigendecomposition per group
+        else:
+            L = lipschitz(A)
         for name, W in group.weights().items():
-            q = _quadratic(group, name, dense[name].to(W.device), config.data)
-            W_new, hist = redense_layer(W, q, config, L=L)
+            W_dense = dense[name].to(W.device).float()
+            q = _quadratic(group, name, W_dense, config.data)
+            if config.solver == "admm":
+                same_inputs = config.data != "distill"
+                W_new, info = redense_admm(W, q, gram, config, W_dense if same_inputs else None)
+            else:
+                W_new, hist = redense_layer(W, q, config, L=L)
+                info = {"iterations": config.epochs, "objective_start": hist[0],
+                        "objective_end": hist[-1]}
+            info["reactivated"] = ((W == 0) & (W_new != 0)).float().mean().item()
             out[name] = W_new
-            group.info[name] = {"objective_start": hist[0], "objective_end": hist[-1],
-                                "reactivated": ((W == 0) & (W_new != 0)).float().mean().item()}
+            group.info[name] = info
         return out
 
     return walk(model, ids, transform, select=lambda n: n in dense,
@@ -235,34 +281,58 @@ def redense(model, calibration, dense: dict[str, torch.Tensor], rules: LayerRule
                 progress=progress, on_block=on_block)
 
 
+def _error(W_dense: torch.Tensor, W: torch.Tensor, H: torch.Tensor) -> float:
+    """tr(Δ H Δᵀ), Δ = W_dense − W: [out, in]; H: [in, in]."""
+    Delta = W_dense - W.float()
+    return (Delta @ H * Delta).sum().item()
+
+
 def second_prune(model, calibration, dense: dict[str, torch.Tensor], method: str,
                  rules: LayerRules, config: SDSConfig = SDSConfig(), *, blocksize=128,
                  percdamp=0.01, device=None, progress=True, on_block=None):
     """Step 3 on a re-dense model, in place: prune again with `method`, then adjust the kept
-    weights towards the dense outputs (skipped per layer where it does not help)."""
-    from .api import calibration_ids, pruning_transform
+    weights towards the dense outputs (skipped per layer where it does not help).
 
-    prune = pruning_transform(method, rules, blocksize, percdamp)
+    Each layer's record says whether it was adjusted and its errors ‖W_dense X − W X‖² / ν
+    after the plain second pruning and after the adjustment."""
+    from .api import GroupFactors, calibration_ids, pruning_transform
+
+    options = config.solver_options()
+    prune = pruning_transform(method, rules, blocksize, percdamp, options)
     ids = calibration_ids(calibration)
 
     def transform(group: LayerGroup):
         H = group.stats.H
+        factors = GroupFactors(H, percdamp)  # shared by the second pruning and the solver
+        redensed = group.weights()
         L = None
-        out = prune(group)  # the second pruning; group.info[name] holds its pattern
+        out = prune(group, factors)  # the second pruning; group.info[name] holds its pattern
         for name, W_pruned in list(out.items()):
-            pattern = rules.pattern_for(name)
-            q = Quadratic.from_grams(dense[name].to(W_pruned.device), H, H, H,
-                                     group.stats.tokens)
             info = group.info[name]
             info["adjusted"] = False
-            if config.adjust_epochs > 0:
+            if config.adjust_epochs == 0:
+                continue
+            pattern = rules.pattern_for(name)
+            W_dense = dense[name].to(W_pruned.device).float()
+            q = Quadratic.from_grams(W_dense, H, H, H, group.stats.tokens)
+            nu, _, _ = _scales(q, W_dense.numel(), config)
+            if config.solver == "admm":
+                W_adj, solved = solve(W_dense, factors.scaled, pattern,
+                                      per_row=method in ROW_WISE, W0=redensed[name],
+                                      options=options)
+                info.update(iterations=solved["iterations"],
+                            cg_iterations=solved["cg_iterations"], seconds=solved["seconds"])
+                error_pruned, error_adjusted = _error(W_dense, W_pruned, H), _error(W_dense,
+                                                                                    W_adj, H)
+            else:
                 if L is None:
                     L = lipschitz(H)
                 W_adj, hist = adjust_layer(W_pruned, q, pattern, config, L=L)
-                info.update(error_pruned=hist[0], error_adjusted=hist[-1])
-                if hist[-1] < hist[0] or not config.early_exit:
-                    out[name] = W_adj
-                    info["adjusted"] = True
+                error_pruned, error_adjusted = hist[0] * nu, hist[-1] * nu
+            info.update(error_pruned=error_pruned / nu, error_adjusted=error_adjusted / nu)
+            if error_adjusted < error_pruned or not config.early_exit:
+                out[name] = W_adj
+                info["adjusted"] = True
         return out
 
     return walk(model, ids, transform, select=lambda n: n in dense, compare_to=dense,
@@ -279,7 +349,8 @@ def sds_prune(model, calibration, method: str, rules: LayerRules, config: SDSCon
     dense = dense_weights(model, rules)
     steps = [
         ("oneshot", lambda: oneshot(model, calibration, method, rules, blocksize=blocksize,
-                                    percdamp=percdamp, device=device, progress=progress)),
+                                    percdamp=percdamp, solver=config.solver_options(),
+                                    device=device, progress=progress)),
         ("redense", lambda: redense(model, calibration, dense, rules, config, device=device,
                                     progress=progress)),
         ("second", lambda: second_prune(model, calibration, dense, method, rules, config,

@@ -56,9 +56,11 @@ class SolverOptions:
     def __post_init__(self):
         check_options(self, caps=("admm_iters", "cg_iters", "ramp_iters"),
                       tolerances=("admm_tol", "cg_tol"), positive=("rho",))
-        if not (math.isfinite(self.rho_growth) and self.rho_growth >= 1):
-            raise ConfigError(f"rho_growth must be a finite number >= 1, got {self.rho_growth}; "
-                              "use e.g. 1.3 (1 keeps ρ fixed)")
+        g = self.rho_growth
+        if isinstance(g, bool) or not isinstance(g, int | float) or not (math.isfinite(g)
+                                                                          and g >= 1):
+            raise ConfigError(f"rho_growth must be >= 1 and a finite number, got {g!r}; use e.g."
+                              " 1.3 (1 keeps ρ fixed)")
         if not (isinstance(self.rho_every, int) and self.rho_every >= 1):
             raise ConfigError(f"rho_every must be an integer >= 1, got {self.rho_every!r}; "
                               "use e.g. 3")
@@ -76,7 +78,7 @@ def check_options(obj, caps=(), tolerances=(), positive=()) -> None:
         if isinstance(v, bool) or not isinstance(v, int | float) or not (math.isfinite(v)
                                                                           and v > 0):
             kind = "tolerance" if name in tolerances else "value"
-            raise ConfigError(f"{name} must be a finite number > 0, got {v!r}; use a small "
+            raise ConfigError(f"{name} must be > 0 and a finite number, got {v!r}; use a small "
                               f"positive {kind} such as {1e-3 if name in tolerances else 0.1}")
 
 
@@ -293,26 +295,36 @@ def refit(T: torch.Tensor, gram: ScaledGram, mask: torch.Tensor, start: torch.Te
 
 # -- step 2 of SDS: the regularised dense reconstruction ------------------------------------------
 def redense_solve(B: torch.Tensor, c: float, gram: ScaledGram, W0: torch.Tensor, nu: float,
-                  l1: float, l2: float, iters: int, tol: float) -> tuple[torch.Tensor, dict]:
+                  l1: float, l2: float, iters: int, tol: float,
+                  W_t: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """min_W J(W) = (tr(W A Wᵀ) − 2 tr(B Wᵀ) + c) / ν + l1 ‖W‖₁ + l2 ‖W‖₂².
 
     A = `gram.H`: [in, in], B: [out, in], W0: [out, in] the start (reported as
     objective_start). Without L1 the minimiser is the ridge solution W (A + ν l2 I) = B, solved
     directly. With L1, ADMM in the scaled variables from the ridge solution: the quadratic part
     in the eigenbasis of Ĥ, the L1 and L2 terms in the elementwise step (a soft-threshold, then
-    a shrink: the ridge's curvature is not isotropic in the scaled variables). ρ is fixed at
-    the quadratic part's mean curvature 2/ν (balancing ρ against the residuals stalls once the
-    primal residual reaches float32 rounding); it stops when the primal and dual residuals are
-    below `tol` relative to the iterates. J is convex (strictly when l2 > 0), so the start
-    only affects the speed. Returns (W, info).
+    a shrink: the ridge's curvature is not isotropic in the scaled variables). ρ starts at a
+    tenth of the quadratic part's mean curvature 2/ν and is balanced against the residuals
+    every 5 iterations (never pushed on a residual already below `tol`: the primal one stalls
+    at float32 rounding). It stops when both relative residuals are below `tol`, or when J
+    fell by less than `tol` (relative) over the last 10 iterations. J is convex (strictly when
+    l2 > 0), so the start only affects the speed. When the targets are `W_t X` with the same
+    inputs (B = W_t A, c = tr(W_t A W_tᵀ)), pass W_t: [out, in] and the quadratic part is
+    evaluated as tr(Δ A Δᵀ), without the cancellation of the expanded form.
+    Returns (W, info).
     """
     t0 = time.perf_counter()
     Q, lam = gram.Q, gram.lam
     a = (1.0 / gram.d).masked_fill(gram.dead, 0.0)  # [in]: W_ij = Ŵ_ij a_j
     Bs = B.float() * a  # [out, in]: B̂ = B D⁻¹
 
+    TQ = gram.scale(W_t) @ Q if W_t is not None else None  # [out, in]
+
     def J(Zh, ZhQ):  # J at a scaled point, from its eigen coordinates
-        quad = (lam * ZhQ.square()).sum() - 2 * (Bs * Zh).sum() + c
+        if TQ is not None:
+            quad = (lam * (TQ - ZhQ).square()).sum()
+        else:
+            quad = (lam * ZhQ.square()).sum() - 2 * (Bs * Zh).sum() + c
         W = Zh * a
         return (quad / nu + l1 * W.abs().sum() + l2 * W.square().sum()).item()
 
@@ -323,7 +335,8 @@ def redense_solve(B: torch.Tensor, c: float, gram: ScaledGram, W0: torch.Tensor,
     best, best_J = Z, J(Z, ZQ)
     U = torch.zeros_like(Z)  # [out, in]: scaled dual
     UQ = torch.zeros_like(Z)
-    rho = 2.0 / nu  # the mean curvature of the scaled quadratic part (unit diagonal)
+    rho = 0.2 / nu  # a tenth of the quadratic part's mean curvature 2/ν (unit diagonal)
+    history = [best_J]  # best J after each iteration
     iterations = 0
     BQ = Bs @ Q
     for k in range(1, iters + 1 if l1 > 0 else 1):
@@ -339,11 +352,17 @@ def redense_solve(B: torch.Tensor, c: float, gram: ScaledGram, W0: torch.Tensor,
         j = J(Z, ZQ)
         if j < best_J:
             best, best_J = Z, j
-        r = (W - Z).norm().item()
-        s = rho * (Z - Z_prev).norm().item()
-        if (r <= tol * max(W.norm().item(), Z.norm().item(), 1e-30)
-                and s <= tol * max(rho * U.norm().item(), 1e-30)):
+        history.append(best_J)
+        r = (W - Z).norm().item() / max(W.norm().item(), Z.norm().item(), 1e-30)
+        s = (Z - Z_prev).norm().item() / max(U.norm().item(), 1e-30)  # ρ‖ΔZ‖ / ‖ρU‖
+        stalled = k >= 10 and history[-11] - best_J <= tol * abs(best_J)
+        if (r <= tol and s <= tol) or stalled:
             break
+        if k % 5 == 0:  # balance the residuals; never push on one already converged
+            if r > 10 * s and r > tol:
+                rho, U, UQ = rho * 2, U / 2, UQ / 2
+            elif s > 10 * r and s > tol:
+                rho, U, UQ = rho / 2, U * 2, UQ * 2
     W = gram.unscale(best)
     if not torch.isfinite(W).all():
         raise NumericalError("the re-dense solver produced NaN/Inf weights; the calibration "

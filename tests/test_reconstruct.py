@@ -12,9 +12,11 @@ from sds.reconstruct import (
     adjust_layer,
     dense_weights,
     redense,
+    redense_admm,
     redense_layer,
     second_prune,
 )
+from sds.solver import ScaledGram
 from tests.helpers import correlated_inputs, tiny_llama
 
 
@@ -63,6 +65,22 @@ def test_redense_without_regularisation_reaches_the_least_squares_solution():
     assert ((W - W_star).norm() / W_star.norm()).item() < 1e-4
     W, _ = redense_layer(W0, q, SDSConfig(epochs=3000, lr=1e-2, l1=0, l2=0, optimizer="adam"))
     assert ((W - W_star).norm() / W_star.norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("reg_scale", ["mean", "dense"])
+def test_redense_without_l1_is_the_ridge_solution_of_the_scaled_objective(reg_scale):
+    """J = ‖T − WX‖²/ν + λ2·s2·‖W‖² is minimised by W (A + ν λ2 s2 I) = B (B = W_d G)."""
+    W_d, X, X_d = _problem(rows=8, cols=16, tokens=500)
+    A, G = X.T @ X, X_d.T @ X
+    q = Quadratic.from_grams(W_d, A, G, X_d.T @ X_d, X.shape[0])
+    cfg = SDSConfig(l1=0.0, l2=0.1, reg_scale=reg_scale)
+    nu = q.c  # "target": ‖W_d X_d‖²
+    s2 = 1 / W_d.numel() if reg_scale == "mean" else 1 / W_d.square().sum().item()
+    W_star = torch.linalg.solve((A.double() + nu * 0.1 * s2 * torch.eye(16, dtype=torch.double)),
+                                (W_d.double() @ G.double()).T).T
+    W, info = redense_admm(sds.magnitude(W_d, None, "50%"), q, ScaledGram.of(A, 0.0), cfg)
+    assert ((W.double() - W_star).norm() / W_star.norm()).item() < 1e-4
+    assert info["objective_end"] < info["objective_start"]
 
 
 def test_adjustment_decreases_error_and_keeps_the_pattern():
@@ -115,13 +133,16 @@ def test_redense_statistics_come_from_the_pruned_model(monkeypatch):
                               expected["model.layers.1.self_attn.q_proj"])
 
 
-@pytest.mark.parametrize("method,spec", [("sparsegpt", "2:4"), ("wanda", "4:8"),
-                                         ("magnitude", "50%")])
-def test_three_steps_redense_then_exact_pattern(method, spec):
+@pytest.mark.parametrize("method,spec,solver", [("sparsegpt", "2:4", "admm"),
+                                                ("wanda", "4:8", "admm"),
+                                                ("magnitude", "50%", "admm"),
+                                                ("admm", "2:4", "admm"),
+                                                ("wanda", "2:4", "pgd")])
+def test_three_steps_redense_then_exact_pattern(method, spec, solver):
     model = tiny_llama(layers=2)
     ids = torch.randint(0, 128, (4, 32))
     report = sds.prune(model, ids, method, spec, sds=True, progress=False,
-                       sds_config=SDSConfig(epochs=30, adjust_epochs=30))
+                       sds_config=SDSConfig(epochs=30, adjust_epochs=30, solver=solver))
     assert set(report.steps) == {"oneshot", "redense", "second"}
     for r in report.steps["redense"].layers:  # pruned entries reactivated
         assert r.extra["reactivated"] > 0.25 and r.sparsity < 0.25, r
@@ -136,15 +157,33 @@ def test_three_steps_redense_then_exact_pattern(method, spec):
         assert isinstance(r.extra["adjusted"], bool)
         if r.extra["adjusted"]:
             assert r.extra["error_adjusted"] < r.extra["error_pruned"]
+        if solver == "admm" and method != "admm":  # the solver beats plain pruning here
+            assert r.extra["adjusted"], r
 
 
-def test_early_exit_keeps_the_plain_second_pruning_when_adjusting_does_not_help():
+def test_second_pruning_adjusts_within_wandas_rows():
+    """Wanda's unstructured masks are per row: the adjusted layers keep exactly half of every
+    row, and the adjustment lowers the error of the plain second pruning."""
+    model = tiny_llama(layers=1)
+    ids = torch.randint(0, 128, (2, 16))
+    rules = LayerRules.build("50%")
+    dense = dense_weights(model, rules)
+    rep = second_prune(model, ids, dense, "wanda", rules, SDSConfig(), progress=False)
+    for r in rep.layers:
+        W = weight_matrix(dict(model.named_modules())[r.name])
+        assert ((W == 0).sum(1) >= W.shape[1] // 2).all(), r.name
+        assert r.extra["adjusted"] and r.extra["error_adjusted"] < r.extra["error_pruned"]
+
+
+@pytest.mark.parametrize("cfg", [SDSConfig(solver="pgd", adjust_epochs=1, adjust_lr=1e-9),
+                                 SDSConfig(adjust_epochs=1, cg_iters=0)])
+def test_early_exit_keeps_the_plain_second_pruning_when_adjusting_does_not_help(cfg):
     model = tiny_llama(layers=1)
     ids = torch.randint(0, 128, (2, 16))
     rules = LayerRules.build("2:4")
     dense = dense_weights(model, rules)
-    # a step of 1e-9 of the safe one cannot lower the error measurably
-    cfg = SDSConfig(adjust_epochs=1, adjust_lr=1e-9)
+    # pgd: a step of 1e-9 of the safe one cannot lower the error measurably; admm: one
+    # iteration without refit returns the plain projection of the start in the scaled weights
     rep = second_prune(model, ids, dense, "magnitude", rules, cfg, progress=False)
     for r in rep.layers:
         assert r.extra["adjusted"] is (r.extra["error_adjusted"] < r.extra["error_pruned"])
@@ -155,8 +194,16 @@ def test_early_exit_keeps_the_plain_second_pruning_when_adjusting_does_not_help(
 
 @pytest.mark.parametrize("kw,msg", [({"data": "teacher"}, "unknown re-dense data variant"),
                                     ({"optimizer": "lbfgs"}, "unknown optimizer"),
-                                    ({"lr": 0}, "lr must be > 0"),
-                                    ({"l1": -1}, "l1 must be >= 0"),
+                                    ({"solver": "sgd"}, "unknown solver 'sgd'"),
+                                    ({"lr": 0}, "lr must be > 0 and a finite number"),
+                                    ({"l1": -1}, "l1 must be >= 0 and a finite number"),
+                                    ({"l2": float("inf")}, "l2 must be >= 0 and a finite number"),
+                                    ({"epochs": -1}, "epochs must be an integer >= 0"),
+                                    ({"tol": 0}, "tol must be > 0 and a finite number"),
+                                    ({"adjust_tol": -1e-3}, "admm_tol must be > 0"),
+                                    ({"cg_iters": -2}, "cg_iters must be an integer >= 0"),
+                                    ({"rho": 0}, "rho must be > 0 and a finite number"),
+                                    ({"rho_growth": 0.9}, "rho_growth must be"),
                                     ({"normalize": "x"}, "unknown normalisation")])
 def test_bad_sds_options_are_rejected(kw, msg):
     with pytest.raises(ConfigError, match=msg):
