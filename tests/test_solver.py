@@ -161,10 +161,10 @@ def test_redense_with_l1_satisfies_the_subgradient_optimality_condition():
 @pytest.mark.parametrize("kw,msg", [
     ({"admm_iters": -1}, "admm_iters must be an integer >= 0"),
     ({"cg_iters": 2.5}, "cg_iters must be an integer >= 0"),
-    ({"admm_tol": 0}, "admm_tol must be a finite number > 0"),
-    ({"cg_tol": float("nan")}, "cg_tol must be a finite number > 0"),
-    ({"rho": -0.1}, "rho must be a finite number > 0"),
-    ({"rho_growth": 0.5}, "rho_growth must be a finite number >= 1"),
+    ({"admm_tol": 0}, "admm_tol must be > 0 and a finite number"),
+    ({"cg_tol": float("nan")}, "cg_tol must be > 0 and a finite number"),
+    ({"rho": -0.1}, "rho must be > 0 and a finite number"),
+    ({"rho_growth": 0.5}, "rho_growth must be >= 1 and a finite number"),
     ({"rho_every": 0}, "rho_every must be an integer >= 1"),
 ])
 def test_bad_solver_options_are_refused(kw, msg):
