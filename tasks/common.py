@@ -45,7 +45,7 @@ from sds.store import ArtifactStore, artifact_key
 log = logging.getLogger("sds.tasks")
 
 # Bump a stage's version when its code changes what it produces: every key changes with it.
-STAGE_VERSIONS = {"calibration": 1, "oneshot": 1, "redense": 1, "second": 1, "evaluate": 1}
+STAGE_VERSIONS = {"calibration": 1, "oneshot": 1, "redense": 2, "second": 2, "evaluate": 1}
 
 GPU_LIMIT = "sds-gpu"  # name of the Prefect global concurrency limit compute stages hold
 GPU_LEASE_SECONDS = 60  # a crashed holder's slot comes back after about this long
