@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "WikiText-2 perplexity)")
     run.add_argument("--revision", help="hub revision (branch, tag or commit)")
     run.add_argument("--trust-remote-code", action="store_true")
-    run.add_argument("--method", default="sparsegpt", help="sparsegpt, wanda or magnitude")
+    run.add_argument("--method", default="sparsegpt", help="sparsegpt, wanda, magnitude or admm")
     run.add_argument("--pattern", default="2:4", help="N:M (2:4, 4:8) or a ratio (50%%, 0.5)")
     run.add_argument("--exclude", action="append", default=[], metavar="REGEX",
                      help="leave matching layers dense (repeatable)")
