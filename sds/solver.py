@@ -152,27 +152,35 @@ def prune_mask(V: torch.Tensor, pattern: Pattern, per_row: bool, dead: torch.Ten
                sparsity: float | None = None) -> torch.Tensor:
     """Mask (True = zero) of the smallest |V| in the pattern's grouping. V: [out, in] scaled.
 
-    With `sparsity` below the pattern's, only that fraction (per row for `per_row` or N:M,
-    else of the layer) of the entries the full pattern would prune is pruned: the gradual
-    masks of the ramp end in the pattern's mask. Dead inputs are always pruned.
+    Thresholds come from `kthvalue` (several times faster than `topk` on large layers);
+    entries tied with a threshold are pruned too, so the pattern always holds. With
+    `sparsity` below the pattern's, only that fraction (per row for `per_row` or N:M, else of
+    the layer) of the entries the full pattern would prune is pruned: the gradual masks of the
+    ramp end in the pattern's mask. Dead inputs are always pruned.
     """
-    score = V.abs().masked_fill(dead, -1.0)  # [out, in]; dead inputs first
+    score = V.abs()  # [out, in]
+    has_dead = bool(dead.any())
+    if has_dead:
+        score.masked_fill_(dead, -1.0)  # dead inputs first
     s = pattern.sparsity if sparsity is None else min(sparsity, pattern.sparsity)
     if pattern.is_nm:
-        mask = pattern.prune_mask(score)
+        rows, cols = score.shape
+        if cols % pattern.m:
+            raise ConfigError(f"{pattern} needs the input dimension to be a multiple of "
+                              f"{pattern.m}, got {cols}; exclude this layer or use a ratio")
+        groups = score.view(rows, cols // pattern.m, pattern.m)  # [out, in/M, M]
+        low = torch.kthvalue(groups, pattern.m - pattern.n, dim=2, keepdim=True).values
+        mask = (groups <= low).view(rows, cols)  # ties pruned too: at least M − N per group
         if s < pattern.sparsity:
             mask = _lowest(score.masked_fill(~mask, math.inf), s, per_row=True)
     else:
         mask = _lowest(score, s, per_row)
-    return mask | dead
+    return mask | dead if has_dead else mask
 
 
 def _lowest(score: torch.Tensor, s: float, per_row: bool) -> torch.Tensor:
-    """Mask of the floor(s · count) lowest scores of each row (or of the whole matrix).
-
-    A threshold from `kthvalue` (several times faster than `topk` on large layers); entries
-    tied with the threshold are pruned too, so at least the asked count is.
-    """
+    """Mask of the floor(s · count) lowest scores of each row (or of the whole matrix), and of
+    any entry tied with the threshold."""
     rows, cols = score.shape
     k = int(s * (cols if per_row else rows * cols))
     if k <= 0:
@@ -216,26 +224,28 @@ def solve(W_t: torch.Tensor, gram: ScaledGram, pattern: Pattern | str, *, per_ro
     ZQ = Z @ Q
     U = torch.zeros_like(T)  # [out, in]: scaled dual
     UQ = torch.zeros_like(T)
+    target_term = (lam + delta) * TQ  # [out, in]: Ŵ_t (Ĥ + δI) in the eigenbasis
     rho = options.rho
     iterations = 0
     prev_mask = None
     for k in range(1, options.admm_iters + 1):
         iterations = k
-        WQ = ((lam + delta) * TQ + rho * (ZQ - UQ)) / (lam + delta + rho)  # [out, in]
+        WQ = (ZQ - UQ).mul_(rho).add_(target_term).div_(lam + delta + rho)  # [out, in]
         W = WQ @ Q.T
         s = _ramp(k, s0, s_target, options.ramp_iters)
-        V = W + U
+        V = W.add_(U)  # W + U
         new_mask = prune_mask(V, pattern, per_row, dead, s)
         Z = V.masked_fill(new_mask, 0.0)
         ZQ = Z @ Q
-        U += W - Z
-        UQ += WQ - ZQ
+        U_prev, U = U, V.mul_(new_mask)  # U + W − Z = V − Z: V on the pruned entries
+        UQ.add_(WQ).sub_(ZQ)
         if s >= s_target:  # Z is feasible: f(Z) = Σ λ ((Ŵ_t − Z) Q)², no cancellation
-            f = (lam * (TQ - ZQ).square()).sum().item()
+            f = torch.mv((TQ - ZQ).square_(), lam).sum().item()
             if f < best_f:
-                best, best_f, mask = Z.clone(), f, new_mask
+                best, best_f, mask = Z, f, new_mask
             settled = prev_mask is not None and torch.equal(new_mask, prev_mask)
-            if settled and (W - Z).norm() <= options.admm_tol * Z.norm().clamp_min(1e-30):
+            # W − Z = U − U_prev
+            if settled and (U - U_prev).norm() <= options.admm_tol * Z.norm().clamp_min(1e-30):
                 break
         prev_mask = new_mask
         if k % options.rho_every == 0 and options.rho_growth != 1:
