@@ -61,14 +61,17 @@ class GroupFactors:
 
 def layer_pruner(method: str, blocksize: int = 128, percdamp: float = 0.01,
                  solver: SolverOptions | None = None):
-    """`prune(W, H, pattern, factors) -> W'` for `method`, taking from `factors` (a
-    GroupFactors) what the method needs per group."""
+    """`prune(W, H, pattern, factors, info) -> W'` for `method`, taking from `factors` (a
+    GroupFactors) what the method needs per group; `info` (a dict) receives what the method
+    reports about the layer."""
     prune_layer = get_method(method)
     if method == "sparsegpt":
-        return lambda W, H, p, f: prune_layer(W, H, p, blocksize, percdamp, factor=f.cholesky)
+        return lambda W, H, p, f, info: prune_layer(W, H, p, blocksize, percdamp,
+                                                    factor=f.cholesky)
     if method == "admm":
-        return lambda W, H, p, f: prune_layer(W, H, p, percdamp, gram=f.scaled, options=solver)
-    return lambda W, H, p, f: prune_layer(W, H, p)
+        return lambda W, H, p, f, info: prune_layer(W, H, p, percdamp, gram=f.scaled,
+                                                    options=solver, info=info)
+    return lambda W, H, p, f, info: prune_layer(W, H, p)
 
 
 def pruning_transform(method: str, rules: LayerRules, blocksize: int = 128,
@@ -87,8 +90,8 @@ def pruning_transform(method: str, rules: LayerRules, blocksize: int = 128,
             pattern = rules.pattern_for(name)
             if pattern is None:
                 continue
-            out[name] = prune_layer(W, H, pattern, factors)
             group.info[name] = {"pattern": str(pattern)}
+            out[name] = prune_layer(W, H, pattern, factors, group.info[name])
         return out
 
     return transform

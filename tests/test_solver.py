@@ -116,6 +116,8 @@ def test_admm_method_runs_through_the_api_on_a_model():
     report = sds.prune(model, ids, "admm", "2:4", progress=False)
     for r in report.steps["oneshot"].layers:
         assert r.sparsity >= 0.5 and math.isfinite(r.rel_error)
+        assert r.extra["iterations"] > 0
+        assert r.extra["objective_end"] <= r.extra["objective_start"]
 
 
 def test_admm_refuses_nan_weights():
