@@ -151,7 +151,7 @@ def prune(model: nn.Module, calibration, method: str = "sparsegpt", pattern="2:4
     method: "magnitude" | "wanda" | "sparsegpt" | "admm"; pattern: "2:4", "4:8", "50%", 0.5, ...
     `overrides` maps module-name regexes to patterns, `exclude` lists regexes left dense.
     With `sds=True` the Sparse-Dense-Sparse steps follow the one-shot pruning
-    (`sds_config`: a `sds.reconstruct.SDSConfig`; its solver options also apply to "admm").
+    (`sds_config`: a `sds.reconstruct.SDSConfig`).
     """
     rules = LayerRules.build(pattern, overrides, exclude)
     report = PruneReport(method=method, rules=rules.describe())
@@ -162,9 +162,7 @@ def prune(model: nn.Module, calibration, method: str = "sparsegpt", pattern="2:4
         return sds_prune(model, calibration, method, rules, config, blocksize=blocksize,
                          percdamp=percdamp, device=device, progress=progress, report=report)
     t0 = time.perf_counter()
-    solver = sds_config.solver_options() if sds_config is not None else None
     report.steps["oneshot"] = oneshot(model, calibration, method, rules, blocksize=blocksize,
-                                      percdamp=percdamp, solver=solver, device=device,
-                                      progress=progress)
+                                      percdamp=percdamp, device=device, progress=progress)
     report.seconds["oneshot"] = time.perf_counter() - t0
     return report

@@ -103,7 +103,9 @@ class SDSConfig:
         self.solver_options()  # validates the step-3 solver options
 
     def solver_options(self) -> SolverOptions:
-        """The layer solver's options (step 3, and the one-shot method "admm")."""
+        """The layer solver's options in step 3. (Step 1 does not depend on SDS options, so
+        that one-shot results are shared between SDS configurations: the one-shot method
+        "admm" takes its options from `oneshot(..., solver=...)`.)"""
         return SolverOptions(admm_iters=self.adjust_epochs, admm_tol=self.adjust_tol,
                              cg_iters=self.cg_iters, cg_tol=self.cg_tol, rho=self.rho,
                              rho_growth=self.rho_growth, rho_every=self.rho_every,
@@ -298,7 +300,7 @@ def second_prune(model, calibration, dense: dict[str, torch.Tensor], method: str
     from .api import GroupFactors, calibration_ids, pruning_transform
 
     options = config.solver_options()
-    prune = pruning_transform(method, rules, blocksize, percdamp, options)
+    prune = pruning_transform(method, rules, blocksize, percdamp)  # the base method, as in step 1
     ids = calibration_ids(calibration)
 
     def transform(group: LayerGroup):
@@ -349,8 +351,7 @@ def sds_prune(model, calibration, method: str, rules: LayerRules, config: SDSCon
     dense = dense_weights(model, rules)
     steps = [
         ("oneshot", lambda: oneshot(model, calibration, method, rules, blocksize=blocksize,
-                                    percdamp=percdamp, solver=config.solver_options(),
-                                    device=device, progress=progress)),
+                                    percdamp=percdamp, device=device, progress=progress)),
         ("redense", lambda: redense(model, calibration, dense, rules, config, device=device,
                                     progress=progress)),
         ("second", lambda: second_prune(model, calibration, dense, method, rules, config,
