@@ -7,7 +7,8 @@
     sds serve                    serve the deployments of deployments/local.yaml
 
 Exit codes: 0 done, 1 a stage failed, 2 bad input (options, data, model), 3 the store cannot be
-used, 130 interrupted. Errors print one line (cause and fix); --traceback shows the rest.
+used, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM); no child process is left behind.
+Errors print one line (cause and fix); --traceback shows the rest.
 
 Prefect's settings are read when it is imported, so this module sets them (quiet console, the
 embedded API when no PREFECT_API_URL is set) before importing anything that imports Prefect.
@@ -22,6 +23,8 @@ import json
 import math
 import os
 import re
+import signal
+import socket
 import sys
 import threading
 import time
@@ -768,6 +771,130 @@ def cmd_serve(args, console) -> int:
     return 0
 
 
+# -- interruption -------------------------------------------------------------------------------
+GRACE_SECONDS = 3.0  # after Ctrl-C / SIGTERM, how long Prefect gets to record the crash
+
+
+class Interruption:
+    """Ctrl-C (SIGINT) and SIGTERM stop the command within seconds, exit 130 and 143.
+
+    The signal raises KeyboardInterrupt in the main thread, so that Prefect records the crash.
+    But stage threads keep computing, and a terminal's Ctrl-C also reaches the embedded API
+    server, after which every call to it retries for a minute: so the command does not wait
+    for them. It stops its child processes (the embedded API) and exits at once, when the
+    KeyboardInterrupt reaches `main`, GRACE_SECONDS after the signal, or at a second signal,
+    whichever is first. Python runs signal handlers only when the main thread wakes up, which
+    can be minutes later when it waits on a stage; the signal's wake-up byte (set_wakeup_fd)
+    starts the countdown at once. Finished stages are committed; a save cut short leaves no
+    commit (`sds store gc` clears its files)."""
+
+    def __init__(self, console):
+        self.console, self.code = console, None
+        self.previous: dict = {}
+        self.lock = threading.Lock()
+        try:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self.previous[signum] = signal.signal(signum, self.handle)
+            self.wakeup, writer = socket.socketpair()
+            writer.setblocking(False)
+            self.writer = writer
+            self.previous_fd = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+            threading.Thread(target=self.watch, name="sds-signals", daemon=True).start()
+        except ValueError:  # not the main thread: leave signals alone
+            pass
+
+    def restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        if hasattr(self, "previous_fd"):
+            signal.set_wakeup_fd(self.previous_fd)
+            self.writer.close()
+            self.wakeup.close()  # ends the watcher
+
+    def watch(self) -> None:
+        with contextlib.suppress(OSError):
+            while data := self.wakeup.recv(16):
+                for signum in data:
+                    if signum in (signal.SIGINT, signal.SIGTERM):
+                        self.signalled(signum)
+
+    def signalled(self, signum: int) -> None:
+        """The first signal starts the countdown to `stop`, the second stops at once."""
+        with self.lock:
+            first, self.code = self.code is None, self.code or 128 + signum
+        if not first:
+            self.stop()
+        threading.Timer(GRACE_SECONDS, self.stop).start()
+
+    def handle(self, signum, frame) -> None:
+        if not hasattr(self, "previous_fd"):  # no watcher counts the signals
+            self.signalled(signum)
+        raise KeyboardInterrupt
+
+    def stop(self) -> None:
+        """Say so, end the child processes, and exit now (no waiting for stage threads)."""
+        with contextlib.suppress(Exception):
+            self.console.print("[red]interrupted[/]: finished stages are in the store; run the "
+                               "same command again to resume")
+        _end_children()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(self.code or EXIT_INTERRUPTED)
+
+
+def _end_children(wait: float = 2.0) -> None:
+    """SIGTERM every descendant of this process (Linux: from /proc), SIGKILL those still
+    there after `wait` seconds; elsewhere, stop Prefect's embedded API server."""
+    server = sys.modules.get("prefect.server.api.server")
+    if not os.path.isdir("/proc/self"):
+        for instance in list(server.SubprocessASGIServer._instances.values()
+                             if server else ()):
+            with contextlib.suppress(Exception):
+                instance.stop()
+        return
+    pids = _descendants(os.getpid())
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + wait
+        while pids and time.monotonic() < deadline:
+            for pid in pids:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, os.WNOHANG)  # reap our own children
+            pids = [p for p in pids if _running(p)]
+            time.sleep(0.05)
+
+
+def _stat(pid) -> list[str]:
+    """Fields of /proc/<pid>/stat after the command name: [state, ppid, ...]."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()
+
+
+def _running(pid: int) -> bool:
+    try:
+        return _stat(pid)[0] != "Z"
+    except OSError:
+        return False
+
+
+def _descendants(root: int) -> list[int]:
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                parents[int(entry)] = int(_stat(entry)[1])
+    found, todo = [], [root]
+    while todo:
+        parent = todo.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent]
+        found += children
+        todo += children
+    return found
+
+
 # -- entry point --------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
@@ -778,6 +905,7 @@ def main(argv: list[str] | None = None) -> int:
     # the terminal's stderr, kept even while the flow's own stderr goes to a log file
     console = Console(file=os.fdopen(os.dup(2), "w", buffering=1, closefd=True),
                       force_terminal=sys.stderr.isatty() or None)
+    interruption = Interruption(console)
     try:
         return args.handler(args, console)
     except BrokenPipeError:  # the reader left early, e.g. `sds store ls | head`
@@ -785,14 +913,15 @@ def main(argv: list[str] | None = None) -> int:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except KeyboardInterrupt:
-        console.print("[red]interrupted[/]: finished stages are in the store; run the same "
-                      "command again to resume")
-        return EXIT_INTERRUPTED
+        interruption.stop()
+        return EXIT_INTERRUPTED  # not reached
     except Exception as exc:
         if args.traceback:
             console.print_exception()
         console.print(f"[red]error:[/] {one_line(exc)}", highlight=False, soft_wrap=True)
         return exit_code(exc)
+    finally:
+        interruption.restore()
 
 
 if __name__ == "__main__":

@@ -393,3 +393,56 @@ def test_a_store_fault_in_the_middle_of_a_run_exits_3_without_retries(
     assert code == 3, err
     assert expected in err.splitlines()[-1]
     assert calls and len(calls) == len(set(calls))  # no stage retried: it would not heal
+
+
+def _processes_of(home: Path) -> list[int]:
+    """Pids of the live processes whose environment holds PREFECT_HOME=home (the command and
+    every process it started, in whatever process group)."""
+    needle = f"PREFECT_HOME={home}".encode() + b"\0"
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and needle in (entry / "environ").read_bytes() + b"\0":
+                if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                    pids.append(int(entry.name))
+        except OSError:
+            pass
+    return pids
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc")
+@pytest.mark.parametrize("how", ["SIGINT to the process group", "SIGTERM to the command"])
+def test_an_interrupted_run_stops_at_once_and_leaves_no_process(how, tmp_path):
+    store, home = tmp_path / "store", tmp_path / "prefect-home"
+    env = {**os.environ, "PREFECT_HOME": str(home), "OMP_NUM_THREADS": "1",
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    env.pop("PREFECT_API_URL", None)  # the demo as a user runs it: Prefect's embedded API
+    # the demo defaults, with a re-dense step long enough to be interrupted in
+    args = ["run", "--nsamples", "4", "--seqlen", "32", "--tasks", "none", "--epochs", "5000",
+            "--store", str(store), "--out", str(tmp_path / "out")]
+    process = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], env=env, cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)  # its own group, as in a terminal
+    try:
+        deadline = time.monotonic() + 180
+        while not list(store.glob("oneshot/*/meta.json")):  # mid-run: re-dense is computing
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "the one-shot stage never finished"
+            time.sleep(0.1)
+        assert len(_processes_of(home)) >= 2  # the command and Prefect's embedded API
+        if how.startswith("SIGINT"):
+            os.killpg(process.pid, signal.SIGINT)
+            expected = 130
+        else:
+            process.send_signal(signal.SIGTERM)
+            expected = 143
+        _out, err = process.communicate(timeout=30)  # seconds, not minutes
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == expected, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert _processes_of(home) == []
+    assert not list(store.glob("second/*/meta.json"))
