@@ -713,7 +713,11 @@ def cmd_store(args, console) -> int:
             stage, sep, key = item.partition("/")
             if not sep:
                 raise ConfigError(f"{item!r} is not STAGE/KEY (see `sds store ls`)")
-            found = store.exists(stage, key) if args.dry_run else store.discard(stage, key)
+            if args.dry_run:  # what discard would find: a committed or an incomplete artifact
+                found = store.exists(stage, key) or store.ref(stage, key) in store.incomplete(
+                    stage)
+            else:
+                found = store.discard(stage, key)
             if found:
                 removed.append(item)
         age = parse_age(args.older_than)

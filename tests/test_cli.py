@@ -298,6 +298,9 @@ def test_store_rm_incomplete_removes_only_the_interrupted_save(tmp_path, capfd, 
     assert main(["store", "rm", "--store", str(store.root), "--incomplete", "--dry-run"]) == 0
     assert capfd.readouterr().out.splitlines() == [
         "would remove 1 artifact(s)", f"  oneshot/{broken}"]
+    assert main(["store", "rm", "--store", str(store.root), f"oneshot/{broken}",
+                 "--dry-run"]) == 0  # named, the broken one is found too
+    assert capfd.readouterr().out.splitlines()[0] == "would remove 1 artifact(s)"
     assert main(["store", "rm", "--store", str(store.root), "--incomplete"]) == 0
     assert {m["key"] for m in store.list()} == good
     assert store.incomplete() == []
