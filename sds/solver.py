@@ -330,13 +330,15 @@ def redense_solve(B: torch.Tensor, c: float, gram: ScaledGram, W0: torch.Tensor,
 
     TQ = gram.scale(W_t) @ Q if W_t is not None else None  # [out, in]
 
+    a2 = a.square()
+
     def J(Zh, ZhQ):  # J at a scaled point, from its eigen coordinates
         if TQ is not None:
-            quad = (lam * (TQ - ZhQ).square()).sum()
+            quad = torch.mv((TQ - ZhQ).square_(), lam).sum()
         else:
-            quad = (lam * ZhQ.square()).sum() - 2 * (Bs * Zh).sum() + c
-        W = Zh * a
-        return (quad / nu + l1 * W.abs().sum() + l2 * W.square().sum()).item()
+            quad = torch.mv(ZhQ.square(), lam).sum() - 2 * (Bs * Zh).sum() + c
+        reg = l1 * torch.mv(Zh.abs(), a).sum() + l2 * torch.mv(Zh.square(), a2).sum()
+        return (quad / nu + reg).item()
 
     Z = gram.scale(W0)
     objective_start = J(Z, Z @ Q)
@@ -348,22 +350,24 @@ def redense_solve(B: torch.Tensor, c: float, gram: ScaledGram, W0: torch.Tensor,
     rho = 0.2 / nu  # a tenth of the quadratic part's mean curvature 2/ν (unit diagonal)
     history = [best_J]  # best J after each iteration
     iterations = 0
-    BQ = Bs @ Q
+    BQ = (2.0 / nu) * (Bs @ Q)  # [out, in]
     for k in range(1, iters + 1 if l1 > 0 else 1):
         iterations = k
-        WQ = (2.0 / nu * BQ + rho * (ZQ - UQ)) / (2.0 / nu * lam + rho)  # [out, in]
+        WQ = (ZQ - UQ).mul_(rho).add_(BQ).div_(2.0 / nu * lam + rho)  # [out, in]
         W = WQ @ Q.T
         V = W + U
         Z_prev = Z
-        Z = torch.sign(V) * (V.abs() - l1 * a / rho).clamp_min(0) / (1 + 2 * l2 * a.square() / rho)
+        # prox of λ1 a|z| + λ2 a² z² at V: soft-threshold by λ1 a / ρ, shrink by 1 + 2 λ2 a² / ρ
+        Z = V.abs().sub_(l1 / rho * a).clamp_(min=0).mul_(V.sign()).div_(
+            1 + 2 * l2 / rho * a.square())
         ZQ = Z @ Q
-        U += W - Z
-        UQ += WQ - ZQ
+        U_prev, U = U, V.sub_(Z)  # U + W − Z
+        UQ.add_(WQ).sub_(ZQ)
         j = J(Z, ZQ)
         if j < best_J:
             best, best_J = Z, j
         history.append(best_J)
-        r = (W - Z).norm().item() / max(W.norm().item(), Z.norm().item(), 1e-30)
+        r = (U - U_prev).norm().item() / max(W.norm().item(), Z.norm().item(), 1e-30)  # W − Z
         s = (Z - Z_prev).norm().item() / max(U.norm().item(), 1e-30)  # ρ‖ΔZ‖ / ‖ρU‖
         stalled = k >= 10 and history[-11] - best_J <= tol * abs(best_J)
         if (r <= tol and s <= tol) or stalled:
