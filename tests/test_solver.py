@@ -120,8 +120,27 @@ def test_admm_method_runs_through_the_api_on_a_model():
         assert r.extra["objective_end"] <= r.extra["objective_start"]
 
 
-def test_admm_refuses_nan_weights():
+def test_layers_that_read_the_same_input_share_one_eigendecomposition(monkeypatch):
+    from sds import solver
+    from tests.helpers import tiny_llama
+
+    calls = []
+    original = solver.ScaledGram.of
+    monkeypatch.setattr(solver.ScaledGram, "of",
+                        classmethod(lambda cls, H, damp=0.01: calls.append(H.shape)
+                                    or original(H, damp)))
+    model = tiny_llama(layers=2)
+    report = sds.prune(model, torch.randint(0, 128, (2, 16)), "admm", "2:4", progress=False)
+    assert len(report.steps["oneshot"].layers) == 14  # q, k, v, o, gate, up, down per block
+    assert len(calls) == 8  # q/k/v, o, gate/up, down: four input groups per block
+
+
+def test_admm_refuses_nan_weights_and_statistics():
     W_t, H = _layer(rows=8, cols=16, tokens=64)
+    bad_H = H.clone()
+    bad_H[1, 1] = float("inf")
+    with pytest.raises(NumericalError, match="NaN/Inf"):
+        get_method("admm")(W_t, bad_H, "50%")
     W_t[0, 0] = float("nan")
     with pytest.raises(NumericalError, match="NaN"):
         get_method("admm")(W_t, H, "50%")
