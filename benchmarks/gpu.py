@@ -135,17 +135,6 @@ def _fmt(x, spec: str) -> str:
     return "" if x is None else format(x, spec)
 
 
-def write_section(section: str, path: Path) -> None:
-    text = path.read_text()
-    start = text.find("## GPU\n")
-    if start >= 0:
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
-    else:
-        text = text.rstrip() + "\n\n" + section
-    path.write_text(text)
-
-
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--small", action="store_true", help="the scaled-down CPU shape")
@@ -166,7 +155,9 @@ def main(argv=None) -> dict:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     if args.write:
-        write_section(section, ROOT / "BENCHMARKS.md")
+        from benchmarks.report import replace_section
+
+        replace_section(ROOT / "BENCHMARKS.md", "GPU", section)
     return result
 
 

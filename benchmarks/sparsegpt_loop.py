@@ -116,16 +116,9 @@ def main(argv=None):
                    "contiguous row and each column's update is one in-place rank-1 product "
                    "(`addr_`) with no temporaries; N:M masks are chosen with one `topk` per group "
                    "of M columns. Same masks; the outputs differ by float rounding only.\n")
-        path = ROOT / "BENCHMARKS.md"
-        text = path.read_text()
-        start = text.find("## SparseGPT loop")
-        if start >= 0:
-            end = text.find("\n## ", start + 1)
-            text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
-        else:
-            text = text.rstrip() + "\n\n" + section
-        path.write_text(text)
+        from benchmarks.report import replace_section
 
+        replace_section(ROOT / "BENCHMARKS.md", "SparseGPT loop", section)
 
 if __name__ == "__main__":
     main()
