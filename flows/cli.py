@@ -489,7 +489,7 @@ def _quick_checks(params: dict) -> None:
     from sds.patterns import LayerRules
     from sds.pruners import get_method
     from sds.reconstruct import SDSConfig
-    from sds.store import ArtifactStore
+    from tasks.store import ArtifactStore
 
     get_method(params["method"])
     LayerRules.build(params["pattern"], params["overrides"], params["exclude"] or ())
@@ -506,8 +506,8 @@ def cmd_run(args, console) -> int:
     warm_up = _warm_up_api()
     with console.status("checking the inputs"):
         from flows.pipeline import pipeline
-        from sds.store import ArtifactStore
         from tasks.plan import plan_pipeline
+        from tasks.store import ArtifactStore
 
         _quiet_libraries(args.verbose)
         plan_args = {k: v for k, v in params.items() if k not in ("out", "export")}
@@ -591,7 +591,7 @@ def cmd_sweep(args, console) -> int:
     warm_up = _warm_up_api()
     with console.status("checking the inputs"):
         from flows.sweep import sweep
-        from sds.store import ArtifactStore
+        from tasks.store import ArtifactStore
 
         _quiet_libraries(args.verbose)
         params = sweep_parameters(args)
@@ -666,7 +666,7 @@ def cmd_store(args, console) -> int:
     from rich.table import Table
 
     from sds.errors import ConfigError
-    from sds.store import ArtifactStore
+    from tasks.store import ArtifactStore
 
     store = ArtifactStore(args.store)
     out = sys.stdout

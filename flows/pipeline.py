@@ -18,10 +18,10 @@ from prefect import flow
 from prefect.futures import PrefectFuture, wait
 from prefect.runtime import flow_run
 
-from sds.store import DEFAULT_ROOT, ArtifactStore
 from tasks import stages
 from tasks.common import GPU_LIMIT, artifact_is_trusted, ensure_gpu_limit, notify
 from tasks.plan import Plan, plan_pipeline
+from tasks.store import DEFAULT_ROOT, ArtifactStore
 
 from . import report
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from datetime import datetime
 from pathlib import Path
 
@@ -194,15 +193,12 @@ def publish(results: dict) -> None:
 
 def write_json(data: dict, path: str | os.PathLike) -> Path:
     """Write JSON atomically (a reader sees the old file or the new one)."""
-    path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=False, default=str)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    from fsspec.implementations.local import LocalFileSystem
+
+    from tasks.store import atomic_file
+
+    path = Path(path).expanduser().resolve()
+    with atomic_file(LocalFileSystem(), str(path)) as tmp, open(tmp, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=False, default=str)
+        f.write("\n")
     return path

@@ -16,10 +16,10 @@ from prefect.artifacts import create_table_artifact
 from prefect.futures import wait
 
 from sds.errors import SDSError
-from sds.store import DEFAULT_ROOT, ArtifactStore
 from tasks import stages
 from tasks.common import GPU_LIMIT, ensure_gpu_limit
 from tasks.plan import plan_pipeline
+from tasks.store import DEFAULT_ROOT, ArtifactStore
 
 from . import report
 from .pipeline import StageRunner, current_run, resolve, submit_stages

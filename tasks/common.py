@@ -40,7 +40,8 @@ from sds.errors import (
     StoreFullError,
     UpstreamLostError,
 )
-from sds.store import ArtifactStore, artifact_key
+
+from .store import ArtifactStore, artifact_key
 
 log = logging.getLogger("sds.tasks")
 
@@ -54,7 +55,7 @@ GPU_LEASE_SECONDS = 60  # a crashed holder's slot comes back after about this lo
 # -- caching ------------------------------------------------------------------------------------
 def stage_key(spec: dict) -> str:
     """The artifact key of a spec: (stage, stage version, base-model identity, the stage's own
-    config, upstream keys) hashed by `sds.store.artifact_key`."""
+    config, upstream keys) hashed by `tasks.store.artifact_key`."""
     stage = spec["stage"]
     return artifact_key(stage, STAGE_VERSIONS[stage], spec["model"]["identity"], spec["config"],
                         list(spec["upstream"].values()))

@@ -25,10 +25,10 @@ from sds.evaluate import DEMO_TASKS, expand_tasks
 from sds.patterns import LayerRules
 from sds.pruners import get_method
 from sds.reconstruct import SDSConfig
-from sds.store import DEFAULT_ROOT, ArtifactStore
 from sds.suite import as_list
 
 from .common import GPU_LIMIT, stage_key
+from .store import DEFAULT_ROOT, ArtifactStore
 
 DEMO_DEFAULTS = {"calib": "demo", "eval": ["wiki", "news"], "tasks": ["demo"],
                  "nsamples": 32, "seqlen": 128, "limit": 100}

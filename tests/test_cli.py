@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from sds.store import ArtifactStore
+from tasks.store import ArtifactStore
 from tests.test_pipeline_fixtures import REPO, TOKENIZER, cli_args, server_env, tiny_params
 
 # fixtures: prefect_api, tiny_model, corpus (and the S3 ones from conftest)

@@ -16,7 +16,7 @@ from sds.errors import (
     StoreFullError,
     UpstreamLostError,
 )
-from sds.store import ArtifactStore
+from tasks.store import ArtifactStore
 from tests.test_pipeline_fixtures import task_runs, tiny_params
 
 # fixtures: prefect_api, tiny_model, corpus (and the S3 ones from conftest)
@@ -67,7 +67,7 @@ def test_plan_keys_follow_the_inputs_and_not_the_run(tiny_model, corpus, tmp_pat
     ({"nsamples": 0}, ConfigError),
     ({"seqlen": 4096}, ConfigError),  # the tiny model has 128 positions
     ({"model": "/no/such/model"}, ModelError),
-    ({"store": "ftp://host/x"}, ConfigError),
+    ({"store": "nosuch://host/x"}, ConfigError),
 ])
 def test_plan_rejects_bad_input_before_running(tiny_model, corpus, tmp_path, change, error):
     from tasks.plan import plan_pipeline

@@ -1,6 +1,6 @@
-"""The artifact store: each stage's output tensors and metadata, on local disk or S3.
+"""The artifact store: each stage's output tensors and its commit record, under one fsspec root.
 
-Layout under the root (a local folder, or `s3://bucket/prefix` through s3fs):
+Layout under the root (a local folder, `s3://bucket/prefix`, `memory://...`, any fsspec URL):
 
     <root>/<stage>/<key>/tensors.safetensors   the tensors the stage produced (possibly none)
     <root>/<stage>/<key>/meta.json             written last: its presence is the commit
@@ -9,13 +9,18 @@ The key hashes everything that determines a stage's output (`artifact_key`), so 
 find the same artifact on any machine. Only validated stage names and hex keys ever become path
 segments; model ids and other free text live inside meta.json.
 
-Writes are atomic and reads verify the sha256 recorded in meta.json. Failures of the storage
-itself raise `StoreError` (transient: the caller may retry); a missing, half-written or damaged
-artifact raises `CorruptArtifactError` (recompute it); bad arguments raise `ConfigError`.
+The store is the pipeline's one cache. Whether a stage is done is decided from meta.json alone
+(`exists`: it parses, and records the size and sha256 of a tensors file of that size); the
+tensors are hashed by the stage that reads them (`load`), so a damaged artifact is found and
+recomputed, never trusted. Writes are atomic (`atomic_file`), and `create` writes an object only
+if it is absent.
 
-S3 credentials and endpoint come from the standard AWS environment (AWS_ACCESS_KEY_ID,
-AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL or AWS_ENDPOINT_URL_S3, AWS_PROFILE, ~/.aws files).
-botocore reads them; the store never records them, and scrubs them from its messages.
+Failures of the storage itself raise `StoreError` (transient: the caller may retry); a missing,
+half-written or damaged artifact raises `CorruptArtifactError` (recompute it); bad arguments
+raise `ConfigError`. Remote credentials and endpoints come from each backend's standard
+environment (for S3: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL or
+AWS_ENDPOINT_URL_S3, AWS_PROFILE, ~/.aws files); the store never records them, and scrubs them
+from its messages. Torch is imported only to save or load tensors.
 """
 
 from __future__ import annotations
@@ -42,12 +47,10 @@ from importlib import metadata
 from typing import Any
 from urllib.parse import urlsplit
 
-import safetensors
-import safetensors.torch
-import torch
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
-from .data import sha256_file
-from .errors import ConfigError, CorruptArtifactError, SDSError, StoreError, StoreFullError
+from sds.errors import ConfigError, CorruptArtifactError, SDSError, StoreError, StoreFullError
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +63,6 @@ KEY_LENGTH = 32  # hex characters kept of the sha256: 128 bits
 _STAGE_RE = re.compile(r"[a-z][a-z0-9_-]{0,63}")
 _KEY_RE = re.compile(rf"[0-9a-f]{{{KEY_LENGTH}}}")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
-_BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
-_PREFIX_PART_RE = re.compile(r"[A-Za-z0-9._=+-]+")
-_SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 _RESERVED = frozenset(
     {"format", "stage", "key", "sha256", "bytes", "tensor_names", "created", "versions"}
 )
@@ -220,9 +220,39 @@ class _Entry:
     strays: dict[str, float | None]  # other files (temporaries of a killed save): path -> mtime
 
 
+# -- atomic writes ------------------------------------------------------------------------------
+@contextlib.contextmanager
+def atomic_file(fs, path: str) -> Iterator[str]:
+    """A local file to write; when the block ends without an error it becomes `path` on `fs`
+    in one step, so that a reader sees the old content or the new, never a part.
+
+    On a local filesystem the file is made beside `path` and renamed over it (fsync'ed); on an
+    object store it is uploaded with one PUT, which is atomic there. A failure or a kill
+    leaves `path` as it was (locally, at worst a `.sds-*.tmp` file beside it, which
+    `ArtifactStore.strays` finds).
+    """
+    local = isinstance(fs, LocalFileSystem)
+    folder = os.path.dirname(path) if local else None
+    if local:
+        os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".sds-", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        yield tmp
+        if local:
+            _fsync(tmp)
+            os.replace(tmp, path)
+            _fsync_dir(folder)
+        else:
+            fs.put_file(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+
+
 # -- the store ----------------------------------------------------------------------------------
 class ArtifactStore:
-    """Artifacts under one root: a local folder, or `s3://bucket/prefix`.
+    """Artifacts under one root URL, opened with fsspec's `url_to_fs`.
 
     Nothing is contacted until the first operation; `check()` verifies that the root can be
     reached and written, and says what to fix when it cannot. Safe to pickle (the filesystem
@@ -234,33 +264,41 @@ class ArtifactStore:
             root = os.fspath(root)
         if not isinstance(root, str) or not root.strip():
             raise ConfigError(
-                f"store root {_short(root)} is empty; use a local folder or s3://bucket/prefix"
+                f"store root {_short(root)} is empty; use a local folder or a URL such as "
+                "s3://bucket/prefix"
             )
         if isinstance(connect_timeout, bool) or not (
             isinstance(connect_timeout, int | float) and connect_timeout > 0
         ):
             raise ConfigError(f"connect_timeout {connect_timeout!r} must be a positive number")
         self.connect_timeout = float(connect_timeout)
-        root = root.strip()
-        if root.startswith("s3://"):
-            self._bucket, prefix = _parse_s3_root(root)
-            self._base = "/".join(p for p in (self._bucket, prefix) if p)  # s3fs path, no scheme
-            self.root = f"s3://{self._base}"
-        else:
-            if root.startswith("file://"):
-                root = root[len("file://") :]
-            elif _SCHEME_RE.match(root):
-                raise ConfigError(
-                    f"store root {_short(root)} is not supported: use a local folder "
-                    "or s3://bucket/prefix"
-                )
-            self._bucket = None
-            self._base = self.root = os.path.abspath(os.path.expanduser(root))
+        root = os.path.expanduser(root.strip())
+        protocol = fsspec.core.split_protocol(root)[0] or "file"
+        try:
+            self._fs_class = fsspec.get_filesystem_class(protocol)
+        except ImportError as exc:  # a known backend whose package is not installed
+            raise ConfigError(f"store root {_short(root)}: {exc}") from None
+        except ValueError:
+            raise ConfigError(
+                f"store root {_short(root)} has the unknown scheme {protocol!r}: use a local "
+                "folder or a URL of an installed fsspec backend (e.g. s3://bucket/prefix)"
+            ) from None
+        parts = urlsplit(root)
+        if parts.username or parts.password:
+            raise ConfigError(
+                f"store root {_short(_redact_userinfo(root))} holds credentials; give them in "
+                "the environment (e.g. AWS_ACCESS_KEY_ID) instead"
+            )
+        self._url, self.protocol = root, protocol
+        self._base = self._fs_class._strip_protocol(root).rstrip("/")  # path on the filesystem
+        if not self._base.strip("/") or any(p in (".", "..") for p in self._base.split("/")):
+            raise ConfigError(
+                f"store root {_short(root)} names no place or has '.'/'..' segments; use e.g. "
+                "./sds-store or s3://bucket/prefix"
+            )
+        self.local = issubclass(self._fs_class, LocalFileSystem)
+        self.root = self._base if self.local else f"{protocol}://{self._base.lstrip('/')}"
         self._fs = None
-
-    @property
-    def is_s3(self) -> bool:
-        return self._bucket is not None
 
     def __repr__(self) -> str:
         return f"ArtifactStore({self.root!r})"
@@ -271,6 +309,15 @@ class ArtifactStore:
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["root"], connect_timeout=state["connect_timeout"])
 
+    @property
+    def fs(self):
+        """The fsspec filesystem of the root (made on first use)."""
+        if self._fs is None:
+            options = _BACKEND_OPTIONS.get(self.protocol, _no_options)(self.connect_timeout)
+            with self._guard(f"opening {self.root}", missing_ok=False):
+                self._fs, _ = fsspec.core.url_to_fs(self._url, **options)
+        return self._fs
+
     def ref(self, stage: str, key: str) -> ArtifactRef:
         """The reference of `stage`/`key` in this store (whether or not it exists)."""
         _check_stage(stage)
@@ -280,27 +327,20 @@ class ArtifactStore:
     # -- reachability ---------------------------------------------------------------------------
     def check(self) -> None:
         """Write, read back and delete a small probe object; raise StoreError saying what to fix."""
-        fs = self._filesystem()
+        self._not_a_file()
         probe = f"{self._base}/.sds-check-{uuid.uuid4().hex}"
-        if not self.is_s3:
-            self._not_a_file()
-            with self._guard(f"creating the store folder {self.root}", missing_ok=False):
-                os.makedirs(self.root, exist_ok=True)
         with self._guard(f"writing a test object under {self.root}", missing_ok=False):
-            fs.pipe_file(probe, b"ok")
+            with atomic_file(self.fs, probe) as tmp:
+                with open(tmp, "wb") as f:
+                    f.write(b"ok")
         with self._guard(f"reading a test object under {self.root}", missing_ok=False):
-            fs.cat_file(probe)
+            self.fs.cat_file(probe)
         with self._guard(f"deleting a test object under {self.root}", missing_ok=False):
-            fs.rm_file(probe)
+            self.fs.rm_file(probe)
 
     # -- writing --------------------------------------------------------------------------------
-    def save(
-        self,
-        stage: str,
-        key: str,
-        tensors: Mapping[str, torch.Tensor],
-        meta: Mapping[str, Any] | None = None,
-    ) -> ArtifactRef:
+    def save(self, stage: str, key: str, tensors: Mapping, meta: Mapping | None = None
+             ) -> ArtifactRef:
         """Store `tensors` (may be empty) and `meta` as `stage`/`key`, replacing any old copy.
 
         The tensors file goes in first (atomically), then meta.json, which is the commit: it
@@ -308,43 +348,18 @@ class ArtifactStore:
         (UTC) and library versions. `meta['upstream']`, when present, should list the upstream
         keys: `remove(keep=...)` follows it. Until meta.json lands, `exists` reports False.
         """
+        import safetensors.torch
+
         ref = self.ref(stage, key)
         tensors = _prepare_tensors(tensors)
         meta = _prepare_meta(meta)
-        fs = self._filesystem()
         folder = self._dir(stage, key)
-
-        with self._guard(f"preparing to write {ref.uri}", missing_ok=False):
-            if self.is_s3:
-                fd, tmp = tempfile.mkstemp(prefix="sds-", suffix=".safetensors")
-                os.close(fd)
-            else:
-                os.makedirs(folder, exist_ok=True)
-                # same folder as the target, so the final os.replace is an atomic rename
-                tmp = os.path.join(folder, f".tensors-{uuid.uuid4().hex}.tmp")
-        try:
-            try:
+        with self._guard(f"writing the tensors of {ref.uri}", missing_ok=False):
+            with atomic_file(self.fs, f"{folder}/{TENSORS}") as tmp:
                 safetensors.torch.save_file(tensors, tmp)
-                if not self.is_s3:
-                    _fsync(tmp)
                 size = os.path.getsize(tmp)
-                digest = sha256_file(tmp)
-            except (OSError, safetensors.SafetensorError) as exc:  # its own type for I/O too
-                raise self._error(f"writing the tensors of {ref.uri}", exc) from exc
-            self._uncommit(folder)
-            target = f"{folder}/{TENSORS}"
-            with self._guard(f"writing {self._uri(target)}", missing_ok=False):
-                if self.is_s3:
-                    # one PUT (or one completed multipart upload) is atomic on S3: readers see
-                    # the old object or the new one, never a part, so no temporary key is needed
-                    fs.put_file(tmp, target)
-                else:
-                    os.replace(tmp, target)
-                    _fsync_dir(folder)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(tmp)
-
+                digest = _sha256(tmp)
+                self._uncommit(folder)  # old meta + new tensors must never pass for an artifact
         record = {
             **meta,
             "format": FORMAT,
@@ -360,17 +375,30 @@ class ArtifactStore:
         log.debug("saved %s (%d tensors, %d bytes)", ref.uri, len(tensors), size)
         return ref
 
+    def create(self, name: str, data: bytes) -> bool:
+        """Write `data` to `<root>/<name>` only if nothing is there yet: True when this call
+        created it, False when it existed (an exclusive create locally, a conditional PUT on
+        S3: two writers racing for one name never both win)."""
+        path = f"{self._base}/{name}"
+        with self._guard(f"creating {self._uri(path)}", missing_ok=False):
+            if self.local:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+            try:
+                self.fs.pipe_file(path, data, mode="create")
+            except FileExistsError:
+                return False
+        return True
+
     def discard(self, stage: str, key: str) -> bool:
         """Remove an artifact (meta.json first, so it never looks committed while half-deleted).
 
         Returns False when there was nothing to remove.
         """
         ref = self.ref(stage, key)
-        fs = self._filesystem()
         folder = self._dir(stage, key)
         with self._guard(f"removing {ref.uri}"):
             try:
-                if not fs.find(folder):
+                if not self.fs.find(folder):
                     return False
             except FileNotFoundError as exc:
                 if _is_missing_bucket(exc):
@@ -379,10 +407,10 @@ class ArtifactStore:
         self._uncommit(folder)
         with self._guard(f"removing {ref.uri}"):
             with contextlib.suppress(FileNotFoundError):
-                fs.rm(folder, recursive=True)
-        if not self.is_s3:
-            with contextlib.suppress(OSError):
-                os.rmdir(os.path.dirname(folder))  # the stage folder, once it is empty
+                self.fs.rm(folder, recursive=True)
+            with contextlib.suppress(OSError):  # the stage folder, once it is empty
+                if self.local:
+                    os.rmdir(os.path.dirname(folder))
         log.debug("discarded %s", ref.uri)
         return True
 
@@ -434,7 +462,8 @@ class ArtifactStore:
 
     # -- reading --------------------------------------------------------------------------------
     def exists(self, stage: str, key: str) -> bool:
-        """True when meta.json parses and the tensors file has the recorded size (no hashing)."""
+        """True when meta.json parses and the tensors file has the recorded size: the commit
+        record only, never the tensors (`load` hashes them)."""
         self.ref(stage, key)
         meta = self._read_meta(stage, key)
         if isinstance(meta, str):
@@ -452,14 +481,14 @@ class ArtifactStore:
             )
         return meta
 
-    def load(
-        self, stage: str, key: str, verify: bool = True
-    ) -> tuple[dict[str, torch.Tensor], dict]:
+    def load(self, stage: str, key: str, verify: bool = True) -> tuple[dict, dict]:
         """The tensors (on CPU) and meta of `stage`/`key`.
 
         Raises CorruptArtifactError when meta.json is missing or unreadable, the tensors file is
         missing or has the wrong size, or (with `verify`) its sha256 differs from the record.
         """
+        import safetensors.torch
+
         ref = self.ref(stage, key)
         meta = self.load_meta(stage, key)
 
@@ -483,7 +512,7 @@ class ArtifactStore:
             size = read(os.path.getsize, path)
             if size != meta["bytes"]:
                 raise corrupt(f"its tensors file has {size} bytes; meta.json says {meta['bytes']}")
-            if verify and read(sha256_file, path) != meta["sha256"]:
+            if verify and read(_sha256, path) != meta["sha256"]:
                 raise corrupt("the sha256 of its tensors file differs from meta.json")
             try:
                 tensors = safetensors.torch.load_file(path)
@@ -519,7 +548,7 @@ class ArtifactStore:
             for path in paths:
                 with self._guard(f"removing {self._uri(path)}"):
                     with contextlib.suppress(FileNotFoundError):
-                        self._filesystem().rm_file(path)
+                        self.fs.rm_file(path)
         return [self._uri(p) for p in paths]
 
     def _strays(self, stage: str | None, older_than: timedelta | None) -> list[str]:
@@ -533,52 +562,25 @@ class ArtifactStore:
         )
 
     # -- internals ------------------------------------------------------------------------------
-    def _filesystem(self):
-        if self._fs is None:
-            if self.is_s3:
-                try:
-                    import s3fs
-                except ImportError as exc:
-                    raise ConfigError(
-                        f"store root {self.root} needs s3fs: pip install s3fs"
-                    ) from exc
-                fs = s3fs.S3FileSystem(
-                    session=_aws_session(),
-                    skip_instance_cache=True,  # our own timeouts; credentials read afresh
-                    use_listings_cache=False,  # other machines write here too
-                    config_kwargs={
-                        "connect_timeout": self.connect_timeout,
-                        "retries": {"max_attempts": 2, "mode": "standard"},
-                    },
-                )
-                # s3fs retries dropped connections and throttling on its own as well; keep that
-                # short, since the orchestration retries a StoreError with its own policy
-                fs.retries = 3
-            else:
-                from fsspec.implementations.local import LocalFileSystem
-
-                fs = LocalFileSystem()
-            self._fs = fs
-        return self._fs
-
     def _not_a_file(self) -> None:
-        if not self.is_s3 and os.path.exists(self.root) and not os.path.isdir(self.root):
-            raise StoreError(
-                f"store root {self.root} is a file, not a folder; choose another store root"
-            )
+        with self._guard(f"reading {self.root}"):
+            if self.fs.isfile(self._base):
+                raise StoreError(
+                    f"store root {self.root} is a file, not a folder; choose another store root"
+                )
 
     def _dir(self, stage: str, key: str) -> str:
         return f"{self._base}/{stage}/{key}"
 
     def _uri(self, path: str) -> str:
-        return f"s3://{path}" if self.is_s3 else path
+        return path if self.local else f"{self.protocol}://{path.lstrip('/')}"
 
     def _read_meta(self, stage: str, key: str) -> dict | str:
         """The parsed, consistent meta.json, or the reason there is none."""
         path = f"{self._dir(stage, key)}/{META}"
         with self._guard(f"reading {self._uri(path)}"):
             try:
-                raw = self._filesystem().cat_file(path)
+                raw = self.fs.cat_file(path)
             except FileNotFoundError as exc:
                 if _is_missing_bucket(exc):
                     raise
@@ -588,7 +590,7 @@ class ArtifactStore:
     def _size(self, path: str) -> int | None:
         with self._guard(f"reading {self._uri(path)}"):
             try:
-                return self._filesystem().size(path)
+                return self.fs.size(path)
             except FileNotFoundError as exc:
                 if _is_missing_bucket(exc):
                     raise
@@ -598,30 +600,19 @@ class ArtifactStore:
         path = f"{folder}/{META}"
         with self._guard(f"removing {self._uri(path)}"):
             with contextlib.suppress(FileNotFoundError):
-                self._filesystem().rm_file(path)
+                self.fs.rm_file(path)
 
     def _write_meta(self, folder: str, data: bytes) -> None:
         path = f"{folder}/{META}"
         with self._guard(f"writing {self._uri(path)}", missing_ok=False):
-            if self.is_s3:
-                self._filesystem().pipe_file(path, data)
-                return
-            tmp = os.path.join(folder, f".meta-{uuid.uuid4().hex}.tmp")
-            try:
-                with open(tmp, "xb") as f:
+            with atomic_file(self.fs, path) as tmp:
+                with open(tmp, "wb") as f:
                     f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-                _fsync_dir(folder)
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(tmp)
 
     @contextlib.contextmanager
     def _local_copy(self, path: str) -> Iterator[str | None]:
         """A local file with the contents of `path` (None if there is no such file)."""
-        if not self.is_s3:
+        if self.local:
             yield path if os.path.isfile(path) else None
             return
         fd, tmp = tempfile.mkstemp(prefix="sds-", suffix=".safetensors")
@@ -630,7 +621,7 @@ class ArtifactStore:
             missing = False
             with self._guard(f"downloading {self._uri(path)}"):
                 try:
-                    self._filesystem().get_file(path, tmp)
+                    self.fs.get_file(path, tmp)
                 except FileNotFoundError as exc:
                     if _is_missing_bucket(exc):
                         raise
@@ -645,11 +636,10 @@ class ArtifactStore:
         if stage is not None:
             _check_stage(stage)
         self._not_a_file()
-        fs = self._filesystem()
         top = self._base if stage is None else f"{self._base}/{stage}"
         with self._guard(f"listing {self._uri(top)}"):
             try:
-                found = fs.find(top, detail=True)
+                found = self.fs.find(top, detail=True)
             except FileNotFoundError as exc:
                 if _is_missing_bucket(exc):
                     raise
@@ -667,7 +657,7 @@ class ArtifactStore:
         raw: dict = {}
         if meta_paths:
             with self._guard(f"reading the meta.json files under {self._uri(top)}"):
-                raw = fs.cat(meta_paths, on_error="return")
+                raw = self.fs.cat(meta_paths, on_error="return")
 
         entries = []
         for (s, k), files in sorted(folders.items()):
@@ -708,35 +698,25 @@ class ArtifactStore:
 
     def _error(self, action: str, exc: BaseException) -> StoreError:
         """The StoreError for `exc` (StoreFullError when the storage is full)."""
-        full = (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)) or (
-            "No space left" in str(exc)  # safetensors reports I/O errors in its message
-        )
-        return (StoreFullError if full else StoreError)(self._explain(action, exc))
+        return (StoreFullError if _no_space(exc) else StoreError)(self._explain(action, exc))
 
     def _explain(self, action: str, exc: BaseException) -> str:
         """One line: what failed, why, and what to do about it."""
         if _is_missing_credentials(exc):
             cause, fix = "no AWS credentials were found", _CREDENTIALS_FIX
         elif isinstance(exc, PermissionError):
-            if self.is_s3:
-                cause = f"access to {self.root} was denied"
-                fix = (
-                    "check that the credentials are valid and allow s3:ListBucket, "
-                    "s3:GetObject, s3:PutObject and s3:DeleteObject on this bucket and prefix"
-                )
-            else:
-                cause = f"permission denied under {self.root}"
-                fix = "choose a store folder you can write to, or fix its permissions"
-        elif self.is_s3 and _is_missing_bucket(exc):
-            cause = f"bucket {self._bucket!r} does not exist at {self._endpoint()}"
-            fix = f"create it (e.g. `aws s3 mb s3://{self._bucket}`) or correct the store root"
+            cause = f"access to {self.root} was denied (permission denied)"
+            fix = ("check that the credentials or file permissions allow listing, reading, "
+                   "writing and deleting under it, or choose another store root")
+        elif _is_missing_bucket(exc):
+            bucket = self._base.lstrip("/").split("/")[0]
+            cause = f"bucket {bucket!r} does not exist at {self._endpoint()}"
+            fix = f"create it (e.g. `aws s3 mb s3://{bucket}`) or correct the store root"
         elif _is_connection_problem(exc):
-            where = self._endpoint() if self.is_s3 else self.root
-            cause = f"cannot reach {where}"
-            fix = "check AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3) and the network, then retry"
-        elif (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)) or (
-            "No space left" in str(exc)  # safetensors reports I/O errors in its message
-        ):
+            cause = f"cannot reach {self._endpoint()}"
+            fix = "check the endpoint (for S3: AWS_ENDPOINT_URL or AWS_ENDPOINT_URL_S3) and " \
+                  "the network, then retry"
+        elif _no_space(exc):
             cause, fix = "no space left on the device", "free some space, or use another root"
         else:
             cause = "the storage operation failed"
@@ -745,50 +725,34 @@ class ArtifactStore:
         return _redact(f"{action}: {cause} ({detail}); {fix}")
 
     def _endpoint(self) -> str:
+        """The service behind the root, for messages: its endpoint URL without credentials."""
         client = getattr(self._fs, "_s3", None)
-        url = (
-            getattr(getattr(client, "meta", None), "endpoint_url", None)
-            or os.environ.get("AWS_ENDPOINT_URL_S3")
-            or os.environ.get("AWS_ENDPOINT_URL")
-        )
+        url = getattr(getattr(client, "meta", None), "endpoint_url", None)
+        if url is None and self.protocol in ("s3", "s3a"):
+            url = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+            url = url or "the default AWS S3 endpoint"
         if not url:
-            return "the default AWS S3 endpoint"
+            return self.root
         try:
             parts = urlsplit(url)
             host = parts.hostname or ""
             port = f":{parts.port}" if parts.port else ""
             return f"{parts.scheme}://{host}{port}{parts.path}" if parts.scheme else url
         except ValueError:
-            return "the configured S3 endpoint"
+            return "the configured endpoint"
 
 
 # -- helpers ------------------------------------------------------------------------------------
-def _parse_s3_root(root: str) -> tuple[str, str]:
-    rest = root[len("s3://") :]
-    bucket, _, prefix = rest.partition("/")
-    prefix = prefix.strip("/")
-    if not _BUCKET_RE.fullmatch(bucket) or ".." in bucket:
-        raise ConfigError(
-            f"store root {_short(root)} has no valid bucket name: "
-            "use s3://bucket/prefix with a bucket of 3-63 lowercase letters, digits, '.' or '-'"
-        )
-    parts = prefix.split("/") if prefix else []
-    if any(not _PREFIX_PART_RE.fullmatch(p) or p in (".", "..") for p in parts):
-        raise ConfigError(
-            f"store root {_short(root)} has an unsupported prefix: use letters, digits and "
-            "'._=+-' between single slashes"
-        )
-    return bucket, prefix
-
-
-def _prepare_tensors(tensors: Any) -> dict[str, torch.Tensor]:
+def _prepare_tensors(tensors: Any) -> dict:
     """Detached, contiguous CPU tensors that share no storage (what safetensors can write)."""
+    import torch
+
     if not isinstance(tensors, Mapping):
         raise ConfigError(
             f"tensors must be a dict of name -> torch.Tensor (it may be empty), "
             f"not {type(tensors).__name__}"
         )
-    out: dict[str, torch.Tensor] = {}
+    out: dict = {}
     storages: set[int] = set()
     for name, t in tensors.items():
         if not isinstance(name, str) or not name or name == "__metadata__":
@@ -878,10 +842,14 @@ def _created(meta: dict) -> float | None:
 
 
 def _mtime(info: Mapping[str, Any]) -> float | None:
-    if isinstance(info.get("mtime"), int | float):
-        return float(info["mtime"])
-    modified = info.get("LastModified")
-    return modified.timestamp() if isinstance(modified, datetime) else None
+    """A listing entry's modification time (POSIX seconds), as each backend spells it."""
+    for name in ("mtime", "LastModified", "created"):
+        value = info.get(name)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, datetime):
+            return value.timestamp()
+    return None
 
 
 def _fsync(path: str) -> None:
@@ -899,6 +867,9 @@ def _fsync_dir(path: str) -> None:
 
 @functools.cache
 def _versions() -> dict[str, str]:
+    import safetensors
+    import torch
+
     out = {
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -907,6 +878,33 @@ def _versions() -> dict[str, str]:
     with contextlib.suppress(metadata.PackageNotFoundError):
         out["sds"] = metadata.version("sds")
     return out
+
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _s3_options(connect_timeout: float) -> dict:
+    """s3fs settings: our own timeouts, credentials read afresh, no listing cache (other
+    machines write here too), and few retries (the orchestration retries a StoreError)."""
+    return {
+        "session": _aws_session(),
+        "skip_instance_cache": True,
+        "use_listings_cache": False,
+        "config_kwargs": {
+            "connect_timeout": connect_timeout,
+            "retries": {"max_attempts": 2, "mode": "standard"},
+        },
+    }
+
+
+def _no_options(connect_timeout: float) -> dict:
+    return {}
+
+
+# settings of url_to_fs per scheme (connect_timeout -> options); other backends take defaults
+_BACKEND_OPTIONS = {"s3": _s3_options, "s3a": _s3_options}
 
 
 def _aws_session():
@@ -964,6 +962,20 @@ def _is_connection_problem(exc: BaseException) -> bool:
 
         kinds += (aiohttp.ClientError,)
     return any(isinstance(e, kinds) for e in _causes(exc))
+
+
+def _no_space(exc: BaseException) -> bool:
+    """A full disk (or quota) anywhere in the chain of causes."""
+    return any(
+        (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT))
+        or "No space left" in str(e)  # safetensors reports I/O errors in its message
+        for e in _causes(exc)
+    )
+
+
+def _redact_userinfo(url: str) -> str:
+    parts = urlsplit(url)
+    return url.replace(f"{parts.netloc}", parts.hostname or "", 1) if parts.netloc else url
 
 
 def _redact(text: str) -> str:
