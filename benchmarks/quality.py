@@ -18,6 +18,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -54,10 +55,7 @@ def evaluate(model, tok, evals, seqlen, tasks, limit, max_windows=None):
 
 def run(args) -> dict:
     torch.manual_seed(0)
-    config = SDSConfig(data=args.data, epochs=args.epochs, lr=args.lr, l1=args.l1, l2=args.l2,
-                       optimizer=args.optimizer, normalize=args.normalize,
-                       reg_scale=args.reg_scale, adjust_epochs=args.adjust_epochs,
-                       adjust_lr=args.adjust_lr)
+    config = SDSConfig(**{f.name: getattr(args, f.name) for f in fields(SDSConfig)})
     results = {"config": config.to_dict(), "nsamples": args.nsamples, "seqlen": args.seqlen,
                "max_windows": args.max_windows, "limit": args.limit,
                "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
@@ -152,14 +150,49 @@ def markdown(results: dict, command: str) -> str:
             lines.append(f"| {r['pattern']} | {r['method']}{worse} | " + " | ".join(cells)
                          + f" | {acc} | {s['oneshot']:.1f} / {s['redense']:.1f} / "
                            f"{s['second']:.1f} | {r['layers_adjusted']} |")
-        lines.append("")
+        lines += [""] + against_strongest(entry["runs"], names)
     return "\n".join(lines)
+
+
+def against_strongest(runs: list[dict], names: list[str]) -> list[str]:
+    """Per pattern: the strongest one-shot model (lowest first perplexity) beside SDS over each
+    base method, as the difference in perplexity (negative: SDS is better)."""
+    methods = list(dict.fromkeys(r["method"] for r in runs))
+    head = ("| pattern | strongest one-shot: " + ", ".join(names) + " | "
+            + " | ".join(f"SDS over {m}" for m in methods) + " |")
+    lines = [f"SDS against the strongest one-shot model of each pattern ({names[0]}; "
+             "SDS − strongest one-shot, negative = SDS better):", "", head,
+             "|" + "---|" * (head.count("|") - 1)]
+    for pattern in dict.fromkeys(r["pattern"] for r in runs):
+        rows = {r["method"]: r for r in runs if r["pattern"] == pattern}
+        best = min(rows.values(), key=lambda r: r["oneshot"][names[0]])
+        ref = best["oneshot"]
+        key = names[0]
+        cells = [f"{rows[m]['sds'][key]:.2f} ({rows[m]['sds'][key] - ref[key]:+.2f})"
+                 if m in rows else "" for m in methods]
+        lines.append(f"| {pattern} | {best['method']}: "
+                     + " / ".join(f"{ref[k]:.2f}" for k in names) + " | " + " | ".join(cells)
+                     + " |")
+    return lines + [""]
+
+
+def add_config_flags(p: argparse.ArgumentParser, defaults) -> None:
+    """One flag per field of the options dataclass `defaults` (`--adjust-epochs` for
+    `adjust_epochs`), typed and defaulted from it, so the script follows SDSConfig."""
+    for f in fields(defaults):
+        value = getattr(defaults, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            p.add_argument(flag, type=lambda v: v.lower() in ("1", "true", "yes"), default=value,
+                           metavar="BOOL")
+        else:
+            p.add_argument(flag, type=type(value), default=value)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["opt", "llama"])
-    p.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "sparsegpt"])
+    p.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "sparsegpt", "admm"])
     p.add_argument("--patterns", nargs="+", default=["50%", "2:4", "4:8"])
     p.add_argument("--nsamples", type=int, default=64)
     p.add_argument("--seqlen", type=int, default=256)
@@ -169,17 +202,7 @@ def main(argv=None):
                    help="combine result files of earlier runs (one per model) instead of running")
     p.add_argument("--no-zero-shot", action="store_true")
     p.add_argument("--no-wikitext2", action="store_true")
-    d = SDSConfig()
-    p.add_argument("--data", default=d.data)
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--l1", type=float, default=d.l1)
-    p.add_argument("--l2", type=float, default=d.l2)
-    p.add_argument("--optimizer", default=d.optimizer)
-    p.add_argument("--normalize", default=d.normalize)
-    p.add_argument("--reg-scale", default=d.reg_scale)
-    p.add_argument("--adjust-epochs", type=int, default=d.adjust_epochs)
-    p.add_argument("--adjust-lr", type=float, default=d.adjust_lr)
+    add_config_flags(p, SDSConfig())
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "quality.json"))
     p.add_argument("--write", action="store_true", help="update BENCHMARKS.md and --json")
     args = p.parse_args(argv)
