@@ -4,8 +4,8 @@
                  │       └──────────────────────────────> evaluate(oneshot)
                  └──────────────────────────────────────> evaluate(dense)
 
-Every stage is a cached task (tasks.stages): a stage whose artifact is in the store is not
-computed again, whichever run, machine or retry asks for it.
+Every stage is a task (tasks.stages) whose cache is the artifact store: a stage whose artifact is
+committed there is not computed again, whichever run, machine or retry asks for it.
 """
 
 from __future__ import annotations
@@ -14,12 +14,13 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture, wait
 from prefect.runtime import flow_run
 
+from sds.errors import UpstreamLostError
 from tasks import stages
-from tasks.common import GPU_LIMIT, artifact_is_trusted, ensure_gpu_limit, notify
+from tasks.common import GPU_LIMIT, ensure_gpu_limit
 from tasks.plan import Plan, plan_pipeline
 from tasks.store import DEFAULT_ROOT, ArtifactStore
 
@@ -28,8 +29,7 @@ from . import report
 
 class StageRunner:
     """Submits stage tasks, one future per artifact: stages that several runs share (the same
-    key) are submitted once per flow run. A Prefect cache hit is only allowed when the
-    artifact is still in the store and intact; otherwise the stage is refreshed."""
+    key) are submitted once per flow run."""
 
     def __init__(self):
         self.futures: dict[tuple[str, str, str], PrefectFuture] = {}
@@ -37,16 +37,11 @@ class StageRunner:
 
     def __call__(self, task, spec: dict, **upstream: PrefectFuture) -> PrefectFuture:
         ident = (spec["store"], spec["stage"], spec["key"])
-        if ident in self.futures:
-            return self.futures[ident]
-        trusted = artifact_is_trusted(spec)
-        if trusted:
-            notify(event="cached", label=spec["label"], title=spec["title"])
-        future = task.with_options(task_run_name=spec["title"],
-                                   refresh_cache=not trusted).submit(spec, **upstream)
-        self.futures[ident] = future
-        self.submitted[spec["label"]] = self.submitted.get(spec["label"], 0) + 1
-        return future
+        if ident not in self.futures:
+            self.futures[ident] = task.with_options(task_run_name=spec["title"]).submit(
+                spec, **upstream)
+            self.submitted[spec["label"]] = self.submitted.get(spec["label"], 0) + 1
+        return self.futures[ident]
 
 
 def submit_stages(run: StageRunner, plan: Plan) -> dict[str, PrefectFuture]:
@@ -76,6 +71,30 @@ def resolve(futures: dict[str, PrefectFuture]) -> dict[str, dict]:
         if future.state.is_failed() or future.state.is_crashed():
             future.result()  # raises the stage's own exception
     return {label: future.result() for label, future in futures.items()}
+
+
+def run_plans(plans: list[Plan]) -> tuple[list[dict | Exception], dict[str, int]]:
+    """Run the stages of every plan (shared stages once); per plan its references or the error
+    that stopped it, and how many times each stage label was submitted.
+
+    A stage that finds an upstream artifact damaged discards it and fails (UpstreamLostError):
+    the plans then run once more, which recomputes what was discarded and reuses the rest.
+    """
+    for attempt in (1, 2):
+        runner = StageRunner()
+        submitted = [submit_stages(runner, plan) for plan in plans]
+        wait(list(runner.futures.values()))
+        outcomes: list[dict | Exception] = []
+        for futures in submitted:
+            try:
+                outcomes.append(resolve(futures))
+            except Exception as exc:  # noqa: BLE001 - one failed point must not hide the others
+                outcomes.append(exc)
+        if attempt == 2 or not any(isinstance(o, UpstreamLostError) for o in outcomes):
+            return outcomes, runner.submitted
+        get_run_logger().warning("an upstream artifact was damaged and discarded; running the "
+                                 "stages again to recompute it")
+    raise AssertionError("not reached")
 
 
 def current_run() -> dict:
@@ -137,7 +156,9 @@ def pipeline(
     ArtifactStore(plan.store).check()
     ensure_gpu_limit(gpu_limit)
 
-    refs = resolve(submit_stages(StageRunner(), plan))
+    (refs,), _submitted = run_plans([plan])
+    if isinstance(refs, Exception):
+        raise refs
 
     model_dir = None
     if out and export:

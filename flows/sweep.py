@@ -13,7 +13,6 @@ from pathlib import Path
 
 from prefect import flow
 from prefect.artifacts import create_table_artifact
-from prefect.futures import wait
 
 from sds.errors import SDSError
 from tasks import stages
@@ -22,7 +21,7 @@ from tasks.plan import plan_pipeline
 from tasks.store import DEFAULT_ROOT, ArtifactStore
 
 from . import report
-from .pipeline import StageRunner, current_run, resolve, submit_stages
+from .pipeline import current_run, run_plans
 
 
 def _as_list(value, default):
@@ -80,15 +79,13 @@ def sweep(
     ArtifactStore(plans[0].store).check()
     ensure_gpu_limit(gpu_limit)
 
-    run = StageRunner()
-    submitted = [submit_stages(run, plan) for plan in plans]
-    wait(list(run.futures.values()))
-
+    outcomes, submitted = run_plans(plans)
     points, failures = [], []
-    for plan, futures in zip(plans, submitted):
+    for plan, refs in zip(plans, outcomes):
         name = report.run_name(plan.settings)
         try:
-            refs = resolve(futures)
+            if isinstance(refs, Exception):
+                raise refs
             model_dir = None
             if out and export:
                 model_dir = stages.export_model(plan.specs[plan.final], refs[plan.final],
@@ -108,7 +105,7 @@ def sweep(
                   "improvement": p["results"]["improvement"], "keys": p["results"]["keys"]}
                  for p in points],
         "failures": failures,
-        "stage_submissions": run.submitted,  # how many times each stage label ran (shared: 1)
+        "stage_submissions": submitted,  # how many times each stage label ran (shared: 1)
         "wall": time.perf_counter() - t0,
         "flow_run": current_run(),
     }

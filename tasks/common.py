@@ -20,15 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prefect.cache_policies import CachePolicy
-from prefect.context import TaskRunContext
+from prefect.states import Completed
 
 from sds.errors import (
     ConfigError,
@@ -61,60 +59,8 @@ def stage_key(spec: dict) -> str:
                         list(spec["upstream"].values()))
 
 
-class ArtifactKeyPolicy(CachePolicy):
-    """Prefect cache key = the stage's artifact key (and the store it lives in).
-
-    No run id, no task source: a new run, a retried run, or the next scheduled run of the same
-    inputs hits the cache. Whether the artifact still exists is checked before the cache is
-    trusted (see `artifact_is_trusted`), since Prefect cannot know that a file was deleted.
-    """
-
-    def compute_key(self, task_ctx: TaskRunContext, inputs: dict[str, Any],
-                    flow_parameters: dict[str, Any], **kwargs: Any) -> str | None:
-        spec = inputs.get("spec")
-        if not isinstance(spec, dict) or "stage" not in spec:
-            return None
-        text = f"{spec['store']}|{spec['stage']}|{stage_key(spec)}"
-        return f"sds-{spec['stage']}-{hashlib.sha256(text.encode()).hexdigest()[:32]}"
-
-
-ARTIFACT_KEY = ArtifactKeyPolicy()
-
-
 def open_store(spec: dict) -> ArtifactStore:
     return ArtifactStore(spec["store"])
-
-
-def trusted_meta(store: ArtifactStore, stage: str, key: str, verify: bool = True) -> dict | None:
-    """The committed meta of `stage`/`key` when the artifact can be used, else None.
-
-    `verify` re-hashes the tensors against meta.json (a flipped byte is caught); without it only
-    meta.json and the file size are checked. A damaged or half-written artifact is discarded,
-    so that the stage computes it again.
-    """
-    try:
-        if not store.exists(stage, key):
-            return None
-        if verify:
-            _tensors, meta = store.load(stage, key)
-            del _tensors
-            return meta
-        return store.load_meta(stage, key)
-    except CorruptArtifactError as exc:
-        log.warning("%s; discarding it and computing it again", exc)
-        store.discard(stage, key)
-        return None
-
-
-def artifact_is_trusted(spec: dict) -> bool:
-    """Whether a Prefect cache hit for `spec` may be believed (its artifact is usable)."""
-    try:
-        return trusted_meta(open_store(spec), spec["stage"], spec["key"],
-                            spec["run"].get("verify", True)) is not None
-    except StoreError as exc:  # unreachable now: let the task decide, with its retries
-        log.warning("cannot check %s/%s in the store (%s); running the stage",
-                    spec["stage"], spec["key"], exc)
-        return False
 
 
 def reference(store: ArtifactStore, spec: dict, meta: dict) -> dict:
@@ -267,8 +213,11 @@ class Clock:
 Compute = Callable[..., tuple[dict, dict]]
 
 
-def run_stage(spec: dict, compute: Compute, upstream: dict[str, dict] | None = None) -> dict:
+def run_stage(spec: dict, compute: Compute, upstream: dict[str, dict] | None = None):
     """Return the stage's reference, computing and committing its artifact only when needed.
+
+    The store is the one cache: when the artifact's commit record is there, the reference comes
+    back at once, in a `Cached` state (nothing is downloaded); otherwise the stage computes.
 
     Nothing is written until `compute` has returned: a stage that fails (or a process that is
     killed) leaves no committed artifact behind.
@@ -285,11 +234,11 @@ def run_stage(spec: dict, compute: Compute, upstream: dict[str, dict] | None = N
                               f"the plan expects {spec['upstream'].get(name)}; plan again")
     store = open_store(spec)
     stage, key = spec["stage"], spec["key"]
-    meta = trusted_meta(store, stage, key, spec["run"].get("verify", True))
-    if meta is not None:
+    if store.exists(stage, key):  # the commit record only: the reader hashes the tensors
         logger.info("%s: artifact %s is in the store; nothing to compute", spec["title"], key)
         notify(event="found", label=spec["label"], title=spec["title"])
-        return reference(store, spec, meta)
+        return Completed(name="Cached", message="artifact in the store",
+                         data=reference(store, spec, store.load_meta(stage, key)))
 
     logger.info("%s: computing artifact %s", spec["title"], key)
     notify(event="start", label=spec["label"], title=spec["title"])
@@ -322,13 +271,13 @@ def run_stage(spec: dict, compute: Compute, upstream: dict[str, dict] | None = N
 def load_upstream(store: ArtifactStore, spec: dict, stage: str) -> dict:
     """The tensors of the upstream artifact of `stage` (hash-verified).
 
-    A damaged or vanished upstream artifact is discarded and the stage fails (a store fault,
-    not retried) with a message to run again: the next run recomputes it (the flow checks
-    every artifact before trusting its cache).
+    A damaged or vanished upstream artifact is discarded and the stage fails with
+    UpstreamLostError (a store fault, not retried): the flow then recomputes it once, and a
+    later run would too.
     """
     key = spec["upstream"][stage]
     try:
-        tensors, _meta = store.load(stage, key)
+        tensors, _meta = store.load(stage, key, verify=spec["run"].get("verify", True))
     except CorruptArtifactError as exc:
         store.discard(stage, key)
         raise UpstreamLostError(f"{exc}; it was discarded: run again to recompute it") from exc

@@ -36,7 +36,6 @@ from sds.reconstruct import SDSConfig, dense_weights
 from sds.suite import evaluate_model
 
 from .common import (
-    ARTIFACT_KEY,
     BlockProgress,
     gpu_slot,
     load_upstream,
@@ -46,9 +45,9 @@ from .common import (
 )
 
 STAGE_TASK = dict(
-    cache_policy=ARTIFACT_KEY,  # keyed on the artifact key, never on the run
-    persist_result=True,
-    result_serializer="json",  # Prefect keeps the small reference, the store keeps tensors
+    # the store is the one cache (see run_stage): Prefect keeps no cache records of its own
+    cache_policy=NO_CACHE,
+    persist_result=False,
     retries=3,
     retry_delay_seconds=exponential_backoff(backoff_factor=5),  # 5, 10, 20 s
     retry_jitter_factor=0.5,

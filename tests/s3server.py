@@ -17,6 +17,8 @@ uses one as a redefinition, F811.)
 - `s3_client`: a boto3 S3 client on the server, for inspecting or tampering with objects.
 - `s3_enforce_auth`: `with s3_enforce_auth():` makes moto check credentials and IAM policies.
 - `s3_server_client(endpoint, service)`: the same kind of client outside a fixture.
+- `s3_requests`: the request lines the server answers during the test, as its access log
+  writes them (`"GET /bucket/key HTTP/1.1" 200 -`), to count what a run downloads.
 """
 
 from __future__ import annotations
@@ -48,6 +50,26 @@ def s3_server() -> Iterator[str]:
         yield f"http://{host}:{port}"
     finally:
         server.stop()
+
+
+@pytest.fixture
+def s3_requests(s3_server: str) -> Iterator[list[str]]:
+    """The access-log lines of the requests the moto server answers while the test runs."""
+    lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    logger = logging.getLogger("werkzeug")  # moto's server writes its access log here
+    handler, level = Collect(logging.INFO), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 @pytest.fixture

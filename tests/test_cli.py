@@ -395,7 +395,9 @@ def test_a_store_fault_in_the_middle_of_a_run_exits_3_without_retries(
     err = capfd.readouterr().err
     assert code == 3, err
     assert expected in err.splitlines()[-1]
-    assert calls and len(calls) == len(set(calls))  # no stage retried: it would not heal
+    # no stage retried by Prefect: it would not heal. A lost upstream is recomputed once
+    # (the run's one repair round), then the run gives up.
+    assert calls and max(calls.count(c) for c in calls) == (1 if fault.startswith("disk") else 2)
 
 
 def _processes_of(home: Path) -> list[int]:
