@@ -6,6 +6,7 @@
 
 from .api import PruneReport, oneshot, prune
 from .errors import ConfigError, DataError, ModelError, NumericalError, SDSError, StoreError
+from .layerwise import Needs
 from .patterns import LayerRules, Pattern
 from .pruners import magnitude, sparsegpt, wanda
 from .solver import SolverOptions, admm
@@ -13,7 +14,7 @@ from .solver import SolverOptions, admm
 __version__ = "0.1.0"
 
 __all__ = [
-    "ConfigError", "DataError", "LayerRules", "ModelError", "NumericalError", "Pattern",
+    "ConfigError", "DataError", "LayerRules", "ModelError", "Needs", "NumericalError", "Pattern",
     "PruneReport", "SDSError", "SolverOptions", "StoreError", "admm", "magnitude", "oneshot",
     "prune", "sparsegpt", "wanda",
 ]

@@ -7,19 +7,22 @@
         run the samples through the transformed block -> inputs of the next block
 
 One-shot pruning, SDS re-dense and second pruning are walks with different transforms.
-Layers that read the same input tensor (q/k/v, gate/up) form one group with one Gram matrix.
-Only the current block sits on the compute device; the rest of the model stays where it was.
+Layers that read the same input tensor (q/k/v, gate/up) form one group with one set of
+statistics. Only the current block sits on the compute device; the rest of the model stays
+where it was.
 
-Optionally a *reference* stream runs beside the current one: the same samples through the
-block with other weights (the dense model's). It yields the reference inputs' Gram matrix
-`H_ref` and the cross-Gram `C = X_refᵀ X` that the distillation variant of SDS needs.
+The engine knows no method. A transform declares what it reads (`Needs`, its `needs`
+attribute) and the engine collects that and nothing more, per group of inputs X: [tokens, in]:
+nothing, the diagonal of XᵀX, or the Gram matrix H = XᵀX; and, given reference weights (e.g.
+the dense model's), the statistics of a second stream that runs the same samples through each
+block with those weights: H_ref = X_refᵀ X_ref and the cross-Gram C = X_refᵀ X.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -31,12 +34,45 @@ from .models import block_linears, default_device, find_blocks, set_weight_matri
 log = logging.getLogger("sds")
 
 
+GRAMS = ("none", "diag", "full")
+REFERENCE_STATS = ("H_ref", "C")
+
+
+@dataclass(frozen=True, eq=False)
+class Needs:
+    """What a transform reads of each layer group; the engine collects that and nothing more.
+
+    `gram`: of the group's inputs X: [tokens, in], "none", "diag" (diag XᵀX: [in]) or "full"
+    (H = XᵀX: [in, in]). `reference`: weights {name: W_ref [out, in]} (e.g. the dense model's)
+    that each layer's `rel_error_ref` is measured against. `reference_stats`: statistics of a
+    second stream, the samples run through each block with the reference weights: "H_ref"
+    (X_refᵀ X_ref) and "C" (X_refᵀ X), both [in, in].
+    """
+
+    gram: str = "full"
+    reference: Mapping[str, torch.Tensor] | None = None
+    reference_stats: frozenset[str] = frozenset()
+
+    def __post_init__(self):
+        object.__setattr__(self, "reference_stats", frozenset(self.reference_stats))
+        if self.gram not in GRAMS:
+            raise ConfigError(f"unknown statistic {self.gram!r}; choose one of {', '.join(GRAMS)}")
+        unknown = sorted(self.reference_stats - set(REFERENCE_STATS))
+        if unknown:
+            raise ConfigError(f"unknown reference statistics {unknown}; choose from "
+                              f"{', '.join(REFERENCE_STATS)}")
+        if self.reference_stats and self.reference is None:
+            raise ConfigError("reference statistics need reference weights; pass reference=")
+
+
 @dataclass
 class LayerStats:
-    """Statistics of one input shared by a group of layers. X: [tokens, in]."""
+    """Statistics of one input shared by a group of layers, as declared by the transform's
+    `Needs` (the others stay None). X: [tokens, in], fp32 sums over all calibration tokens."""
 
-    H: torch.Tensor  # [in, in] fp32: Σ XᵀX over all calibration tokens
     tokens: int = 0
+    H: torch.Tensor | None = None  # [in, in]: Σ XᵀX ("full")
+    diag: torch.Tensor | None = None  # [in]: Σ x_j² ("diag"; with "full", H's diagonal)
     H_ref: torch.Tensor | None = None  # [in, in]: Σ X_refᵀ X_ref (reference stream)
     C: torch.Tensor | None = None  # [in, in]: Σ X_refᵀ X (reference rows, current columns)
 
@@ -58,7 +94,12 @@ class LayerGroup:
 
 
 # A transform maps a group to new weights {name: W' [out, in]}; names left out are unchanged.
+# Its `needs` attribute (a Needs) says what `group.stats` holds; without one, `Needs()`: H.
 Transform = Callable[[LayerGroup], dict[str, torch.Tensor]]
+
+
+def needs_of(transform: Transform) -> Needs:
+    return getattr(transform, "needs", None) or Needs()
 
 
 @dataclass
@@ -67,8 +108,10 @@ class LayerRecord:
     block: int
     shape: tuple[int, int]  # [out, in]
     sparsity: float  # fraction of exact zeros after the transform
-    rel_error: float  # ‖WX − W'X‖² / ‖WX‖², W before the transform, X the calibration inputs
-    rel_error_ref: float | None = None  # same against the reference (dense) weights
+    # ‖WX − W'X‖² / ‖WX‖², W before the transform, X the calibration inputs; it needs H, so it
+    # is None for a transform that declared less (magnitude, Wanda)
+    rel_error: float | None
+    rel_error_ref: float | None = None  # same against the reference weights (and H), if any
     extra: dict = field(default_factory=dict)
 
 
@@ -206,37 +249,55 @@ def _groups_by_input(block: nn.Module, layers: dict[str, nn.Module], hidden, ext
     return list(groups.values())
 
 
+def calibration_ids(calibration) -> torch.Tensor:
+    """Accept a `sds.data.Calibration`, or a LongTensor [nsamples, seqlen]."""
+    ids = getattr(calibration, "input_ids", calibration)
+    if not isinstance(ids, torch.Tensor):
+        raise DataError(f"calibration must be a Calibration or a [nsamples, seqlen] token tensor, "
+                        f"got {type(calibration).__name__}")
+    if ids.dim() != 2 or ids.numel() == 0:
+        raise DataError(f"calibration is empty or not [nsamples, seqlen] (shape "
+                        f"{tuple(ids.shape)}); load at least one sample")
+    return ids.long()
+
+
+def check_seqlen(model: nn.Module, ids: torch.Tensor) -> None:
+    """Refuse calibration windows longer than the model's positions. ids: [nsamples, seqlen]."""
+    from .data import max_positions
+
+    limit = max_positions(model.config) if hasattr(model, "config") else None
+    if limit is not None and ids.shape[1] > limit:
+        raise ConfigError(f"calibration seqlen {ids.shape[1]} exceeds the model's "
+                          f"{limit} positions; use --seqlen {limit} or less")
+
+
 def walk(
     model: nn.Module,
-    input_ids: torch.Tensor,
+    calibration,
     transform: Transform,
     *,
     select: Callable[[str], bool] = lambda name: True,
-    reference: dict[str, torch.Tensor] | None = None,
-    cross: bool = False,
-    compare_to: dict[str, torch.Tensor] | None = None,
     propagate: str = "transformed",
     device: str | torch.device | None = None,
     progress: bool = True,
     on_block: Callable[[int, int, float], None] | None = None,
     keep_outputs: bool = False,
 ) -> WalkReport:
-    """Walk the blocks of `model` with the calibration `input_ids: [nsamples, seqlen]`.
+    """Walk the blocks of `model` with `calibration` (a Calibration or token ids
+    [nsamples, seqlen]), collecting for each group the statistics `transform.needs` declares.
 
-    `select(name)` chooses the layers the transform sees (full module names). `reference`
-    holds weights `{name: W [out, in]}` for a second stream of activations (e.g. the dense
-    model's); with it each group's stats carry `H_ref`, and with `cross=True` also `C`.
-    `compare_to` holds weights `{name: W [out, in]}` (the dense ones) that each layer's
-    `rel_error_ref` is measured against. `propagate="transformed"` feeds the next block with the
-    transformed block's outputs (the usual sequential protocol); `"original"` with the outputs
-    of the block as it was before the transform (statistics of the untransformed model).
-    `on_block(i, n, seconds)` is called after each block. The model is changed in place.
+    `select(name)` chooses the layers the transform sees (full module names).
+    `propagate="transformed"` feeds the next block with the transformed block's outputs (the
+    usual sequential protocol); `"original"` with the outputs of the block as it was before the
+    transform (statistics of the untransformed model). `on_block(i, n, seconds)` is called after
+    each block. The model is changed in place.
     """
     if propagate not in ("transformed", "original"):
         raise ConfigError(f"propagate must be 'transformed' or 'original', got {propagate!r}")
-    if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
-        raise DataError(f"calibration must be a non-empty [nsamples, seqlen] tensor, got shape "
-                        f"{tuple(input_ids.shape)}; load at least one sample")
+    input_ids = calibration_ids(calibration)
+    check_seqlen(model, input_ids)
+    needs = needs_of(transform)
+    reference = needs.reference if needs.reference_stats else None  # weights of a second stream
     device = torch.device(device) if device is not None else default_device()
     t_start = time.perf_counter()
     prefix, blocks = find_blocks(model)
@@ -258,7 +319,7 @@ def walk(
         ref_block = _RefWeights(layers, reference) if reference is not None else None
 
         stats = _collect(block, groups, layers, hidden, ref_hidden, extras, device, ref_block,
-                         cross)
+                         needs)
         pending: dict[str, torch.Tensor] = {}  # new weights, written after propagation
         for names, st in zip(groups, stats):
             group = LayerGroup(b, names, [layers[n] for n in names], st)
@@ -274,16 +335,8 @@ def walk(
                     pending[name] = W_new
                 else:
                     set_weight_matrix(layers[name], W_new)
-                rec = LayerRecord(
-                    name=name, block=b, shape=tuple(W_new.shape),
-                    sparsity=(W_new == 0).float().mean().item(),
-                    rel_error=output_error(W_old.to(device), W_new, st.H),
-                    extra=group.info.get(name, {}),
-                )
-                if compare_to is not None and name in compare_to:
-                    W_ref = compare_to[name].to(device).float()
-                    rec.rel_error_ref = output_error(W_ref, W_new, st.H)
-                report.layers.append(rec)
+                report.layers.append(_record(name, b, W_old.to(device), W_new, st, needs,
+                                             group.info.get(name, {})))
             del st
         del stats
 
@@ -314,6 +367,19 @@ def walk(
     return report
 
 
+def _record(name: str, block: int, W_old: torch.Tensor, W_new: torch.Tensor, st: LayerStats,
+            needs: Needs, extra: dict) -> LayerRecord:
+    """A layer's record; the output errors are measured only where the statistics hold H."""
+    rec = LayerRecord(name=name, block=block, shape=tuple(W_new.shape),
+                      sparsity=(W_new == 0).float().mean().item(), rel_error=None, extra=extra)
+    if st.H is not None:
+        rec.rel_error = output_error(W_old, W_new, st.H)
+        if needs.reference is not None and name in needs.reference:
+            W_ref = needs.reference[name].to(W_new.device).float()
+            rec.rel_error_ref = output_error(W_ref, W_new, st.H)
+    return rec
+
+
 def _as_stored(module: nn.Module, W: torch.Tensor) -> torch.Tensor:
     """W as the module will hold it (its dtype and device), back in fp32 for measurements."""
     return W.to(device=module.weight.device, dtype=module.weight.dtype).float()
@@ -340,18 +406,25 @@ class _RefWeights:
         return False
 
 
-def _collect(block, groups, layers, hidden, ref_hidden, extras, device, ref_block, cross):
-    """Accumulate each group's statistics over every calibration sample."""
-    stats = []
-    for names in groups:
+def _collect(block, groups, layers, hidden, ref_hidden, extras, device, ref_block,
+             needs: Needs) -> list[LayerStats]:
+    """Accumulate each group's declared statistics over every calibration sample."""
+    stats = [LayerStats() for _ in groups]
+    if needs.gram == "none" and ref_block is None:  # nothing to collect: no pass over the block
+        tokens = sum(h.shape[:-1].numel() for h in hidden)
+        for st in stats:
+            st.tokens = tokens
+        return stats
+    for names, st in zip(groups, stats):
         n_in = weight_matrix(layers[names[0]]).shape[1]
-        H = torch.zeros(n_in, n_in, dtype=torch.float32, device=device)
-        st = LayerStats(H=H)
-        if ref_block is not None:
-            st.H_ref = torch.zeros_like(H)
-            if cross:
-                st.C = torch.zeros_like(H)
-        stats.append(st)
+        if needs.gram == "full":
+            st.H = torch.zeros(n_in, n_in, dtype=torch.float32, device=device)
+        elif needs.gram == "diag":
+            st.diag = torch.zeros(n_in, dtype=torch.float32, device=device)
+        if "H_ref" in needs.reference_stats:
+            st.H_ref = torch.zeros(n_in, n_in, dtype=torch.float32, device=device)
+        if "C" in needs.reference_stats:
+            st.C = torch.zeros(n_in, n_in, dtype=torch.float32, device=device)
     if not groups:
         return stats
     leaders = [layers[names[0]] for names in groups]
@@ -375,19 +448,25 @@ def _collect(block, groups, layers, hidden, ref_hidden, extras, device, ref_bloc
                 block(hidden[i].to(device), *extra[0], **extra[1])
                 for k, st in enumerate(stats):
                     X = current[k]  # [tokens, in]
-                    st.H.addmm_(X.t(), X)
+                    if st.H is not None:
+                        st.H.addmm_(X.t(), X)
+                    if st.diag is not None:
+                        st.diag.add_(X.square().sum(0))
                     st.tokens += X.shape[0]
-                    if X_ref is not None:
+                    if st.H_ref is not None:
                         st.H_ref.addmm_(X_ref[k].t(), X_ref[k])
-                        if st.C is not None:
-                            st.C.addmm_(X_ref[k].t(), X)
+                    if st.C is not None:
+                        st.C.addmm_(X_ref[k].t(), X)
     finally:
         for h in handles:
             h.remove()
     for names, st in zip(groups, stats):
-        if not torch.isfinite(st.H).all():
-            raise NumericalError(f"calibration statistics of {names[0]} hold NaN/Inf; the "
-                                 "activations overflowed (load the model in fp32 or bf16)")
+        if st.H is not None:
+            st.diag = torch.diagonal(st.H)
+        for s in (st.H if st.H is not None else st.diag, st.H_ref, st.C):
+            if s is not None and not torch.isfinite(s).all():
+                raise NumericalError(f"calibration statistics of {names[0]} hold NaN/Inf; the "
+                                     "activations overflowed (load the model in fp32 or bf16)")
     return stats
 
 

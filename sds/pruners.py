@@ -1,4 +1,4 @@
-"""Layer-level pruners: `(W, H, pattern) -> W'`.
+"""Layer-level pruners: `(W, H, pattern) -> W'`, and the table that runs them in a walk.
 
 `W: [out, in]` is a linear layer's weight (`y = W x`), `H = XᵀX: [in, in]` the Gram matrix of its
 calibration inputs `X: [tokens, in]` (SparseGPT's Hessian up to a constant). All math runs in
@@ -7,17 +7,26 @@ fp32 whatever the model dtype; the result is cast back to `W.dtype`.
 - magnitude: score |W|; unstructured prunes the lowest of the whole layer, N:M per group.
 - Wanda: score |W_ij| · ‖X_j‖₂ = |W_ij| · sqrt(H_jj), compared within each output row.
 - SparseGPT: Optimal Brain Surgeon column by column with lazy block updates (Frantar & Alistarh).
+- ADMM: the layer solver (`sds.solver.admm`), the best weights within the pattern.
+
+`METHODS` maps each name to what the engine needs to know: the statistics the method reads
+(none, the diagonal of H, the full H), its per-group preparation of H (SparseGPT's Cholesky
+factor, the solver's eigendecomposition), shared by the layers that read one input, and how
+one layer is called. `pruning_transform` turns a method into a walk transform.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from .errors import ConfigError, NumericalError
-from .patterns import Pattern
-from .solver import admm
+from .layerwise import LayerGroup, Needs, Transform
+from .patterns import LayerRules, Pattern
+from .solver import ScaledGram, SolverOptions, admm
 
 log = logging.getLogger("sds")
 
@@ -50,13 +59,21 @@ def magnitude(W: torch.Tensor, H: torch.Tensor | None, pattern: Pattern | str) -
 
 
 def wanda(W: torch.Tensor, H: torch.Tensor, pattern: Pattern | str) -> torch.Tensor:
-    """W: [out, in], H: [in, in]. Score |W_ij|·‖X_j‖₂, pruned per output row (or N:M group)."""
+    """W: [out, in], H: [in, in] or only its diagonal [in] (all that Wanda reads). Score
+    |W_ij|·‖X_j‖₂, pruned per output row (or N:M group)."""
     pattern = Pattern.parse(pattern)
-    _check_shapes(W, H)
+    if H.dim() == 1:
+        _check_shapes(W, None)
+        if H.shape[0] != W.shape[1]:
+            raise ConfigError(f"the diagonal of H must have in = {W.shape[1]} entries for W "
+                              f"{tuple(W.shape)}, got {H.shape[0]}")
+    else:
+        _check_shapes(W, H)
     _check_finite("W", W)
     _check_finite("H", H)
     W32 = W.float()
-    x_norm = torch.diagonal(H).float().clamp_min(0).sqrt()  # [in]: ‖X_j‖₂
+    h = H if H.dim() == 1 else torch.diagonal(H)  # [in]: ‖X_j‖₂²
+    x_norm = h.float().clamp_min(0).sqrt()  # [in]: ‖X_j‖₂
     scores = W32.abs() * x_norm.unsqueeze(0)  # [out, in]
     mask = pattern.prune_mask(scores, per_row=True)
     return W32.masked_fill(mask, 0.0).to(W.dtype)
@@ -97,6 +114,14 @@ def inverse_hessian_factor(
     )
 
 
+def _check_blocksize(pattern: Pattern, blocksize: int) -> None:
+    if blocksize < 1:
+        raise ConfigError(f"blocksize must be positive, got {blocksize}")
+    if pattern.is_nm and blocksize % pattern.m:
+        raise ConfigError(f"blocksize {blocksize} is not a multiple of M={pattern.m} for {pattern};"
+                          f" use a multiple of {pattern.m} such as {pattern.m * 32}")
+
+
 def sparsegpt(
     W: torch.Tensor,
     H: torch.Tensor,
@@ -116,11 +141,7 @@ def sparsegpt(
     """
     pattern = Pattern.parse(pattern)
     _check_shapes(W, H)
-    if blocksize < 1:
-        raise ConfigError(f"blocksize must be positive, got {blocksize}")
-    if pattern.is_nm and blocksize % pattern.m:
-        raise ConfigError(f"blocksize {blocksize} is not a multiple of M={pattern.m} for {pattern};"
-                          f" use a multiple of {pattern.m} such as {pattern.m * 32}")
+    _check_blocksize(pattern, blocksize)
     if pattern.is_nm and W.shape[1] % pattern.m:
         raise ConfigError(f"{pattern} needs the input dimension to be a multiple of {pattern.m}, "
                           f"got {W.shape[1]}; exclude this layer or use an unstructured ratio")
@@ -164,12 +185,105 @@ def sparsegpt(
     return W.to(dtype)
 
 
-METHODS = {"magnitude": magnitude, "wanda": wanda, "sparsegpt": sparsegpt, "admm": admm}
+# -- the methods inside a walk ---------------------------------------------------------------
+@dataclass(frozen=True)
+class PruneOptions:
+    """Options of the layer methods in a walk (each method reads the ones it knows)."""
+
+    blocksize: int = 128  # SparseGPT: columns per lazy-update block
+    percdamp: float = 0.01  # dampening of H, as a fraction of its mean diagonal
+    solver: SolverOptions | None = None  # method "admm" (None: SolverOptions())
 
 
-def get_method(name: str):
+def scaled_gram(H: torch.Tensor, percdamp: float) -> ScaledGram:
+    """The solver's per-group preparation: H: [in, in] at unit diagonal, eigendecomposed."""
+    return ScaledGram.of(H, percdamp)
+
+
+@dataclass(frozen=True)
+class Method:
+    """A layer-level method as a walk runs it."""
+
+    prune: Callable  # the public pruner (W, H, pattern, ...) -> W'
+    stats: str  # what it reads of a group's inputs: "none" | "diag" | "full" (`Needs.gram`)
+    # (W, stats: LayerStats, pattern, prepared, options: PruneOptions, info: dict) -> W'
+    run: Callable[..., torch.Tensor]
+    prepare: Callable | None = None  # (H, percdamp) -> per-group object, shared by its layers
+    check: Callable[[Pattern, PruneOptions], None] | None = None  # refuses options up front
+    per_row: bool = False  # unstructured masks are chosen within each output row
+    options: tuple[str, ...] = ()  # the PruneOptions fields its result depends on
+
+
+METHODS = {
+    "magnitude": Method(magnitude, "none", lambda W, st, p, _, o, info: magnitude(W, None, p)),
+    "wanda": Method(wanda, "diag", lambda W, st, p, _, o, info: wanda(W, st.diag, p),
+                    per_row=True),
+    "sparsegpt": Method(
+        sparsegpt, "full",
+        lambda W, st, p, factor, o, info: sparsegpt(W, st.H, p, o.blocksize, o.percdamp,
+                                                    factor=factor),
+        prepare=inverse_hessian_factor, check=lambda p, o: _check_blocksize(p, o.blocksize),
+        options=("blocksize", "percdamp")),
+    "admm": Method(
+        admm, "full",
+        lambda W, st, p, gram, o, info: admm(W, st.H, p, o.percdamp, gram=gram,
+                                             options=o.solver, info=info),
+        prepare=scaled_gram, options=("percdamp", "solver")),
+}
+
+
+def method_spec(name: str) -> Method:
     try:
         return METHODS[name]
     except KeyError:
         raise ConfigError(f"unknown pruning method {name!r}; choose one of "
                           f"{', '.join(sorted(METHODS))}") from None
+
+
+def get_method(name: str):
+    """The layer-level pruner `(W, H, pattern, ...) -> W'` called `name`."""
+    return method_spec(name).prune
+
+
+class GroupFactors:
+    """Per-group preparations of H: [in, in] (`Method.prepare`: SparseGPT's Cholesky factor,
+    the solver's eigendecomposition), each made on first use and shared by the group's layers
+    and by the steps of one transform."""
+
+    def __init__(self, H: torch.Tensor | None, percdamp: float = 0.01):
+        self.H, self.percdamp = H, percdamp
+        self._made: dict = {}
+
+    def get(self, prepare: Callable):
+        if prepare not in self._made:
+            self._made[prepare] = prepare(self.H, self.percdamp)
+        return self._made[prepare]
+
+
+def pruning_transform(method: str, rules: LayerRules,
+                      options: PruneOptions = PruneOptions()) -> Transform:
+    """A walk transform that prunes every layer of a group with `method` under `rules`,
+    declaring the statistics the method reads. Options that cannot work with a pattern of
+    `rules` are refused here, before any work.
+
+    It may be called as `transform(group, factors)` to share the group's preparations.
+    """
+    spec = method_spec(method)
+    if spec.check is not None:
+        for pattern in [rules.default] + [p for _, p in rules.overrides]:
+            spec.check(pattern, options)
+
+    def transform(group: LayerGroup, factors: GroupFactors | None = None):
+        factors = factors or GroupFactors(group.stats.H, options.percdamp)
+        out = {}
+        for name, W in group.weights().items():
+            pattern = rules.pattern_for(name)
+            if pattern is None:
+                continue
+            group.info[name] = {"pattern": str(pattern)}
+            prepared = factors.get(spec.prepare) if spec.prepare is not None else None
+            out[name] = spec.run(W, group.stats, pattern, prepared, options, group.info[name])
+        return out
+
+    transform.needs = Needs(gram=spec.stats)
+    return transform

@@ -33,14 +33,15 @@ magnitude at every iteration.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import asdict, dataclass
 
 import torch
 
 from .errors import ConfigError
-from .layerwise import LayerGroup, walk
+from .layerwise import LayerGroup, Needs, walk
+from .models import prunable_layers, weight_matrix
 from .patterns import LayerRules, Pattern
+from .pruners import GroupFactors, PruneOptions, method_spec, pruning_transform, scaled_gram
 from .solver import ScaledGram, SolverOptions, check_options, redense_solve, solve
 
 DATA_VARIANTS = ("sd", "dense", "distill")
@@ -216,8 +217,6 @@ def adjust_layer(W0: torch.Tensor, q: Quadratic, pattern: Pattern, config: SDSCo
 # -- walks --------------------------------------------------------------------------------------
 def dense_weights(model, rules: LayerRules) -> dict[str, torch.Tensor]:
     """Snapshot {name: W [out, in]} of the layers `rules` prunes (call before step 1)."""
-    from .models import prunable_layers, weight_matrix
-
     return {n: weight_matrix(m).detach().to("cpu", copy=True)
             for n, m in prunable_layers(model, rules).items()}
 
@@ -229,9 +228,6 @@ def _quadratic(group: LayerGroup, name: str, W_dense, variant: str) -> Quadratic
     if variant == "dense":
         return Quadratic.from_grams(W_dense, st.H_ref, st.H_ref, st.H_ref, st.tokens)
     return Quadratic.from_grams(W_dense, st.H, st.C, st.H_ref, st.tokens)  # distill
-
-
-ROW_WISE = ("wanda",)  # methods whose unstructured masks are chosen per output row
 
 
 def redense_admm(W0: torch.Tensor, q: Quadratic, gram: ScaledGram, config: SDSConfig,
@@ -248,9 +244,6 @@ def redense(model, calibration, dense: dict[str, torch.Tensor], rules: LayerRule
     """Step 2 on a pruned model, in place. `dense`: {name: W_dense [out, in]} (see
     `dense_weights`). Statistics come from the pruned model (its blocks are propagated with
     their sparse weights) or, for the "dense"/"distill" variants, also from the dense model."""
-    from .api import calibration_ids
-
-    ids = calibration_ids(calibration)
 
     def transform(group: LayerGroup):
         if config.epochs == 0:
@@ -276,11 +269,11 @@ def redense(model, calibration, dense: dict[str, torch.Tensor], rules: LayerRule
             group.info[name] = info
         return out
 
-    return walk(model, ids, transform, select=lambda n: n in dense,
-                reference=dense if config.data != "sd" else None,
-                cross=config.data == "distill", compare_to=dense, propagate="original",
-                device=device,
-                progress=progress, on_block=on_block)
+    # A (the Gram matrix of X) is H or H_ref; G = X_tᵀX is H, H_ref or C (`_quadratic`)
+    reference_stats = {"sd": (), "dense": ("H_ref",), "distill": ("H_ref", "C")}[config.data]
+    transform.needs = Needs(gram="full", reference=dense, reference_stats=reference_stats)
+    return walk(model, calibration, transform, select=lambda n: n in dense,
+                propagate="original", device=device, progress=progress, on_block=on_block)
 
 
 def _error(W_dense: torch.Tensor, W: torch.Tensor, H: torch.Tensor) -> float:
@@ -297,11 +290,10 @@ def second_prune(model, calibration, dense: dict[str, torch.Tensor], method: str
 
     Each layer's record says whether it was adjusted and its errors ‖W_dense X − W X‖² / ν
     after the plain second pruning and after the adjustment."""
-    from .api import GroupFactors, calibration_ids, pruning_transform
-
     options = config.solver_options()
-    prune = pruning_transform(method, rules, blocksize, percdamp)  # the base method, as in step 1
-    ids = calibration_ids(calibration)
+    per_row = method_spec(method).per_row  # the adjustment keeps the base method's grouping
+    # the base method, as in step 1
+    prune = pruning_transform(method, rules, PruneOptions(blocksize, percdamp))
 
     def transform(group: LayerGroup):
         H = group.stats.H
@@ -319,9 +311,8 @@ def second_prune(model, calibration, dense: dict[str, torch.Tensor], method: str
             q = Quadratic.from_grams(W_dense, H, H, H, group.stats.tokens)
             nu, _, _ = _scales(q, W_dense.numel(), config)
             if config.solver == "admm":
-                W_adj, solved = solve(W_dense, factors.scaled, pattern,
-                                      per_row=method in ROW_WISE, W0=redensed[name],
-                                      options=options)
+                W_adj, solved = solve(W_dense, factors.get(scaled_gram), pattern,
+                                      per_row=per_row, W0=redensed[name], options=options)
                 info.update(iterations=solved["iterations"],
                             cg_iterations=solved["cg_iterations"], seconds=solved["seconds"])
                 error_pruned, error_adjusted = _error(W_dense, W_pruned, H), _error(W_dense,
@@ -337,29 +328,6 @@ def second_prune(model, calibration, dense: dict[str, torch.Tensor], method: str
                 info["adjusted"] = True
         return out
 
-    return walk(model, ids, transform, select=lambda n: n in dense, compare_to=dense,
-                device=device, progress=progress, on_block=on_block)
-
-
-def sds_prune(model, calibration, method: str, rules: LayerRules, config: SDSConfig, *,
-              blocksize=128, percdamp=0.01, device=None, progress=True, report=None):
-    """All three steps on `model`, in place; returns a PruneReport with one entry per step."""
-    from .api import PruneReport, oneshot
-
-    report = report or PruneReport(method=method, rules=rules.describe())
-    report.rules["sds"] = config.to_dict()
-    dense = dense_weights(model, rules)
-    steps = [
-        ("oneshot", lambda: oneshot(model, calibration, method, rules, blocksize=blocksize,
-                                    percdamp=percdamp, device=device, progress=progress)),
-        ("redense", lambda: redense(model, calibration, dense, rules, config, device=device,
-                                    progress=progress)),
-        ("second", lambda: second_prune(model, calibration, dense, method, rules, config,
-                                        blocksize=blocksize, percdamp=percdamp, device=device,
-                                        progress=progress)),
-    ]
-    for step, run in steps:
-        t0 = time.perf_counter()
-        report.steps[step] = run()
-        report.seconds[step] = time.perf_counter() - t0
-    return report
+    transform.needs = Needs(gram="full", reference=dense)
+    return walk(model, calibration, transform, select=lambda n: n in dense, device=device,
+                progress=progress, on_block=on_block)

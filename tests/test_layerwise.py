@@ -3,8 +3,10 @@ import torch
 
 import sds
 from sds.errors import ConfigError, DataError
-from sds.layerwise import output_error, walk
-from sds.models import find_blocks, prunable_layers, weight_matrix
+from sds.layerwise import Needs, output_error, walk
+from sds.models import find_blocks, prunable_layers, set_weight_matrix, weight_matrix
+from sds.patterns import LayerRules
+from sds.pruners import pruning_transform
 from tests.helpers import tiny_llama, tiny_opt
 
 
@@ -25,9 +27,6 @@ def _last_block_outputs(model, ids):
 def test_propagated_outputs_equal_a_plain_forward_of_the_pruned_model(make):
     model = make(layers=3)
     ids = torch.randint(0, 128, (4, 32))
-    from sds.api import pruning_transform
-    from sds.patterns import LayerRules
-
     rep = walk(model, ids, pruning_transform("sparsegpt", LayerRules.build("2:4")),
                progress=False, keep_outputs=True)
     plain = _last_block_outputs(model, ids)
@@ -66,20 +65,86 @@ def test_layers_reading_one_input_share_one_group_and_gram_matrix():
                     ["down_proj"]]
 
 
-def test_gram_matrix_equals_inputs_recorded_independently():
-    model = tiny_opt(layers=1)
-    ids = torch.randint(0, 128, (2, 16))
-    layer = dict(model.named_modules())["model.decoder.layers.0.fc2"]
+def _layer_inputs(model, name, ids):
+    """X: [tokens, in] of layer `name` over a plain forward of every sample."""
+    layer = dict(model.named_modules())[name]
     xs = []
     h = layer.register_forward_hook(lambda _m, i, _o: xs.append(i[0].reshape(-1, i[0].shape[-1])))
     with torch.no_grad():
-        for i in range(2):
+        for i in range(ids.shape[0]):
             model(ids[i : i + 1])
     h.remove()
-    X = torch.cat(xs)
+    return torch.cat(xs)
+
+
+def _declaring(needs, record):
+    def transform(group):
+        record(group)
+        return {}
+
+    transform.needs = needs
+    return transform
+
+
+def test_gram_matrix_equals_inputs_recorded_independently():
+    model = tiny_opt(layers=1)
+    ids = torch.randint(0, 128, (2, 16))
+    X = _layer_inputs(model, "model.decoder.layers.0.fc2", ids)
     got = {}
     walk(model, ids, lambda g: got.update({g.names[0]: g.stats.H.clone()}) or {}, progress=False)
     torch.testing.assert_close(got["model.decoder.layers.0.fc2"], X.T @ X, rtol=1e-5, atol=1e-4)
+
+
+def test_a_transform_that_declares_the_diagonal_gets_it_and_no_gram_matrix():
+    model = tiny_llama(layers=2)
+    ids = torch.randint(0, 128, (2, 16))
+    name = "model.layers.1.mlp.down_proj"
+    X = _layer_inputs(model, name, ids)
+    seen = {}
+    walk(model, ids, _declaring(Needs(gram="diag"), lambda g: seen.update({g.names[0]: g.stats})),
+         progress=False)
+    assert len(seen) == 8
+    for st in seen.values():
+        assert st.H is None and st.H_ref is None and st.C is None
+        assert st.diag.dim() == 1 and st.tokens == 2 * 16
+    torch.testing.assert_close(seen[name].diag, X.square().sum(0), rtol=1e-5, atol=1e-5)
+
+
+def test_a_transform_that_declares_nothing_gets_no_statistics_and_no_output_error():
+    model = tiny_llama(layers=1)
+    ids = torch.randint(0, 128, (3, 16))
+    seen = []
+    rep = walk(model, ids, _declaring(Needs(gram="none"), lambda g: seen.append(g.stats)),
+               progress=False)
+    assert len(seen) == 4
+    assert all(st.H is None and st.diag is None and st.tokens == 3 * 16 for st in seen)
+    assert all(r.rel_error is None and r.rel_error_ref is None for r in rep.layers)
+    assert len(rep.layers) == 7 and all(r.sparsity == 0 for r in rep.layers)
+
+
+def test_wanda_walk_collects_only_the_diagonal_and_prunes_as_with_the_full_gram():
+    model = tiny_llama(layers=1)
+    ids = torch.randint(0, 128, (2, 16))
+    dense = {n: weight_matrix(m).clone() for n, m in prunable_layers(model).items()}
+    rules = LayerRules.build("50%")
+    transform = pruning_transform("wanda", rules)
+    assert transform.needs.gram == "diag"
+    grams = {}
+    walk(model, ids, lambda g: grams.update({n: g.stats.H.clone() for n in g.names}) or {},
+         progress=False)
+    kinds = []
+
+    def spy(group):
+        kinds.append((group.stats.H, group.stats.diag.dim()))
+        return transform(group)
+
+    spy.needs = transform.needs
+    rep = walk(model, ids, spy, progress=False)
+    assert kinds == [(None, 1)] * 4
+    assert all(r.rel_error is None for r in rep.layers)  # H not collected: not measured
+    for name, module in prunable_layers(model).items():  # block 0: the same inputs
+        torch.testing.assert_close(weight_matrix(module), sds.wanda(dense[name], grams[name],
+                                                                    "50%"))
 
 
 def test_reference_stream_with_current_weights_gives_equal_grams():
@@ -93,10 +158,46 @@ def test_reference_stream_with_current_weights_gives_equal_grams():
         torch.testing.assert_close(st.H_ref, st.H)
         torch.testing.assert_close(st.C, st.H)
         checked.append(group.names[0])
-        return {}
 
-    walk(model, ids, check, reference=ref, cross=True, progress=False)
+    walk(model, ids, _declaring(Needs(reference=ref, reference_stats={"H_ref", "C"}), check),
+         progress=False)
     assert len(checked) == 8
+
+
+def test_reference_stream_grams_equal_inputs_of_the_reference_model_recorded_independently():
+    """H_ref = X_refᵀX_ref and C = X_refᵀX, X_ref the inputs in a model holding the reference
+    weights, X those in the walked model (block 1: both streams went through block 0)."""
+    model = tiny_llama(layers=2)
+    reference_model = tiny_llama(layers=2)
+    reference_model.load_state_dict(model.state_dict())
+    g = torch.Generator().manual_seed(0)
+    for m in prunable_layers(reference_model).values():
+        W = weight_matrix(m)
+        set_weight_matrix(m, W + 0.2 * W.std() * torch.randn(W.shape, generator=g))
+    ref = {n: weight_matrix(m).clone() for n, m in prunable_layers(reference_model).items()}
+    ids = torch.randint(0, 128, (2, 16))
+    name = "model.layers.1.self_attn.o_proj"
+    X, X_ref = _layer_inputs(model, name, ids), _layer_inputs(reference_model, name, ids)
+    seen = {}
+    rep = walk(model, ids, _declaring(Needs(reference=ref, reference_stats={"H_ref", "C"}),
+                                      lambda gr: seen.update({gr.names[0]: gr.stats})),
+               progress=False)
+    st = seen[name]
+    torch.testing.assert_close(st.H, X.T @ X, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(st.H_ref, X_ref.T @ X_ref, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(st.C, X_ref.T @ X, rtol=1e-4, atol=1e-3)
+    assert not torch.allclose(st.H_ref, st.H, rtol=1e-2)
+    record = next(r for r in rep.layers if r.name == name)  # against the reference weights
+    assert record.rel_error == 0
+    assert record.rel_error_ref == pytest.approx(output_error(ref[name], weight_matrix(
+        dict(model.named_modules())[name]), X.T @ X), rel=1e-4)
+
+
+def test_reference_statistics_without_reference_weights_are_refused():
+    with pytest.raises(ConfigError, match="reference statistics need reference weights"):
+        Needs(reference_stats={"H_ref"})
+    with pytest.raises(ConfigError, match="unknown statistic 'hessian'"):
+        Needs(gram="hessian")
 
 
 def test_output_error_is_the_closed_form_ratio():
@@ -106,16 +207,21 @@ def test_output_error_is_the_closed_form_ratio():
     assert output_error(W, W2, X.T @ X) == pytest.approx(expect, rel=1e-4)
 
 
-def test_prune_report_per_layer_sparsity_error_and_time():
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_prune_report_per_layer_sparsity_error_and_time(method):
     model = tiny_llama()
     ids = torch.randint(0, 128, (4, 32))
-    report = sds.prune(model, ids, method="wanda", pattern="4:8", progress=False)
+    report = sds.prune(model, ids, method=method, pattern="4:8", progress=False)
     layers = report.steps["oneshot"].layers
     assert len(layers) == 14
     for r in layers:
         W = weight_matrix(dict(model.named_modules())[r.name])
         assert r.sparsity == pytest.approx((W == 0).float().mean().item())
-        assert r.sparsity == 0.5 and 0 < r.rel_error < 1
+        assert r.sparsity == 0.5
+        if method == "wanda":  # Wanda's walk collects diag(XᵀX) only: the error is not measured
+            assert r.rel_error is None
+        else:
+            assert 0 < r.rel_error < 1
     assert len(report.steps["oneshot"].blocks) == 2
     assert all(b["seconds"] > 0 for b in report.steps["oneshot"].blocks)
     assert report.to_dict()["steps"]["oneshot"]["layers"][0]["name"].endswith("q_proj")

@@ -4,7 +4,17 @@ import pytest
 import torch
 
 from sds.errors import ConfigError, NumericalError
-from sds.pruners import get_method, inverse_hessian_factor, magnitude, sparsegpt, wanda
+from sds.layerwise import LayerStats
+from sds.pruners import (
+    METHODS,
+    PruneOptions,
+    get_method,
+    inverse_hessian_factor,
+    magnitude,
+    sparsegpt,
+    wanda,
+)
+from sds.solver import SolverOptions
 from tests.helpers import correlated_inputs
 
 PATTERNS = ["50%", "2:4", "4:8"]
@@ -166,3 +176,31 @@ def test_unknown_method_names_the_choices():
     with pytest.raises(ConfigError,
                        match="unknown pruning method 'obs'.*magnitude, sparsegpt, wanda"):
         get_method("obs")
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_a_method_in_a_walk_depends_on_exactly_the_options_it_declares(name):
+    """`Method.options` is what a pipeline keys a method's result on: changing a declared option
+    changes the pruned weights, changing any other leaves them bit-identical."""
+    W, X, H = _layer(rows=32, cols=256, tokens=1024)
+    spec = METHODS[name]
+    stats = LayerStats(tokens=X.shape[0], H=H if spec.stats == "full" else None,
+                       diag=torch.diagonal(H).clone() if spec.stats != "none" else None)
+
+    def run(options):
+        prepared = spec.prepare(stats.H, options.percdamp) if spec.prepare else None
+        return spec.run(W, stats, "50%", prepared, options, {})
+
+    base = run(PruneOptions())
+    changed = {"blocksize": PruneOptions(blocksize=64), "percdamp": PruneOptions(percdamp=0.1),
+               "solver": PruneOptions(solver=SolverOptions(admm_iters=3, cg_iters=0))}
+    for option, options in changed.items():
+        assert torch.equal(run(options), base) is (option not in spec.options), option
+
+
+def test_wanda_from_the_diagonal_alone_equals_wanda_from_the_gram_matrix():
+    W, _, H = _layer()
+    for spec in PATTERNS:
+        assert torch.equal(wanda(W, torch.diagonal(H).clone(), spec), wanda(W, H, spec))
+    with pytest.raises(ConfigError, match="diagonal of H must have in = 128 entries"):
+        wanda(W, torch.ones(64), "50%")

@@ -3,7 +3,7 @@ import torch
 
 import sds
 from sds.errors import ConfigError
-from sds.layerwise import walk
+from sds.layerwise import Needs, walk
 from sds.models import prunable_layers, weight_matrix
 from sds.patterns import LayerRules, Pattern
 from sds.reconstruct import (
@@ -221,10 +221,39 @@ def test_sds_reconstruction_error_is_below_its_base_method_on_a_trained_model(me
 
     model, tok = load_model(str(demo_model_path("opt")), dtype="float32")
     calib = load_calibration(tok, "demo", nsamples=8, seqlen=128, seed=0)
+    dense = dense_weights(model, LayerRules.build("2:4"))
     report = sds.prune(model, calib, method, "2:4", sds=True, progress=False,
                        sds_config=SDSConfig(epochs=50, adjust_epochs=50))
-    one = report.steps["oneshot"].layers  # first walk: rel_error is against the dense weights
     final = report.steps["second"].layers
-    mean_one = sum(r.rel_error for r in one) / len(one)
     mean_sds = sum(r.rel_error_ref for r in final) / len(final)
+    # the one-shot layers, measured in their own model's inputs as step 1 saw them (Wanda's
+    # walk collects no Gram matrix, so its report holds no error to compare with)
+    model, _ = load_model(str(demo_model_path("opt")), dtype="float32")
+    sds.oneshot(model, calib, method, "2:4", progress=False)
+
+    def unchanged(group):
+        return {}
+
+    unchanged.needs = Needs(reference=dense)
+    one = walk(model, calib, unchanged, progress=False).layers
+    mean_one = sum(r.rel_error_ref for r in one) / len(one)
     assert mean_sds < mean_one
+
+
+@pytest.mark.parametrize("method", ["admm", "sparsegpt"])
+def test_second_pruning_makes_one_eigendecomposition_per_input_group(monkeypatch, method):
+    """The base method's per-group preparation and the adjustment's share one factorization."""
+    from sds import solver
+
+    calls = []
+    original = solver.ScaledGram.of
+    monkeypatch.setattr(solver.ScaledGram, "of",
+                        classmethod(lambda cls, H, damp=0.01: calls.append(H.shape)
+                                    or original(H, damp)))
+    model = tiny_llama(layers=2)
+    rules = LayerRules.build("2:4")
+    dense = dense_weights(model, rules)
+    rep = second_prune(model, torch.randint(0, 128, (2, 16)), dense, method, rules,
+                       SDSConfig(adjust_epochs=5), progress=False)
+    assert len(rep.layers) == 14 and all("error_adjusted" in r.extra for r in rep.layers)
+    assert len(calls) == 8  # q/k/v, o, gate/up, down: four input groups per block
