@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .layerwise import WalkReport, walk
+from .models import prunable_layers
 from .patterns import LayerRules
 from .pruners import PruneOptions, pruning_transform
 from .reconstruct import SDSConfig, dense_weights, redense, second_prune
@@ -48,10 +49,12 @@ def oneshot(model: nn.Module, calibration, method: str = "sparsegpt",
             percdamp: float = 0.01, solver: SolverOptions | None = None, device=None,
             progress: bool = True, on_block=None) -> WalkReport:
     """Step 1 (and the whole of one-shot pruning): prune `model` in place, block by block.
-    `solver` holds the options of method "admm" (default `SolverOptions()`)."""
+    `solver` holds the options of method "admm" (default `SolverOptions()`). Rules that select
+    no layer are refused before any work."""
     rules = pattern if isinstance(pattern, LayerRules) else LayerRules.build(pattern, overrides,
                                                                              exclude)
     transform = pruning_transform(method, rules, PruneOptions(blocksize, percdamp, solver))
+    prunable_layers(model, rules)  # refuses rules that select no layer
     return walk(model, calibration, transform,
                 select=lambda name: rules.pattern_for(name) is not None, device=device,
                 progress=progress, on_block=on_block)

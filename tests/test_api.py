@@ -1,0 +1,48 @@
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+
+import sds
+from sds.models import prunable_layers, weight_matrix
+from tests.helpers import tiny_llama
+
+
+@pytest.mark.parametrize("kw,msg", [({"exclude": [".*"]}, "no layer is left to prune"),
+                                    ({"overrides": {"fc2$": "4:8"}}, "matches no pruned layer")])
+@pytest.mark.parametrize("call", ["prune", "oneshot"])
+def test_one_shot_pruning_refuses_rules_that_select_no_layer_before_any_work(kw, msg, call):
+    model = tiny_llama()
+    before = {n: weight_matrix(m).clone() for n, m in prunable_layers(model).items()}
+    with pytest.raises(sds.ConfigError, match=msg):
+        getattr(sds, call)(model, torch.randint(0, 128, (2, 16)), "sparsegpt", "2:4",
+                           progress=False, **kw)
+    for name, module in prunable_layers(model).items():
+        assert torch.equal(weight_matrix(module), before[name]), name
+
+
+def _imports(path: Path) -> set[str]:
+    """The sds modules that `path` imports, at any level (top of file or inside functions)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            names |= {node.module} if node.module else {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("sds."):
+            names.add(node.module.removeprefix("sds."))
+    return names
+
+
+def test_api_and_reconstruct_lie_on_no_import_cycle():
+    """api builds on reconstruct, reconstruct on pruners and the engine: imports point one way."""
+    root = Path(sds.__file__).parent
+    graph = {p.stem: _imports(p) for p in root.glob("*.py") if p.stem != "__init__"}
+
+    def reaches(start, goal, seen=()):
+        return any(m == goal or (m not in seen and reaches(m, goal, (*seen, m)))
+                   for m in graph.get(start, ()))
+
+    assert "reconstruct" in graph["api"]
+    for module in ("api", "reconstruct", "layerwise"):
+        assert not reaches(module, module), module
+    assert not any("api" in deps for deps in graph.values())
