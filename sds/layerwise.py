@@ -2,7 +2,8 @@
 
     capture the inputs of block 0 (every positional and keyword argument the model passes)
     for each block:
-        hook its linear layers and run every calibration sample through it -> statistics
+        hook its linear layers and run every calibration sample through it -> the
+            statistics the transform declares (none: no pass)
         apply the per-layer transform (prune, re-dense, adjust...)
         run the samples through the transformed block -> inputs of the next block
 
