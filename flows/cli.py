@@ -4,7 +4,7 @@
     sds run --model facebook/opt-125m --calib c4 --eval wikitext2      the paper's setting
     sds sweep --methods sparsegpt,wanda --patterns 2:4,50%             a grid, shared stages once
     sds store ls | rm | gc       find and clean artifacts
-    sds serve                    serve the deployments of deployments/local.yaml
+    sds serve                    serve the demo deployments (flows/serve.py)
 
 Exit codes: 0 done, 1 a stage failed, 2 bad input (options, data, model), 3 the store cannot be
 used, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM); no child process is left behind.
@@ -20,7 +20,7 @@ import argparse
 import contextlib
 import errno
 import json
-import math
+import logging
 import os
 import re
 import signal
@@ -36,69 +36,49 @@ EXIT_FAILED, EXIT_INPUT, EXIT_STORE, EXIT_INTERRUPTED = 1, 2, 3, 130
 
 
 # -- arguments ----------------------------------------------------------------------------------
-def finite(text: str) -> float:
-    """argparse type of the real-valued options: a finite number (argparse names the option)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number; give e.g. 0.1")
-    return value
+# flags whose name is not the field's; every other option is --<field name with dashes>
+FLAGS = {"exclude": ["--exclude"], "overrides": ["--override"], "sds_options.l1": ["--lambda1",
+         "--l1"], "sds_options.l2": ["--lambda2", "--l2"], "sds_options.data": ["--sds-data"]}
+REPEATED = {"exclude": "REGEX", "overrides": "REGEX=PATTERN"}
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
-    """Options shared by `run` and `sweep`."""
-    g = parser.add_argument_group("data and evaluation")
-    g.add_argument("--calib", help="calibration data: c4, wikitext2, demo, or a .txt/.jsonl file "
-                   "(default: demo without --model, c4 with one)")
-    g.add_argument("--eval", help="comma-separated perplexity corpora: wikitext2, c4, ptb, wiki, "
-                   "news, files, or 'none' (default: wiki,news for the demo, wikitext2 otherwise)")
-    g.add_argument("--tasks", help="comma-separated zero-shot tasks or presets (demo, sds, "
-                   "wanda), or 'none' (default: demo for the demo, none otherwise)")
-    g.add_argument("--limit", type=int, help="examples per zero-shot task (default: 100 for the "
-                   "demo, all otherwise)")
-    g.add_argument("--nsamples", type=int, help="calibration windows (default: 32 for the demo, "
-                   "128 otherwise)")
-    g.add_argument("--seqlen", type=int, help="tokens per calibration and evaluation window "
-                   "(default: 128 for the demo, min(2048, context) otherwise)")
-    g.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
-    g.add_argument("--batch-size", type=int, default=8, help="zero-shot batch size")
+def _add_options(parser: argparse.ArgumentParser, kind) -> None:
+    """One option per field of the run configuration `kind` (tasks.config), and one per SDS
+    option (sds.reconstruct.SDSConfig); the field's description is the help. Options left out
+    keep the configuration's default (or, for a sweep, the grid file's value); the values are
+    validated by the configuration, not here."""
+    import dataclasses
 
-    g = parser.add_argument_group("pruning")
-    g.add_argument("--no-sds", dest="sds", action="store_false",
-                   help="one-shot pruning only (no re-dense / second pruning)")
-    g.add_argument("--blocksize", type=int, default=128, help="SparseGPT block size")
-    g.add_argument("--percdamp", type=finite, default=0.01, help="SparseGPT dampening")
-    g.add_argument("--epochs", type=int, help="SDS step-2 (re-dense) iterations (default 200)")
-    g.add_argument("--lr", type=finite, help="SDS step-2 step size (default 0.1)")
-    g.add_argument("--lambda1", "--l1", dest="l1", type=finite, help="SDS λ1, L1 weight (0.1)")
-    g.add_argument("--lambda2", "--l2", dest="l2", type=finite, help="SDS λ2, L2 weight (0.1)")
-    g.add_argument("--adjust-epochs", type=int, help="SDS step-3 iterations (default 200)")
-    g.add_argument("--adjust-lr", type=finite, help="SDS step-3 step size (default 0.1)")
-    g.add_argument("--sds-data", choices=("sd", "dense", "distill"),
-                   help="data of the re-dense step (default sd)")
-    g.add_argument("--optimizer", choices=("prox", "adam"), help="re-dense optimiser (prox)")
-    g.add_argument("--normalize", choices=("target", "tokens"),
-                   help="loss normalisation of the SDS steps (target: ‖W_dense X‖²)")
-    g.add_argument("--reg-scale", choices=("mean", "dense", "sum"),
-                   help="scale of the λ1/λ2 terms (mean: averaged over a layer's weights)")
+    from sds.reconstruct import SDSConfig
 
-    g = parser.add_argument_group("model, device and storage")
-    g.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
-    g.add_argument("--device", help="compute device, e.g. cuda, cuda:1, cpu (default: cuda "
-                   "when available)")
-    g.add_argument("--store", default="./sds-store",
-                   help="artifact store: a folder or s3://bucket/prefix (default ./sds-store)")
-    g.add_argument("--no-verify", dest="verify", action="store_false",
-                   help="trust stored artifacts by size, without re-hashing them")
-    g.add_argument("--gpu-limit", help="Prefect global concurrency limit the compute stages "
-                   "hold, or 'none' (default: sds-gpu with a Prefect server, none with the "
-                   "embedded API)")
-    g.add_argument("--no-export", dest="export", action="store_false",
-                   help="do not write the final model folder")
-    g.add_argument("--online", action="store_true",
-                   help="allow the Hugging Face hub for the demo (it runs offline otherwise)")
+    group = parser.add_argument_group(f"options ({kind.__name__} in tasks/config.py)")
+    for name, field in kind.model_fields.items():
+        if name == "sds_options" or field.annotation == list[bool]:
+            continue
+        flags = FLAGS.get(name, ["--" + name.replace("_", "-")])
+        help_text = (field.description or "").replace("%", "%%")
+        if field.annotation is bool:
+            negate = bool(field.default)
+            flags = [f"--no-{f[2:]}" for f in flags] if negate else flags
+            group.add_argument(*flags, dest=name, action="store_false" if negate else
+                               "store_true", default=argparse.SUPPRESS, help=help_text)
+        elif name in REPEATED:
+            group.add_argument(*flags, dest=name, action="append", metavar=REPEATED[name],
+                               default=argparse.SUPPRESS, help=f"{help_text} (repeatable)")
+        else:
+            shown = ",".join(field.default) if isinstance(field.default, list) else field.default
+            group.add_argument(*flags, dest=name, metavar=name.upper(), default=argparse.SUPPRESS,
+                               help=f"{help_text} (default: {shown})")
+    group = parser.add_argument_group("SDS options (SDSConfig in sds/reconstruct.py)")
+    for f in dataclasses.fields(SDSConfig):
+        dest = f"sds_options.{f.name}"
+        flags = FLAGS.get(dest, ["--" + f.name.replace("_", "-")])
+        if isinstance(f.default, bool):
+            group.add_argument(*[f"--no-{x[2:]}" for x in flags], dest=dest, action="store_false",
+                               default=argparse.SUPPRESS, help=f"turn off {f.name}")
+        else:
+            group.add_argument(*flags, dest=dest, metavar=f.name.upper(),
+                               default=argparse.SUPPRESS, help=f"default {f.default}")
 
 
 def _output(parser: argparse.ArgumentParser) -> None:
@@ -108,6 +88,8 @@ def _output(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from tasks.config import RunConfig, SweepConfig
+
     parser = argparse.ArgumentParser(
         prog="sds", description="Sparse-Dense-Sparse pruning of language models, as a cached "
         "Prefect workflow.")
@@ -116,34 +98,24 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="prune one model (default: the offline demo)",
                          description="Prune one model with one method and pattern, SDS on top, "
                          "and evaluate the dense, one-shot and SDS models.")
-    run.add_argument("--model", help="hub id or local folder (default: the offline demo model; "
-                     "the paper's defaults apply with a model: 128 x 2048 tokens of c4, "
-                     "WikiText-2 perplexity)")
-    run.add_argument("--revision", help="hub revision (branch, tag or commit)")
-    run.add_argument("--trust-remote-code", action="store_true")
-    run.add_argument("--method", default="sparsegpt", help="sparsegpt, wanda, magnitude or admm")
-    run.add_argument("--pattern", default="2:4", help="N:M (2:4, 4:8) or a ratio (50%%, 0.5)")
-    run.add_argument("--exclude", action="append", default=[], metavar="REGEX",
-                     help="leave matching layers dense (repeatable)")
-    run.add_argument("--override", action="append", default=[], metavar="REGEX=PATTERN",
-                     help="another pattern for matching layers (repeatable)")
-    run.add_argument("--out", default="./sds-out",
-                     help="results.json and the model folder go here (default ./sds-out)")
-    _common(run)
+    _add_options(run, RunConfig)
+    run.add_argument("--online", action="store_true",
+                     help="allow the Hugging Face hub for the demo (it runs offline otherwise)")
     _output(run)
     run.set_defaults(handler=cmd_run)
 
     sweep = sub.add_parser("sweep", help="a grid of models x methods x patterns",
                            description="Run every combination; stages shared by several "
                            "points (calibration, dense evaluation) run once.")
-    sweep.add_argument("--grid", help="YAML file with models, methods, patterns and any other "
-                       "option (command-line options win)")
-    sweep.add_argument("--models", help="comma-separated hub ids or folders ('demo': the demo)")
-    sweep.add_argument("--methods", help="comma-separated methods (default sparsegpt)")
-    sweep.add_argument("--patterns", help="comma-separated patterns (default 2:4)")
-    sweep.add_argument("--both", action="store_true", help="each point with and without SDS")
-    sweep.add_argument("--out", default="./sds-sweep", help="results go here (./sds-sweep)")
-    _common(sweep)
+    sweep.add_argument("--grid", help="YAML file of SweepConfig fields (models, methods, "
+                       "patterns, any other option); options given here win")
+    sweep.add_argument("--both", dest="sds", action="store_const", const=[True, False],
+                       default=argparse.SUPPRESS, help="each point with and without SDS")
+    sweep.add_argument("--no-sds", dest="sds", action="store_const", const=[False],
+                       default=argparse.SUPPRESS, help="one-shot pruning only")
+    _add_options(sweep, SweepConfig)
+    sweep.add_argument("--online", action="store_true",
+                       help="allow the Hugging Face hub for the demo (it runs offline otherwise)")
     _output(sweep)
     sweep.set_defaults(handler=cmd_sweep)
 
@@ -174,9 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dry-run", action="store_true", help="only say what would go")
     store.set_defaults(handler=cmd_store)
 
-    serve = sub.add_parser("serve", help="serve the deployments locally (needs a Prefect "
+    serve = sub.add_parser("serve", help="serve the demo deployments locally (needs a Prefect "
                            "server: PREFECT_API_URL)")
-    serve.add_argument("--file", help="deployments file (default deployments/local.yaml)")
     serve.add_argument("--name", action="append", default=[], help="serve only this one")
     serve.add_argument("--limit", type=int, help="flow runs at the same time")
     _output(serve)
@@ -297,22 +268,15 @@ def exit_code(exc: BaseException) -> int:
 
 
 # -- run and sweep ------------------------------------------------------------------------------
-def _sds_options(args) -> dict:
-    names = {"epochs": "epochs", "lr": "lr", "l1": "l1", "l2": "l2",
-             "adjust_epochs": "adjust_epochs", "adjust_lr": "adjust_lr", "sds_data": "data",
-             "optimizer": "optimizer", "normalize": "normalize", "reg_scale": "reg_scale"}
-    return {field: getattr(args, attr) for attr, field in names.items()
-            if getattr(args, attr, None) is not None}
-
-
-def _gpu_limit(args) -> str | None:
-    if args.gpu_limit is not None:
-        return None if args.gpu_limit.lower() in ("", "none", "off") else args.gpu_limit
-    if not os.environ.get("PREFECT_API_URL"):
-        return None  # the embedded API lives and dies with this process: its lock is enough
-    from tasks.common import GPU_LIMIT
-
-    return GPU_LIMIT
+def _given(args) -> dict:
+    """The configuration fields given on the command line (options left out are absent)."""
+    given = {k: v for k, v in vars(args).items() if "." not in k}
+    sds = {k.partition(".")[2]: v for k, v in vars(args).items() if k.startswith("sds_options.")}
+    if sds:
+        given["sds_options"] = sds
+    if "overrides" in given:
+        given["overrides"] = _overrides(given["overrides"])
+    return given
 
 
 def _overrides(items: list[str]) -> dict[str, str]:
@@ -334,24 +298,26 @@ def _csv(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
-def pipeline_parameters(args) -> dict:
-    """The `pipeline` flow's parameters from the command line."""
-    params = {
-        "model": args.model, "method": args.method, "pattern": args.pattern, "sds": args.sds,
-        "calib": args.calib, "eval": _csv(args.eval), "nsamples": args.nsamples,
-        "seqlen": args.seqlen, "tasks": _csv(args.tasks), "store": args.store, "out": args.out,
-        "sds_options": _sds_options(args) or None, "overrides": _overrides(args.override) or None,
-        "exclude": args.exclude or None, "blocksize": args.blocksize,
-        "percdamp": args.percdamp, "seed": args.seed, "dtype": args.dtype,
-        "revision": args.revision, "trust_remote_code": args.trust_remote_code,
-        "limit": args.limit, "batch_size": args.batch_size, "device": args.device,
-        "verify": args.verify, "gpu_limit": _gpu_limit(args), "export": args.export,
-    }
-    return params
+def _config(kind, args, base: dict | None = None, where: str = "command line"):
+    """`kind` (RunConfig or SweepConfig) from `base` (a grid file's fields) and the command line:
+    an option given on the command line wins over the grid file's, SDS options one by one.
+    Without a Prefect server the default GPU limit is none: the embedded API lives and dies with
+    this process, whose own lock is enough."""
+    from tasks.config import build
+
+    values = dict(base or {})
+    given = {k: v for k, v in _given(args).items() if k in kind.model_fields}
+    if isinstance(values.get("sds_options"), dict) and "sds_options" in given:
+        given["sds_options"] = {**values["sds_options"], **given["sds_options"]}
+    values.update(given)
+    if not os.environ.get("PREFECT_API_URL"):
+        values.setdefault("gpu_limit", None)
+    return build(kind, values, where)
 
 
-class TerminalProgress:
-    """Stage events (tasks.common.notify) drawn as rich progress bars on stderr."""
+class TerminalProgress(logging.Handler):
+    """Stage progress drawn as rich progress bars on stderr, from the stages' own log records
+    (tasks.common.progress): nothing but Prefect's logging in between."""
 
     def __init__(self, console):
         from rich.progress import (
@@ -363,34 +329,32 @@ class TerminalProgress:
             TimeElapsedColumn,
         )
 
+        super().__init__(logging.INFO)
         self.progress = Progress(SpinnerColumn(), TextColumn("{task.description:<30}"),
                                  BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                                  console=console, transient=True)
         self.bars: dict[str, int] = {}
-        self.lock = threading.Lock()
+        self.logger = logging.getLogger("prefect.task_runs")
 
     def __enter__(self):
-        from tasks.common import subscribe
-
         self.progress.start()
-        subscribe(self)
+        self.logger.addHandler(self)
         return self
 
     def __exit__(self, *exc):
-        from tasks.common import unsubscribe
-
-        unsubscribe(self)
+        self.logger.removeHandler(self)
         self.progress.stop()
         return False
 
-    def __call__(self, event: dict) -> None:
-        label, kind = event.get("title") or event.get("label", "?"), event.get("event")
-        with self.lock:
-            if kind in ("cached", "found"):
-                if label not in self.bars:
-                    self.progress.console.print(f"[green]✓[/] {label:<30} [dim]from the "
-                                                "store[/]")
-                    self.bars[label] = -1
+    def emit(self, record: logging.LogRecord) -> None:
+        event = getattr(record, "sds", None)
+        if not isinstance(event, dict):
+            return
+        label, kind = event["title"], event.get("event")
+        with contextlib.suppress(Exception):
+            if kind == "cached" and label not in self.bars:
+                self.progress.console.print(f"[green]✓[/] {label:<30} [dim]from the store[/]")
+                self.bars[label] = -1
             elif kind == "start":
                 self.bars[label] = self.progress.add_task(label, total=None)
             elif kind == "block" and self.bars.get(label, -1) >= 0:
@@ -469,8 +433,7 @@ def check_out(out: str | os.PathLike) -> None:
                           "choose a folder you can write to") from None
 
 
-def _run_flow(flow_fn, params: dict, console, warm_up: threading.Thread | None,
-              log: Path | None):
+def _run_flow(flow_fn, config, console, warm_up: threading.Thread | None, log: Path | None):
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     if warm_up is not None:
@@ -480,29 +443,16 @@ def _run_flow(flow_fn, params: dict, console, warm_up: threading.Thread | None,
     # call returns a second earlier
     with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
         with _stderr_to(log), TerminalProgress(console):
-            return flow_fn(**params)
-
-
-def _quick_checks(params: dict) -> None:
-    """The checks that need no store or Prefect: a typo fails in a few seconds."""
-    from sds.models import load_config
-    from sds.patterns import LayerRules
-    from sds.pruners import get_method
-    from sds.reconstruct import SDSConfig
-    from tasks.store import ArtifactStore
-
-    get_method(params["method"])
-    LayerRules.build(params["pattern"], params["overrides"], params["exclude"] or ())
-    SDSConfig(**(params["sds_options"] or {}))
-    ArtifactStore(params["store"])  # the URI's form only
-    if params["model"] not in (None, "", "demo"):
-        load_config(params["model"], params["revision"], params["trust_remote_code"])
+            return flow_fn(config)
 
 
 def cmd_run(args, console) -> int:
+    """Parse, one RunConfig, the flow. The plan (and with it every check that needs the model or
+    the data) is made here, before Prefect starts, and the flow finds it made."""
+    from tasks.config import RunConfig
+
     t0 = time.perf_counter()
-    params = pipeline_parameters(args)
-    _quick_checks(params)
+    config = _config(RunConfig, args)
     warm_up = _warm_up_api()
     with console.status("checking the inputs"):
         from flows.pipeline import pipeline
@@ -510,16 +460,16 @@ def cmd_run(args, console) -> int:
         from tasks.store import ArtifactStore
 
         _quiet_libraries(args.verbose)
-        plan_args = {k: v for k, v in params.items() if k not in ("out", "export")}
-        plan = plan_pipeline(**plan_args)  # fails fast, before any server or stage
+        plan = plan_pipeline(config)  # fails fast, before any server or stage
         ArtifactStore(plan.store).check()
-        check_out(args.out)
-    log = None if args.verbose else Path(args.out) / "sds.log"
-    results = _run_flow(pipeline, params, console, warm_up, log)
+        if config.out:
+            check_out(config.out)
+    log = None if args.verbose or not config.out else Path(config.out) / "sds.log"
+    results = _run_flow(pipeline, config, console, warm_up, log)
     out = sys.stdout
     _stdout_console().print(_results_table(results))
     t = results["timings"]
-    lines = [f"results  {Path(args.out) / 'results.json'}"]
+    lines = [f"results  {Path(config.out) / 'results.json'}"] if config.out else []
     if results.get("model_dir"):
         lines.append(f"model    {results['model_dir']}")
     lines.append(f"store    {plan.store}")
@@ -532,73 +482,50 @@ def cmd_run(args, console) -> int:
     return 0
 
 
-def _grid(args) -> dict:
+def _grid(path: str | None) -> dict:
     import yaml
 
     from sds.errors import ConfigError
 
-    grid: dict = {}
-    if args.grid:
-        try:
-            grid = yaml.safe_load(Path(args.grid).read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"grid file {args.grid} does not exist") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"grid file {args.grid} is not valid YAML: "
-                              f"{' '.join(str(exc).split())}") from None
-        if not isinstance(grid, dict):
-            raise ConfigError(f"grid file {args.grid} must hold a mapping (models, methods, "
-                              "patterns, ...)")
+    if not path:
+        return {}
+    try:
+        grid = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"grid file {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"grid file {path} is not valid YAML: "
+                          f"{' '.join(str(exc).split())}") from None
+    if not isinstance(grid, dict):
+        raise ConfigError(f"grid file {path} must hold a mapping (models, methods, "
+                          "patterns, ...)")
     return grid
 
 
-def sweep_parameters(args) -> dict:
-    """The grid file's options, overridden by the options given on the command line."""
-    import inspect
+def sweep_config(args):
+    """The grid file's SweepConfig fields, overridden by the options given on the command line."""
+    from tasks.config import SweepConfig
 
-    from flows.sweep import sweep
-    from sds.errors import ConfigError
-
-    params = _grid(args)
-    known = set(inspect.signature(sweep.fn).parameters)
-    unknown = sorted(set(params) - known)
-    if unknown:
-        raise ConfigError(f"grid file {args.grid}: unknown option(s) {', '.join(unknown)}; "
-                          f"known: {', '.join(sorted(known))}")
-    cli = {
-        "models": _csv(args.models), "methods": _csv(args.methods),
-        "patterns": _csv(args.patterns), "sds": [True, False] if args.both else args.sds,
-        "calib": args.calib, "eval": _csv(args.eval), "nsamples": args.nsamples,
-        "seqlen": args.seqlen, "tasks": _csv(args.tasks), "limit": args.limit,
-        "sds_options": _sds_options(args) or None, "device": args.device, "seed": args.seed,
-        "batch_size": args.batch_size, "blocksize": args.blocksize, "percdamp": args.percdamp,
-        "dtype": args.dtype, "store": args.store, "out": args.out, "verify": args.verify,
-        "gpu_limit": args.gpu_limit,
-    }
-    defaults = vars(build_parser().parse_args(["sweep"]))
-    for name, value in cli.items():
-        default = defaults.get(name, None)
-        if name in ("models", "methods", "patterns", "eval", "tasks"):
-            default = None
-        if value is not None and (value != default or name not in params):
-            params[name] = value
-    if args.gpu_limit is not None or "gpu_limit" not in params:
-        params["gpu_limit"] = _gpu_limit(args)
-    return params
+    where = f"grid file {args.grid} with the command line" if args.grid else "command line"
+    return _config(SweepConfig, args, _grid(args.grid), where)
 
 
 def cmd_sweep(args, console) -> int:
+    config = sweep_config(args)
     warm_up = _warm_up_api()
     with console.status("checking the inputs"):
         from flows.sweep import sweep
+        from tasks.plan import plan_pipeline
         from tasks.store import ArtifactStore
 
         _quiet_libraries(args.verbose)
-        params = sweep_parameters(args)
-        ArtifactStore(params.get("store", "./sds-store")).check()
-        check_out(params.get("out", "./sds-sweep"))
-    log = None if args.verbose else Path(params.get("out", "./sds-sweep")) / "sds.log"
-    summary = _run_flow(sweep, params, console, warm_up, log)
+        for point in config.points():
+            plan_pipeline(point)  # fails fast, before any server or stage
+        ArtifactStore(config.store).check()
+        if config.out:
+            check_out(config.out)
+    log = None if args.verbose or not config.out else Path(config.out) / "sds.log"
+    summary = _run_flow(sweep, config, console, warm_up, log)
     from rich.table import Table
 
     table = Table(title="sweep")
@@ -611,8 +538,7 @@ def cmd_sweep(args, console) -> int:
             table.add_row(run["name"], name, *values)
     _stdout_console().print(table)
     print(f"stage runs: {json.dumps(summary['stage_submissions'])}")
-    print(f"results in {params.get('out', './sds-sweep')}/sweep.json "
-          f"({summary['wall']:.1f} s)")
+    print(f"results in {config.out}/sweep.json ({summary['wall']:.1f} s)")
     return 0
 
 
@@ -770,8 +696,7 @@ def cmd_serve(args, console) -> int:
         console.print("[yellow]PREFECT_API_URL is not set: the deployments are served by a "
                       "temporary server that stops with this command. Start one with `prefect "
                       "server start` and export PREFECT_API_URL to see them in the UI.[/]")
-    path = args.file or Path(__file__).resolve().parents[1] / "deployments" / "local.yaml"
-    serve(path, args.name or None, args.limit)
+    serve(args.name or None, int(args.limit) if args.limit else None)
     return 0
 
 
@@ -900,10 +825,23 @@ def _descendants(root: int) -> list[int]:
 
 
 # -- entry point --------------------------------------------------------------------------------
+def _early_options(argv: list[str] | None) -> argparse.Namespace:
+    """What the environment depends on (the command, verbosity, whether the hub may be needed),
+    read before the full parser: its options come from the run configuration, whose import
+    brings the library and huggingface_hub, which reads HF_HUB_OFFLINE once."""
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("command", nargs="?")
+    for flag in ("--model", "--models", "--calib", "--eval", "--tasks"):
+        early.add_argument(flag)
+    early.add_argument("-v", "--verbose", action="store_true")
+    early.add_argument("--online", action="store_true")
+    return early.parse_known_args(argv)[0]
+
+
 def main(argv: list[str] | None = None) -> int:
+    configure_environment(_early_options(argv))
     parser = build_parser()
     args = parser.parse_args(argv)
-    configure_environment(args)
     from rich.console import Console
 
     # the terminal's stderr, kept even while the flow's own stderr goes to a log file

@@ -20,9 +20,10 @@ from prefect.runtime import flow_run
 
 from sds.errors import UpstreamLostError
 from tasks import stages
-from tasks.common import GPU_LIMIT, ensure_gpu_limit
-from tasks.plan import Plan, plan_pipeline
-from tasks.store import DEFAULT_ROOT, ArtifactStore
+from tasks.common import ensure_gpu_limit
+from tasks.config import RunConfig
+from tasks.plan import Plan, StageSpec, plan_pipeline
+from tasks.store import ArtifactStore
 
 from . import report
 
@@ -35,12 +36,12 @@ class StageRunner:
         self.futures: dict[tuple[str, str, str], PrefectFuture] = {}
         self.submitted: dict[str, int] = {}
 
-    def __call__(self, task, spec: dict, **upstream: PrefectFuture) -> PrefectFuture:
-        ident = (spec["store"], spec["stage"], spec["key"])
+    def __call__(self, task, spec: StageSpec, **upstream: PrefectFuture) -> PrefectFuture:
+        ident = (spec.store, spec.stage, spec.key)
         if ident not in self.futures:
-            self.futures[ident] = task.with_options(task_run_name=spec["title"]).submit(
+            self.futures[ident] = task.with_options(task_run_name=spec.title).submit(
                 spec, **upstream)
-            self.submitted[spec["label"]] = self.submitted.get(spec["label"], 0) + 1
+            self.submitted[spec.label] = self.submitted.get(spec.label, 0) + 1
         return self.futures[ident]
 
 
@@ -102,71 +103,36 @@ def current_run() -> dict:
 
 
 def _run_name() -> str:
-    p = flow_run.get_parameters()
-    model = Path(str(p.get("model") or "demo").rstrip("/")).name
-    return report.slug(model, p.get("method", ""), str(p.get("pattern", "")).replace("%", "pct"),
-                       "sds" if p.get("sds", True) else "oneshot")
+    config = RunConfig.model_validate(flow_run.get_parameters().get("config") or {})
+    return report.run_name({"model": config.model or "demo", "method": config.method,
+                            "pattern": config.pattern, "sds": config.sds})
 
 
 @flow(name="pipeline", flow_run_name=_run_name,
       description="Prune one model (one-shot, then SDS), evaluate dense / one-shot / SDS.")
-def pipeline(
-    model: str | None = None,
-    method: str = "sparsegpt",
-    pattern: str = "2:4",
-    sds: bool = True,
-    calib: str | None = None,
-    eval: str | list[str] | None = None,
-    nsamples: int | None = None,
-    seqlen: int | None = None,
-    tasks: str | list[str] | None = None,
-    store: str = DEFAULT_ROOT,
-    out: str | None = "./sds-out",
-    sds_options: dict | None = None,
-    overrides: dict[str, str] | None = None,
-    exclude: list[str] | None = None,
-    blocksize: int = 128,
-    percdamp: float = 0.01,
-    seed: int = 0,
-    dtype: str = "auto",
-    revision: str | None = None,
-    trust_remote_code: bool = False,
-    limit: int | None = None,
-    batch_size: int = 8,
-    device: str | None = None,
-    verify: bool = True,
-    gpu_limit: str | None = GPU_LIMIT,
-    export: bool = True,
-) -> dict:
-    """One model, one method, one pattern.
+def pipeline(config: RunConfig = RunConfig()) -> dict:  # noqa: B008 - a frozen model
+    """One model, one method, one pattern (see tasks.config.RunConfig for every option).
 
-    Without `model` (or with "demo") the offline demo runs with small defaults; with a hub id
-    or a folder the papers' defaults apply (see tasks.plan). `sds_options` are
-    `sds.reconstruct.SDSConfig` fields (epochs, lr, l1, l2, ...). Writes `<out>/results.json`
-    and, with `export`, the final model to `<out>/model`. Returns the results dict.
+    Writes `<out>/results.json` and, with `export`, the final model to `<out>/model`. Returns
+    the results dict.
     """
     started = datetime.now(UTC)
     t0 = time.perf_counter()
-    plan = plan_pipeline(
-        model, method, pattern, sds, calib, eval, nsamples, seqlen, tasks, store,
-        sds_options=sds_options, overrides=overrides, exclude=exclude, blocksize=blocksize,
-        percdamp=percdamp, seed=seed, dtype=dtype, revision=revision,
-        trust_remote_code=trust_remote_code, limit=limit, batch_size=batch_size, device=device,
-        verify=verify, gpu_limit=gpu_limit)
+    plan = plan_pipeline(config)
     ArtifactStore(plan.store).check()
-    ensure_gpu_limit(gpu_limit)
+    ensure_gpu_limit(config.gpu_limit)
 
     (refs,), _submitted = run_plans([plan])
     if isinstance(refs, Exception):
         raise refs
 
     model_dir = None
-    if out and export:
-        final = plan.specs[plan.final]
-        model_dir = stages.export_model(final, refs[plan.final], str(Path(out) / "model"))
+    if config.out and config.export:
+        model_dir = stages.export_model(plan.specs[plan.final], refs[plan.final],
+                                        str(Path(config.out) / "model"))
     results = report.build_results(plan, refs, started, time.perf_counter() - t0, model_dir,
                                    current_run())
     report.publish(results)
-    if out:
-        report.write_json(results, Path(out) / "results.json")
+    if config.out:
+        report.write_json(results, Path(config.out) / "results.json")
     return results

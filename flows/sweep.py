@@ -16,68 +16,29 @@ from prefect.artifacts import create_table_artifact
 
 from sds.errors import SDSError
 from tasks import stages
-from tasks.common import GPU_LIMIT, ensure_gpu_limit
+from tasks.common import ensure_gpu_limit
+from tasks.config import SweepConfig
 from tasks.plan import plan_pipeline
-from tasks.store import DEFAULT_ROOT, ArtifactStore
+from tasks.store import ArtifactStore
 
 from . import report
 from .pipeline import current_run, run_plans
 
 
-def _as_list(value, default):
-    if value is None:
-        return list(default)
-    return [value] if isinstance(value, str | bool) else list(value)
-
-
 @flow(name="sweep", description="A grid of models x methods x patterns; shared stages once.")
-def sweep(
-    models: list[str | None] | str | None = None,
-    methods: list[str] | str = "sparsegpt",
-    patterns: list[str] | str = "2:4",
-    sds: bool | list[bool] = True,
-    calib: str | None = None,
-    eval: str | list[str] | None = None,
-    nsamples: int | None = None,
-    seqlen: int | None = None,
-    tasks: str | list[str] | None = None,
-    store: str = DEFAULT_ROOT,
-    out: str | None = "./sds-sweep",
-    sds_options: dict | None = None,
-    blocksize: int = 128,
-    percdamp: float = 0.01,
-    seed: int = 0,
-    dtype: str = "auto",
-    limit: int | None = None,
-    batch_size: int = 8,
-    device: str | None = None,
-    verify: bool = True,
-    gpu_limit: str | None = GPU_LIMIT,
-    export: bool = False,
-) -> dict:
-    """Every combination of `models`, `methods`, `patterns` (and `sds` True/False).
+def sweep(config: SweepConfig = SweepConfig()) -> dict:  # noqa: B008 - a frozen model
+    """Every combination of models, methods, patterns (and SDS on/off), with the shared options
+    of `config` (see tasks.config.SweepConfig).
 
     Writes `<out>/<run name>/results.json` per point (and the model with `export`) and
     `<out>/sweep.json`; a point that fails does not stop the others, but fails the sweep.
     """
     started = datetime.now(UTC)
     t0 = time.perf_counter()
-    identities: dict = {}
-    plans = []
-    for model in _as_list(models, [None]):
-        for method in _as_list(methods, ["sparsegpt"]):
-            for pattern in _as_list(patterns, ["2:4"]):
-                for with_sds in _as_list(sds, [True]):
-                    plan = plan_pipeline(
-                        model, method, pattern, with_sds, calib, eval, nsamples, seqlen, tasks,
-                        store, sds_options=sds_options, blocksize=blocksize,
-                        percdamp=percdamp, seed=seed, dtype=dtype, limit=limit,
-                        batch_size=batch_size, device=device, verify=verify,
-                        gpu_limit=gpu_limit, identity=identities.get(model))
-                    identities[model] = plan.settings["identity"]
-                    plans.append(plan)
+    out, export = config.out, config.export
+    plans = [plan_pipeline(point) for point in config.points()]
     ArtifactStore(plans[0].store).check()
-    ensure_gpu_limit(gpu_limit)
+    ensure_gpu_limit(config.gpu_limit)
 
     outcomes, submitted = run_plans(plans)
     points, failures = [], []

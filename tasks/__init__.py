@@ -1,1 +1,3 @@
-"""Prefect tasks, one per pipeline stage (see `tasks.stages`), and the plan that keys them."""
+"""The pipeline layer: the run configuration (`tasks.config`), the plan that keys every stage
+(`tasks.plan`), one Prefect task per stage (`tasks.stages`) and the artifact store
+(`tasks.store`)."""

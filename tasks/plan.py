@@ -13,22 +13,17 @@ WikiText-2 perplexity.
 
 from __future__ import annotations
 
-import dataclasses
-import math
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sds.data import check_hub, sha256_file
-from sds.errors import ConfigError
-from sds.evaluate import DEMO_TASKS, expand_tasks
-from sds.patterns import LayerRules
-from sds.pruners import get_method
-from sds.reconstruct import SDSConfig
-from sds.suite import as_list
+from pydantic import BaseModel, ConfigDict
 
-from .common import GPU_LIMIT, stage_key
-from .store import DEFAULT_ROOT, ArtifactStore
+from sds.errors import ConfigError
+
+from .config import RunConfig
+from .store import ArtifactStore, artifact_key
 
 DEMO_DEFAULTS = {"calib": "demo", "eval": ["wiki", "news"], "tasks": ["demo"],
                  "nsamples": 32, "seqlen": 128, "limit": 100}
@@ -41,12 +36,59 @@ DEMO_FILES = {"calib": {"demo": ("wiki", "calib")},
 HUB_SOURCES = ("c4", "wikitext2", "ptb")
 
 
+# Bump a stage's version when its code changes what it produces: every key changes with it.
+STAGE_VERSIONS = {"calibration": 1, "oneshot": 1, "redense": 2, "second": 2, "evaluate": 1}
+
+
+class ModelRef(BaseModel):
+    """The base model a stage loads, and its identity (what its keys hash)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    path: str
+    revision: str | None = None
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    identity: dict[str, Any]
+
+
+class RunOptions(BaseModel):
+    """How a stage runs; not part of its key."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    device: str | None = None
+    verify: bool = True  # hash upstream tensors while reading them
+    gpu_limit: str | None = None  # Prefect global concurrency limit held while computing
+
+
+class StageSpec(BaseModel):
+    """One stage of a plan: what it computes (hashed into `key`) and how it runs."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    stage: str  # the kind of stage: calibration, oneshot, redense, second, evaluate
+    label: str  # its place in the pipeline: evaluate-dense, evaluate-oneshot, ...
+    title: str  # for people: "oneshot sparsegpt 2:4"
+    store: str
+    model: ModelRef
+    config: dict[str, Any]  # the stage's own options
+    upstream: dict[str, str]  # stage -> key of the artifacts it reads
+    run: RunOptions
+    key: str = ""
+
+    def model_post_init(self, _context: Any) -> None:
+        key = artifact_key(self.stage, STAGE_VERSIONS[self.stage], self.model.identity,
+                           self.config, list(self.upstream.values()))
+        if self.key and self.key != key:
+            raise ConfigError(f"{self.title}: the spec's key {self.key} does not match its "
+                              f"inputs ({key}); plan the run again")
+        object.__setattr__(self, "key", key)
+
+
 @dataclass
 class Plan:
     """What one pipeline run will do: resolved settings and a spec per stage (by label)."""
 
     settings: dict
-    specs: dict[str, dict] = field(default_factory=dict)
+    specs: dict[str, StageSpec] = field(default_factory=dict)
 
     @property
     def store(self) -> str:
@@ -58,11 +100,13 @@ class Plan:
         return "second" if "second" in self.specs else "oneshot"
 
     def keys(self) -> dict[str, str]:
-        return {label: spec["key"] for label, spec in self.specs.items()}
+        return {label: spec.key for label, spec in self.specs.items()}
 
 
 def _data_identity(source: str, role: str) -> dict:
     """What a data source is, for a key: hub datasets by name, files by content."""
+    from sds.data import sha256_file
+
     corpus_split = DEMO_FILES[role].get(source)
     if corpus_split is not None:
         from sds import demo
@@ -77,6 +121,9 @@ def _data_identity(source: str, role: str) -> dict:
 
 
 def _task_identity(names: list[str]) -> list:
+    from sds.data import sha256_file
+    from sds.evaluate import DEMO_TASKS
+
     out: list = []
     for name in names:
         if name in DEMO_TASKS:
@@ -88,67 +135,30 @@ def _task_identity(names: list[str]) -> list:
     return out
 
 
-def _positive(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
-def _finite(name: str, value: Any) -> None:
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"{name} is {value}; give a finite number")
-
-
-def sds_config(options: dict | SDSConfig | None) -> SDSConfig:
-    if isinstance(options, SDSConfig):
-        return options
-    options = dict(options or {})
-    known = {f.name for f in dataclasses.fields(SDSConfig)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise ConfigError(f"unknown SDS option(s) {', '.join(unknown)}; known: "
-                          f"{', '.join(sorted(known))}")
-    for name, value in options.items():
-        _finite(f"SDS option {name}", value)
-    return SDSConfig(**{k: v for k, v in options.items() if v is not None})
-
-
+@functools.cache
 def model_identity(model: str, revision: str | None, dtype: str) -> dict:
+    """Hub id + resolved revision, or a content hash of a local folder (once per process)."""
     from sds.models import model_identity as identity
 
     return {**identity(model, revision), "dtype": dtype}
 
 
-def plan_pipeline(
-    model: str | None = None,
-    method: str = "sparsegpt",
-    pattern: str = "2:4",
-    sds: bool = True,
-    calib: str | None = None,
-    eval: str | list[str] | None = None,
-    nsamples: int | None = None,
-    seqlen: int | None = None,
-    tasks: str | list[str] | None = None,
-    store: str = DEFAULT_ROOT,
-    *,
-    sds_options: dict | None = None,
-    overrides: dict | None = None,
-    exclude: list[str] | None = None,
-    blocksize: int = 128,
-    percdamp: float = 0.01,
-    seed: int = 0,
-    dtype: str = "auto",
-    revision: str | None = None,
-    trust_remote_code: bool = False,
-    limit: int | None = None,
-    batch_size: int = 8,
-    device: str | None = None,
-    verify: bool = True,
-    gpu_limit: str | None = GPU_LIMIT,
-    identity: dict | None = None,
-) -> Plan:
-    """Validate the options and compute the spec (and artifact key) of every stage."""
-    from sds.data import resolve_seqlen
+_plans: dict[str, Plan] = {}
+
+
+def plan_pipeline(config: RunConfig) -> Plan:
+    """Validate what needs the model and the data, and compute the spec (and artifact key) of
+    every stage. Planned once per process and configuration: the command line plans before it
+    starts Prefect (so bad input fails at once), and the flow finds the same plan."""
+    text = config.model_dump_json()
+    if text not in _plans:
+        _plans[text] = _plan(config)
+    return _plans[text]
+
+
+def _plan(c: RunConfig) -> Plan:
+    from sds.data import check_hub, resolve_seqlen
+    from sds.evaluate import expand_tasks
     from sds.models import (
         check_causal_lm,
         check_device,
@@ -157,29 +167,25 @@ def plan_pipeline(
         prunable_layers,
         skeleton,
     )
+    from sds.patterns import LayerRules
+    from sds.pruners import get_method
 
+    model = c.model
     demo = model in (None, "", "demo")
     if demo:
         from sds.demo import demo_model_path
 
         model = str(demo_model_path("opt"))
     defaults = DEMO_DEFAULTS if demo else PAPER_DEFAULTS
-    calib = calib or defaults["calib"]
-    sources = as_list(eval) if eval is not None else list(defaults["eval"])
-    task_names = expand_tasks(as_list(tasks)) if tasks is not None else expand_tasks(
-        defaults["tasks"])
-    nsamples = _positive("nsamples", nsamples if nsamples is not None else defaults["nsamples"])
-    limit = limit if limit is not None else defaults["limit"]
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int | float)
-                              or limit <= 0):
-        raise ConfigError(f"limit must be a positive number of examples per task, got {limit!r}")
-    _positive("blocksize", blocksize)
-    _positive("batch_size", batch_size)
-    _finite("percdamp", percdamp)
-    check_device(device)
-    get_method(method)
-    rules = LayerRules.build(pattern, overrides, exclude or ())
-    config = sds_config(sds_options)
+    calib = c.calib or defaults["calib"]
+    sources = c.eval if c.eval is not None else list(defaults["eval"])
+    task_names = expand_tasks(c.tasks if c.tasks is not None else defaults["tasks"])
+    nsamples = c.nsamples or defaults["nsamples"]
+    limit = c.limit or defaults["limit"]
+    check_device(c.device)
+    get_method(c.method)
+    rules = LayerRules.build(c.pattern, c.overrides or None, c.exclude)
+    sds_options = c.sds_options.to_dict()
 
     hub_data = [s for s in [calib, *sources] if s in HUB_SOURCES]
     if hub_data:  # unreachable: fail now, not after datasets' retries inside a stage
@@ -188,60 +194,57 @@ def plan_pipeline(
     local = Path(model).expanduser()
     if local.is_dir():
         model = str(local.resolve())
-    model_config = load_config(model, revision, trust_remote_code)  # fails fast on a bad model
+    model_config = load_config(model, c.revision, c.trust_remote_code)  # fails fast
     check_causal_lm(model_config, model)
     check_weight_files(model)
-    prunable_layers(skeleton(model_config, trust_remote_code), rules)  # rules select layers
-    seqlen = resolve_seqlen(model_config, seqlen if seqlen is not None else defaults["seqlen"])
-    if identity is None:
-        identity = model_identity(model, revision, dtype)
-    store_root = ArtifactStore(store).root  # validates the URI; contacts nothing
+    prunable_layers(skeleton(model_config, c.trust_remote_code), rules)  # rules select layers
+    seqlen = resolve_seqlen(model_config, c.seqlen or defaults["seqlen"])
+    identity = model_identity(model, c.revision, c.dtype)
+    store_root = ArtifactStore(c.store).root  # validates the URL; contacts nothing
 
     settings = {
-        "model": model, "demo": demo, "method": method, "pattern": str(rules.default),
-        "rules": rules.describe(), "sds": bool(sds), "sds_options": config.to_dict(),
+        "model": model, "demo": demo, "method": c.method, "pattern": str(rules.default),
+        "rules": rules.describe(), "sds": c.sds, "sds_options": sds_options,
         "calib": calib, "eval": sources, "tasks": task_names, "nsamples": nsamples,
-        "seqlen": seqlen, "seed": seed, "blocksize": blocksize, "percdamp": percdamp,
-        "dtype": dtype, "revision": revision, "limit": limit, "batch_size": batch_size,
-        "store": store_root, "device": device, "verify": verify, "gpu_limit": gpu_limit,
+        "seqlen": seqlen, "seed": c.seed, "blocksize": c.blocksize, "percdamp": c.percdamp,
+        "dtype": c.dtype, "revision": c.revision, "limit": limit, "batch_size": c.batch_size,
+        "store": store_root, "device": c.device, "verify": c.verify, "gpu_limit": c.gpu_limit,
         "identity": identity,
     }
     plan = Plan(settings)
-    model_part = {"path": model, "revision": revision, "dtype": dtype,
-                  "trust_remote_code": trust_remote_code, "identity": identity}
-    run_part = {"device": device, "verify": verify, "gpu_limit": gpu_limit}
+    model_ref = ModelRef(path=model, revision=c.revision, dtype=c.dtype,
+                         trust_remote_code=c.trust_remote_code, identity=identity)
+    run = RunOptions(device=c.device, verify=c.verify, gpu_limit=c.gpu_limit)
 
     def add(label: str, stage: str, config: dict, upstream: dict[str, str]) -> None:
         shared = label in ("calibration", "evaluate-dense")  # the same for every method/pattern
-        title = label if shared else f"{label} {method} {rules.default}"
-        spec = {"stage": stage, "label": label, "title": title, "store": store_root,
-                "model": model_part, "config": config, "upstream": upstream, "run": run_part}
-        plan.specs[label] = {**spec, "key": stage_key(spec)}
+        title = label if shared else f"{label} {c.method} {rules.default}"
+        plan.specs[label] = StageSpec(stage=stage, label=label, title=title, store=store_root,
+                                      model=model_ref, config=config, upstream=upstream, run=run)
 
     calib_config = {"source": calib, "data": _data_identity(calib, "calib"),
-                    "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
+                    "nsamples": nsamples, "seqlen": seqlen, "seed": c.seed}
     add("calibration", "calibration", calib_config, {})
-    calib_key = plan.specs["calibration"]["key"]
+    calib_key = plan.specs["calibration"].key
 
-    prune_config = {"method": method, "rules": rules.describe()}
-    if method == "sparsegpt":  # the other methods ignore both
-        prune_config.update(blocksize=blocksize, percdamp=percdamp)
+    prune_config = {"method": c.method, "rules": rules.describe()}
+    if c.method == "sparsegpt":  # the other methods ignore both
+        prune_config.update(blocksize=c.blocksize, percdamp=c.percdamp)
     add("oneshot", "oneshot", prune_config, {"calibration": calib_key})
-    if sds:
-        add("redense", "redense", {"rules": rules.describe(), "sds": config.to_dict()},
-            {"calibration": calib_key, "oneshot": plan.specs["oneshot"]["key"]})
-        add("second", "second", {**prune_config, "sds": config.to_dict()},
-            {"calibration": calib_key, "redense": plan.specs["redense"]["key"]})
+    if c.sds:
+        add("redense", "redense", {"rules": rules.describe(), "sds": sds_options},
+            {"calibration": calib_key, "oneshot": plan.specs["oneshot"].key})
+        add("second", "second", {**prune_config, "sds": sds_options},
+            {"calibration": calib_key, "redense": plan.specs["redense"].key})
 
     if sources or task_names:
         eval_config = {
             "sources": [_data_identity(s, "eval") for s in sources],
             "source_names": sources, "seqlen": seqlen, "tasks": _task_identity(task_names),
-            "task_names": task_names, "limit": limit, "batch_size": batch_size,
+            "task_names": task_names, "limit": limit, "batch_size": c.batch_size,
         }
         add("evaluate-dense", "evaluate", eval_config, {})
-        add("evaluate-oneshot", "evaluate", eval_config,
-            {"oneshot": plan.specs["oneshot"]["key"]})
-        if sds:
-            add("evaluate-sds", "evaluate", eval_config, {"second": plan.specs["second"]["key"]})
+        add("evaluate-oneshot", "evaluate", eval_config, {"oneshot": plan.specs["oneshot"].key})
+        if c.sds:
+            add("evaluate-sds", "evaluate", eval_config, {"second": plan.specs["second"].key})
     return plan

@@ -21,28 +21,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
-from sds import api, reconstruct
-from sds.data import load_calibration
-from sds.models import (
-    default_device,
-    layer_state,
-    load_layer_state,
-    load_model,
-    load_tokenizer,
-    prunable_layers,
-)
-from sds.patterns import LayerRules
-from sds.reconstruct import SDSConfig, dense_weights
-from sds.suite import evaluate_model
-
-from .common import (
-    BlockProgress,
-    gpu_slot,
-    load_upstream,
-    open_store,
-    retry_transient,
-    run_stage,
-)
+from .common import BlockProgress, gpu_slot, load_upstream, retry_transient, run_stage
+from .plan import StageSpec
+from .store import ArtifactStore
 
 STAGE_TASK = dict(
     # the store is the one cache (see run_stage): Prefect keeps no cache records of its own
@@ -55,26 +36,34 @@ STAGE_TASK = dict(
 )
 
 
-def _rules(config: dict) -> LayerRules:
+def _rules(config: dict):
+    from sds.patterns import LayerRules
+
     rules = config["rules"]
     return LayerRules.build(rules["default"], rules["overrides"], rules["exclude"])
 
 
-def _load_base(spec: dict):
-    m = spec["model"]
-    return load_model(m["path"], m["dtype"], m["revision"], m["trust_remote_code"])
+def _sds_config(config: dict):
+    from sds.reconstruct import SDSConfig
+
+    return SDSConfig(**config["sds"])
 
 
-def _what(spec: dict) -> str:
-    config = spec["config"]
-    return f"{config.get('method', '')} {config.get('rules', {}).get('default', '')}".strip()
+def _load_base(spec: StageSpec):
+    from sds.models import load_model
+
+    m = spec.model
+    return load_model(m.path, m.dtype, m.revision, m.trust_remote_code)
 
 
 # -- calibration --------------------------------------------------------------------------------
 def _calibration(spec, store, clock, logger):
-    m, config = spec["model"], spec["config"]
+    from sds.data import load_calibration
+    from sds.models import load_tokenizer
+
+    m, config = spec.model, spec.config
     with clock("load"):
-        tokenizer = load_tokenizer(m["path"], m["revision"], m["trust_remote_code"])
+        tokenizer = load_tokenizer(m.path, m.revision, m.trust_remote_code)
     with clock("compute"):
         calib = load_calibration(tokenizer, config["source"], config["nsamples"],
                                  config["seqlen"], config["seed"])
@@ -84,14 +73,17 @@ def _calibration(spec, store, clock, logger):
 
 
 @task(name="calibration", **STAGE_TASK)
-def calibration(spec: dict) -> dict:
+def calibration(spec: StageSpec) -> dict:
     """Calibration windows: `input_ids [nsamples, seqlen]`."""
     return run_stage(spec, _calibration)
 
 
 # -- step 1: one-shot pruning -------------------------------------------------------------------
 def _oneshot(spec, store, clock, logger):
-    config = spec["config"]
+    from sds import api
+    from sds.models import layer_state, prunable_layers
+
+    config = spec.config
     ids = load_upstream(store, spec, "calibration")["input_ids"]
     rules = _rules(config)
     with gpu_slot(spec):
@@ -100,14 +92,14 @@ def _oneshot(spec, store, clock, logger):
         with clock("compute"):
             report = api.oneshot(
                 model, ids, config["method"], rules, blocksize=config.get("blocksize", 128),
-                percdamp=config.get("percdamp", 0.01), device=spec["run"]["device"],
-                progress=False, on_block=BlockProgress(spec, logger, _what(spec)))
+                percdamp=config.get("percdamp", 0.01), device=spec.run.device,
+                progress=False, on_block=BlockProgress(spec, logger))
     tensors = layer_state(model, prunable_layers(model, rules))
     return tensors, {"report": report.to_dict()}
 
 
 @task(name="oneshot", **STAGE_TASK)
-def oneshot(spec: dict, calibration: dict) -> dict:
+def oneshot(spec: StageSpec, calibration: dict) -> dict:
     """Step 1: prune the base model with the method and pattern of the spec."""
     return run_stage(spec, _oneshot, {"calibration": calibration})
 
@@ -115,9 +107,12 @@ def oneshot(spec: dict, calibration: dict) -> dict:
 # -- SDS steps 2 and 3: both start from the base model with an upstream stage's weights ---------
 def _load_sds_inputs(spec, store, clock, upstream: str):
     """(calibration ids, rules, model holding the upstream weights, dense weights snapshot)."""
+    from sds.models import load_layer_state
+    from sds.reconstruct import dense_weights
+
     ids = load_upstream(store, spec, "calibration")["input_ids"]
     weights = load_upstream(store, spec, upstream)
-    rules = _rules(spec["config"])
+    rules = _rules(spec.config)
     with clock("load"):
         model, _ = _load_base(spec)
         dense = dense_weights(model, rules)
@@ -127,46 +122,53 @@ def _load_sds_inputs(spec, store, clock, upstream: str):
 
 # -- step 2: re-dense ---------------------------------------------------------------------------
 def _redense(spec, store, clock, logger):
+    from sds import reconstruct
+    from sds.models import layer_state
+
     with gpu_slot(spec):
         ids, rules, model, dense = _load_sds_inputs(spec, store, clock, "oneshot")
         with clock("compute"):
             report = reconstruct.redense(
-                model, ids, dense, rules, SDSConfig(**spec["config"]["sds"]),
-                device=spec["run"]["device"], progress=False,
-                on_block=BlockProgress(spec, logger, "re-dense"))
+                model, ids, dense, rules, _sds_config(spec.config), device=spec.run.device,
+                progress=False, on_block=BlockProgress(spec, logger))
     return layer_state(model, dense), {"report": report.to_dict()}
 
 
 @task(name="redense", **STAGE_TASK)
-def redense(spec: dict, calibration: dict, oneshot: dict) -> dict:
+def redense(spec: StageSpec, calibration: dict, oneshot: dict) -> dict:
     """Step 2: reconstruct a dense model from the one-shot sparse one (SDS)."""
     return run_stage(spec, _redense, {"calibration": calibration, "oneshot": oneshot})
 
 
 # -- step 3: second pruning and adjustment ------------------------------------------------------
 def _second(spec, store, clock, logger):
-    config = spec["config"]
+    from sds import reconstruct
+    from sds.models import layer_state
+
+    config = spec.config
     with gpu_slot(spec):
         ids, rules, model, dense = _load_sds_inputs(spec, store, clock, "redense")
         with clock("compute"):
             report = reconstruct.second_prune(
-                model, ids, dense, config["method"], rules, SDSConfig(**config["sds"]),
+                model, ids, dense, config["method"], rules, _sds_config(config),
                 blocksize=config.get("blocksize", 128), percdamp=config.get("percdamp", 0.01),
-                device=spec["run"]["device"], progress=False,
-                on_block=BlockProgress(spec, logger, f"second pruning, {_what(spec)}"))
+                device=spec.run.device, progress=False, on_block=BlockProgress(spec, logger))
     return layer_state(model, dense), {"report": report.to_dict()}
 
 
 @task(name="second", **STAGE_TASK)
-def second(spec: dict, calibration: dict, redense: dict) -> dict:
+def second(spec: StageSpec, calibration: dict, redense: dict) -> dict:
     """Step 3: prune the re-dense model again and adjust the kept weights (SDS)."""
     return run_stage(spec, _second, {"calibration": calibration, "redense": redense})
 
 
 # -- evaluation ---------------------------------------------------------------------------------
 def _evaluate(spec, store, clock, logger):
-    config = spec["config"]
-    (weights_stage,) = spec["upstream"] or (None,)
+    from sds.models import default_device, load_layer_state
+    from sds.suite import evaluate_model
+
+    config = spec.config
+    (weights_stage,) = spec.upstream or (None,)
     tensors = load_upstream(store, spec, weights_stage) if weights_stage else None
     with gpu_slot(spec):
         with clock("load"):
@@ -178,17 +180,17 @@ def _evaluate(spec, store, clock, logger):
                 model, tokenizer, sources=config["source_names"], seqlen=config["seqlen"],
                 tasks=config["task_names"], limit=config["limit"],
                 batch_size=config["batch_size"],
-                device=spec["run"]["device"] or default_device())
+                device=spec.run.device or default_device())
     for name, value in result["metrics"].items():
-        logger.info("%s: %s = %s", spec["title"], name, value)
+        logger.info("%s: %s = %s", spec.title, name, value)
     return {}, {"metrics": result["metrics"], "details": result["details"]}
 
 
 @task(name="evaluate", **STAGE_TASK)
-def evaluate(spec: dict, weights: dict | None = None) -> dict:
+def evaluate(spec: StageSpec, weights: dict | None = None) -> dict:
     """Perplexities and zero-shot accuracies of the base model with `weights` applied."""
-    return run_stage(spec, _evaluate, {next(iter(spec["upstream"])): weights}
-                     if spec["upstream"] else None)
+    return run_stage(spec, _evaluate, {next(iter(spec.upstream)): weights}
+                     if spec.upstream else None)
 
 
 # -- export -------------------------------------------------------------------------------------
@@ -197,21 +199,22 @@ MARKER = "sds_artifact.json"
 
 @task(name="export", cache_policy=NO_CACHE, persist_result=False, retries=2,
       retry_delay_seconds=5, retry_condition_fn=retry_transient)
-def export_model(spec: dict, final: dict, folder: str) -> str:
+def export_model(spec: StageSpec, final: dict, folder: str) -> str:
     """Write the final model as a Hugging Face folder (`from_pretrained` loads it).
 
     Skipped when the folder already holds this artifact; replaced atomically otherwise.
     """
     target = Path(folder).expanduser().resolve()
-    marker = {"store": spec["store"], "stage": spec["stage"], "key": spec["key"],
+    from sds.models import load_layer_state
+
+    marker = {"store": spec.store, "stage": spec.stage, "key": spec.key,
               "sha256": final.get("sha256")}
     try:
         if json.loads((target / MARKER).read_text()) == marker:
             return str(target)
     except (OSError, ValueError):
         pass
-    store = open_store(spec)
-    tensors, _meta = store.load(spec["stage"], spec["key"])
+    tensors, _meta = ArtifactStore(spec.store).load(spec.stage, spec.key)
     model, tokenizer = _load_base(spec)
     load_layer_state(model, tensors)
     target.parent.mkdir(parents=True, exist_ok=True)

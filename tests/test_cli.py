@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import json
-import math
 import os
 import shutil
 import signal
@@ -73,8 +72,8 @@ def test_store_commands_list_remove_and_collect(prefect_api, tiny_model, corpus,
     from flows.pipeline import pipeline
 
     store_root = tmp_path / "store"
-    kept = pipeline(**tiny_params(tiny_model, corpus, store_root, tmp_path / "kept"))
-    other = pipeline(**tiny_params(tiny_model, corpus, store_root, method="magnitude",
+    kept = pipeline(tiny_params(tiny_model, corpus, store_root, tmp_path / "kept"))
+    other = pipeline(tiny_params(tiny_model, corpus, store_root, method="magnitude",
                                    sds=False))
     store = ArtifactStore(store_root)
     assert len(store.list()) == 7 + 2  # magnitude adds its one-shot and its evaluation
@@ -134,7 +133,7 @@ def test_killed_run_resumes_and_ends_with_the_same_final_artifact(prefect_api, t
     assert {"second", "evaluate-sds"} <= computed
 
     torch.set_num_threads(1)  # as the CLI processes ran (OMP_NUM_THREADS=1)
-    reference = pipeline(**tiny_params(tiny_model, corpus, tmp_path / "reference",
+    reference = pipeline(tiny_params(tiny_model, corpus, tmp_path / "reference",
                                        sds_options={"epochs": 1000, "adjust_epochs": 5}))
     assert reference["keys"] == results["keys"]
     assert reference["final"]["sha256"] == results["final"]["sha256"]
@@ -232,9 +231,9 @@ def test_bad_input_exits_nonzero_with_one_line_and_commits_nothing(
             pytest.skip("this machine has a GPU")
         args += ["--device", "cuda"]
         expected_text = "no CUDA device"
-    elif case == "infinite sds option":  # what a grid file or a flow parameter can carry
-        monkeypatch.setattr("flows.cli._sds_options", lambda a: {"epochs": 5, "lr": math.inf})
-        expected_text = "finite"
+    elif case == "infinite sds option":
+        args += ["--lr", "inf"]
+        expected_text = "lr must be > 0 and a finite number"
     elif case == "bad pattern":
         args += ["--pattern", "60"]
         expected_text = "outside (0, 1)"
@@ -334,14 +333,44 @@ def test_store_ls_on_a_regular_file_is_a_store_error(tmp_path, capfd, clean_envi
 
 
 @pytest.mark.parametrize("value", ["inf", "-inf", "nan", "ten"])
-def test_a_real_option_that_is_not_a_finite_number_is_refused_naming_it(value, capfd):
+def test_a_real_option_that_is_not_a_finite_number_is_refused_naming_it(value, capfd,
+                                                                        clean_environ):
     from flows.cli import main
 
-    with pytest.raises(SystemExit) as exited:
-        main(["run", f"--lr={value}"])
-    assert exited.value.code == 2
-    err = capfd.readouterr().err
-    assert f"argument --lr: {value!r} is not a finite number" in err and "keys" not in err
+    assert main(["run", f"--lr={value}"]) == 2
+    line = _one_line_error(capfd.readouterr().err)
+    assert "sds_options" in line and " lr" in line.replace(".", " ") and "keys" not in line
+    assert "finite" in line or "valid number" in line
+
+
+def test_command_line_options_override_the_grid_file(tmp_path, clean_environ):
+    from flows.cli import build_parser, sweep_config
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({"seed": 3, "methods": ["wanda"], "nsamples": 16,
+                                    "sds_options": {"epochs": 7, "lr": 0.5}}))
+
+    def config(*extra):
+        return sweep_config(build_parser().parse_args(["sweep", "--grid", str(grid), *extra]))
+
+    from_file = config()
+    assert (from_file.seed, from_file.methods, from_file.nsamples) == (3, ["wanda"], 16)
+    assert (from_file.sds_options.epochs, from_file.sds_options.lr) == (7, 0.5)
+    given = config("--seed", "0", "--methods", "sparsegpt,magnitude", "--epochs", "9")
+    assert (given.seed, given.methods, given.nsamples) == (0, ["sparsegpt", "magnitude"], 16)
+    # SDS options override one by one: the file's lr stays
+    assert (given.sds_options.epochs, given.sds_options.lr) == (9, 0.5)
+    assert [p.seed for p in given.points()] == [0, 0]
+
+
+def test_a_grid_file_with_an_unknown_option_is_refused(tmp_path, clean_environ):
+    from flows.cli import build_parser, sweep_config
+    from sds.errors import ConfigError
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({"methods": ["wanda"], "epochs": 5}))
+    with pytest.raises(ConfigError, match="epochs: unknown option"):
+        sweep_config(build_parser().parse_args(["sweep", "--grid", str(grid)]))
 
 
 @pytest.mark.parametrize("case", ["a file", "unwritable"])
@@ -384,7 +413,7 @@ def test_a_store_fault_in_the_middle_of_a_run_exits_3_without_retries(
         load_upstream = tasks.stages.load_upstream
 
         def losing(store_, spec, stage):  # the calibration vanishes before one-shot reads it
-            calls.append(spec["label"])
+            calls.append(spec.label)
             shutil.rmtree(store / "calibration", ignore_errors=True)
             return load_upstream(store_, spec, stage)
 

@@ -1,5 +1,5 @@
-"""Deployments: the YAML files are valid, and a served deployment runs when triggered through a
-real Prefect server's API, with its results readable through the same API."""
+"""Deployments: prefect.yaml and the served deployments are valid, and a served deployment runs
+when triggered through a real Prefect server's API, with its results readable through it."""
 
 from __future__ import annotations
 
@@ -12,28 +12,50 @@ import time
 import pytest
 import yaml
 
-from tests.test_pipeline_fixtures import REPO, server_env, tiny_params
+from tests.test_pipeline_fixtures import REPO, server_env, tiny_options
 
 # fixtures: prefect_api, tiny_model, corpus
 pytest_plugins = ["tests.test_pipeline_fixtures"]
 
 
-@pytest.mark.parametrize("name", ["prefect.yaml", "local.yaml"])
-def test_deployment_files_name_real_flows_and_valid_parameters(name):
-    from flows.serve import load_flow, read_deployments, to_deployments
+def test_deployment_file_names_real_flows_and_valid_configs():
+    import importlib
 
-    path = REPO / "deployments" / name
-    entries = read_deployments(path)
-    assert {e["name"] for e in entries} == {"on-demand", "nightly"}
-    for entry in entries:
-        flow = load_flow(entry["entrypoint"])
-        flow.validate_parameters(entry.get("parameters") or {})  # raises on a wrong name/type
-    deployments = {d.name: d for d in to_deployments(entries)}
-    assert deployments["nightly"].schedules and not deployments["on-demand"].schedules
-    if name == "prefect.yaml":
-        document = yaml.safe_load(path.read_text())
-        assert all(e["work_pool"]["name"] == "sds-gpu" for e in document["deployments"])
-        assert document["pull"][0]["prefect.deployments.steps.set_working_directory"]
+    document = yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())
+    entries = {e["name"]: e for e in document["deployments"]}
+    assert set(entries) == {"on-demand", "nightly"}
+    for entry in entries.values():
+        path, _, name = entry["entrypoint"].partition(":")  # flows/pipeline.py:pipeline
+        flow = getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), name)
+        flow.validate_parameters(entry["parameters"])  # raises on a wrong name, type or value
+        assert entry["work_pool"]["name"] == "sds-gpu"
+    assert entries["nightly"]["schedules"] and "schedules" not in entries["on-demand"]
+    assert document["pull"][0]["prefect.deployments.steps.set_working_directory"]
+
+
+def test_served_deployments_take_the_flows_configs():
+    from flows.serve import deployments
+    from tasks.config import RunConfig, SweepConfig
+
+    served = {d.name: d for d in deployments()}
+    assert set(served) == {"on-demand", "nightly"}
+    assert served["nightly"].schedules and not served["on-demand"].schedules
+    nightly = SweepConfig.model_validate(served["nightly"].parameters["config"])
+    assert len(nightly.points()) == 4
+    # the UI's parameter form is rendered from this schema: every RunConfig field is in it
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.pipeline import pipeline
+
+    form = parameter_schema(pipeline).model_dump()
+    assert list(form["properties"]) == ["config"]
+    assert set(RunConfig.model_fields) <= set(_properties(form, "RunConfig"))
+    assert {"epochs", "l1", "l2"} <= set(_properties(form, "SDSConfig"))
+
+
+def _properties(schema: dict, name: str) -> dict:
+    definitions = schema.get("definitions") or schema.get("$defs") or {}
+    return definitions[name]["properties"]
 
 
 def _wait_for(what, probe, timeout: float, process=None, log=None):
@@ -57,15 +79,12 @@ def test_served_deployment_runs_when_triggered_through_the_api(prefect_api, tiny
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
     from prefect.exceptions import ObjectNotFound
 
-    params = tiny_params(tiny_model, corpus, tmp_path / "store", tmp_path / "out")
+    params = tiny_options(tiny_model, corpus, tmp_path / "store", tmp_path / "out")
     params.pop("gpu_limit")  # served runs hold the global GPU slot
-    spec = {"deployments": [{"name": "on-demand", "entrypoint": "flows/pipeline.py:pipeline",
-                             "parameters": params}]}
-    file = tmp_path / "deployments.yaml"
-    file.write_text(yaml.safe_dump(spec))
     log = tmp_path / "serve.log"
     with open(log, "wb") as out:
-        serve = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--file", str(file)],
+        serve = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--name",
+                                  "on-demand"],
                                  env=server_env(tmp_path), cwd=REPO, stdout=out,
                                  stderr=subprocess.STDOUT)
     try:
@@ -77,13 +96,14 @@ def test_served_deployment_runs_when_triggered_through_the_api(prefect_api, tiny
                     return None
 
             found = _wait_for("the deployment", deployment, 90, serve, log)
-            # the parameters of this run: the file's, with one changed at trigger time
-            run = client.create_flow_run_from_deployment(found.id, parameters={"pattern": "4:8"})
+            # the configuration of this run, given when it is triggered
+            run = client.create_flow_run_from_deployment(
+                found.id, parameters={"config": {**params, "pattern": "4:8"}})
             final = _wait_for("the flow run", lambda: (
                 r if (r := client.read_flow_run(run.id)).state.is_final() else None),
                 180, serve, log)
             assert final.state.is_completed(), log.read_text()[-3000:]
-            assert final.parameters["pattern"] == "4:8"
+            assert final.parameters["config"]["pattern"] == "4:8"
 
             flow_runs = FlowRunFilter(id=FlowRunFilterId(any_=[run.id]))
             tasks = {t.name.split()[0]: t.state.name for t in client.read_task_runs(

@@ -16,8 +16,9 @@ from sds.errors import (
     StoreFullError,
     UpstreamLostError,
 )
+from tasks.config import SweepConfig
 from tasks.store import TENSORS, ArtifactStore
-from tests.test_pipeline_fixtures import task_runs, tiny_params
+from tests.test_pipeline_fixtures import task_runs, tiny_options, tiny_params
 
 # fixtures: prefect_api, tiny_model, corpus (and the S3 ones from conftest)
 pytest_plugins = ["tests.test_pipeline_fixtures"]
@@ -40,9 +41,7 @@ def test_plan_keys_follow_the_inputs_and_not_the_run(tiny_model, corpus, tmp_pat
     from tasks.plan import plan_pipeline
 
     def keys(store=tmp_path / "store", **kw):
-        params = tiny_params(tiny_model, corpus, store, **kw)
-        params.pop("out")
-        return plan_pipeline(**params).keys()
+        return plan_pipeline(tiny_params(tiny_model, corpus, store, **kw)).keys()
 
     base = keys()
     assert base == keys()  # same inputs, same keys
@@ -72,10 +71,8 @@ def test_plan_keys_follow_the_inputs_and_not_the_run(tiny_model, corpus, tmp_pat
 def test_plan_rejects_bad_input_before_running(tiny_model, corpus, tmp_path, change, error):
     from tasks.plan import plan_pipeline
 
-    params = tiny_params(tiny_model, corpus, tmp_path / "store", **change)
-    params.pop("out")
     with pytest.raises(error):
-        plan_pipeline(**params)
+        plan_pipeline(tiny_params(tiny_model, corpus, tmp_path / "store", **change))
 
 
 def test_only_transient_errors_are_retried():
@@ -97,7 +94,7 @@ def test_pipeline_on_s3_then_a_second_run_skips_every_stage(prefect_api, tiny_mo
 
     root = f"s3://{s3_bucket}/runs"
     params = tiny_params(tiny_model, corpus, root, tmp_path / "out")
-    first = pipeline(**params)
+    first = pipeline(params)
     store = ArtifactStore(root)
     stored = created(store)
     assert sorted(k.split("/")[0] for k in stored) == sorted(
@@ -109,7 +106,7 @@ def test_pipeline_on_s3_then_a_second_run_skips_every_stage(prefect_api, tiny_mo
     tensor_gets = [r for r in s3_requests if '"GET ' in r and TENSORS in r]
     assert tensor_gets  # the first run's stages read their inputs from S3
     s3_requests.clear()
-    second = pipeline(**params)
+    second = pipeline(params)
     assert states(second) == {name: "Cached" for name in STAGES}
     # deciding that every stage is done reads commit records only: no tensor is downloaded
     assert [r for r in s3_requests if '"GET ' in r and TENSORS in r] == []
@@ -139,7 +136,7 @@ def test_a_transient_store_error_is_retried_and_the_run_completes(prefect_api, t
 
     monkeypatch.setattr(ArtifactStore, "save", flaky_save)
     monkeypatch.setattr(stages.oneshot, "retry_delay_seconds", [0.1])
-    results = pipeline(**tiny_params(tiny_model, corpus, tmp_path / "store"))
+    results = pipeline(tiny_params(tiny_model, corpus, tmp_path / "store"))
     assert failures
     runs = task_runs(results["flow_run"]["id"])
     assert runs["oneshot"][0].run_count == 2
@@ -153,7 +150,7 @@ def test_a_deterministic_error_fails_at_once_and_commits_nothing(prefect_api, ti
 
     # 2:4 needs input dims that are multiples of 4; this blocksize is not a multiple of M=4
     params = tiny_params(tiny_model, corpus, tmp_path / "store", blocksize=6)
-    state = pipeline(**params, return_state=True)
+    state = pipeline(params, return_state=True)
     assert state.is_failed()
     with pytest.raises(ConfigError, match="blocksize"):
         state.result()
@@ -170,7 +167,7 @@ def test_corrupt_or_half_written_artifacts_are_recomputed(prefect_api, tiny_mode
     from flows.pipeline import pipeline
 
     params = tiny_params(tiny_model, corpus, tmp_path / "store")
-    first = pipeline(**params)
+    first = pipeline(params)
     root = tmp_path / "store"
     keys = first["keys"]
     # flip one byte of the one-shot weights (same size: only the hash can tell)
@@ -181,7 +178,7 @@ def test_corrupt_or_half_written_artifacts_are_recomputed(prefect_api, tiny_mode
     # a save interrupted before its commit: tensors without meta.json
     (root / "redense" / keys["redense"] / "meta.json").unlink()
 
-    second = pipeline(**params)
+    second = pipeline(params)
     # re-dense computes, finds its one-shot input damaged while reading it and discards it;
     # the run then recomputes the one-shot weights and re-dense, and reuses everything else
     runs = task_runs(second["flow_run"]["id"])
@@ -200,11 +197,11 @@ def test_sweep_computes_calibration_and_dense_evaluation_once(prefect_api, tiny_
                                                               tmp_path):
     from flows.sweep import sweep
 
-    params = tiny_params(tiny_model, corpus, tmp_path / "store", tmp_path / "sweep")
+    options = tiny_options(tiny_model, corpus, tmp_path / "store", tmp_path / "sweep")
     for name in ("model", "method", "pattern"):
-        params.pop(name)
-    summary = sweep(models=[str(tiny_model)], methods=["sparsegpt", "magnitude"],
-                    patterns=["2:4", "50%"], **params)
+        options.pop(name)
+    summary = sweep(SweepConfig(models=[str(tiny_model)], methods=["sparsegpt", "magnitude"],
+                                patterns=["2:4", "50%"], **options))
     assert len(summary["runs"]) == 4 and not summary["failures"]
     runs = task_runs(summary["flow_run"]["id"])
     assert len(runs["calibration"]) == 1

@@ -7,7 +7,8 @@
   fixture points this process at it. `server_env()` gives the same to subprocesses.
 - `tiny_model`: a 2-block OPT with the demo tokenizer, saved to a folder.
 - `corpus`: small calibration and evaluation text files.
-- `tiny_params(...)`: pipeline parameters that run in about a second per stage.
+- `tiny_params(...)`: a RunConfig that runs in about a second per stage
+  (`tiny_options(...)`: its fields as a dict).
 
 Torch runs one thread in these tests: they share two cores with other processes, and there a
 second OpenMP thread can stall a forward pass for tens of seconds.
@@ -161,8 +162,15 @@ def corpus(tmp_path_factory) -> dict[str, Path]:
     return files
 
 
-def tiny_params(model: Path, corpus: dict[str, Path], store, out=None, /, **overrides) -> dict:
-    """Pipeline parameters for the tiny model: a few seconds per run."""
+def tiny_params(model: Path, corpus: dict[str, Path], store, out=None, /, **overrides):
+    """The RunConfig of a tiny-model run: a few seconds per run (a bad value: ConfigError)."""
+    from tasks.config import RunConfig, build
+
+    return build(RunConfig, tiny_options(model, corpus, store, out, **overrides))
+
+
+def tiny_options(model: Path, corpus: dict[str, Path], store, out=None, /, **overrides) -> dict:
+    """The fields of `tiny_params`, as a dict (what a grid file or a deployment holds)."""
     params = {
         "model": str(model), "method": "sparsegpt", "pattern": "2:4", "sds": True,
         "calib": str(corpus["calib"]), "eval": [str(corpus["heldout"])], "tasks": [],

@@ -1,0 +1,171 @@
+"""The run configuration: one typed model per flow, defined here and nowhere else.
+
+`RunConfig` is the `pipeline` flow's one parameter and `SweepConfig` the `sweep` flow's; Prefect
+renders a deployment's parameter form from them. The command line builds its options from their
+fields (`flows/cli.py`), grid files and deployment YAML are their fields as data, and the planner
+(`tasks.plan`) reads them. Adding an option is one field here, plus its docs.
+
+The SDS options are `sds.reconstruct.SDSConfig` itself: pydantic reads the dataclass's fields
+and types, and constructing it runs the library's own checks, so the library stays the one
+place that knows what an SDS option means.
+
+This module validates the form of each value (types, ranges, finite numbers). What needs the
+model or the data (a pattern the layers admit, a method's name, a reachable model) is checked
+by the planner, once, before anything runs.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Annotated, Any
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+)
+
+from sds.errors import ConfigError
+from sds.reconstruct import SDSConfig
+
+from .store import DEFAULT_ROOT
+
+GPU_LIMIT = "sds-gpu"  # name of the Prefect global concurrency limit compute stages hold
+NONE_WORDS = ("", "none", "off")
+
+
+def _names(value: Any) -> Any:
+    """A list of names from a list or a comma-separated string; 'none' is the empty list."""
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",")]
+    if isinstance(value, list | tuple):
+        value = [v for v in value if not (isinstance(v, str) and v.strip() == "")]
+        return [] if [str(v).lower() for v in value] == ["none"] else value
+    return value
+
+
+def _optional_name(value: Any) -> Any:
+    return None if isinstance(value, str) and value.strip().lower() in NONE_WORDS else value
+
+
+def _unique(values: list) -> list:
+    return list(dict.fromkeys(values))
+
+
+Names = Annotated[list[str], BeforeValidator(_names), AfterValidator(_unique)]
+OptionalName = Annotated[str | None, BeforeValidator(_optional_name)]
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class Options(BaseModel):
+    """What a single run and a sweep share: data, evaluation, SDS, device and storage."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    # data and evaluation
+    calib: str | None = Field(None, description="calibration data: c4, wikitext2, demo, or a "
+                              ".txt/.jsonl file (default: demo without a model, c4 with one)")
+    eval: Names | None = Field(None, description="perplexity corpora: wikitext2, c4, ptb, wiki, "
+                               "news, files, or none (default: wiki,news for the demo, "
+                               "wikitext2 otherwise)")
+    tasks: Names | None = Field(None, description="zero-shot tasks or presets (demo, sds, wanda), "
+                                "or none (default: demo for the demo, none otherwise)")
+    limit: PositiveInt | None = Field(None, description="examples per zero-shot task (default: "
+                                      "100 for the demo, all otherwise)")
+    nsamples: PositiveInt | None = Field(None, description="calibration windows (default: 32 "
+                                         "for the demo, 128 otherwise)")
+    seqlen: PositiveInt | None = Field(None, description="tokens per calibration and evaluation "
+                                       "window (default: 128 for the demo, min(2048, context) "
+                                       "otherwise)")
+    seed: int = Field(0, description="calibration sampling seed")
+    batch_size: PositiveInt = Field(8, description="zero-shot batch size")
+
+    # pruning
+    blocksize: PositiveInt = Field(128, description="SparseGPT block size")
+    percdamp: Finite = Field(0.01, ge=0, description="SparseGPT dampening")
+    sds_options: SDSConfig = Field(default_factory=SDSConfig,
+                                   description="SDS steps 2 and 3 (sds.reconstruct.SDSConfig)")
+
+    # model, device and storage
+    dtype: str = Field("auto", description="auto, float32, bfloat16, float16")
+    device: str | None = Field(None, description="compute device, e.g. cuda, cuda:1, cpu "
+                               "(default: cuda when available)")
+    store: str = Field(DEFAULT_ROOT, description="artifact store: a folder or a URL such as "
+                       "s3://bucket/prefix")
+    verify: bool = Field(True, description="hash stored tensors when a stage reads them "
+                         "(off: trust their recorded size)")
+    gpu_limit: OptionalName = Field(GPU_LIMIT, description="Prefect global concurrency limit "
+                                    "the compute stages hold, or none")
+
+    @field_validator("sds_options", mode="before")
+    @classmethod
+    def _sds_options(cls, value: Any) -> Any:
+        return {} if value is None else value
+
+
+class RunConfig(Options):
+    """One model, one method, one pattern: the `pipeline` flow's parameter."""
+
+    model: str | None = Field(None, description="hub id or local folder (default: the offline "
+                              "demo model; the paper's defaults apply with a model: 128 x 2048 "
+                              "tokens of c4, WikiText-2 perplexity)")
+    revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
+    trust_remote_code: bool = Field(False, description="run the model repository's own code")
+    method: str = Field("sparsegpt", description="sparsegpt, wanda, magnitude or admm")
+    pattern: str = Field("2:4", description="N:M (2:4, 4:8) or a ratio (50%, 0.5)")
+    exclude: list[str] = Field([], description="regexes of layers left dense")
+    overrides: dict[str, str] = Field({}, description="REGEX -> pattern for matching layers")
+    sds: bool = Field(True, description="SDS on top of the one-shot pruning (off: one-shot "
+                      "only)")
+    out: str | None = Field("./sds-out", description="results.json and the model folder go here")
+    export: bool = Field(True, description="write the final model folder")
+
+
+class SweepConfig(Options):
+    """A grid of models x methods x patterns (x with and without SDS): the `sweep` flow's
+    parameter. Every point is a `RunConfig` with the shared options."""
+
+    models: Names = Field(["demo"], description="hub ids or folders ('demo': the demo)")
+    methods: Names = Field(["sparsegpt"], description="pruning methods")
+    patterns: Names = Field(["2:4"], description="sparsity patterns")
+    sds: list[bool] = Field([True], description="SDS on top of each point ([true, false]: "
+                            "both)")
+    out: str | None = Field("./sds-sweep", description="results go here")
+    export: bool = Field(False, description="write each point's model folder")
+
+    @field_validator("sds", mode="before")
+    @classmethod
+    def _sds(cls, value: Any) -> Any:
+        return [value] if isinstance(value, bool) else value
+
+    def points(self) -> list[RunConfig]:
+        shared = self.model_dump(exclude={"models", "methods", "patterns", "sds", "out",
+                                          "export"})
+        return [RunConfig(**shared, model=model, method=method, pattern=pattern, sds=sds,
+                          out=None, export=False)
+                for model, method, pattern, sds in itertools.product(
+                    self.models, self.methods, self.patterns, _unique(self.sds))]
+
+
+def build(kind: type[Options], values: dict, where: str = "options") -> Options:
+    """`kind(**values)`, with a validation failure as one ConfigError naming the option."""
+    try:
+        return kind.model_validate(values)
+    except ValidationError as exc:
+        raise ConfigError(f"{where}: {describe(exc)}") from None
+
+
+def describe(exc: ValidationError) -> str:
+    """The first problem of a validation failure, in one line: the option and what is wrong."""
+    error = exc.errors(include_url=False)[0]
+    where = ".".join(str(p) for p in error["loc"]) or "options"
+    cause = error.get("ctx", {}).get("error")
+    text = str(cause) if isinstance(cause, Exception) else error["msg"]
+    if error["type"] == "extra_forbidden":
+        text = "unknown option"
+    return f"{where}: {' '.join(text.split())}"
