@@ -51,7 +51,11 @@ class SolverOptions:
     rho: float = 0.1  # initial ρ, relative to the unit diagonal of Ĥ
     rho_growth: float = 1.3  # ρ ← ρ · growth ...
     rho_every: int = 3  # ... every this many iterations
-    ramp_iters: int = 10  # iterations over which the sparsity rises to the target
+    # iterations over which the sparsity rises to the target. 0 (project onto the full pattern
+    # from the first iteration): on the demo models' layers and random 1024²/2048² layers the
+    # cubic ramp over 10 iterations reached the same or a worse objective, 10–25% slower; the
+    # small starting ρ already lets the mask form gradually (BENCHMARKS.md, "Convergence")
+    ramp_iters: int = 0
 
     def __post_init__(self):
         check_options(self, caps=("admm_iters", "cg_iters", "ramp_iters"),
@@ -152,11 +156,14 @@ def prune_mask(V: torch.Tensor, pattern: Pattern, per_row: bool, dead: torch.Ten
                sparsity: float | None = None) -> torch.Tensor:
     """Mask (True = zero) of the smallest |V| in the pattern's grouping. V: [out, in] scaled.
 
-    Thresholds come from `kthvalue` (several times faster than `topk` on large layers);
-    entries tied with a threshold are pruned too, so the pattern always holds. With
-    `sparsity` below the pattern's, only that fraction (per row for `per_row` or N:M, else of
-    the layer) of the entries the full pattern would prune is pruned: the gradual masks of the
-    ramp end in the pattern's mask. Dead inputs are always pruned.
+    N:M prunes exactly M − N entries of every group (ties broken by position), by counting
+    for each entry the entries of its group ranked above it: M comparisons of the whole
+    matrix, several times faster than `kthvalue` or `topk` over groups of four. Unstructured
+    thresholds come from `kthvalue`; entries tied with a threshold are pruned too. Either way
+    the pattern always holds. With `sparsity` below the pattern's, only that fraction (per row
+    for `per_row` or N:M, else of the layer) of the entries is pruned, among those the full
+    pattern would prune: the gradual masks of the ramp end in the pattern's mask. Dead inputs
+    are always pruned.
     """
     score = V.abs()  # [out, in]
     has_dead = bool(dead.any())
@@ -168,14 +175,30 @@ def prune_mask(V: torch.Tensor, pattern: Pattern, per_row: bool, dead: torch.Ten
         if cols % pattern.m:
             raise ConfigError(f"{pattern} needs the input dimension to be a multiple of "
                               f"{pattern.m}, got {cols}; exclude this layer or use a ratio")
-        groups = score.view(rows, cols // pattern.m, pattern.m)  # [out, in/M, M]
-        low = torch.kthvalue(groups, pattern.m - pattern.n, dim=2, keepdim=True).values
-        mask = (groups <= low).view(rows, cols)  # ties pruned too: at least M − N per group
+        mask = _nm_lowest(score, pattern.n, pattern.m)
         if s < pattern.sparsity:
             mask = _lowest(score.masked_fill(~mask, math.inf), s, per_row=True)
     else:
         mask = _lowest(score, s, per_row)
     return mask | dead if has_dead else mask
+
+
+def _nm_lowest(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Mask of the M − N lowest of every group of M along the rows of score: [out, in]. An
+    entry is pruned when at least N entries of its group rank above it (a higher score, or an
+    equal score at an earlier position). The groups are laid out as M contiguous vectors
+    [M, out·in/M], so each comparison runs over a whole vector."""
+    rows, cols = score.shape
+    g = score.reshape(-1, m).T.contiguous()  # [M, groups]
+    above = []
+    for j in range(m):
+        count = None
+        for k in range(m):
+            if k != j:
+                ahead = torch.ge(g[k], g[j]) if k < j else torch.gt(g[k], g[j])  # [groups]
+                count = ahead.to(torch.uint8) if count is None else count.add_(ahead)
+        above.append(count)
+    return (torch.stack(above, 1) >= n).view(rows, cols)
 
 
 def _lowest(score: torch.Tensor, s: float, per_row: bool) -> torch.Tensor:
@@ -197,18 +220,39 @@ def _ramp(k: int, s0: float, s: float, iters: int) -> float:
     return s + (s0 - s) * (1 - k / iters) ** 3
 
 
+class _Clock:
+    """Seconds since the start, less the time spent on work done only for a trace."""
+
+    def __init__(self):
+        self.t0, self.excluded = time.perf_counter(), 0.0
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.t0 - self.excluded
+
+    def exclude(self, fn):
+        t = time.perf_counter()
+        out = fn()
+        self.excluded += time.perf_counter() - t
+        return out
+
+
 # -- the solver -----------------------------------------------------------------------------------
 def solve(W_t: torch.Tensor, gram: ScaledGram, pattern: Pattern | str, *, per_row: bool = False,
-          W0: torch.Tensor | None = None,
-          options: SolverOptions = SolverOptions()) -> tuple[torch.Tensor, dict]:
+          W0: torch.Tensor | None = None, options: SolverOptions = SolverOptions(),
+          trace: list | None = None) -> tuple[torch.Tensor, dict]:
     """Best W in `pattern` for the targets W_t: [out, in] (fp32 result, dead inputs zero).
 
     `W0: [out, in]` is the starting point (default W_t); `per_row` selects unstructured masks
     per output row (Wanda's grouping) instead of over the whole layer. Returns (W, info) with
     info = {iterations, cg_iterations, objective_start, objective_end, seconds}; the objectives
     are tr(Δ H Δᵀ) of the plain projection of the start and of the result.
+
+    `trace`, when given, receives `(seconds, objective)` after the start's projection and after
+    every ADMM and CG iteration: the tr(Δ H Δᵀ) of the weight the solver would return if it
+    stopped there. ADMM evaluates it anyway; in CG it costs one extra product per iteration,
+    which is left out of the seconds (and out of info["seconds"]).
     """
-    t0 = time.perf_counter()
+    clock = _Clock()
     pattern = Pattern.parse(pattern)
     Q, lam, dead, delta = gram.Q, gram.lam, gram.dead, gram.damp
     T = gram.scale(W_t)  # [out, in]: Ŵ_t
@@ -217,10 +261,12 @@ def solve(W_t: torch.Tensor, gram: ScaledGram, pattern: Pattern | str, *, per_ro
     s0 = min((V0 == 0).masked_fill(dead, False).float().mean().item(), s_target)
 
     mask = prune_mask(V0, pattern, per_row, dead)
-    best = V0.masked_fill(mask, 0.0)  # the plain projection of the start: feasible
+    best = V0 * ~mask  # the plain projection of the start: feasible
     best_f = objective_start = gram.error(T, best)
+    if trace is not None:
+        trace.append((clock.seconds(), best_f))
     TQ = T @ Q  # [out, in]: Ŵ_t in the eigenbasis
-    Z = V0.masked_fill(prune_mask(V0, pattern, per_row, dead, s0), 0.0)  # [out, in]
+    Z = V0 * ~prune_mask(V0, pattern, per_row, dead, s0)  # [out, in]
     ZQ = Z @ Q
     U = torch.zeros_like(T)  # [out, in]: scaled dual
     UQ = torch.zeros_like(T)
@@ -235,7 +281,7 @@ def solve(W_t: torch.Tensor, gram: ScaledGram, pattern: Pattern | str, *, per_ro
         s = _ramp(k, s0, s_target, options.ramp_iters)
         V = W.add_(U)  # W + U
         new_mask = prune_mask(V, pattern, per_row, dead, s)
-        Z = V.masked_fill(new_mask, 0.0)
+        Z = V * ~new_mask
         ZQ = Z @ Q
         U_prev, U = U, V.mul_(new_mask)  # U + W − Z = V − Z: V on the pruned entries
         UQ.add_(WQ).sub_(ZQ)
@@ -246,14 +292,22 @@ def solve(W_t: torch.Tensor, gram: ScaledGram, pattern: Pattern | str, *, per_ro
             settled = prev_mask is not None and torch.equal(new_mask, prev_mask)
             # W − Z = U − U_prev
             if settled and (U - U_prev).norm() <= options.admm_tol * Z.norm().clamp_min(1e-30):
+                if trace is not None:
+                    trace.append((clock.seconds(), best_f))
                 break
+        if trace is not None:
+            trace.append((clock.seconds(), best_f))
         prev_mask = new_mask
         if k % options.rho_every == 0 and options.rho_growth != 1:
             U /= options.rho_growth  # the scaled dual is y / ρ
             UQ /= options.rho_growth
             rho *= options.rho_growth
 
-    W_cg, cg_iterations = refit(T, gram, mask, best, options.cg_iters, options.cg_tol)
+    on_step = None
+    if trace is not None:
+        def on_step(X):
+            trace.append((clock.seconds(), min(best_f, clock.exclude(lambda: gram.error(T, X)))))
+    W_cg, cg_iterations = refit(T, gram, mask, best, options.cg_iters, options.cg_tol, on_step)
     f_cg = gram.error(T, W_cg)
     if f_cg < best_f:
         best, best_f = W_cg, f_cg
@@ -262,18 +316,21 @@ def solve(W_t: torch.Tensor, gram: ScaledGram, pattern: Pattern | str, *, per_ro
         raise NumericalError("the layer solver produced NaN/Inf weights; the calibration "
                              "statistics are degenerate (check the data and the model dtype)")
     info = {"iterations": iterations, "cg_iterations": cg_iterations,
-            "objective_start": objective_start, "objective_end": gram.error(T, best),
-            "seconds": time.perf_counter() - t0}
+            "objective_start": objective_start, "objective_end": best_f,
+            "seconds": clock.seconds()}
+    if trace is not None:
+        trace.append((info["seconds"], best_f))
     return W, info
 
 
 def refit(T: torch.Tensor, gram: ScaledGram, mask: torch.Tensor, start: torch.Tensor,
-          iters: int, tol: float) -> tuple[torch.Tensor, int]:
+          iters: int, tol: float, on_step=None) -> tuple[torch.Tensor, int]:
     """Conjugate gradient on the kept weights (mask fixed), all rows at once.
 
     Minimises tr(Δ (Ĥ + δI) Δᵀ), Δ = T − W, over W: [out, in] with W[mask] = 0, from `start`
     (scaled, obeying the mask). Row i solves (Ĥ + δI)[S_i, S_i] w = ((Ĥ + δI) t_i)[S_i] on its
-    support S_i. Returns (W, iterations).
+    support S_i. `on_step(W)`, when given, is called after every iteration. Returns
+    (W, iterations).
     """
     keep = ~mask  # [out, in]
     Hd = gram.Hs + gram.damp * torch.eye(gram.Hs.shape[0], dtype=gram.Hs.dtype,
@@ -300,13 +357,16 @@ def refit(T: torch.Tensor, gram: ScaledGram, mask: torch.Tensor, start: torch.Te
         beta = torch.where(rr > 0, rr_new / rr.clamp_min(1e-30), 0.0)
         P = R + beta.unsqueeze(1) * P
         rr = rr_new
+        if on_step is not None:
+            on_step(X)
     return X, it
 
 
 # -- step 2 of SDS: the regularised dense reconstruction ------------------------------------------
 def redense_solve(B: torch.Tensor, c: float, gram: ScaledGram, W0: torch.Tensor, nu: float,
                   l1: float, l2: float, iters: int, tol: float,
-                  W_t: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+                  W_t: torch.Tensor | None = None,
+                  trace: list | None = None) -> tuple[torch.Tensor, dict]:
     """min_W J(W) = (tr(W A Wᵀ) − 2 tr(B Wᵀ) + c) / ν + l1 ‖W‖₁ + l2 ‖W‖₂².
 
     A = `gram.H`: [in, in], B: [out, in], W0: [out, in] the start (reported as
@@ -320,7 +380,9 @@ def redense_solve(B: torch.Tensor, c: float, gram: ScaledGram, W0: torch.Tensor,
     fell by less than `tol` (relative) over the last 10 iterations. J is convex (strictly when
     l2 > 0), so the start only affects the speed. When the targets are `W_t X` with the same
     inputs (B = W_t A, c = tr(W_t A W_tᵀ)), pass W_t: [out, in] and the quadratic part is
-    evaluated as tr(Δ A Δᵀ), without the cancellation of the expanded form.
+    evaluated as tr(Δ A Δᵀ), without the cancellation of the expanded form. `trace`, when
+    given, receives `(seconds, J)` of the weight the solver would return if it stopped there:
+    after the ridge solution and after every ADMM iteration (J is evaluated anyway).
     Returns (W, info).
     """
     t0 = time.perf_counter()
@@ -345,21 +407,26 @@ def redense_solve(B: torch.Tensor, c: float, gram: ScaledGram, W0: torch.Tensor,
     Z = _ridge(gram, Bs, nu * l2 * a.square())  # [out, in]
     ZQ = Z @ Q
     best, best_J = Z, J(Z, ZQ)
+    if trace is not None:
+        trace.append((time.perf_counter() - t0, best_J))
     U = torch.zeros_like(Z)  # [out, in]: scaled dual
     UQ = torch.zeros_like(Z)
     rho = 0.2 / nu  # a tenth of the quadratic part's mean curvature 2/ν (unit diagonal)
     history = [best_J]  # best J after each iteration
     iterations = 0
     BQ = (2.0 / nu) * (Bs @ Q)  # [out, in]
+    shrink = 2 * l2 * a2  # [in]
     for k in range(1, iters + 1 if l1 > 0 else 1):
         iterations = k
         WQ = (ZQ - UQ).mul_(rho).add_(BQ).div_(2.0 / nu * lam + rho)  # [out, in]
         W = WQ @ Q.T
-        V = W + U
+        w_norm = W.norm().item()
+        V = W.add_(U)  # W + U
         Z_prev = Z
-        # prox of λ1 a|z| + λ2 a² z² at V: soft-threshold by λ1 a / ρ, shrink by 1 + 2 λ2 a² / ρ
-        Z = V.abs().sub_(l1 / rho * a).clamp_(min=0).mul_(V.sign()).div_(
-            1 + 2 * l2 / rho * a.square())
+        # prox of λ1 a|z| + λ2 a² z² at V: soft-threshold by t = λ1 a / ρ (V minus V clamped
+        # to [−t, t]), then shrink by 1 + 2 λ2 a² / ρ
+        t = (l1 / rho) * a  # [in]
+        Z = (V - V.clamp(-t, t)).div_(1 + shrink / rho)
         ZQ = Z @ Q
         U_prev, U = U, V.sub_(Z)  # U + W − Z
         UQ.add_(WQ).sub_(ZQ)
@@ -367,7 +434,9 @@ def redense_solve(B: torch.Tensor, c: float, gram: ScaledGram, W0: torch.Tensor,
         if j < best_J:
             best, best_J = Z, j
         history.append(best_J)
-        r = (U - U_prev).norm().item() / max(W.norm().item(), Z.norm().item(), 1e-30)  # W − Z
+        if trace is not None:
+            trace.append((time.perf_counter() - t0, best_J))
+        r = (U - U_prev).norm().item() / max(w_norm, Z.norm().item(), 1e-30)  # W − Z
         s = (Z - Z_prev).norm().item() / max(U.norm().item(), 1e-30)  # ρ‖ΔZ‖ / ‖ρU‖
         stalled = k >= 10 and history[-11] - best_J <= tol * abs(best_J)
         if (r <= tol and s <= tol) or stalled:

@@ -80,6 +80,56 @@ def test_solver_objective_is_below_sparsegpt_and_wanda(spec):
     assert _error(W_t, W_row, H) < e_sgpt
 
 
+@pytest.mark.parametrize("spec,per_row,start", [("2:4", False, "dense"), ("50%", True, "dense"),
+                                                ("4:8", False, "perturbed")])
+def test_trace_follows_the_returned_objective(spec, per_row, start):
+    W_t, H = _layer()
+    W0 = None
+    if start == "perturbed":  # a warm start away from the targets, as in step 3
+        W0 = W_t + 0.3 * torch.randn(W_t.shape, generator=torch.Generator().manual_seed(4))
+    trace = []
+    W, info = solve(W_t, ScaledGram.of(H), spec, per_row=per_row, W0=W0, trace=trace)
+    seconds = [t for t, _ in trace]
+    objectives = [f for _, f in trace]
+    # one entry for the start, one per ADMM and CG iteration, one for the result
+    assert len(trace) == 2 + info["iterations"] + info["cg_iterations"]
+    assert seconds == sorted(seconds) and seconds[-1] == info["seconds"]
+    assert objectives[0] == pytest.approx(info["objective_start"])
+    assert all(b <= a for a, b in zip(objectives, objectives[1:]))  # the best so far
+    assert objectives[-1] == pytest.approx(_error(W_t, W, H), rel=1e-3)  # independent, float64
+    plain = torch.as_tensor(W_t if W0 is None else W0)
+    assert objectives[0] == pytest.approx(
+        _error(W_t, plain.masked_fill(_plain_mask(plain, H, spec, per_row), 0.0), H), rel=1e-3)
+
+
+def _plain_mask(W, H, spec, per_row):
+    """The pattern's mask of the largest |W_ij| sqrt(H_jj) (the scaled weights' magnitude)."""
+    return Pattern.parse(spec).prune_mask(W.abs() * torch.diagonal(H).sqrt(), per_row=per_row)
+
+
+def test_trace_leaves_the_result_unchanged():
+    W_t, H = _layer()
+    gram = ScaledGram.of(H)
+    W_plain, _ = solve(W_t, gram, "2:4")
+    W_traced, _ = solve(W_t, gram, "2:4", trace=[])
+    assert torch.equal(W_plain, W_traced)
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8), (3, 8)])
+def test_nm_projection_prunes_the_lowest_of_every_group_with_ties_by_position(n, m):
+    from sds.solver import prune_mask
+
+    g = torch.Generator().manual_seed(n * m)
+    V = torch.randint(0, 4, (16, 8 * m), generator=g).float()  # many ties
+    V[0, :m] = 1.0  # a group of equal scores
+    mask = prune_mask(V, Pattern.parse(f"{n}:{m}"), False, torch.zeros(8 * m, dtype=torch.bool))
+    groups, pruned = V.abs().reshape(-1, m), mask.reshape(-1, m)
+    assert (pruned.sum(1) == m - n).all()  # exactly M − N per group
+    for scores, p in zip(groups, pruned):
+        order = sorted(range(m), key=lambda j: (-scores[j].item(), j))  # stable: earlier first
+        assert p.nonzero().flatten().tolist() == sorted(order[n:])
+
+
 def _dead(H):
     H = H.clone()
     H[[3, 10, 11]] = 0
@@ -125,10 +175,8 @@ def test_layers_that_read_the_same_input_share_one_eigendecomposition(monkeypatc
     from tests.helpers import tiny_llama
 
     calls = []
-    original = solver.ScaledGram.of
-    monkeypatch.setattr(solver.ScaledGram, "of",
-                        classmethod(lambda cls, H, damp=0.01: calls.append(H.shape)
-                                    or original(H, damp)))
+    original = solver._eigh
+    monkeypatch.setattr(solver, "_eigh", lambda Hs: calls.append(Hs.shape) or original(Hs))
     model = tiny_llama(layers=2)
     report = sds.prune(model, torch.randint(0, 128, (2, 16)), "admm", "2:4", progress=False)
     assert len(report.steps["oneshot"].layers) == 14  # q, k, v, o, gate, up, down per block
