@@ -17,6 +17,7 @@ embedded API when no PREFECT_API_URL is set) before importing anything that impo
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import errno
 import json
@@ -25,6 +26,7 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -210,23 +212,53 @@ def _quiet_libraries(verbose: bool) -> None:
         pass
 
 
-def _warm_up_api() -> threading.Thread | None:
-    """Start Prefect's embedded API server in the background (it takes seconds), while the
-    command imports torch and checks its inputs."""
-    if os.environ.get("PREFECT_API_URL"):
-        return None
+class EmbeddedAPI:
+    """Prefect's API for the length of this command, when no PREFECT_API_URL is set: the server
+    Prefect's ephemeral mode would start (uvicorn serving prefect.server's app in a subprocess,
+    on the runs database in PREFECT_HOME), started first thing and without importing the server
+    in this process, so that it boots on another core while this one imports the library and
+    plans the run. It stops when the command exits, however it exits."""
 
-    def start():
-        try:
-            from prefect.server.api.server import SubprocessASGIServer
+    def __init__(self):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}/api"
+        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+               "PREFECT__SERVER_FINAL": "1"}  # as Prefect starts its ephemeral server
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
+             "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan",
+             "on"], env=env, stdin=subprocess.DEVNULL)
+        atexit.register(self.stop)
+        os.environ["PREFECT_API_URL"] = self.url  # for Prefect, imported after this
 
-            SubprocessASGIServer().start()
-        except Exception:  # noqa: BLE001 - the flow call starts it (and reports) if this fails
-            pass
+    def wait(self, timeout: float = 120.0) -> None:
+        """Until the server answers its health check."""
+        import urllib.request
 
-    thread = threading.Thread(target=start, name="prefect-api-warm-up", daemon=True)
-    thread.start()
-    return thread
+        from sds.errors import SDSError
+
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as answer:
+                    if answer.read().strip() == b"true":
+                        return
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise SDSError(f"Prefect's embedded API did not start (exit code "
+                               f"{self.process.poll()}); run with --verbose to see why, or "
+                               "start a server and set PREFECT_API_URL")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
 
 
 # -- errors -------------------------------------------------------------------------------------
@@ -310,7 +342,7 @@ def _config(kind, args, base: dict | None = None, where: str = "command line"):
     if isinstance(values.get("sds_options"), dict) and "sds_options" in given:
         given["sds_options"] = {**values["sds_options"], **given["sds_options"]}
     values.update(given)
-    if not os.environ.get("PREFECT_API_URL"):
+    if getattr(args, "api", None) is not None or not os.environ.get("PREFECT_API_URL"):
         values.setdefault("gpu_limit", None)
     return build(kind, values, where)
 
@@ -433,12 +465,12 @@ def check_out(out: str | os.PathLike) -> None:
                           "choose a folder you can write to") from None
 
 
-def _run_flow(flow_fn, config, console, warm_up: threading.Thread | None, log: Path | None):
+def _run_flow(flow_fn, config, console, api: EmbeddedAPI | None, log: Path | None):
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
-    if warm_up is not None:
+    if api is not None:
         with console.status("starting Prefect's embedded API"):
-            warm_up.join()
+            api.wait()
     # the heartbeat only matters to a server watching for crashed runs; without it the flow
     # call returns a second earlier
     with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
@@ -453,7 +485,6 @@ def cmd_run(args, console) -> int:
 
     t0 = time.perf_counter()
     config = _config(RunConfig, args)
-    warm_up = _warm_up_api()
     with console.status("checking the inputs"):
         from flows.pipeline import pipeline
         from tasks.plan import plan_pipeline
@@ -465,7 +496,7 @@ def cmd_run(args, console) -> int:
         if config.out:
             check_out(config.out)
     log = None if args.verbose or not config.out else Path(config.out) / "sds.log"
-    results = _run_flow(pipeline, config, console, warm_up, log)
+    results = _run_flow(pipeline, config, console, args.api, log)
     out = sys.stdout
     _stdout_console().print(_results_table(results))
     t = results["timings"]
@@ -512,7 +543,6 @@ def sweep_config(args):
 
 def cmd_sweep(args, console) -> int:
     config = sweep_config(args)
-    warm_up = _warm_up_api()
     with console.status("checking the inputs"):
         from flows.sweep import sweep
         from tasks.plan import plan_pipeline
@@ -525,7 +555,7 @@ def cmd_sweep(args, console) -> int:
         if config.out:
             check_out(config.out)
     log = None if args.verbose or not config.out else Path(config.out) / "sds.log"
-    summary = _run_flow(sweep, config, console, warm_up, log)
+    summary = _run_flow(sweep, config, console, args.api, log)
     from rich.table import Table
 
     table = Table(title="sweep")
@@ -839,9 +869,15 @@ def _early_options(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    configure_environment(_early_options(argv))
+    early = _early_options(argv)
+    configure_environment(early)
+    # without a server, Prefect's embedded API: it takes seconds to start, so it starts now
+    wanted = early.command in ("run", "sweep") and not {"-h", "--help"} & set(
+        sys.argv[1:] if argv is None else argv)
+    api = EmbeddedAPI() if wanted and not os.environ.get("PREFECT_API_URL") else None
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.api = api
     from rich.console import Console
 
     # the terminal's stderr, kept even while the flow's own stderr goes to a log file

@@ -197,10 +197,10 @@ def _plan(c: RunConfig) -> Plan:
     model_config = load_config(model, c.revision, c.trust_remote_code)  # fails fast
     check_causal_lm(model_config, model)
     check_weight_files(model)
-    prunable_layers(skeleton(model_config, c.trust_remote_code), rules)  # rules select layers
     seqlen = resolve_seqlen(model_config, c.seqlen or defaults["seqlen"])
     identity = model_identity(model, c.revision, c.dtype)
-    store_root = ArtifactStore(c.store).root  # validates the URL; contacts nothing
+    store = ArtifactStore(c.store)  # validates the URL; contacts nothing
+    store_root = store.root
 
     settings = {
         "model": model, "demo": demo, "method": c.method, "pattern": str(rules.default),
@@ -231,6 +231,11 @@ def _plan(c: RunConfig) -> Plan:
     if c.method == "sparsegpt":  # the other methods ignore both
         prune_config.update(blocksize=c.blocksize, percdamp=c.percdamp)
     add("oneshot", "oneshot", prune_config, {"calibration": calib_key})
+    # the rules must select layers of this model. A committed one-shot artifact of this key
+    # proves they do (the key hashes the rules and the model's identity): a rerun skips
+    # building the model's skeleton, which imports its modelling code.
+    if not store.exists("oneshot", plan.specs["oneshot"].key):
+        prunable_layers(skeleton(model_config, c.trust_remote_code), rules)
     if c.sds:
         add("redense", "redense", {"rules": rules.describe(), "sds": sds_options},
             {"calibration": calib_key, "oneshot": plan.specs["oneshot"].key})
