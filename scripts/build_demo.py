@@ -1,8 +1,9 @@
 """Build the offline demo under data/demo/: corpus, tokenizer, two small trained LMs, task data.
 
-    python scripts/build_demo.py                     # everything (about 20 minutes on 2 cores)
+    python scripts/build_demo.py                     # everything (about 50 minutes on 1 core)
     python scripts/build_demo.py --only corpus       # cleaned text and splits only
     python scripts/build_demo.py --only opt          # retrain one model (reuses the tokenizer)
+    python scripts/build_demo.py --only gaps         # what one-shot pruning costs the models
     python scripts/build_demo.py --only tasks        # zero-shot task files only
 
 The source text is test data shipped inside the gensim wheel (`pip install -e .[demo]`): a
@@ -28,7 +29,7 @@ import time
 import unicodedata
 import xml.etree.ElementTree as ET
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +42,9 @@ REPORT_PATH = DEMO_DIR / "build_report.json"
 CORPORA = ("wiki", "news")
 SPLITS = ("train", "calib", "heldout")
 FAMILIES = ("opt", "llama")
-STEPS = ("corpus", "tasks", "tokenizer", "opt", "llama", "readme")
+STEPS = ("corpus", "tasks", "tokenizer", "opt", "llama", "gaps", "readme")
+GAP_PATTERNS = ("2:4", "4:8", "50%")
+GAP_NSAMPLES = 64
 
 WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 NEWS_FILES = ("lee_background.cor", "lee.cor")
@@ -49,6 +52,8 @@ NEWS_FILES = ("lee_background.cor", "lee.cor")
 # Share of the characters of each corpus per split (whole documents); the rest is train.
 HELDOUT_SHARE = 0.10
 CALIB_SHARE = 0.06
+# Share of the characters of each train split held back to decide when training stops.
+VALID_SHARE = 0.05
 
 VOCAB_SIZE = 4096
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
@@ -549,7 +554,7 @@ def load_tokenizer():
 # Every linear input dimension is a multiple of 8 (2:4 and 4:8 apply), intermediate sizes are
 # multiples of 64. "tiny" sizes exist for fast tests of the training step.
 MODEL_SIZES = {
-    "demo": dict(hidden=192, layers=4, heads=6, kv_heads=2, ffn=768, mlp=512, positions=512),
+    "demo": dict(hidden=64, layers=8, heads=4, kv_heads=2, ffn=512, mlp=384, positions=512),
     "tiny": dict(hidden=32, layers=2, heads=4, kv_heads=2, ffn=128, mlp=64, positions=64),
 }
 
@@ -582,14 +587,20 @@ def model_config(family: str, vocab_size: int, size: str = "demo", pad_id: int =
 class TrainConfig:
     seqlen: int = 256
     batch_size: int = 8
-    epochs: int = 3
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 40
-    weight_decay: float = 0.1
+    epochs: int = 8  # the most (see MAX_EPOCHS); training stops once validation stops improving
+    lr: float = 5e-3
+    min_lr_ratio: float = 0.02
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
     grad_clip: float = 1.0
     bf16: bool = True  # autocast matmuls to bfloat16 (weights and optimizer stay float32)
     seed: int = 0
+    evals_per_epoch: int = 2  # validation loss this often; the best state is kept
+    patience: int = 3  # stop after this many evaluations without a new best validation loss
+
+
+# The most epochs of each family.
+MAX_EPOCHS = {"opt": 8, "llama": 8}
 
 
 def set_determinism(seed: int) -> None:
@@ -662,25 +673,47 @@ def train_windows(stream, seqlen: int, offset: int):
     return torch.tensor(stream[offset:offset + n * seqlen], dtype=torch.long).view(n, seqlen)
 
 
+def validation_split(docs: list[str]) -> tuple[list[str], list[str]]:
+    """(train, validation) documents of one train split: whole documents in hash order until
+    VALID_SHARE of the characters; heldout and calib text are never used for training choices."""
+    budget, used, valid = VALID_SHARE * sum(map(len, docs)), 0, set()
+    for i in _stable_order(docs):
+        if used >= budget:
+            break
+        valid.add(i)
+        used += len(docs[i])
+    return ([d for i, d in enumerate(docs) if i not in valid],
+            [d for i, d in enumerate(docs) if i in valid])
+
+
 def train_model(family: str, tokenizer, cfg: TrainConfig, size: str = "demo",
-                progress_every: int = 50):
-    """Train one demo model on the whole train split of both corpora; returns (model, stats)."""
+                progress_every: int = 50, checkpoint_dir: Path | None = None):
+    """Train one demo model on the train splits of both corpora less a validation share, until
+    the validation loss stops improving; returns (the best model, stats with the curve)."""
     import torch
 
     set_determinism(cfg.seed)
-    docs = [d for c in CORPORA for d in read_split(c, "train")]
+    docs, valid_docs = [], []
+    for corpus in CORPORA:
+        train_part, valid_part = validation_split(read_split(corpus, "train"))
+        docs += train_part
+        valid_docs += valid_part
     stream = token_stream(tokenizer, docs)
+    valid = eval_windows(tokenizer, valid_docs, cfg.seqlen)
     config = model_config(family, len(tokenizer), size, tokenizer.pad_token_id,
                           tokenizer.bos_token_id, tokenizer.eos_token_id)
     model = build_model(family, config)
     n_params = sum(p.numel() for p in model.parameters())
     steps_per_epoch = (len(stream) // cfg.seqlen) // cfg.batch_size
     total = steps_per_epoch * cfg.epochs
+    eval_every = max(1, steps_per_epoch // cfg.evals_per_epoch)
     optimizer, scheduler = make_optimizer(model, cfg, total)
     log(f"{family}: {n_params / 1e6:.2f} M parameters, {len(stream) / 1e3:.0f} k train tokens, "
-        f"{cfg.epochs} epochs x {steps_per_epoch} steps of {cfg.batch_size}x{cfg.seqlen}")
+        f"{valid.numel() / 1e3:.0f} k validation tokens, at most {cfg.epochs} epochs x "
+        f"{steps_per_epoch} steps of {cfg.batch_size}x{cfg.seqlen}")
     gen = torch.Generator().manual_seed(cfg.seed)
-    losses, step, start = [], 0, time.perf_counter()
+    losses, curve, step, start = [], [], 0, time.perf_counter()
+    best, best_state, since_best, stop = math.inf, None, 0, False
     for epoch in range(cfg.epochs):
         # Each epoch cuts the stream at a different offset, then shuffles the windows.
         windows = train_windows(stream, cfg.seqlen, (epoch * cfg.seqlen) // cfg.epochs)
@@ -698,11 +731,39 @@ def train_model(family: str, tokenizer, cfg: TrainConfig, size: str = "demo",
                 log(f"  {family} step {step}/{total} epoch {epoch + 1} loss {recent:.3f} "
                     f"lr {scheduler.get_last_lr()[0]:.2e} {elapsed:.0f}s "
                     f"(eta {elapsed / step * (total - step):.0f}s)")
+            if step % eval_every == 0 or step == total:
+                model.eval()
+                val_ppl = perplexity(model, valid)
+                recent = losses[-eval_every:]
+                curve.append({"step": step, "epoch": round(step / steps_per_epoch, 2),
+                              "train_loss": round(sum(recent) / len(recent), 4),
+                              "valid_ppl": round(val_ppl, 2),
+                              "seconds": round(time.perf_counter() - start, 1)})
+                if val_ppl < best:
+                    best, since_best = val_ppl, 0
+                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                else:
+                    since_best += 1
+                log(f"  {family} step {step} validation perplexity {val_ppl:.2f} "
+                    f"(best {best:.2f}, {since_best} without a new best)")
+                if checkpoint_dir is not None:
+                    model.save_pretrained(checkpoint_dir / f"{family}-step{step:05d}")
+                    tokenizer.save_pretrained(checkpoint_dir / f"{family}-step{step:05d}")
+                model.train()
+                stop = since_best >= cfg.patience
+                if stop:
+                    break
+        if stop:
+            break
     seconds = time.perf_counter() - start
+    model.load_state_dict(best_state)
     model.eval()
-    stats = {"parameters": n_params, "train_tokens": len(stream), "steps": step,
+    best_step = min(curve, key=lambda c: c["valid_ppl"])["step"]
+    stats = {"parameters": n_params, "train_tokens": len(stream), "valid_tokens": valid.numel(),
+             "steps": step, "best_step": best_step, "stopped_early": stop,
              "train_seconds": round(seconds, 1), "first_loss": losses[0],
-             "final_loss": sum(losses[-20:]) / len(losses[-20:]), "train": asdict(cfg)}
+             "final_loss": sum(losses[-20:]) / len(losses[-20:]), "curve": curve,
+             "train": asdict(cfg)}
     return model, stats
 
 
@@ -790,9 +851,9 @@ def evaluate_model(model, tokenizer, seqlen: int) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def build_one_model(family: str, cfg: TrainConfig) -> dict:
+def build_one_model(family: str, cfg: TrainConfig, checkpoint_dir: Path | None = None) -> dict:
     tokenizer = load_tokenizer()
-    model, stats = train_model(family, tokenizer, cfg)
+    model, stats = train_model(family, tokenizer, cfg, checkpoint_dir=checkpoint_dir)
     out = DEMO_DIR / family
     out.mkdir(parents=True, exist_ok=True)
     for old in out.iterdir():
@@ -829,6 +890,55 @@ def dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def _epochs(r: dict) -> str:
+    """Epochs trained and, in brackets, the epoch of the saved (best validation) state."""
+    curve = r.get("curve")
+    if not curve:
+        return f"{r['train']['epochs']}"
+    per_epoch = curve[-1]["step"] / curve[-1]["epoch"]
+    return f"{r['steps'] / per_epoch:.1f} ({r['best_step'] / per_epoch:.1f})"
+
+
+def gaps_text(gaps: dict | None) -> str:
+    """The README section on pruning gaps, from `report["gaps"]` (the `gaps` step)."""
+    if not gaps:
+        return "Not measured yet: run `python scripts/build_demo.py --only gaps`."
+    gaps_module = _load_gaps_module()
+    return f"""One-shot pruning of every linear layer in the decoder blocks with `sds.prune`
+(calibration: {gaps['nsamples']} windows of 256 tokens of the demo calib text, seed 0), heldout
+perplexity as above on all windows; the percentage is the increase over dense. Made by
+
+```
+{gaps['command']}
+```
+
+(`--only gaps` runs `benchmarks/demo_gaps.py` on the saved models, {gaps['seconds'] / 60:.0f}
+minutes here; `python benchmarks/demo_gaps.py` prints the same table.)
+
+{gaps_module.markdown(gaps['models'])}
+"""
+
+
+def _load_gaps_module():
+    path = ROOT / "benchmarks" / "demo_gaps.py"
+    spec = importlib.util.spec_from_file_location("demo_gaps", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def measure_gaps() -> dict:
+    """Heldout perplexity of each demo model dense and pruned one-shot (benchmarks/demo_gaps)."""
+    gaps_module = _load_gaps_module()
+    start = time.perf_counter()
+    models = {family: gaps_module.measure(str(DEMO_DIR / family), list(GAP_PATTERNS),
+                                          list(gaps_module.METHODS), GAP_NSAMPLES)
+              for family in FAMILIES}
+    return {"models": models, "nsamples": GAP_NSAMPLES, "patterns": list(GAP_PATTERNS),
+            "seconds": round(time.perf_counter() - start, 1),
+            "command": "python scripts/build_demo.py --only gaps"}
+
+
 def write_readme(report: dict) -> None:
     models = report.get("models", {})
     rows, task_rows = [], []
@@ -846,7 +956,8 @@ def write_readme(report: dict) -> None:
                      f"{c['num_attention_heads']} heads, ffn {c['ffn_dim']}")
         h = r["heldout"]
         rows.append(
-            f"| {family} | {shape} | {r['parameters'] / 1e6:.2f} M | {r['train_seconds'] / 60:.1f}"
+            f"| {family} | {shape} | {r['parameters'] / 1e6:.2f} M | {_epochs(r)}"
+            f" | {r['train_seconds'] / 60:.1f}"
             f" | {h['wiki']['perplexity']:.1f} | {h['wiki']['unigram_perplexity']:.1f}"
             f" | {h['news']['perplexity']:.1f} | {h['news']['unigram_perplexity']:.1f} |"
         )
@@ -860,6 +971,10 @@ def write_readme(report: dict) -> None:
                    for k, v in sorted(report.get("corpus", {}).items())]
     tasks = report.get("tasks", {})
     tr = next(iter(models.values()), {}).get("train", asdict(TrainConfig()))
+    max_epochs = " / ".join(f"{m['train']['epochs']} ({f})" for f, m in models.items()
+                            if m["train"]["epochs"] != tr["epochs"]) or tr["epochs"]
+    if isinstance(max_epochs, str):
+        max_epochs = f"{tr['epochs']} ({next(iter(models))}) / " + max_epochs
     precision = ("bfloat16 autocast for the matrix products (weights, gradients and AdamW state "
                  "in float32)" if tr.get("bf16") else "float32 throughout")
     nl = "\n"
@@ -871,12 +986,12 @@ tasks made from the heldout text. Paths are in `sds/demo.py`. Rebuilt from scrat
 
 ```
 pip install -e .[demo]        # gensim ships the source text
-python scripts/build_demo.py  # about 20 minutes on 2 CPU cores
+python scripts/build_demo.py  # about 50 minutes on one CPU core
 ```
 
-`--only corpus|tasks|tokenizer|opt|llama|readme` (repeatable) rebuilds one part: the tasks and
-the tokenizer need the corpus, a model needs the tokenizer. `build_report.json` holds every
-number below and the full training record.
+`--only corpus|tasks|tokenizer|opt|llama|gaps|readme` (repeatable) rebuilds one part: the tasks
+and the tokenizer need the corpus, a model needs the tokenizer, the gaps need both models.
+`build_report.json` holds every number below and the full training record.
 
 ## Sources and licences
 - `corpus/wiki_*`: cleaned from the English Wikipedia excerpt in gensim's test data,
@@ -916,22 +1031,45 @@ rotary positions, grouped-query attention), input and output embeddings tied, fl
 safetensors, `max_position_embeddings` 512. Every linear layer's input dimension is a multiple of
 8, so 2:4 and 4:8 patterns apply.
 
-Training, identical for both: seed {tr['seed']}; both train splits as `<s> document </s>`,
-concatenated and cut into windows of {tr['seqlen']} tokens (a different offset each epoch),
-shuffled; {tr['epochs']} epochs of batch {tr['batch_size']}; AdamW (lr {tr['lr']}, betas
-0.9 / 0.95, weight decay {tr['weight_decay']} on matrices), {tr['warmup_steps']} warmup steps
-then cosine decay to {tr['min_lr_ratio']} of the peak, gradient clipping {tr['grad_clip']};
-{precision}; one CPU thread, `torch.use_deterministic_algorithms(True)`. The same seed gives the
-same first-step loss. Time is wall-clock on a shared 2-core x86 CPU with other jobs running
-(torch {report.get('torch', '?')}).
+Training, identical for both: seed {tr['seed']}; the train splits of both corpora less a
+validation share ({VALID_SHARE:.0%} of each train split's characters, whole documents in hash
+order) as `<s> document </s>`, concatenated and cut into windows of {tr['seqlen']} tokens (a
+different offset each epoch), shuffled; batch {tr['batch_size']}, at most {max_epochs} epochs;
+AdamW (lr {tr['lr']}, betas 0.9 / 0.95, weight decay {tr['weight_decay']}), {tr['warmup_steps']}
+warmup steps then cosine decay to {tr['min_lr_ratio']} of the peak at the last of those epochs,
+gradient clipping {tr['grad_clip']}; {precision}; one CPU thread,
+`torch.use_deterministic_algorithms(True)`. The validation perplexity is measured
+{tr.get('evals_per_epoch', 1)} times per epoch; training stops after {tr.get('patience', '?')}
+measurements without a new best, and the best state is what is saved. The heldout and calib text
+never take part. `build_report.json` holds each model's validation curve (`curve`). The same seed
+gives the same first-step loss. Time is wall-clock on a shared 2-core x86 CPU with other jobs
+running (torch {report.get('torch', '?')}).
 
 Heldout perplexity follows the WikiText-2 protocol: the heldout documents joined by blank lines,
 tokenised once, cut into non-overlapping windows of {tr['seqlen']} tokens. The baseline is an
 add-one unigram model of the train tokens scored on the same predicted tokens.
 
-| model | shape | parameters | train min | wiki ppl | wiki unigram | news ppl | news unigram |
-|---|---|---|---|---|---|---|---|
+| model | shape | parameters | epochs (best) | train min | wiki ppl | wiki unigram | news ppl \
+| news unigram |
+|---|---|---|---|---|---|---|---|---|
 {nl.join(rows)}
+
+## What pruning costs them
+
+{gaps_text(report.get('gaps'))}
+Why this shape and recipe. A model pruning cannot hurt is no use for comparing pruning methods,
+and on held-out text the damage grows with how fully the pruned weights are used. Models of this
+corpus (595 k training tokens) are limited by data, not size: the earlier 2.4–2.7 M-parameter
+models (d 192, 4 layers, 3 epochs, weight decay 0.1) lost 0.5% (OPT) and 2% (LLaMA) wiki
+perplexity to SparseGPT 2:4, and a 1.8 M-parameter OPT (d 128, 6 layers, no weight decay)
+still lost only 0.9% after 4.5 epochs while its train loss fell far below its validation loss.
+Shrinking the blocks made every weight count: at 5 epochs SparseGPT 2:4 cost a d 96 × 4-layer
+OPT (0.89 M) 2.1% / 6.2% (wiki / news), a d 64 × 6-layer one (0.60 M) 2.7% / 4.6%, with Wanda
+at 7–13%. The damage kept growing with training (the LLaMA model above: SparseGPT 2:4 +4.2% wiki
+after 2.5 epochs, +13% after 5), so the models here are small (d 64, 8 layers, a wide MLP), use
+no weight decay and a higher peak learning rate, and train until validation stops improving.
+They are also better language models than the earlier ones on the heldout text, with 40% of the
+parameters.
 
 ## Zero-shot tasks (`tasks/`)
 JSON lines `{{"context": str, "choices": [str, str, str, str], "label": int}}`, made only from
@@ -995,15 +1133,18 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", action="append", choices=STEPS,
                         help="rebuild only this part (repeatable); default: everything")
-    parser.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    parser.add_argument("--epochs", type=int, default=None,
+                        help=f"the most epochs (default: {MAX_EPOCHS})")
     parser.add_argument("--seed", type=int, default=TrainConfig.seed)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (1 is fastest on a busy shared CPU)")
     parser.add_argument("--fp32", action="store_true", help="train without bfloat16 autocast")
+    parser.add_argument("--checkpoints", type=Path, default=None,
+                        help="also save the model at every validation step into this folder")
     args = parser.parse_args(argv)
     steps = args.only or list(STEPS)
     report = load_report()
-    cfg = TrainConfig(epochs=args.epochs, seed=args.seed, bf16=not args.fp32)
+    cfg = TrainConfig(seed=args.seed, bf16=not args.fp32)
     if any(f in steps for f in FAMILIES):
         import torch
 
@@ -1022,8 +1163,14 @@ def main(argv: list[str] | None = None) -> None:
     for family in FAMILIES:
         if family in steps:
             log(f"step {family}")
-            report.setdefault("models", {})[family] = build_one_model(family, cfg)
+            epochs = args.epochs or MAX_EPOCHS[family]
+            report.setdefault("models", {})[family] = build_one_model(
+                family, replace(cfg, epochs=epochs), args.checkpoints)
             save_report(report)
+    if "gaps" in steps:
+        log("step gaps")
+        report["gaps"] = measure_gaps()
+        save_report(report)
     import torch
 
     report["torch"] = torch.__version__

@@ -152,3 +152,29 @@ def test_training_step_is_deterministic_for_a_seed():
             assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+def test_validation_split_holds_back_whole_train_documents_deterministically():
+    build = _load_build_script()
+    docs = _documents("news", "train")
+    train, valid = build.validation_split(docs)
+    assert valid and train
+    assert sorted(train + valid) == sorted(docs)
+    assert not set(train) & set(valid)
+    share = sum(map(len, valid)) / sum(map(len, docs))
+    longest = max(map(len, docs)) / sum(map(len, docs))
+    assert build.VALID_SHARE <= share < build.VALID_SHARE + longest
+    assert build.validation_split(list(reversed(docs)))[1] == list(reversed(valid))
+
+
+def test_build_report_keeps_the_best_validation_state_of_each_model():
+    report = json.loads((DEMO_DIR / "build_report.json").read_text())
+    for family in FAMILIES:
+        r = report["models"][family]
+        curve = r["curve"]
+        assert [c["step"] for c in curve] == sorted({c["step"] for c in curve})
+        best = min(curve, key=lambda c: c["valid_ppl"])
+        assert r["best_step"] == best["step"] <= r["steps"]
+        if r["stopped_early"]:
+            after = [c for c in curve if c["step"] > best["step"]]
+            assert len(after) == r["train"]["patience"]
