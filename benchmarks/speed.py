@@ -1,11 +1,17 @@
-"""Speed and memory of the pruning core.
+"""Speed and memory of the pruning core, and what SDS costs against one-shot SparseGPT.
 
     python benchmarks/speed.py                      # 4096x4096 layer, 128x2048 tokens, demo model
     python benchmarks/speed.py --cols 1024 --rows 1024 --samples 16   # a quick look
 
-Prints a markdown table and, with --write, replaces the "Speed" section of BENCHMARKS.md.
-Peak memory is the process's peak resident set size after each phase (it only grows), and on
-CUDA the peak allocated device memory of the phase.
+On the layer: the one-shot methods, the layer solver as one-shot "admm", and the two SDS steps
+as the default SDSConfig runs them per layer: step 2 (re-dense) from SparseGPT's 2:4 result is
+the eigendecomposition of the unit-diagonal Gram matrix and `redense_solve`; step 3 is the second
+SparseGPT pruning of the re-dense weight, a second eigendecomposition (in the pipeline the step
+reads new statistics) and the solver from the re-dense weight. On the demo model: one-shot
+pruning by each method, and SDS over SparseGPT with its per-step seconds. The ratio "steps 2+3 /
+one-shot SparseGPT" is reported for both. Prints a markdown table and, with --write, replaces
+the "Speed" section of BENCHMARKS.md. Peak memory is the process's peak resident set size
+after each phase (it only grows), and on CUDA the peak allocated device memory of the phase.
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ sys.path.insert(0, str(ROOT))
 
 import sds  # noqa: E402
 from sds.pruners import inverse_hessian_factor  # noqa: E402
-from sds.reconstruct import Quadratic, SDSConfig, adjust_layer, redense_layer  # noqa: E402
+from sds.reconstruct import Quadratic, SDSConfig, _scales  # noqa: E402
+from sds.solver import ScaledGram, redense_solve, solve  # noqa: E402
 
 
 def _peak_rss_mib() -> float:
@@ -44,7 +51,8 @@ def _timed(device, fn):
     return out, seconds, gpu
 
 
-def layer_rows(rows, cols, samples, seqlen, device, iterations):
+def layer_rows(rows, cols, samples, seqlen, device):
+    """[(phase, seconds, peak GPU MiB)] and the ratio steps 2+3 / SparseGPT 2:4 on one layer."""
     g = torch.Generator(device="cpu").manual_seed(0)
     W = torch.randn(rows, cols, generator=g).to(device) / cols**0.5
     scales = torch.exp(torch.randn(cols, generator=g)).to(device)  # uneven input norms
@@ -64,36 +72,70 @@ def layer_rows(rows, cols, samples, seqlen, device, iterations):
         ("wanda 2:4", lambda: sds.wanda(W, H, "2:4")),
         ("sparsegpt factorization only", lambda: inverse_hessian_factor(H)),
         ("sparsegpt 50%", lambda: sds.sparsegpt(W, H, "50%")),
-        ("sparsegpt 2:4", lambda: sds.sparsegpt(W, H, "2:4")),
     ]:
         _, s, gpu = _timed(device, fn)
         table.append((name, s, gpu))
-    W1 = sds.sparsegpt(W, H, "2:4")
+    W1, s_sgpt, gpu = _timed(device, lambda: sds.sparsegpt(W, H, "2:4"))
+    table.append(("sparsegpt 2:4", s_sgpt, gpu))
+    gram, s, gpu = _timed(device, lambda: ScaledGram.of(H, 0.01))
+    table.append(("solver: eigendecomposition of the scaled H", s, gpu))
+    info = {}
+    _, s, gpu = _timed(device, lambda: sds.admm(W, H, "2:4", gram=gram, info=info))
+    table.append((f"solver: one-shot admm 2:4 without the eigendecomposition "
+                  f"({info['iterations']} ADMM + {info['cg_iterations']} CG iterations)", s, gpu))
+
+    config = SDSConfig()  # the SDS defaults, "sd" data: the targets W X with the same inputs
     q = Quadratic.from_grams(W, H, H, H, samples * seqlen)
-    cfg = SDSConfig(epochs=iterations, adjust_epochs=iterations)
-    _, s, gpu = _timed(device, lambda: redense_layer(W1, q, cfg))
-    table.append((f"SDS re-dense, {cfg.epochs} iterations", s, gpu))
-    _, s, gpu = _timed(device, lambda: adjust_layer(W1, q, sds.Pattern.parse("2:4"), cfg))
-    table.append((f"SDS adjustment 2:4, {cfg.adjust_epochs} iterations", s, gpu))
-    return table
+    nu, s1, s2 = _scales(q, W.numel(), config)
+
+    def step2():
+        return redense_solve(q.B, q.c, ScaledGram.of(H, 0.0), W1, nu, config.l1 * s1,
+                             config.l2 * s2, config.epochs, config.tol, W_t=W)
+
+    (W2, info2), s_step2, gpu = _timed(device, step2)
+    table.append((f"SDS step 2, re-dense: eigendecomposition + solver "
+                  f"({info2['iterations']} ADMM iterations)", s_step2, gpu))
+    solved = {}
+
+    def step3():
+        W3 = sds.sparsegpt(W2, H, "2:4")  # the second pruning
+        W_adj, solved_ = solve(W, ScaledGram.of(H, 0.01), "2:4", W0=W2,
+                               options=config.solver_options())
+        solved.update(solved_)
+        return W3, W_adj
+
+    _, s_step3, gpu = _timed(device, step3)
+    table.append((f"SDS step 3: sparsegpt 2:4 + eigendecomposition + solver "
+                  f"({solved['iterations']} ADMM + {solved['cg_iterations']} CG iterations)",
+                  s_step3, gpu))
+    return table, (s_step2 + s_step3) / s_sgpt
 
 
 def model_rows(samples, seqlen, device):
-    from transformers import AutoModelForCausalLM
+    """[(phase, seconds, peak GPU MiB)] on the demo OPT model and the ratio steps 2+3 /
+    one-shot SparseGPT of an SDS run."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from sds.data import load_calibration
     from sds.demo import demo_model_path
 
     path = demo_model_path("opt")
+    ids = load_calibration(AutoTokenizer.from_pretrained(path), "demo", samples, seqlen)
     rows = []
-    for method in ("magnitude", "wanda", "sparsegpt"):
+    for method in ("magnitude", "wanda", "sparsegpt", "admm"):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        ids = torch.randint(0, model.config.vocab_size, (samples, seqlen),
-                            generator=torch.Generator().manual_seed(0))
-        rep, s, gpu = _timed(device, lambda m=model, ids=ids, method=method: sds.prune(
+        size = f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M"
+        _, s, gpu = _timed(device, lambda m=model, method=method: sds.prune(
             m, ids, method, "2:4", device=device, progress=False))
-        rows.append((f"demo OPT ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M), "
-                     f"{method} 2:4, {samples}x{seqlen} tokens", s, gpu))
-    return rows
+        rows.append((f"demo OPT ({size}), {method} 2:4, {samples}x{seqlen} tokens", s, gpu))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    report, s, gpu = _timed(device, lambda: sds.prune(model, ids, "sparsegpt", "2:4", sds=True,
+                                                      device=device, progress=False))
+    for step, label in (("oneshot", "step 1, sparsegpt 2:4"), ("redense", "step 2, re-dense"),
+                        ("second", "step 3, second pruning + solver")):
+        rows.append((f"demo OPT, SDS over sparsegpt 2:4: {label}", report.seconds[step], None))
+    ratio = (report.seconds["redense"] + report.seconds["second"]) / report.seconds["oneshot"]
+    return rows, ratio
 
 
 def main(argv=None):
@@ -104,8 +146,6 @@ def main(argv=None):
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--model-samples", type=int, default=32)
     p.add_argument("--model-seqlen", type=int, default=256)
-    p.add_argument("--sds-iterations", type=int, default=200,
-                   help="iterations of each SDS step on the layer (the paper: 200)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
     a = p.parse_args(argv)
@@ -114,14 +154,17 @@ def main(argv=None):
              f"device {device} ({platform.processor() or platform.machine()}, "
              f"{torch.get_num_threads()} threads), torch {torch.__version__}.", "",
              "| phase | seconds | peak RSS MiB (cumulative) | peak GPU MiB |", "|---|---|---|---|"]
-    for name, s, gpu in layer_rows(a.rows, a.cols, a.samples, a.seqlen, device, a.sds_iterations):
+    layer, layer_ratio = layer_rows(a.rows, a.cols, a.samples, a.seqlen, device)
+    model, model_ratio = model_rows(a.model_samples, a.model_seqlen, device)
+    for name, s, gpu in layer + model:
         lines.append(f"| {name} | {s:.2f} | {_peak_rss_mib():.0f} | "
                      f"{'' if gpu is None else f'{gpu:.0f}'} |")
         print(lines[-1], flush=True)
-    for name, s, gpu in model_rows(a.model_samples, a.model_seqlen, device):
-        lines.append(f"| {name} | {s:.2f} | {_peak_rss_mib():.0f} | "
-                     f"{'' if gpu is None else f'{gpu:.0f}'} |")
-        print(lines[-1], flush=True)
+    lines += ["", "| SDS steps 2+3 / one-shot SparseGPT 2:4 | ratio |", "|---|---|",
+              f"| layer [{a.rows}, {a.cols}] | {layer_ratio:.1f}x |",
+              f"| demo OPT model ({a.model_samples}x{a.model_seqlen} tokens) | "
+              f"{model_ratio:.1f}x |"]
+    print("\n".join(lines[-4:]), flush=True)
     command = "python benchmarks/speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
     section = "\n".join(["## Speed", "", f"Command: `{command.strip()}`", "", *lines, ""])
     print(section)
