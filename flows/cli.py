@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
-import errno
 import json
 import logging
 import os
@@ -69,8 +68,10 @@ def _add_options(parser: argparse.ArgumentParser, kind) -> None:
                                default=argparse.SUPPRESS, help=f"{help_text} (repeatable)")
         else:
             shown = ",".join(field.default) if isinstance(field.default, list) else field.default
+            if shown is not None and "default" not in help_text:
+                help_text += f" (default: {shown})"
             group.add_argument(*flags, dest=name, metavar=name.upper(), default=argparse.SUPPRESS,
-                               help=f"{help_text} (default: {shown})")
+                               help=help_text)
     group = parser.add_argument_group("SDS options (SDSConfig in sds/reconstruct.py)")
     for f in dataclasses.fields(SDSConfig):
         dest = f"sds_options.{f.name}"
@@ -271,21 +272,12 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _no_space(exc: BaseException) -> bool:
-    """A full disk (or quota) anywhere in the chain of causes."""
-    seen = 0
-    while exc is not None and seen < 8:
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        exc, seen = exc.__cause__ or exc.__context__, seen + 1
-    return False
-
-
 def exit_code(exc: BaseException) -> int:
     """The one mapping of errors to exit codes (see the module docstring)."""
     from sds.errors import ConfigError, DataError, ModelError, StoreError
+    from tasks.store import no_space
 
-    if isinstance(exc, StoreError) or _no_space(exc):
+    if isinstance(exc, StoreError) or no_space(exc):
         return EXIT_STORE
     if isinstance(exc, ConfigError | DataError | ModelError):
         return EXIT_INPUT
@@ -558,33 +550,22 @@ def cmd_sweep(args, console) -> int:
     summary = _run_flow(sweep, config, console, args.api, log)
     from rich.table import Table
 
+    from flows.report import _fmt, percent, table_rows
+
     table = Table(title="sweep")
     table.add_column("run")
     table.add_column("metric")
     for column in ("dense", "oneshot", "sds", "gap recovered"):
         table.add_column(column, justify="right")
     for run in summary["runs"]:
-        for name, values in _by_metric(run).items():
-            table.add_row(run["name"], name, *values)
+        for row in table_rows(run):
+            table.add_row(run["name"], row["metric"],
+                          *[_fmt(row.get(s)) for s in ("dense", "oneshot", "sds")],
+                          percent(row.get("gap recovered")))
     _stdout_console().print(table)
     print(f"stage runs: {json.dumps(summary['stage_submissions'])}")
     print(f"results in {config.out}/sweep.json ({summary['wall']:.1f} s)")
     return 0
-
-
-def _by_metric(run: dict) -> dict[str, list[str]]:
-    from flows.report import _fmt, percent
-
-    metrics = run["metrics"]
-    names = []
-    for state in ("dense", "oneshot", "sds"):
-        names += [n for n in metrics.get(state, {}) if n not in names]
-    out = {}
-    for name in names:
-        rec = (run["improvement"].get(name) or {}).get("recovered")
-        out[name] = [_fmt(metrics.get(s, {}).get(name)) for s in ("dense", "oneshot", "sds")]
-        out[name].append(percent(rec))
-    return out
 
 
 # -- store --------------------------------------------------------------------------------------

@@ -698,7 +698,7 @@ class ArtifactStore:
 
     def _error(self, action: str, exc: BaseException) -> StoreError:
         """The StoreError for `exc` (StoreFullError when the storage is full)."""
-        return (StoreFullError if _no_space(exc) else StoreError)(self._explain(action, exc))
+        return (StoreFullError if no_space(exc) else StoreError)(self._explain(action, exc))
 
     def _explain(self, action: str, exc: BaseException) -> str:
         """One line: what failed, why, and what to do about it."""
@@ -716,7 +716,7 @@ class ArtifactStore:
             cause = f"cannot reach {self._endpoint()}"
             fix = "check the endpoint (for S3: AWS_ENDPOINT_URL or AWS_ENDPOINT_URL_S3) and " \
                   "the network, then retry"
-        elif _no_space(exc):
+        elif no_space(exc):
             cause, fix = "no space left on the device", "free some space, or use another root"
         else:
             cause = "the storage operation failed"
@@ -925,10 +925,11 @@ def _aws_loader():
 
 
 def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """`exc` and the exceptions it was raised from or while handling (at most 8)."""
     seen = 0
     while exc is not None and seen < 8:
         yield exc
-        exc = exc.__cause__
+        exc = exc.__cause__ or exc.__context__
         seen += 1
 
 
@@ -964,7 +965,7 @@ def _is_connection_problem(exc: BaseException) -> bool:
     return any(isinstance(e, kinds) for e in _causes(exc))
 
 
-def _no_space(exc: BaseException) -> bool:
+def no_space(exc: BaseException) -> bool:
     """A full disk (or quota) anywhere in the chain of causes."""
     return any(
         (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT))
