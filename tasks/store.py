@@ -182,32 +182,12 @@ def _check_key(key: Any) -> str:
 # -- references ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ArtifactRef:
-    """Where one artifact lives; small and JSON-serialisable (what the orchestration caches)."""
+    """Where one artifact lives (made by `ArtifactStore.ref`, which validates stage and key)."""
 
     root: str
     stage: str
     key: str
     uri: str  # the artifact's folder: <root>/<stage>/<key>
-
-    def __post_init__(self):
-        _check_stage(self.stage)
-        _check_key(self.key)
-        if not isinstance(self.root, str) or self.uri != f"{self.root}/{self.stage}/{self.key}":
-            raise ConfigError(
-                f"artifact reference {_short(self.uri)} does not match its root, stage and key"
-            )
-
-    def to_dict(self) -> dict[str, str]:
-        return {"root": self.root, "stage": self.stage, "key": self.key, "uri": self.uri}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ArtifactRef:
-        try:
-            return cls(data["root"], data["stage"], data["key"], data["uri"])
-        except (KeyError, TypeError) as exc:
-            raise ConfigError(
-                f"not an artifact reference: {_short(data)}; expected root, stage, key and uri"
-            ) from exc
 
 
 @dataclass
