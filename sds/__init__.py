@@ -2,19 +2,38 @@
 
     from sds import prune
     report = prune(model, calibration, method="sparsegpt", pattern="2:4", sds=True)
+
+The names below are imported on first use (PEP 562), so that `import sds.options` or
+`import sds.errors` does not import torch.
 """
 
-from .api import PruneReport, oneshot, prune
-from .errors import ConfigError, DataError, ModelError, NumericalError, SDSError, StoreError
-from .layerwise import Needs
-from .patterns import LayerRules, Pattern
-from .pruners import magnitude, sparsegpt, wanda
-from .solver import SolverOptions, admm
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ConfigError", "DataError", "LayerRules", "ModelError", "Needs", "NumericalError", "Pattern",
-    "PruneReport", "SDSError", "SolverOptions", "StoreError", "admm", "magnitude", "oneshot",
-    "prune", "sparsegpt", "wanda",
-]
+# public name -> the module that defines it
+_EXPORTS = {
+    "PruneReport": "api", "oneshot": "api", "prune": "api",
+    "ConfigError": "errors", "DataError": "errors", "ModelError": "errors",
+    "NumericalError": "errors", "SDSError": "errors", "StoreError": "errors",
+    "Needs": "layerwise",
+    "SDSConfig": "options", "SolverOptions": "options",
+    "LayerRules": "patterns", "Pattern": "patterns",
+    "magnitude": "pruners", "sparsegpt": "pruners", "wanda": "pruners",
+    "admm": "solver",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sds' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

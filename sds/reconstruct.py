@@ -32,88 +32,16 @@ magnitude at every iteration.
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
-from .errors import ConfigError
 from .layerwise import LayerGroup, Needs, walk
 from .models import prunable_layers, weight_matrix
+from .options import SDSConfig
 from .patterns import LayerRules, Pattern
 from .pruners import GroupFactors, PruneOptions, method_spec, pruning_transform, scaled_gram
-from .solver import ScaledGram, SolverOptions, check_options, redense_solve, solve
-
-DATA_VARIANTS = ("sd", "dense", "distill")
-SOLVERS = ("admm", "pgd")
-OPTIMIZERS = ("prox", "adam")
-NORMALIZATIONS = ("target", "tokens")
-REG_SCALES = ("dense", "mean", "sum")
-
-
-_DEFAULT = SolverOptions()
-
-
-@dataclass(frozen=True)
-class SDSConfig:
-    """Options of steps 2 and 3. The paper publishes epochs, lr, λ1, λ2 and nothing else;
-    the normalisation ν and the regulariser scale were chosen by experiment (see
-    BENCHMARKS.md), the solver replaces the paper's gradient steps."""
-
-    data: str = "sd"  # step 2 data variant: "sd" | "dense" | "distill"
-    solver: str = "admm"  # "admm" (eigendecomposition solver) | "pgd" (gradient steps)
-    epochs: int = 200  # step 2 iterations: a cap for "admm"; 0 skips step 2
-    tol: float = 1e-3  # step 2 ("admm"): stop at this relative residual or J decrease
-    lr: float = 0.1  # step 2 ("pgd") step size
-    l1: float = 0.1  # λ1
-    l2: float = 0.1  # λ2
-    optimizer: str = "prox"  # step 2 ("pgd"): "prox" | "adam"
-    normalize: str = "target"  # ν: "target" = ‖W_dense X_t‖², "tokens" = number of tokens
-    # regulariser scale: "mean" averages |W| and W² over the layer's entries; "dense" divides
-    # ‖W‖₁ by ‖W_dense‖₁ and ‖W‖₂² by ‖W_dense‖₂² (every term of J relative); "sum" is the
-    # plain norm. With λ = 0.1, "dense" pulls the re-dense model away from dense and loses
-    # the gain on the demo models; "mean" keeps it (BENCHMARKS.md, "SDS defaults").
-    reg_scale: str = "mean"
-    adjust_epochs: int = _DEFAULT.admm_iters  # step 3 ADMM cap ("pgd": iterations); 0 skips
-    adjust_tol: float = _DEFAULT.admm_tol  # step 3 ADMM: ‖W − Z‖/‖Z‖ to stop at
-    adjust_lr: float = 0.1  # step 3 ("pgd") step size
-    cg_iters: int = _DEFAULT.cg_iters  # step 3 conjugate-gradient cap
-    cg_tol: float = _DEFAULT.cg_tol  # step 3 conjugate gradient: relative residual per row
-    rho: float = _DEFAULT.rho  # step 3 ADMM: initial ρ (Gram matrix at unit diagonal)
-    rho_growth: float = _DEFAULT.rho_growth  # ρ ← ρ · rho_growth every rho_every iterations
-    rho_every: int = _DEFAULT.rho_every
-    ramp_iters: int = _DEFAULT.ramp_iters  # iterations over which the mask tightens
-    early_exit: bool = True  # keep the plain second pruning where adjusting does not help
-
-    def __post_init__(self):
-        for name, value, choices in (("re-dense data variant", self.data, DATA_VARIANTS),
-                                     ("solver", self.solver, SOLVERS),
-                                     ("optimizer", self.optimizer, OPTIMIZERS),
-                                     ("regulariser scale", self.reg_scale, REG_SCALES),
-                                     ("normalisation", self.normalize, NORMALIZATIONS)):
-            if value not in choices:
-                raise ConfigError(f"unknown {name} {value!r}; choose one of "
-                                  f"{', '.join(choices)}")
-        check_options(self, caps=("epochs", "adjust_epochs"), tolerances=("tol",),
-                      positive=("lr", "adjust_lr"))
-        for name in ("l1", "l2"):
-            v = getattr(self, name)
-            if not (isinstance(v, int | float) and math.isfinite(v) and v >= 0):
-                raise ConfigError(f"{name} must be >= 0 and a finite number, got {v!r}; use 0 to "
-                                  "drop the term")
-        self.solver_options()  # validates the step-3 solver options
-
-    def solver_options(self) -> SolverOptions:
-        """The layer solver's options in step 3. (Step 1 does not depend on SDS options, so
-        that one-shot results are shared between SDS configurations: the one-shot method
-        "admm" takes its options from `oneshot(..., solver=...)`.)"""
-        return SolverOptions(admm_iters=self.adjust_epochs, admm_tol=self.adjust_tol,
-                             cg_iters=self.cg_iters, cg_tol=self.cg_tol, rho=self.rho,
-                             rho_growth=self.rho_growth, rho_every=self.rho_every,
-                             ramp_iters=self.ramp_iters)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+from .solver import ScaledGram, redense_solve, solve
 
 
 # -- the quadratic objective ------------------------------------------------------------------
@@ -240,7 +168,8 @@ def redense_admm(W0: torch.Tensor, q: Quadratic, gram: ScaledGram, config: SDSCo
 
 
 def redense(model, calibration, dense: dict[str, torch.Tensor], rules: LayerRules,
-            config: SDSConfig = SDSConfig(), *, device=None, progress=True, on_block=None):
+            config: SDSConfig = SDSConfig(), *, device=None, progress=True, on_block=None,
+            resume=None):
     """Step 2 on a pruned model, in place. `dense`: {name: W_dense [out, in]} (see
     `dense_weights`). Statistics come from the pruned model (its blocks are propagated with
     their sparse weights) or, for the "dense"/"distill" variants, also from the dense model."""
@@ -273,7 +202,8 @@ def redense(model, calibration, dense: dict[str, torch.Tensor], rules: LayerRule
     reference_stats = {"sd": (), "dense": ("H_ref",), "distill": ("H_ref", "C")}[config.data]
     transform.needs = Needs(gram="full", reference=dense, reference_stats=reference_stats)
     return walk(model, calibration, transform, select=lambda n: n in dense,
-                propagate="original", device=device, progress=progress, on_block=on_block)
+                propagate="original", device=device, progress=progress, on_block=on_block,
+                resume=resume)
 
 
 def _error(W_dense: torch.Tensor, W: torch.Tensor, H: torch.Tensor) -> float:
@@ -284,7 +214,7 @@ def _error(W_dense: torch.Tensor, W: torch.Tensor, H: torch.Tensor) -> float:
 
 def second_prune(model, calibration, dense: dict[str, torch.Tensor], method: str,
                  rules: LayerRules, config: SDSConfig = SDSConfig(), *, blocksize=128,
-                 percdamp=0.01, device=None, progress=True, on_block=None):
+                 percdamp=0.01, device=None, progress=True, on_block=None, resume=None):
     """Step 3 on a re-dense model, in place: prune again with `method`, then adjust the kept
     weights towards the dense outputs (skipped per layer where it does not help).
 
@@ -330,4 +260,4 @@ def second_prune(model, calibration, dense: dict[str, torch.Tensor], method: str
 
     transform.needs = Needs(gram="full", reference=dense)
     return walk(model, calibration, transform, select=lambda n: n in dense, device=device,
-                progress=progress, on_block=on_block)
+                progress=progress, on_block=on_block, resume=resume)

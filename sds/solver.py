@@ -37,56 +37,8 @@ from dataclasses import dataclass
 import torch
 
 from .errors import ConfigError, NumericalError
+from .options import SolverOptions, check_options  # noqa: F401 (re-exported)
 from .patterns import Pattern
-
-
-@dataclass(frozen=True)
-class SolverOptions:
-    """Iteration caps, tolerances and the ρ schedule of `solve`."""
-
-    admm_iters: int = 100  # cap on ADMM iterations (0: no ADMM, prune the start once)
-    # stop when ‖W − Z‖ ≤ tol·‖Z‖ and the mask no longer changes. Conjugate gradient refits the
-    # kept weights afterwards, so only the mask has to settle: 1e-2 stops ~10% sooner than 1e-3
-    # on the demo models' layers, with an objective within 0.02%
-    admm_tol: float = 1e-2
-    cg_iters: int = 100  # cap on conjugate-gradient iterations (0: no refit)
-    cg_tol: float = 1e-3  # stop when every row's residual ≤ tol · its right-hand side
-    rho: float = 0.1  # initial ρ, relative to the unit diagonal of Ĥ
-    rho_growth: float = 1.3  # ρ ← ρ · growth ...
-    rho_every: int = 3  # ... every this many iterations
-    # iterations over which the sparsity rises to the target. 0 (project onto the full pattern
-    # from the first iteration): on the demo models' layers and random 1024²/2048² layers the
-    # cubic ramp over 10 iterations reached the same or a worse objective, 10–25% slower; the
-    # small starting ρ already lets the mask form gradually (BENCHMARKS.md, "Convergence")
-    ramp_iters: int = 0
-
-    def __post_init__(self):
-        check_options(self, caps=("admm_iters", "cg_iters", "ramp_iters"),
-                      tolerances=("admm_tol", "cg_tol"), positive=("rho",))
-        g = self.rho_growth
-        if isinstance(g, bool) or not isinstance(g, int | float) or not (math.isfinite(g)
-                                                                          and g >= 1):
-            raise ConfigError(f"rho_growth must be >= 1 and a finite number, got {g!r}; use e.g."
-                              " 1.3 (1 keeps ρ fixed)")
-        if not (isinstance(self.rho_every, int) and self.rho_every >= 1):
-            raise ConfigError(f"rho_every must be an integer >= 1, got {self.rho_every!r}; "
-                              "use e.g. 3")
-
-
-def check_options(obj, caps=(), tolerances=(), positive=()) -> None:
-    """One-line ConfigErrors for iteration caps (integers >= 0), tolerances (finite, > 0) and
-    other positive numbers of an options dataclass."""
-    for name in caps:
-        v = getattr(obj, name)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise ConfigError(f"{name} must be an integer >= 0, got {v!r}; use 0 to skip")
-    for name in tolerances + positive:
-        v = getattr(obj, name)
-        if isinstance(v, bool) or not isinstance(v, int | float) or not (math.isfinite(v)
-                                                                          and v > 0):
-            kind = "tolerance" if name in tolerances else "value"
-            raise ConfigError(f"{name} must be > 0 and a finite number, got {v!r}; use a small "
-                              f"positive {kind} such as {1e-3 if name in tolerances else 0.1}")
 
 
 # -- the scaled Gram matrix -----------------------------------------------------------------------

@@ -1,4 +1,6 @@
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -46,3 +48,26 @@ def test_api_and_reconstruct_lie_on_no_import_cycle():
     for module in ("api", "reconstruct", "layerwise"):
         assert not reaches(module, module), module
     assert not any("api" in deps for deps in graph.values())
+
+
+def _modules_after(code: str) -> set[str]:
+    """The top-level modules a fresh interpreter holds after running `code`."""
+    out = subprocess.run([sys.executable, "-c", f"{code}\nimport sys\n"
+                          "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))"],
+                         capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1])
+    return set(out.stdout.split())
+
+
+def test_the_options_and_errors_import_without_torch():
+    """Describing or checking a configuration needs no torch: `sds.options`, `sds.errors` and
+    the package's lazy names import none of it, and the old homes re-export the same classes."""
+    loaded = _modules_after("import sds, sds.options, sds.errors\n"
+                            "sds.SDSConfig(epochs=3); sds.SolverOptions(); sds.ConfigError")
+    assert "sds" in loaded and "torch" not in loaded
+    from sds import options, reconstruct, solver
+
+    assert reconstruct.SDSConfig is options.SDSConfig is sds.SDSConfig
+    assert solver.SolverOptions is options.SolverOptions is sds.SolverOptions
+    assert sds.prune is sds.api.prune  # the lazy names are the defining modules' objects
+    with pytest.raises(AttributeError):
+        sds.no_such_name  # noqa: B018

@@ -1,0 +1,136 @@
+"""The options of the library's steps as frozen dataclasses: `SolverOptions` (the layer solver,
+`sds.solver`) and `SDSConfig` (SDS steps 2 and 3, `sds.reconstruct`).
+
+Plain Python, no torch: a caller that only describes, checks or hashes a configuration (the
+command line, the pipeline's planner) imports this module and nothing heavy. Constructing an
+option object checks it and raises a one-line `ConfigError`; its `asdict` is what a cache key
+hashes. `sds.solver` and `sds.reconstruct` re-export what they use.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class SolverOptions:
+    """Iteration caps, tolerances and the ρ schedule of `solve`."""
+
+    admm_iters: int = 100  # cap on ADMM iterations (0: no ADMM, prune the start once)
+    # stop when ‖W − Z‖ ≤ tol·‖Z‖ and the mask no longer changes. Conjugate gradient refits the
+    # kept weights afterwards, so only the mask has to settle: 1e-2 stops ~10% sooner than 1e-3
+    # on the demo models' layers, with an objective within 0.02%
+    admm_tol: float = 1e-2
+    cg_iters: int = 100  # cap on conjugate-gradient iterations (0: no refit)
+    cg_tol: float = 1e-3  # stop when every row's residual ≤ tol · its right-hand side
+    rho: float = 0.1  # initial ρ, relative to the unit diagonal of Ĥ
+    rho_growth: float = 1.3  # ρ ← ρ · growth ...
+    rho_every: int = 3  # ... every this many iterations
+    # iterations over which the sparsity rises to the target. 0 (project onto the full pattern
+    # from the first iteration): on the demo models' layers and random 1024²/2048² layers the
+    # cubic ramp over 10 iterations reached the same or a worse objective, 10–25% slower; the
+    # small starting ρ already lets the mask form gradually (BENCHMARKS.md, "Convergence")
+    ramp_iters: int = 0
+
+    def __post_init__(self):
+        check_options(self, caps=("admm_iters", "cg_iters", "ramp_iters"),
+                      tolerances=("admm_tol", "cg_tol"), positive=("rho",))
+        g = self.rho_growth
+        if isinstance(g, bool) or not isinstance(g, int | float) or not (math.isfinite(g)
+                                                                          and g >= 1):
+            raise ConfigError(f"rho_growth must be >= 1 and a finite number, got {g!r}; use e.g."
+                              " 1.3 (1 keeps ρ fixed)")
+        if not (isinstance(self.rho_every, int) and self.rho_every >= 1):
+            raise ConfigError(f"rho_every must be an integer >= 1, got {self.rho_every!r}; "
+                              "use e.g. 3")
+
+
+def check_options(obj, caps=(), tolerances=(), positive=()) -> None:
+    """One-line ConfigErrors for iteration caps (integers >= 0), tolerances (finite, > 0) and
+    other positive numbers of an options dataclass."""
+    for name in caps:
+        v = getattr(obj, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ConfigError(f"{name} must be an integer >= 0, got {v!r}; use 0 to skip")
+    for name in tolerances + positive:
+        v = getattr(obj, name)
+        if isinstance(v, bool) or not isinstance(v, int | float) or not (math.isfinite(v)
+                                                                          and v > 0):
+            kind = "tolerance" if name in tolerances else "value"
+            raise ConfigError(f"{name} must be > 0 and a finite number, got {v!r}; use a small "
+                              f"positive {kind} such as {1e-3 if name in tolerances else 0.1}")
+
+
+DATA_VARIANTS = ("sd", "dense", "distill")
+SOLVERS = ("admm", "pgd")
+OPTIMIZERS = ("prox", "adam")
+NORMALIZATIONS = ("target", "tokens")
+REG_SCALES = ("dense", "mean", "sum")
+
+
+_DEFAULT = SolverOptions()
+
+
+@dataclass(frozen=True)
+class SDSConfig:
+    """Options of steps 2 and 3. The paper publishes epochs, lr, λ1, λ2 and nothing else;
+    the normalisation ν and the regulariser scale were chosen by experiment (see
+    BENCHMARKS.md), the solver replaces the paper's gradient steps."""
+
+    data: str = "sd"  # step 2 data variant: "sd" | "dense" | "distill"
+    solver: str = "admm"  # "admm" (eigendecomposition solver) | "pgd" (gradient steps)
+    epochs: int = 200  # step 2 iterations: a cap for "admm"; 0 skips step 2
+    tol: float = 1e-3  # step 2 ("admm"): stop at this relative residual or J decrease
+    lr: float = 0.1  # step 2 ("pgd") step size
+    l1: float = 0.1  # λ1
+    l2: float = 0.1  # λ2
+    optimizer: str = "prox"  # step 2 ("pgd"): "prox" | "adam"
+    normalize: str = "target"  # ν: "target" = ‖W_dense X_t‖², "tokens" = number of tokens
+    # regulariser scale: "mean" averages |W| and W² over the layer's entries; "dense" divides
+    # ‖W‖₁ by ‖W_dense‖₁ and ‖W‖₂² by ‖W_dense‖₂² (every term of J relative); "sum" is the
+    # plain norm. With λ = 0.1, "dense" pulls the re-dense model away from dense and loses
+    # the gain on the demo models; "mean" keeps it (BENCHMARKS.md, "SDS defaults").
+    reg_scale: str = "mean"
+    adjust_epochs: int = _DEFAULT.admm_iters  # step 3 ADMM cap ("pgd": iterations); 0 skips
+    adjust_tol: float = _DEFAULT.admm_tol  # step 3 ADMM: ‖W − Z‖/‖Z‖ to stop at
+    adjust_lr: float = 0.1  # step 3 ("pgd") step size
+    cg_iters: int = _DEFAULT.cg_iters  # step 3 conjugate-gradient cap
+    cg_tol: float = _DEFAULT.cg_tol  # step 3 conjugate gradient: relative residual per row
+    rho: float = _DEFAULT.rho  # step 3 ADMM: initial ρ (Gram matrix at unit diagonal)
+    rho_growth: float = _DEFAULT.rho_growth  # ρ ← ρ · rho_growth every rho_every iterations
+    rho_every: int = _DEFAULT.rho_every
+    ramp_iters: int = _DEFAULT.ramp_iters  # iterations over which the mask tightens
+    early_exit: bool = True  # keep the plain second pruning where adjusting does not help
+
+    def __post_init__(self):
+        for name, value, choices in (("re-dense data variant", self.data, DATA_VARIANTS),
+                                     ("solver", self.solver, SOLVERS),
+                                     ("optimizer", self.optimizer, OPTIMIZERS),
+                                     ("regulariser scale", self.reg_scale, REG_SCALES),
+                                     ("normalisation", self.normalize, NORMALIZATIONS)):
+            if value not in choices:
+                raise ConfigError(f"unknown {name} {value!r}; choose one of "
+                                  f"{', '.join(choices)}")
+        check_options(self, caps=("epochs", "adjust_epochs"), tolerances=("tol",),
+                      positive=("lr", "adjust_lr"))
+        for name in ("l1", "l2"):
+            v = getattr(self, name)
+            if not (isinstance(v, int | float) and math.isfinite(v) and v >= 0):
+                raise ConfigError(f"{name} must be >= 0 and a finite number, got {v!r}; use 0 to "
+                                  "drop the term")
+        self.solver_options()  # validates the step-3 solver options
+
+    def solver_options(self) -> SolverOptions:
+        """The layer solver's options in step 3. (Step 1 does not depend on SDS options, so
+        that one-shot results are shared between SDS configurations: the one-shot method
+        "admm" takes its options from `oneshot(..., solver=...)`.)"""
+        return SolverOptions(admm_iters=self.adjust_epochs, admm_tol=self.adjust_tol,
+                             cg_iters=self.cg_iters, cg_tol=self.cg_tol, rho=self.rho,
+                             rho_growth=self.rho_growth, rho_every=self.rho_every,
+                             ramp_iters=self.ramp_iters)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
