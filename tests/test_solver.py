@@ -227,6 +227,22 @@ def test_redense_with_l1_satisfies_the_subgradient_optimality_condition():
     assert (G[~nz].abs() <= 1.02 * l1).all()
 
 
+def test_redense_trace_is_the_best_objective_so_far():
+    W_d, A, B, c = _redense_problem()
+    nu, l1, l2 = c, 2e-3, 1e-3
+    trace = []
+    W, info = redense_solve(B, c, ScaledGram.of(A, 0.0), W_d, nu, l1, l2, iters=300, tol=1e-6,
+                            trace=trace)
+    assert len(trace) == 1 + info["iterations"]  # the ridge solution, then every iteration
+    objectives = [j for _, j in trace]
+    assert all(b <= a for a, b in zip(objectives, objectives[1:]))
+    # independent: J at the returned weight in float64
+    Wd, Ad, Bd = W.double(), A.double(), B.double()
+    J = (torch.einsum("oi,ij,oj->", Wd, Ad, Wd) - 2 * (Bd * Wd).sum() + c) / nu \
+        + l1 * Wd.abs().sum() + l2 * Wd.square().sum()
+    assert objectives[-1] == pytest.approx(J.item(), rel=1e-4)
+
+
 @pytest.mark.parametrize("kw,msg", [
     ({"admm_iters": -1}, "admm_iters must be an integer >= 0"),
     ({"cg_iters": 2.5}, "cg_iters must be an integer >= 0"),
