@@ -50,7 +50,7 @@ def _add_options(parser: argparse.ArgumentParser, kind) -> None:
     validated by the configuration, not here."""
     import dataclasses
 
-    from sds.reconstruct import SDSConfig
+    from sds.options import SDSConfig
 
     group = parser.add_argument_group(f"options ({kind.__name__} in tasks/config.py)")
     for name, field in kind.model_fields.items():
@@ -192,25 +192,12 @@ def configure_environment(args) -> None:
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if not verbose:
         env.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        env.setdefault("TQDM_DISABLE", "1")
+        env.setdefault("TQDM_DISABLE", "1")  # every library's progress bars
+        for name in ("lm_eval", "lm-eval", "datasets", "transformers", "accelerate", "httpx"):
+            logging.getLogger(name).setLevel(logging.ERROR)
     if args.command in ("run", "sweep") and not _uses_hub(args):
         env.setdefault("HF_HUB_OFFLINE", "1")
         env.setdefault("HF_DATASETS_OFFLINE", "1")
-
-
-def _quiet_libraries(verbose: bool) -> None:
-    import logging
-
-    if verbose:
-        return
-    for name in ("lm_eval", "lm-eval", "datasets", "transformers", "accelerate", "httpx"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
 
 
 class EmbeddedAPI:
@@ -482,7 +469,6 @@ def cmd_run(args, console) -> int:
         from tasks.plan import plan_pipeline
         from tasks.store import ArtifactStore
 
-        _quiet_libraries(args.verbose)
         plan = plan_pipeline(config)  # fails fast, before any server or stage
         ArtifactStore(plan.store).check()
         if config.out:
@@ -540,7 +526,6 @@ def cmd_sweep(args, console) -> int:
         from tasks.plan import plan_pipeline
         from tasks.store import ArtifactStore
 
-        _quiet_libraries(args.verbose)
         for point in config.points():
             plan_pipeline(point)  # fails fast, before any server or stage
         ArtifactStore(config.store).check()

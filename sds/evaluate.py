@@ -30,19 +30,10 @@ import torch.nn.functional as F
 
 from .data import as_int, hub_unreachable, jsonl_records, max_positions
 from .errors import ConfigError, DataError, HubUnreachableError, ModelError, NumericalError
+from .options import TASK_PRESETS, expand_tasks  # noqa: F401 (re-exported)
 
 log = logging.getLogger("sds")
 
-TASK_PRESETS: dict[str, list[str]] = {
-    # SDS paper (v1): COPA, LAMBADA, OpenBookQA, PIQA, RTE, StoryCloze, WinoGrande.
-    "sds": ["copa", "lambada_openai", "openbookqa", "piqa", "rte", "storycloze_2016",
-            "winogrande"],
-    # Wanda's table: BoolQ, RTE, HellaSwag, WinoGrande, ARC-e, ARC-c, OBQA.
-    "wanda": ["boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge",
-              "openbookqa"],
-    # Offline multiple-choice tasks built from the demo corpus (sds.demo).
-    "demo": ["demo_next_sentence", "demo_last_word"],
-}
 DEMO_TASKS = tuple(TASK_PRESETS["demo"])
 _TASK_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
 _LOCAL_TASK_HINT = (
@@ -211,22 +202,6 @@ def output_fidelity(
 
 
 # -- zero-shot ----------------------------------------------------------------------------------
-def expand_tasks(tasks: str | Sequence[str]) -> list[str]:
-    """Task names from presets and names: "sds", "copa,piqa", ["demo", "rte"]; order kept,
-    duplicates dropped."""
-    items = [tasks] if isinstance(tasks, str) else list(tasks)
-    names: list[str] = []
-    for item in items:
-        for part in str(item).split(","):
-            part = part.strip()
-            if not part:
-                continue
-            for name in TASK_PRESETS.get(part, [part]):
-                if name not in names:
-                    names.append(name)
-    return names
-
-
 def write_local_tasks(dest_dir: str | Path, jsonl_files: dict[str, str | Path]) -> Path:
     """Write one lm-eval task YAML per multiple-choice JSONL file into `dest_dir`; return the
     folder, to pass as `include_path`.

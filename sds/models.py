@@ -9,9 +9,7 @@ of a block are its `nn.Linear` and GPT-2-style `Conv1D` modules. `Conv1D` stores
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -179,7 +177,7 @@ _DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
-def _offline_hint(name: str) -> str:
+def offline_hint(name: str) -> str:
     return (f"cannot reach the Hugging Face hub to load {name!r}; check the network (and "
             "HF_HUB_OFFLINE), or pass a local model folder (e.g. `--model path/to/model`), "
             "or run without --model to use the offline demo model")
@@ -203,33 +201,6 @@ def load_model(name_or_path: str, dtype: str = "auto", revision: str | None = No
                           + (f" and {len(missing) - 3} more weights" if len(missing) > 3 else ""))
     model.eval()
     return model, tokenizer
-
-
-def folder_hash(path: str | os.PathLike) -> str:
-    """sha256 over the relative names and bytes of every file in a model folder."""
-    root = Path(path)
-    digest = hashlib.sha256()
-    for file in sorted(p for p in root.rglob("*") if p.is_file()):
-        digest.update(str(file.relative_to(root)).encode())
-        digest.update(b"\0")
-        with open(file, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
-def model_identity(name_or_path: str, revision: str | None = None) -> dict:
-    """What makes a base model unique: a local folder's content hash, or hub id + commit."""
-    local = Path(name_or_path).expanduser()
-    if local.is_dir():
-        return {"kind": "local", "name": local.name, "sha256": folder_hash(local)}
-    try:
-        from huggingface_hub import HfApi
-
-        info = HfApi().model_info(name_or_path, revision=revision)
-        return {"kind": "hub", "id": name_or_path, "revision": info.sha}
-    except Exception as e:  # noqa: BLE001 - any hub failure means the same to the user
-        raise HubUnreachableError(_offline_hint(name_or_path)) from e
 
 
 def describe(model: nn.Module) -> dict:
@@ -281,7 +252,7 @@ def _load_part(loader, name_or_path: str, revision: str | None, trust_remote_cod
             raise ModelError(f"cannot load {source!r}: {e}") from e
         text = str(e).lower()
         if any(s in text for s in ("offline", "connect", "resolve", "network", "couldn't")):
-            raise HubUnreachableError(_offline_hint(name_or_path)) from e
+            raise HubUnreachableError(offline_hint(name_or_path)) from e
         raise ModelError(f"cannot load model {name_or_path!r}: {e}") from e
     except ValueError as e:
         if "trust_remote_code" in str(e):

@@ -1,15 +1,17 @@
-"""The options of the library's steps as frozen dataclasses: `SolverOptions` (the layer solver,
-`sds.solver`) and `SDSConfig` (SDS steps 2 and 3, `sds.reconstruct`).
+"""The options of the library's steps: `SolverOptions` (the layer solver, `sds.solver`),
+`SDSConfig` (SDS steps 2 and 3, `sds.reconstruct`), the options each pruning method's result
+depends on (`METHOD_OPTIONS`, for `sds.pruners.METHODS`) and the zero-shot task presets.
 
 Plain Python, no torch: a caller that only describes, checks or hashes a configuration (the
 command line, the pipeline's planner) imports this module and nothing heavy. Constructing an
 option object checks it and raises a one-line `ConfigError`; its `asdict` is what a cache key
-hashes. `sds.solver` and `sds.reconstruct` re-export what they use.
+hashes. `sds.solver`, `sds.reconstruct` and `sds.evaluate` re-export what they use.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 from .errors import ConfigError
@@ -134,3 +136,52 @@ class SDSConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# -- pruning methods ----------------------------------------------------------------------------
+# The `sds.pruners.PruneOptions` fields each method's result depends on, beyond the weights, the
+# statistics and the pattern: what a cache of a method's result must key on.
+METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
+    "magnitude": (),
+    "wanda": (),
+    "sparsegpt": ("blocksize", "percdamp"),
+    "admm": ("percdamp", "solver"),
+}
+
+
+def method_options(name: str) -> tuple[str, ...]:
+    """The options method `name`'s result depends on; an unknown name is a ConfigError."""
+    try:
+        return METHOD_OPTIONS[name]
+    except KeyError:
+        raise ConfigError(f"unknown pruning method {name!r}; choose one of "
+                          f"{', '.join(sorted(METHOD_OPTIONS))}") from None
+
+
+# -- zero-shot tasks ----------------------------------------------------------------------------
+TASK_PRESETS: dict[str, list[str]] = {
+    # SDS paper (v1): COPA, LAMBADA, OpenBookQA, PIQA, RTE, StoryCloze, WinoGrande.
+    "sds": ["copa", "lambada_openai", "openbookqa", "piqa", "rte", "storycloze_2016",
+            "winogrande"],
+    # Wanda's table: BoolQ, RTE, HellaSwag, WinoGrande, ARC-e, ARC-c, OBQA.
+    "wanda": ["boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge",
+              "openbookqa"],
+    # Offline multiple-choice tasks built from the demo corpus (sds.demo).
+    "demo": ["demo_next_sentence", "demo_last_word"],
+}
+
+
+def expand_tasks(tasks: str | Sequence[str]) -> list[str]:
+    """Task names from presets and names: "sds", "copa,piqa", ["demo", "rte"]; order kept,
+    duplicates dropped."""
+    items = [tasks] if isinstance(tasks, str) else list(tasks)
+    names: list[str] = []
+    for item in items:
+        for part in str(item).split(","):
+            part = part.strip()
+            if not part:
+                continue
+            for name in TASK_PRESETS.get(part, [part]):
+                if name not in names:
+                    names.append(name)
+    return names

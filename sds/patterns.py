@@ -16,10 +16,12 @@ import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 _ACCEPTED = "accepted forms: 'N:M' with 0 < N < M (e.g. '2:4', '4:8'), '50%', or a ratio like '0.5'"
 
@@ -94,6 +96,8 @@ class Pattern:
         `floor(s * count)` lowest scores of the whole matrix, or of each row when `per_row`;
         N:M prunes the M-N lowest of every group of M along the input dimension.
         """
+        import torch  # here, so that parsing patterns and rules needs no torch
+
         if scores.dim() != 2:
             raise ConfigError(f"scores must be 2-D [out, in], got shape {tuple(scores.shape)}")
         rows, cols = scores.shape

@@ -25,6 +25,7 @@ import torch
 
 from .errors import ConfigError, NumericalError
 from .layerwise import LayerGroup, Needs, Transform
+from .options import METHOD_OPTIONS, method_options
 from .patterns import LayerRules, Pattern
 from .solver import ScaledGram, SolverOptions, admm
 
@@ -211,33 +212,31 @@ class Method:
     prepare: Callable | None = None  # (H, percdamp) -> per-group object, shared by its layers
     check: Callable[[Pattern, PruneOptions], None] | None = None  # refuses options up front
     per_row: bool = False  # unstructured masks are chosen within each output row
-    options: tuple[str, ...] = ()  # the PruneOptions fields its result depends on
+    options: tuple[str, ...] = ()  # the PruneOptions fields its result depends on (METHOD_OPTIONS)
 
 
 METHODS = {
-    "magnitude": Method(magnitude, "none", lambda W, st, p, _, o, info: magnitude(W, None, p)),
+    "magnitude": Method(magnitude, "none", lambda W, st, p, _, o, info: magnitude(W, None, p),
+                        options=METHOD_OPTIONS["magnitude"]),
     "wanda": Method(wanda, "diag", lambda W, st, p, _, o, info: wanda(W, st.diag, p),
-                    per_row=True),
+                    per_row=True, options=METHOD_OPTIONS["wanda"]),
     "sparsegpt": Method(
         sparsegpt, "full",
         lambda W, st, p, factor, o, info: sparsegpt(W, st.H, p, o.blocksize, o.percdamp,
                                                     factor=factor),
         prepare=inverse_hessian_factor, check=lambda p, o: _check_blocksize(p, o.blocksize),
-        options=("blocksize", "percdamp")),
+        options=METHOD_OPTIONS["sparsegpt"]),
     "admm": Method(
         admm, "full",
         lambda W, st, p, gram, o, info: admm(W, st.H, p, o.percdamp, gram=gram,
                                              options=o.solver, info=info),
-        prepare=scaled_gram, options=("percdamp", "solver")),
+        prepare=scaled_gram, options=METHOD_OPTIONS["admm"]),
 }
 
 
 def method_spec(name: str) -> Method:
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise ConfigError(f"unknown pruning method {name!r}; choose one of "
-                          f"{', '.join(sorted(METHODS))}") from None
+    method_options(name)  # an unknown name is a ConfigError
+    return METHODS[name]
 
 
 def get_method(name: str):

@@ -5,7 +5,7 @@ renders a deployment's parameter form from them. The command line builds its opt
 fields (`flows/cli.py`), grid files and deployment YAML are their fields as data, and the planner
 (`tasks.plan`) reads them. Adding an option is one field here, plus its docs.
 
-The SDS options are `sds.reconstruct.SDSConfig` itself: pydantic reads the dataclass's fields
+The SDS options are `sds.options.SDSConfig` itself: pydantic reads the dataclass's fields
 and types, and constructing it runs the library's own checks, so the library stays the one
 place that knows what an SDS option means.
 
@@ -31,7 +31,7 @@ from pydantic import (
 )
 
 from sds.errors import ConfigError
-from sds.reconstruct import SDSConfig
+from sds.options import SDSConfig
 
 from .store import DEFAULT_ROOT
 
@@ -89,7 +89,7 @@ class Options(BaseModel):
     blocksize: PositiveInt = Field(128, description="SparseGPT block size")
     percdamp: Finite = Field(0.01, ge=0, description="SparseGPT dampening")
     sds_options: SDSConfig = Field(default_factory=SDSConfig,
-                                   description="SDS steps 2 and 3 (sds.reconstruct.SDSConfig)")
+                                   description="SDS steps 2 and 3 (sds.options.SDSConfig)")
 
     # model, device and storage
     dtype: str = Field("auto", description="auto, float32, bfloat16, float16")

@@ -14,13 +14,15 @@ WikiText-2 perplexity.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+import hashlib
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from sds.errors import ConfigError
+from sds.errors import ConfigError, HubUnreachableError
+from sds.options import TASK_PRESETS
 
 from .config import RunConfig
 from .store import ArtifactStore, artifact_key
@@ -103,44 +105,85 @@ class Plan:
         return {label: spec.key for label, spec in self.specs.items()}
 
 
+def _sha256(path: str | Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def _data_identity(source: str, role: str) -> dict:
     """What a data source is, for a key: hub datasets by name, files by content."""
-    from sds.data import sha256_file
-
     corpus_split = DEMO_FILES[role].get(source)
     if corpus_split is not None:
         from sds import demo
 
-        return {"source": source, "sha256": sha256_file(demo.corpus_path(*corpus_split))}
+        return {"source": source, "sha256": _sha256(demo.corpus_path(*corpus_split))}
     if source in HUB_SOURCES:
         return {"source": source}
     path = Path(source).expanduser()
     if path.is_file():
-        return {"source": "file", "name": path.name, "sha256": sha256_file(path)}
+        return {"source": "file", "name": path.name, "sha256": _sha256(path)}
     return {"source": source}  # let sds.data say what is wrong with it, at the stage
 
 
 def _task_identity(names: list[str]) -> list:
-    from sds.data import sha256_file
-    from sds.evaluate import DEMO_TASKS
-
     out: list = []
     for name in names:
-        if name in DEMO_TASKS:
+        if name in TASK_PRESETS["demo"]:
             from sds import demo
 
-            out.append({"task": name, "sha256": sha256_file(demo.task_data_path(name))})
+            out.append({"task": name, "sha256": _sha256(demo.task_data_path(name))})
         else:
             out.append(name)
     return out
 
 
+def _folder_hash(path: Path) -> str:
+    """sha256 over the relative names and bytes of every file in a model folder."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(path)).encode())
+        digest.update(b"\0")
+        with open(file, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
 @functools.cache
 def model_identity(model: str, revision: str | None, dtype: str) -> dict:
-    """Hub id + resolved revision, or a content hash of a local folder (once per process)."""
-    from sds.models import model_identity as identity
+    """What makes a base model unique, for the keys: a local folder's content hash, or the hub
+    id and the commit the revision resolves to (once per process)."""
+    local = Path(model).expanduser()
+    if local.is_dir():
+        return {"kind": "local", "name": local.name, "sha256": _folder_hash(local),
+                "dtype": dtype}
+    try:
+        from huggingface_hub import HfApi
 
-    return {**identity(model, revision), "dtype": dtype}
+        info = HfApi().model_info(model, revision=revision)
+    except Exception as e:  # noqa: BLE001 - any hub failure means the same to the user
+        from sds.models import offline_hint
+
+        raise HubUnreachableError(offline_hint(model)) from e
+    return {"kind": "hub", "id": model, "revision": info.sha, "dtype": dtype}
+
+
+def _check_model(c: RunConfig, model: str, seqlen: int | None, hub_data: list[str]):
+    """The checks that need the model's code or the data's source, which import torch and
+    transformers: the device, the hub when hub data is named, the model's config (a causal LM
+    whose weight files are readable) and the window length against its context. Returns the
+    model's config and the window length (`seqlen` None: the model's default)."""
+    from sds.data import check_hub, resolve_seqlen
+    from sds.models import check_causal_lm, check_device, check_weight_files, load_config
+
+    check_device(c.device)
+    if hub_data:  # unreachable: fail now, not after datasets' retries inside a stage
+        check_hub(", ".join(hub_data), "use a local .txt/.jsonl file or the demo corpus "
+                  "(calib 'demo', eval 'wiki') instead")
+    model_config = load_config(model, c.revision, c.trust_remote_code)  # fails fast
+    check_causal_lm(model_config, model)
+    check_weight_files(model)
+    return model_config, resolve_seqlen(model_config, seqlen)
 
 
 _plans: dict[str, Plan] = {}
@@ -157,18 +200,14 @@ def plan_pipeline(config: RunConfig) -> Plan:
 
 
 def _plan(c: RunConfig) -> Plan:
-    from sds.data import check_hub, resolve_seqlen
-    from sds.evaluate import expand_tasks
-    from sds.models import (
-        check_causal_lm,
-        check_device,
-        check_weight_files,
-        load_config,
-        prunable_layers,
-        skeleton,
-    )
+    """The keys come from the configuration, the data's identity and the model's (hashes of
+    local files), which need neither torch nor transformers. The checks that do (`_check_model`,
+    and the pruning rules against the model's layers) run when some stage is not yet committed:
+    a committed artifact of a key proves they passed for its inputs, so a fully cached run plans
+    without importing them. A hub model, or a window length left to the model's context, needs
+    the model's config first."""
+    from sds.options import expand_tasks, method_options
     from sds.patterns import LayerRules
-    from sds.pruners import get_method
 
     model = c.model
     demo = model in (None, "", "demo")
@@ -182,22 +221,17 @@ def _plan(c: RunConfig) -> Plan:
     task_names = expand_tasks(c.tasks if c.tasks is not None else defaults["tasks"])
     nsamples = c.nsamples or defaults["nsamples"]
     limit = c.limit or defaults["limit"]
-    check_device(c.device)
-    get_method(c.method)
+    seqlen = c.seqlen or defaults["seqlen"]
+    method_options(c.method)  # a known method
     rules = LayerRules.build(c.pattern, c.overrides or None, c.exclude)
     sds_options = c.sds_options.to_dict()
-
     hub_data = [s for s in [calib, *sources] if s in HUB_SOURCES]
-    if hub_data:  # unreachable: fail now, not after datasets' retries inside a stage
-        check_hub(", ".join(hub_data), "use a local .txt/.jsonl file or the demo corpus "
-                  "(calib 'demo', eval 'wiki') instead")
     local = Path(model).expanduser()
     if local.is_dir():
         model = str(local.resolve())
-    model_config = load_config(model, c.revision, c.trust_remote_code)  # fails fast
-    check_causal_lm(model_config, model)
-    check_weight_files(model)
-    seqlen = resolve_seqlen(model_config, c.seqlen or defaults["seqlen"])
+    model_config = None
+    if seqlen is None or not (local / "config.json").is_file():
+        model_config, seqlen = _check_model(c, model, seqlen, hub_data)
     identity = model_identity(model, c.revision, c.dtype)
     store = ArtifactStore(c.store)  # validates the URL; contacts nothing
     store_root = store.root
@@ -227,19 +261,15 @@ def _plan(c: RunConfig) -> Plan:
     add("calibration", "calibration", calib_config, {})
     calib_key = plan.specs["calibration"].key
 
-    prune_config = {"method": c.method, "rules": rules.describe()}
-    if c.method == "sparsegpt":  # the other methods ignore both
-        prune_config.update(blocksize=c.blocksize, percdamp=c.percdamp)
+    # each step keys on exactly the options its result depends on: the one-shot step on its
+    # method's (sds.options.METHOD_OPTIONS); the second pruning also on percdamp, which
+    # dampens the Gram matrix of its solver whatever the method
+    prune_config = {"method": c.method, "rules": rules.describe(), **method_config(c)}
     add("oneshot", "oneshot", prune_config, {"calibration": calib_key})
-    # the rules must select layers of this model. A committed one-shot artifact of this key
-    # proves they do (the key hashes the rules and the model's identity): a rerun skips
-    # building the model's skeleton, which imports its modelling code.
-    if not store.exists("oneshot", plan.specs["oneshot"].key):
-        prunable_layers(skeleton(model_config, c.trust_remote_code), rules)
     if c.sds:
         add("redense", "redense", {"rules": rules.describe(), "sds": sds_options},
             {"calibration": calib_key, "oneshot": plan.specs["oneshot"].key})
-        add("second", "second", {**prune_config, "sds": sds_options},
+        add("second", "second", {**prune_config, "percdamp": c.percdamp, "sds": sds_options},
             {"calibration": calib_key, "redense": plan.specs["redense"].key})
 
     if sources or task_names:
@@ -252,4 +282,25 @@ def _plan(c: RunConfig) -> Plan:
         add("evaluate-oneshot", "evaluate", eval_config, {"oneshot": plan.specs["oneshot"].key})
         if c.sds:
             add("evaluate-sds", "evaluate", eval_config, {"second": plan.specs["second"].key})
+
+    if not all(store.exists(s.stage, s.key) for s in plan.specs.values()):
+        if model_config is None:
+            model_config, _ = _check_model(c, model, seqlen, hub_data)
+        # the rules must select layers of this model. A committed one-shot artifact of this key
+        # proves they do (the key hashes the rules and the model's identity): a rerun skips
+        # building the model's skeleton, which imports its modelling code.
+        if not store.exists("oneshot", plan.specs["oneshot"].key):
+            from sds.models import prunable_layers, skeleton
+
+            prunable_layers(skeleton(model_config, c.trust_remote_code), rules)
     return plan
+
+
+def method_config(c: RunConfig) -> dict:
+    """The options the one-shot method's result depends on, with the values its stage uses:
+    blocksize and percdamp from the run configuration, the layer solver's defaults."""
+    from sds.options import SolverOptions, method_options
+
+    values = {"blocksize": c.blocksize, "percdamp": c.percdamp,
+              "solver": asdict(SolverOptions())}
+    return {name: values[name] for name in method_options(c.method)}

@@ -59,6 +59,61 @@ def test_plan_keys_follow_the_inputs_and_not_the_run(tiny_model, corpus, tmp_pat
     assert keys(store=tmp_path / "elsewhere") == base
 
 
+def test_each_pruning_step_keys_on_the_options_its_result_depends_on(tiny_model, corpus,
+                                                                      tmp_path):
+    """admm dampens H with percdamp, wanda reads neither percdamp nor blocksize; the second
+    pruning's solver dampens H whatever the method, so its key always holds percdamp."""
+    from sds.options import METHOD_OPTIONS
+    from sds.pruners import METHODS
+    from tasks.plan import plan_pipeline
+
+    assert set(METHODS) == set(METHOD_OPTIONS)  # the planner knows every method's options
+
+    def keys(method, **kw):
+        return plan_pipeline(tiny_params(tiny_model, corpus, tmp_path / "store", method=method,
+                                         **kw)).keys()
+
+    for method in METHODS:
+        base, damped = keys(method), keys(method, percdamp=0.05)
+        bigger = keys(method, blocksize=64)
+        assert (damped["oneshot"] != base["oneshot"]) is ("percdamp" in METHODS[method].options)
+        assert (bigger["oneshot"] != base["oneshot"]) is ("blocksize" in METHODS[method].options)
+        assert damped["second"] != base["second"], method
+    assert keys("admm", percdamp=0.05)["oneshot"] != keys("admm")["oneshot"]
+    assert keys("wanda", percdamp=0.05)["oneshot"] == keys("wanda")["oneshot"]
+
+
+def test_planning_a_fully_cached_run_imports_neither_torch_nor_transformers(tiny_model, corpus,
+                                                                            tmp_path):
+    """A committed artifact proves the model checks passed for its key: once every stage of a
+    plan is in the store, planning it again (a fresh process, as `sds run`) reads the
+    configuration, hashes the inputs and reads commit records, nothing more."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tasks.plan import plan_pipeline
+
+    config = tiny_params(tiny_model, corpus, tmp_path / "store")
+    plan = plan_pipeline(config)
+    store = ArtifactStore(plan.store)
+    code = ("import sys; from tasks.config import RunConfig; from tasks.plan import plan_pipeline;"
+            f"plan = plan_pipeline(RunConfig.model_validate_json({config.model_dump_json()!r}));"
+            "print(sorted(plan.keys().values()));"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers'}))")
+
+    def plan_in_a_new_process() -> list[str]:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             check=True, cwd=Path(__file__).parents[1])
+        return out.stdout.splitlines()
+
+    keys = str(sorted(plan.keys().values()))
+    assert plan_in_a_new_process() == [keys, "['torch', 'transformers']"]  # nothing committed
+    for spec in plan.specs.values():
+        store.save(spec.stage, spec.key, {})
+    assert plan_in_a_new_process() == [keys, "[]"]
+
+
 @pytest.mark.parametrize("change, error", [
     ({"pattern": "3:2"}, ConfigError),
     ({"method": "obs"}, ConfigError),
