@@ -32,7 +32,6 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-HUB_DATA = {"c4", "wikitext2", "ptb"}
 EXIT_FAILED, EXIT_INPUT, EXIT_STORE, EXIT_INTERRUPTED = 1, 2, 3, 130
 
 
@@ -90,8 +89,16 @@ def _output(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--traceback", action="store_true", help="show tracebacks of errors")
 
 
+def _outs() -> list[str]:
+    """The default output folders of a run and a sweep."""
+    from tasks.config import RunConfig, SweepConfig
+
+    return [kind.model_fields["out"].default for kind in (RunConfig, SweepConfig)]
+
+
 def build_parser() -> argparse.ArgumentParser:
     from tasks.config import RunConfig, SweepConfig
+    from tasks.store import DEFAULT_ROOT
 
     parser = argparse.ArgumentParser(
         prog="sds", description="Sparse-Dense-Sparse pruning of language models, as a cached "
@@ -102,9 +109,6 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Prune one model with one method and pattern, SDS on top, "
                          "and evaluate the dense, one-shot and SDS models.")
     _add_options(run, RunConfig)
-    run.add_argument("--online", action="store_true",
-                     help="allow the Hugging Face hub for the demo (it runs offline otherwise)")
-    _output(run)
     run.set_defaults(handler=cmd_run)
 
     sweep = sub.add_parser("sweep", help="a grid of models x methods x patterns",
@@ -117,10 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--no-sds", dest="sds", action="store_const", const=[False],
                        default=argparse.SUPPRESS, help="one-shot pruning only")
     _add_options(sweep, SweepConfig)
-    sweep.add_argument("--online", action="store_true",
-                       help="allow the Hugging Face hub for the demo (it runs offline otherwise)")
-    _output(sweep)
     sweep.set_defaults(handler=cmd_sweep)
+    for p in (run, sweep):
+        p.add_argument("--online", action="store_true",
+                       help="allow the Hugging Face hub for the demo (it runs offline otherwise)")
+        _output(p)
 
     store = sub.add_parser("store", help="list and clean the artifact store")
     store_sub = store.add_subparsers(dest="store_command", required=True, metavar="ACTION")
@@ -138,12 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     gc = store_sub.add_parser("gc", help="remove what no results.json needs")
     gc.add_argument("--keep", action="append", default=[], metavar="RESULTS",
                     help="results.json (or a folder searched for them) whose artifacts and "
-                    "their upstream stay (repeatable; default ./sds-out and ./sds-sweep)")
+                    f"their upstream stay (repeatable; default {' and '.join(_outs())})")
     gc.add_argument("--older-than", default="1h",
                     help="only artifacts older than this (default 1h: runs in progress are "
                     "safe)")
     for p in (ls, rm, gc):
-        p.add_argument("--store", default="./sds-store", help="folder or s3://bucket/prefix")
+        p.add_argument("--store", default=DEFAULT_ROOT, help="folder or s3://bucket/prefix")
         _output(p)
     for p in (rm, gc):
         p.add_argument("--dry-run", action="store_true", help="only say what would go")
@@ -159,28 +164,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # -- environment --------------------------------------------------------------------------------
-LOCAL_TASKS = {"demo", "demo_next_sentence", "demo_last_word"}
+def uses_hub(config, online: bool = False) -> bool:
+    """Whether a run or sweep may need the Hugging Face hub (the demo never does)."""
+    from sds.options import TASK_PRESETS
+    from tasks.plan import HUB_SOURCES
+
+    models = config.models if hasattr(config, "models") else [config.model]
+    local_tasks = {"demo", *TASK_PRESETS["demo"]}
+    return (online or any(m not in (None, "", "demo") for m in models)
+            or any(s in HUB_SOURCES for s in [config.calib, *(config.eval or [])])
+            or any(t not in local_tasks for t in config.tasks or []))
 
 
-def _uses_hub(args) -> bool:
-    """Whether the command may need the Hugging Face hub (the demo never does)."""
-    if getattr(args, "online", False):
-        return True
-    models = _csv(getattr(args, "models", None)) or [getattr(args, "model", None)]
-    if any(m not in (None, "", "demo") for m in models):
-        return True
-    data = (_csv(getattr(args, "calib", None)) or []) + (_csv(getattr(args, "eval", None)) or [])
-    if any(d in HUB_DATA for d in data):
-        return True
-    tasks = _csv(getattr(args, "tasks", None)) or []
-    return any(t not in LOCAL_TASKS and t != "none" for t in tasks)
-
-
-def configure_environment(args) -> None:
+def configure_environment(verbose: bool) -> None:
     """Prefect and library settings, before anything imports them. Values already in the
     environment win."""
     env = os.environ
-    verbose = getattr(args, "verbose", False)
     if not env.get("PREFECT_API_URL"):
         env.setdefault("PREFECT_SERVER_EPHEMERAL_ENABLED", "true")
     env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -195,9 +194,6 @@ def configure_environment(args) -> None:
         env.setdefault("TQDM_DISABLE", "1")  # every library's progress bars
         for name in ("lm_eval", "lm-eval", "datasets", "transformers", "accelerate", "httpx"):
             logging.getLogger(name).setLevel(logging.ERROR)
-    if args.command in ("run", "sweep") and not _uses_hub(args):
-        env.setdefault("HF_HUB_OFFLINE", "1")
-        env.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
 class EmbeddedAPI:
@@ -206,6 +202,8 @@ class EmbeddedAPI:
     on the runs database in PREFECT_HOME), started first thing and without importing the server
     in this process, so that it boots on another core while this one imports the library and
     plans the run. It stops when the command exits, however it exits."""
+
+    started: list[EmbeddedAPI] = []
 
     def __init__(self):
         with socket.socket() as probe:
@@ -219,6 +217,7 @@ class EmbeddedAPI:
              "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan",
              "on"], env=env, stdin=subprocess.DEVNULL)
         atexit.register(self.stop)
+        EmbeddedAPI.started.append(self)
         os.environ["PREFECT_API_URL"] = self.url  # for Prefect, imported after this
 
     def wait(self, timeout: float = 120.0) -> None:
@@ -268,13 +267,6 @@ def exit_code(exc: BaseException) -> int:
         return EXIT_STORE
     if isinstance(exc, ConfigError | DataError | ModelError):
         return EXIT_INPUT
-    try:
-        from prefect.exceptions import ParameterTypeError, SignatureMismatchError
-
-        if isinstance(exc, ParameterTypeError | SignatureMismatchError):
-            return EXIT_INPUT
-    except ImportError:
-        pass
     return EXIT_FAILED
 
 
@@ -301,12 +293,6 @@ def _overrides(items: list[str]) -> dict[str, str]:
                               "'fc2$=4:8')")
         out[regex] = pattern
     return out
-
-
-def _csv(value: str | None) -> list[str] | None:
-    if value is None:
-        return None
-    return [v.strip() for v in value.split(",") if v.strip()]
 
 
 def _config(kind, args, base: dict | None = None, where: str = "command line"):
@@ -457,6 +443,25 @@ def _run_flow(flow_fn, config, console, api: EmbeddedAPI | None, log: Path | Non
             return flow_fn(config)
 
 
+def _check(config, points: list, args, console) -> Path | None:
+    """What comes before the flow: the environment (offline unless the run may need the hub),
+    the plan of every point (bad input fails here, before any stage), the store and the output
+    folder. Returns the log file (None with --verbose)."""
+    if not uses_hub(config, args.online):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    with console.status("checking the inputs"):
+        from tasks.plan import plan_pipeline
+        from tasks.store import ArtifactStore
+
+        for point in points:
+            plan_pipeline(point)
+        ArtifactStore(config.store).check()
+        if config.out:
+            check_out(config.out)
+    return None if args.verbose or not config.out else Path(config.out) / "sds.log"
+
+
 def cmd_run(args, console) -> int:
     """Parse, one RunConfig, the flow. The plan (and with it every check that needs the model or
     the data) is made here, before Prefect starts, and the flow finds it made."""
@@ -464,16 +469,11 @@ def cmd_run(args, console) -> int:
 
     t0 = time.perf_counter()
     config = _config(RunConfig, args)
-    with console.status("checking the inputs"):
-        from flows.pipeline import pipeline
-        from tasks.plan import plan_pipeline
-        from tasks.store import ArtifactStore
+    log = _check(config, [config], args, console)
+    from flows.pipeline import pipeline
+    from tasks.plan import plan_pipeline
 
-        plan = plan_pipeline(config)  # fails fast, before any server or stage
-        ArtifactStore(plan.store).check()
-        if config.out:
-            check_out(config.out)
-    log = None if args.verbose or not config.out else Path(config.out) / "sds.log"
+    plan = plan_pipeline(config)  # made by _check
     results = _run_flow(pipeline, config, console, args.api, log)
     out = sys.stdout
     _stdout_console().print(_results_table(results))
@@ -521,17 +521,9 @@ def sweep_config(args):
 
 def cmd_sweep(args, console) -> int:
     config = sweep_config(args)
-    with console.status("checking the inputs"):
-        from flows.sweep import sweep
-        from tasks.plan import plan_pipeline
-        from tasks.store import ArtifactStore
+    log = _check(config, config.points(), args, console)
+    from flows.sweep import sweep
 
-        for point in config.points():
-            plan_pipeline(point)  # fails fast, before any server or stage
-        ArtifactStore(config.store).check()
-        if config.out:
-            check_out(config.out)
-    log = None if args.verbose or not config.out else Path(config.out) / "sds.log"
     summary = _run_flow(sweep, config, console, args.api, log)
     from rich.table import Table
 
@@ -654,7 +646,7 @@ def cmd_store(args, console) -> int:
         return 0
 
     # gc: keep what results.json files name (and, transitively, their upstream)
-    keep_paths = args.keep or [p for p in ("./sds-out", "./sds-sweep") if Path(p).exists()]
+    keep_paths = args.keep or [p for p in _outs() if Path(p).exists()]
     keep = _keys_of_results(keep_paths)
     if not keep:
         raise ConfigError("gc found no results.json to keep (it would remove everything); "
@@ -770,13 +762,11 @@ class Interruption:
 
 def _end_children(wait: float = 2.0) -> None:
     """SIGTERM every descendant of this process (Linux: from /proc), SIGKILL those still
-    there after `wait` seconds; elsewhere, stop Prefect's embedded API server."""
-    server = sys.modules.get("prefect.server.api.server")
+    there after `wait` seconds; elsewhere, stop the embedded API server."""
     if not os.path.isdir("/proc/self"):
-        for instance in list(server.SubprocessASGIServer._instances.values()
-                             if server else ()):
+        for api in EmbeddedAPI.started:
             with contextlib.suppress(Exception):
-                instance.stop()
+                api.stop()
         return
     pids = _descendants(os.getpid())
     for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -821,29 +811,14 @@ def _descendants(root: int) -> list[int]:
 
 
 # -- entry point --------------------------------------------------------------------------------
-def _early_options(argv: list[str] | None) -> argparse.Namespace:
-    """What the environment depends on (the command, verbosity, whether the hub may be needed),
-    read before the full parser: its options come from the run configuration, whose import
-    brings the library and huggingface_hub, which reads HF_HUB_OFFLINE once."""
-    early = argparse.ArgumentParser(add_help=False)
-    early.add_argument("command", nargs="?")
-    for flag in ("--model", "--models", "--calib", "--eval", "--tasks"):
-        early.add_argument(flag)
-    early.add_argument("-v", "--verbose", action="store_true")
-    early.add_argument("--online", action="store_true")
-    return early.parse_known_args(argv)[0]
-
-
 def main(argv: list[str] | None = None) -> int:
-    early = _early_options(argv)
-    configure_environment(early)
+    # parsing imports the run configuration, which imports neither Prefect nor torch nor the
+    # hub's client: their settings are set afterwards, before they are imported
+    args = build_parser().parse_args(argv)
+    configure_environment(args.verbose)
     # without a server, Prefect's embedded API: it takes seconds to start, so it starts now
-    wanted = early.command in ("run", "sweep") and not {"-h", "--help"} & set(
-        sys.argv[1:] if argv is None else argv)
-    api = EmbeddedAPI() if wanted and not os.environ.get("PREFECT_API_URL") else None
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.api = api
+    wanted = args.command in ("run", "sweep") and not os.environ.get("PREFECT_API_URL")
+    args.api = EmbeddedAPI() if wanted else None
     from rich.console import Console
 
     # the terminal's stderr, kept even while the flow's own stderr goes to a log file

@@ -205,15 +205,15 @@ def export_model(spec: StageSpec, final: dict, folder: str) -> str:
     Skipped when the folder already holds this artifact; replaced atomically otherwise.
     """
     target = Path(folder).expanduser().resolve()
-    from sds.models import load_layer_state
-
     marker = {"store": spec.store, "stage": spec.stage, "key": spec.key,
               "sha256": final.get("sha256")}
     try:
         if json.loads((target / MARKER).read_text()) == marker:
-            return str(target)
+            return str(target)  # a rerun imports nothing heavy
     except (OSError, ValueError):
         pass
+    from sds.models import load_layer_state
+
     tensors, _meta = ArtifactStore(spec.store).load(spec.stage, spec.key)
     model, tokenizer = _load_base(spec)
     load_layer_state(model, tensors)

@@ -480,3 +480,18 @@ def test_an_interrupted_run_stops_at_once_and_leaves_no_process(how, tmp_path):
     assert "interrupted" in err and "Traceback" not in err
     assert _processes_of(home) == []
     assert not list(store.glob("second/*/meta.json"))
+
+
+def test_a_run_is_offline_unless_its_configuration_may_need_the_hub():
+    """The hub decision reads the one configuration, so a grid file's models count too."""
+    from flows.cli import uses_hub
+    from tasks.config import RunConfig, SweepConfig
+
+    assert not uses_hub(RunConfig())
+    assert not uses_hub(RunConfig(eval="wiki,news", tasks="demo_last_word", calib="demo"))
+    assert not uses_hub(SweepConfig(models=["demo"], methods=["wanda", "admm"]))
+    for needs in (RunConfig(model="facebook/opt-125m"), RunConfig(calib="c4"),
+                  RunConfig(eval="wiki,wikitext2"), RunConfig(tasks="sds"),
+                  SweepConfig(models=["demo", "facebook/opt-125m"])):
+        assert uses_hub(needs), needs
+    assert uses_hub(RunConfig(), online=True)
