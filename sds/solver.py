@@ -13,9 +13,10 @@ layer's calibration inputs, so the objective is `tr(Δ H Δᵀ)` with `Δ = W_t 
        Z = project(W + U)                      (keep the largest |·| in the method's grouping)
        U = U + W − Z
 
-   ρ grows by `rho_growth` every `rho_every` iterations, so W and Z meet; the projection's
-   sparsity rises from the start's to the target over the first `ramp_iters` iterations
-   (cubic schedule), so the mask is chosen gradually rather than once.
+   ρ grows by `rho_growth` every `rho_every` iterations, so W and Z meet. While ρ is small W
+   stays near the unconstrained optimum and the mask forms gradually; with `ramp_iters > 0`
+   the projection's sparsity also rises from the start's to the target over the first
+   iterations (cubic schedule; off by default, as it reached no better masks in more time).
 2. With the best mask fixed, conjugate gradient on the kept weights: each row is an
    independent least-squares problem on its support, solved for all rows at once (the CG
    scalars are per row). The scaling to unit diagonal is the Jacobi preconditioner.
