@@ -314,9 +314,10 @@ def _config(kind, args, base: dict | None = None, where: str = "command line"):
 
 class TerminalProgress(logging.Handler):
     """Stage progress drawn as rich progress bars on stderr, from the stages' own log records
-    (tasks.common.progress): nothing but Prefect's logging in between."""
+    (tasks.common.progress): nothing but Prefect's logging in between. With `to_log`, each
+    record is also one line on file descriptor 2 (the run's sds.log: `<title>: block k/N ...`)."""
 
-    def __init__(self, console):
+    def __init__(self, console, to_log: bool = False):
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -332,6 +333,7 @@ class TerminalProgress(logging.Handler):
                                  console=console, transient=True)
         self.bars: dict[str, int] = {}
         self.logger = logging.getLogger("prefect.task_runs")
+        self.to_log = to_log
 
     def __enter__(self):
         self.progress.start()
@@ -349,6 +351,8 @@ class TerminalProgress(logging.Handler):
             return
         label, kind = event["title"], event.get("event")
         with contextlib.suppress(Exception):
+            if self.to_log:
+                os.write(2, f"{record.getMessage()}\n".encode())
             if kind == "cached" and label not in self.bars:
                 self.progress.console.print(f"[green]✓[/] {label:<30} [dim]from the store[/]")
                 self.bars[label] = -1
@@ -371,25 +375,27 @@ def _stdout_console():
     return Console(file=sys.stdout, width=None if sys.stdout.isatty() else 160)
 
 
-def _results_table(results: dict):
+def _metrics_table(title: str, runs: list[dict], named: bool = False):
+    """One row per metric of each run (`report.table_rows`): the value on each model state, what
+    SDS gained and the share of the one-shot gap it recovered; `named`: a column of run names."""
     from rich.table import Table
 
     from flows import report
 
-    table = Table(title=f"{results['method']} {results['pattern']}"
-                  f"{' + SDS' if results['sds'] else ''} on {Path(results['model']).name}")
-    states = [s for s in ("dense", "oneshot", "sds") if s in results["metrics"]]
-    table.add_column("metric", no_wrap=True)
-    for state in states:
-        table.add_column(state, justify="right")
-    if "sds" in states:
-        table.add_column("SDS gain", justify="right")
-        table.add_column("gap recovered", justify="right")
-    for row in report.table_rows(results):
-        cells = [row["metric"]] + [report._fmt(row.get(s)) for s in states]
-        if "sds" in states:
-            cells += [report.signed(row.get("sds gain")), report.percent(row.get("gap recovered"))]
-        table.add_row(*cells)
+    states = [s for s in ("dense", "oneshot", "sds") if any(s in r["metrics"] for r in runs)]
+    table = Table(title=title)
+    for column in (["run"] if named else []) + ["metric"]:
+        table.add_column(column, no_wrap=True)
+    for column in states + (["SDS gain", "gap recovered"] if "sds" in states else []):
+        table.add_column(column, justify="right")
+    for run in runs:
+        for row in report.table_rows(run):
+            cells = ([run["name"]] if named else []) + [row["metric"]]
+            cells += [report._fmt(row.get(s)) for s in states]
+            if "sds" in states:
+                cells += [report.signed(row.get("sds gain")),
+                          report.percent(row.get("gap recovered"))]
+            table.add_row(*cells)
     return table
 
 
@@ -439,7 +445,7 @@ def _run_flow(flow_fn, config, console, api: EmbeddedAPI | None, log: Path | Non
     # the heartbeat only matters to a server watching for crashed runs; without it the flow
     # call returns a second earlier
     with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-        with _stderr_to(log), TerminalProgress(console):
+        with _stderr_to(log), TerminalProgress(console, to_log=log is not None):
             return flow_fn(config)
 
 
@@ -476,7 +482,9 @@ def cmd_run(args, console) -> int:
     plan = plan_pipeline(config)  # made by _check
     results = _run_flow(pipeline, config, console, args.api, log)
     out = sys.stdout
-    _stdout_console().print(_results_table(results))
+    title = (f"{results['method']} {results['pattern']}{' + SDS' if results['sds'] else ''} "
+             f"on {Path(results['model']).name}")
+    _stdout_console().print(_metrics_table(title, [results]))
     t = results["timings"]
     lines = [f"results  {Path(config.out) / 'results.json'}"] if config.out else []
     if results.get("model_dir"):
@@ -525,21 +533,7 @@ def cmd_sweep(args, console) -> int:
     from flows.sweep import sweep
 
     summary = _run_flow(sweep, config, console, args.api, log)
-    from rich.table import Table
-
-    from flows.report import _fmt, percent, table_rows
-
-    table = Table(title="sweep")
-    table.add_column("run")
-    table.add_column("metric")
-    for column in ("dense", "oneshot", "sds", "gap recovered"):
-        table.add_column(column, justify="right")
-    for run in summary["runs"]:
-        for row in table_rows(run):
-            table.add_row(run["name"], row["metric"],
-                          *[_fmt(row.get(s)) for s in ("dense", "oneshot", "sds")],
-                          percent(row.get("gap recovered")))
-    _stdout_console().print(table)
+    _stdout_console().print(_metrics_table("sweep", summary["runs"], named=True))
     print(f"stage runs: {json.dumps(summary['stage_submissions'])}")
     print(f"results in {config.out}/sweep.json ({summary['wall']:.1f} s)")
     return 0
@@ -609,9 +603,9 @@ def cmd_store(args, console) -> int:
                           m.get("created", "")[:16].replace("T", " "), _size(m.get("bytes", 0)))
         for ref in broken:
             table.add_row(f"{ref.stage}/{ref.key}", "[red]incomplete[/]", "", "", "")
-        _stdout_console().print(table)
         for path in strays:
             table.add_row(path.removeprefix(store.root + "/"), "[red]stray file[/]", "", "", "")
+        _stdout_console().print(table)
         print(f"{len(metas)} artifacts, {_size(sum(m.get('bytes', 0) for m in metas))}"
               + (f"; {len(broken)} incomplete" if broken else "")
               + (f"; {len(strays)} stray temporary files" if strays else "")

@@ -5,7 +5,7 @@ results.json:
     {"config": {...}, "metrics": {"dense": {"ppl/wiki": ...}, "oneshot": {...}, "sds": {...}},
      "improvement": {"ppl/wiki": {"absolute": ..., "recovered": ...}},
      "keys": {label: key}, "artifacts": {label: uri},
-     "stages": {label: {"computed": bool, "seconds": {...}}},
+     "stages": {label: {"computed": bool, "seconds": {...}, "blocks": {"total", "computed"}}},
      "timings": {"wall", "stage_seconds", "compute_seconds", "overhead"}, "model_dir": ...}
 
 Improvement of SDS over its one-shot base, per metric: the absolute change in the good
@@ -61,8 +61,10 @@ def build_results(plan, refs: dict[str, dict], started: datetime, wall: float,
     for label, ref in refs.items():
         created = _created(ref)
         stages[label] = {"key": ref["key"], "uri": ref["uri"], "sha256": ref.get("sha256"),
-                         "computed": bool(created and created >= started),
+                         "computed": ref.get("computed", bool(created and created >= started)),
                          "seconds": ref.get("seconds", {})}
+        if "blocks" in ref:  # {"total", "computed" by this run}
+            stages[label]["blocks"] = ref["blocks"]
     computed = [s for s in stages.values() if s["computed"]]
     stage_seconds = sum(s["seconds"].get("work", 0.0) for s in computed)
     compute_seconds = sum(s["seconds"].get("compute", 0.0) for s in computed)

@@ -47,8 +47,9 @@ class PruneReport:
 def oneshot(model: nn.Module, calibration, method: str = "sparsegpt",
             pattern="2:4", *, overrides=None, exclude=(), blocksize: int = 128,
             percdamp: float = 0.01, solver: SolverOptions | None = None, device=None,
-            progress: bool = True, on_block=None) -> WalkReport:
-    """Step 1 (and the whole of one-shot pruning): prune `model` in place, block by block.
+            progress: bool = True, on_block=None, resume=None) -> WalkReport:
+    """Step 1 (and the whole of one-shot pruning): prune `model` in place, block by block
+    (from a later block with `resume`, a `sds.layerwise.Resume`).
     `solver` holds the options of method "admm" (default `SolverOptions()`). Rules that select
     no layer are refused before any work."""
     rules = pattern if isinstance(pattern, LayerRules) else LayerRules.build(pattern, overrides,
@@ -57,7 +58,7 @@ def oneshot(model: nn.Module, calibration, method: str = "sparsegpt",
     prunable_layers(model, rules)  # refuses rules that select no layer
     return walk(model, calibration, transform,
                 select=lambda name: rules.pattern_for(name) is not None, device=device,
-                progress=progress, on_block=on_block)
+                progress=progress, on_block=on_block, resume=resume)
 
 
 def prune(model: nn.Module, calibration, method: str = "sparsegpt", pattern="2:4", *,

@@ -130,6 +130,19 @@ class WalkReport:
                 "seconds": self.seconds, "device": self.device, "tokens": self.tokens}
 
 
+@dataclass
+class Resume:
+    """Where a walk starts: blocks before `start` are finished. `weights` holds their finished
+    weights {name: W [out, in]} for every selected layer, `report` the walk's report so far (the
+    records of those blocks); the walk appends to it, so a caller holding it reads each block's
+    records in `on_block`. The finished blocks are only run to rebuild the inputs of block
+    `start` (no statistics, no transform), which makes the result that of a walk from block 0."""
+
+    start: int = 0
+    weights: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    report: WalkReport = field(default_factory=WalkReport)
+
+
 class _Captured(Exception):
     """Raised by the pre-hook on block 0 to stop the forward pass once its inputs are known."""
 
@@ -283,6 +296,7 @@ def walk(
     progress: bool = True,
     on_block: Callable[[int, int, float], None] | None = None,
     keep_outputs: bool = False,
+    resume: Resume | None = None,
 ) -> WalkReport:
     """Walk the blocks of `model` with `calibration` (a Calibration or token ids
     [nsamples, seqlen]), collecting for each group the statistics `transform.needs` declares.
@@ -291,7 +305,8 @@ def walk(
     `propagate="transformed"` feeds the next block with the transformed block's outputs (the
     usual sequential protocol); `"original"` with the outputs of the block as it was before the
     transform (statistics of the untransformed model). `on_block(i, n, seconds)` is called after
-    each block. The model is changed in place.
+    each block. `resume` starts at a later block with the finished weights of the blocks before
+    it (see `Resume`). The model is changed in place.
     """
     if propagate not in ("transformed", "original"):
         raise ConfigError(f"propagate must be 'transformed' or 'original', got {propagate!r}")
@@ -306,7 +321,12 @@ def walk(
     store = _activation_device(hidden, device, streams=2 if reference is not None else 1)
     hidden = [h.to(store) for h in hidden]
     ref_hidden = [h.clone() for h in hidden] if reference is not None else None
-    report = WalkReport(device=str(device), tokens=int(input_ids.numel()))
+    resume = resume or Resume()
+    if not 0 <= resume.start <= len(blocks):
+        raise ConfigError(f"resume.start {resume.start} is not a block of this model "
+                          f"(0 to {len(blocks)})")
+    report = resume.report
+    report.device, report.tokens = str(device), int(input_ids.numel())
 
     bar = _progress(len(blocks), progress)
     for b, block in enumerate(blocks):
@@ -315,6 +335,13 @@ def walk(
         block.to(device)
         all_layers = {f"{prefix}.{b}.{n}": m for n, m in block_linears(block).items()}
         layers = {n: m for n, m in all_layers.items() if select(n)}
+        if b < resume.start:  # finished: its weights, and its outputs for the next block
+            _replay(block, layers, resume.weights, propagate, hidden, ref_hidden, extras,
+                    device, store, _RefWeights(layers, reference) if reference is not None
+                    else None)
+            block.to(home)
+            bar.update(1)
+            continue
         extra0 = _to(extras[0], device)
         groups = _groups_by_input(block, layers, hidden[0].to(device), extra0) if layers else []
         ref_block = _RefWeights(layers, reference) if reference is not None else None
@@ -342,15 +369,10 @@ def walk(
         del stats
 
         with torch.no_grad():  # propagate: this block's outputs are the next block's inputs
-            for i in range(len(hidden)):
-                extra = _to(extras[i], device)
-                hidden[i] = _hidden(block(hidden[i].to(device), *extra[0], **extra[1])).to(store)
+            _forward(block, hidden, extras, device, store)
             if ref_block is not None:
                 with ref_block:
-                    for i in range(len(ref_hidden)):
-                        extra = _to(extras[i], device)
-                        out = block(ref_hidden[i].to(device), *extra[0], **extra[1])
-                        ref_hidden[i] = _hidden(out).to(store)
+                    _forward(block, ref_hidden, extras, device, store)
         for name, W_new in pending.items():
             set_weight_matrix(layers[name], W_new)
         block.to(home)
@@ -362,10 +384,37 @@ def walk(
     bar.close()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    report.seconds = time.perf_counter() - t_start
+    report.seconds += time.perf_counter() - t_start
     if keep_outputs:
         report.outputs = [h.cpu() for h in hidden]
     return report
+
+
+def _forward(block, hidden, extras, device, store) -> None:
+    """Replace each sample's hidden states by the block's outputs (in place)."""
+    for i in range(len(hidden)):
+        extra = _to(extras[i], device)
+        hidden[i] = _hidden(block(hidden[i].to(device), *extra[0], **extra[1])).to(store)
+
+
+def _replay(block, layers, weights, propagate, hidden, ref_hidden, extras, device, store,
+            ref_block) -> None:
+    """A finished block: write its finished weights, and run the samples through it as the
+    walk did (with the weights before the transform when propagating the "original" ones)."""
+    missing = sorted(set(layers) - set(weights))
+    if missing:
+        raise ConfigError(f"resume.weights lacks the finished weights of {missing[0]} "
+                          f"({len(missing)} layers); give every selected layer before start")
+    with torch.no_grad():
+        if propagate == "original":
+            _forward(block, hidden, extras, device, store)
+        for name, module in layers.items():
+            set_weight_matrix(module, _as_stored(module, weights[name].to(device).float()))
+        if propagate == "transformed":
+            _forward(block, hidden, extras, device, store)
+        if ref_block is not None:
+            with ref_block:
+                _forward(block, ref_hidden, extras, device, store)
 
 
 def _record(name: str, block: int, W_old: torch.Tensor, W_new: torch.Tensor, st: LayerStats,

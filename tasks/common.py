@@ -4,7 +4,11 @@ return at once when its artifact is committed in the store, else compute it and 
 A stage is described by a `tasks.plan.StageSpec` and answers with a *reference*, the small dict
 the flow passes on (never tensors):
 
-    {"stage", "label", "key", "uri", "sha256", "created", "metrics", "seconds"}
+    {"stage", "label", "key", "uri", "sha256", "created", "metrics", "seconds", "computed"}
+
+plus, for a stage that walks the blocks, "blocks": {"total": N, "computed": blocks computed by
+this run} (0 when the artifact was in the store; fewer than N when a killed run had committed
+some).
 
 The store is the one cache. Prefect keeps no cache records of its own (the tasks use NO_CACHE):
 a stage's first act is to read its artifact's commit record, so a new run, a retried run, a run
@@ -43,9 +47,9 @@ log = logging.getLogger("sds.tasks")
 GPU_LEASE_SECONDS = 60  # a crashed holder's slot comes back after about this long
 
 
-def reference(store: ArtifactStore, spec: StageSpec, meta: dict) -> dict:
-    """The small, JSON-serialisable answer of a stage."""
-    return {
+def reference(store: ArtifactStore, spec: StageSpec, meta: dict, computed: bool) -> dict:
+    """The small, JSON-serialisable answer of a stage; `computed`: by this call."""
+    ref = {
         "stage": spec.stage,
         "label": spec.label,
         "key": spec.key,
@@ -54,7 +58,13 @@ def reference(store: ArtifactStore, spec: StageSpec, meta: dict) -> dict:
         "created": meta.get("created"),
         "metrics": meta.get("metrics", {}),
         "seconds": meta.get("seconds", {}),
+        "computed": computed,
     }
+    blocks = meta.get("blocks")
+    if isinstance(blocks, dict):
+        ref["blocks"] = dict(blocks) if computed else {"total": blocks.get("total"),
+                                                       "computed": 0}
+    return ref
 
 
 # -- retries ------------------------------------------------------------------------------------
@@ -159,6 +169,68 @@ class BlockProgress:
                 update_progress_artifact(self.artifact_id, progress=100.0 * done / blocks)
 
 
+# -- finished blocks ----------------------------------------------------------------------------
+class BlockCommits:
+    """The finished blocks of a pruning stage (a walk over the blocks), committed to the store
+    one by one, so that a rerun of a killed stage starts at its first unfinished block.
+
+    `resume()` reads what an earlier run committed (each block's weights of the walked layers,
+    W: [out, in], and its records) into the `Resume` of the walk; the instance is the walk's
+    `on_block`: it commits each block as it ends, then logs `<title>: block k/N`. The stage's
+    artifact is committed as before, from the whole model; `run_stage` then drops the blocks.
+    """
+
+    def __init__(self, spec: StageSpec, store: ArtifactStore, logger, model, names):
+        from sds.models import find_blocks
+
+        prefix, blocks = find_blocks(model)
+        modules = dict(model.named_modules())
+        self.spec, self.store, self.total = spec, store, len(blocks)
+        self.layers: dict[int, dict] = {b: {} for b in range(self.total)}  # block -> layers
+        for name in names:
+            self.layers[int(name[len(prefix) + 1:].split(".")[0])][name] = modules[name]
+        self.progress = BlockProgress(spec, logger)
+        self.state = None  # the walk's Resume
+
+    def resume(self):
+        """The walk's `Resume`: the committed blocks from block 0 on, with their records."""
+        from sds.layerwise import LayerRecord, Resume, WalkReport
+
+        weights, report = {}, WalkReport()
+        for tensors, record in self.store.parts(self.spec.stage, self.spec.key):
+            b = record["block"]
+            if record.get("blocks") != self.total or b >= self.total or \
+                    sorted(tensors) != sorted(self.layers[b]):
+                break
+            weights.update(tensors)
+            report.layers += [LayerRecord(**{**r, "shape": tuple(r["shape"])})
+                              for r in record["layers"]]
+            report.blocks.append({"block": b, "seconds": record["seconds"]})
+        self.state = Resume(len(report.blocks), weights, report)
+        if self.state.start:
+            progress(self.progress.logger, self.spec, "resuming at block %d/%d",
+                     self.state.start + 1, self.total, event="resume",
+                     block=self.state.start, blocks=self.total)
+        return self.state
+
+    @property
+    def counts(self) -> dict:
+        """{"total": blocks, "computed": blocks computed by this run}."""
+        return {"total": self.total, "computed": self.total - self.state.start}
+
+    def __call__(self, block: int, blocks: int, seconds: float) -> None:
+        from dataclasses import asdict
+
+        from sds.models import weight_matrix
+
+        tensors = {n: weight_matrix(m).detach().to("cpu", copy=True).contiguous()
+                   for n, m in self.layers[block].items()}
+        records = [asdict(r) for r in self.state.report.layers if r.block == block]
+        self.store.save_part(self.spec.stage, self.spec.key, block, tensors,
+                             {"blocks": blocks, "seconds": seconds, "layers": records})
+        self.progress(block, blocks, seconds)
+
+
 # -- running one stage --------------------------------------------------------------------------
 class Clock:
     """Named wall-clock timers: `with clock("compute"): ...` -> clock.seconds["compute"]."""
@@ -198,7 +270,8 @@ def run_stage(spec: StageSpec, compute: Compute, upstream: dict[str, dict] | Non
         progress(logger, spec, "artifact %s is in the store; nothing to compute", spec.key,
                  event="cached")
         return Completed(name="Cached", message="artifact in the store",
-                         data=reference(store, spec, store.load_meta(spec.stage, spec.key)))
+                         data=reference(store, spec, store.load_meta(spec.stage, spec.key),
+                                              computed=False))
 
     progress(logger, spec, "computing artifact %s", spec.key, event="start")
     clock = Clock()
@@ -220,10 +293,11 @@ def run_stage(spec: StageSpec, compute: Compute, upstream: dict[str, dict] | Non
         **extra,
     }
     store.save(spec.stage, spec.key, tensors, meta)
+    store.drop_parts(spec.stage, spec.key)  # the finished blocks are in the artifact now
     meta = store.load_meta(spec.stage, spec.key)
     progress(logger, spec, "saved %s (%.1f s of work)", store.ref(spec.stage, spec.key).uri,
              clock.seconds["work"], event="done", seconds=clock.seconds["work"])
-    return reference(store, spec, meta)
+    return reference(store, spec, meta, computed=True)
 
 
 def load_upstream(store: ArtifactStore, spec: StageSpec, stage: str) -> dict:

@@ -21,7 +21,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
-from .common import BlockProgress, gpu_slot, load_upstream, retry_transient, run_stage
+from .common import BlockCommits, gpu_slot, load_upstream, retry_transient, run_stage
 from .plan import StageSpec
 from .store import ArtifactStore
 
@@ -89,13 +89,16 @@ def _oneshot(spec, store, clock, logger):
     with gpu_slot(spec):
         with clock("load"):
             model, _ = _load_base(spec)
+            names = list(prunable_layers(model, rules))
+            blocks = BlockCommits(spec, store, logger, model, names)
+            resume = blocks.resume()
         with clock("compute"):
             report = api.oneshot(
                 model, ids, config["method"], rules, blocksize=config.get("blocksize", 128),
                 percdamp=config.get("percdamp", 0.01), device=spec.run.device,
-                progress=False, on_block=BlockProgress(spec, logger))
-    tensors = layer_state(model, prunable_layers(model, rules))
-    return tensors, {"report": report.to_dict()}
+                progress=False, on_block=blocks, resume=resume)
+    tensors = layer_state(model, names)
+    return tensors, {"report": report.to_dict(), "blocks": blocks.counts}
 
 
 @task(name="oneshot", **STAGE_TASK)
@@ -105,8 +108,9 @@ def oneshot(spec: StageSpec, calibration: dict) -> dict:
 
 
 # -- SDS steps 2 and 3: both start from the base model with an upstream stage's weights ---------
-def _load_sds_inputs(spec, store, clock, upstream: str):
-    """(calibration ids, rules, model holding the upstream weights, dense weights snapshot)."""
+def _load_sds_inputs(spec, store, clock, logger, upstream: str):
+    """(calibration ids, rules, model holding the upstream weights, dense weights snapshot,
+    the stage's committed blocks)."""
     from sds.models import load_layer_state
     from sds.reconstruct import dense_weights
 
@@ -117,7 +121,9 @@ def _load_sds_inputs(spec, store, clock, upstream: str):
         model, _ = _load_base(spec)
         dense = dense_weights(model, rules)
         load_layer_state(model, weights)
-    return ids, rules, model, dense
+        blocks = BlockCommits(spec, store, logger, model, dense)
+        blocks.resume()
+    return ids, rules, model, dense, blocks
 
 
 # -- step 2: re-dense ---------------------------------------------------------------------------
@@ -126,12 +132,13 @@ def _redense(spec, store, clock, logger):
     from sds.models import layer_state
 
     with gpu_slot(spec):
-        ids, rules, model, dense = _load_sds_inputs(spec, store, clock, "oneshot")
+        ids, rules, model, dense, blocks = _load_sds_inputs(spec, store, clock, logger,
+                                                            "oneshot")
         with clock("compute"):
             report = reconstruct.redense(
                 model, ids, dense, rules, _sds_config(spec.config), device=spec.run.device,
-                progress=False, on_block=BlockProgress(spec, logger))
-    return layer_state(model, dense), {"report": report.to_dict()}
+                progress=False, on_block=blocks, resume=blocks.state)
+    return layer_state(model, dense), {"report": report.to_dict(), "blocks": blocks.counts}
 
 
 @task(name="redense", **STAGE_TASK)
@@ -147,13 +154,14 @@ def _second(spec, store, clock, logger):
 
     config = spec.config
     with gpu_slot(spec):
-        ids, rules, model, dense = _load_sds_inputs(spec, store, clock, "redense")
+        ids, rules, model, dense, blocks = _load_sds_inputs(spec, store, clock, logger,
+                                                            "redense")
         with clock("compute"):
             report = reconstruct.second_prune(
                 model, ids, dense, config["method"], rules, _sds_config(config),
                 blocksize=config.get("blocksize", 128), percdamp=config.get("percdamp", 0.01),
-                device=spec.run.device, progress=False, on_block=BlockProgress(spec, logger))
-    return layer_state(model, dense), {"report": report.to_dict()}
+                device=spec.run.device, progress=False, on_block=blocks, resume=blocks.state)
+    return layer_state(model, dense), {"report": report.to_dict(), "blocks": blocks.counts}
 
 
 @task(name="second", **STAGE_TASK)

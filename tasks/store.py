@@ -4,6 +4,9 @@ Layout under the root (a local folder, `s3://bucket/prefix`, `memory://...`, any
 
     <root>/<stage>/<key>/tensors.safetensors   the tensors the stage produced (possibly none)
     <root>/<stage>/<key>/meta.json             written last: its presence is the commit
+    <root>/<stage>/<key>/block-00007.*         a stage's finished blocks while it computes
+                                               (`save_part`); removed once it commits
+    <root>/.leases/<stage>-<key>.json          who computes `stage`/`key` now, until when
 
 The key hashes everything that determines a stage's output (`artifact_key`), so the same inputs
 find the same artifact on any machine. Only validated stage names and hex keys ever become path
@@ -63,6 +66,7 @@ KEY_LENGTH = 32  # hex characters kept of the sha256: 128 bits
 _STAGE_RE = re.compile(r"[a-z][a-z0-9_-]{0,63}")
 _KEY_RE = re.compile(rf"[0-9a-f]{{{KEY_LENGTH}}}")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
+_PART_RE = re.compile(r"block-[0-9]{5}\.(safetensors|json)")
 _RESERVED = frozenset(
     {"format", "stage", "key", "sha256", "bytes", "tensor_names", "created", "versions"}
 )
@@ -354,6 +358,78 @@ class ArtifactStore:
         self._write_meta(folder, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
         log.debug("saved %s (%d tensors, %d bytes)", ref.uri, len(tensors), size)
         return ref
+
+    # -- finished blocks of a stage that computes ----------------------------------------------
+    def save_part(self, stage: str, key: str, block: int, tensors: Mapping, record: Mapping
+                  ) -> None:
+        """Commit one finished block of `stage`/`key` before the artifact itself: its tensors,
+        then a small record (the commit of the block) holding `record` plus their size and
+        sha256. `parts` reads them back; `drop_parts` removes them."""
+        import safetensors.torch
+
+        ref = self.ref(stage, key)
+        if isinstance(block, bool) or not isinstance(block, int) or block < 0:
+            raise ConfigError(f"block {block!r} must be a non-negative int")
+        tensors = _prepare_tensors(tensors)
+        record = _prepare_meta(record)
+        path = f"{self._dir(stage, key)}/{_part(block)}"
+        with self._guard(f"writing block {block} of {ref.uri}", missing_ok=False):
+            with atomic_file(self.fs, f"{path}.safetensors") as tmp:
+                safetensors.torch.save_file(tensors, tmp)
+                size, digest = os.path.getsize(tmp), _sha256(tmp)
+            data = {**record, "block": block, "sha256": digest, "bytes": size,
+                    "tensor_names": sorted(tensors)}
+            with atomic_file(self.fs, f"{path}.json") as tmp:
+                with open(tmp, "w") as f:
+                    json.dump(data, f, sort_keys=True)
+
+    def parts(self, stage: str, key: str) -> Iterator[tuple[dict, dict]]:
+        """The committed blocks of `stage`/`key` in order from block 0, as (tensors, record),
+        each hashed while read; it stops at the first block that is missing or damaged (that
+        block and the later ones are computed again)."""
+        import safetensors.torch
+
+        self.ref(stage, key)
+        block = 0
+        while True:
+            path = f"{self._dir(stage, key)}/{_part(block)}"
+            with self._guard(f"reading {self._uri(path)}.json"):
+                try:
+                    record = json.loads(self.fs.cat_file(f"{path}.json"))
+                except FileNotFoundError as exc:
+                    if _is_missing_bucket(exc):
+                        raise
+                    return
+                except ValueError:
+                    record = None
+            if not (isinstance(record, dict) and record.get("block") == block
+                    and isinstance(record.get("sha256"), str)):
+                log.warning("block %d of %s/%s has a damaged record; computing from it",
+                            block, stage, key)
+                return
+            with self._local_copy(f"{path}.safetensors") as local:
+                if local is None or _sha256(local) != record["sha256"]:
+                    log.warning("block %d of %s/%s is missing or damaged; computing from it",
+                                block, stage, key)
+                    return
+                tensors = safetensors.torch.load_file(local)
+            yield tensors, record
+            block += 1
+
+    def drop_parts(self, stage: str, key: str) -> None:
+        """Remove the finished blocks of `stage`/`key` (once its artifact is committed)."""
+        folder = self._dir(stage, key)
+        with self._guard(f"removing the blocks of {self._uri(folder)}"):
+            try:
+                names = self.fs.ls(folder, detail=False)
+            except FileNotFoundError as exc:
+                if _is_missing_bucket(exc):
+                    raise
+                return
+            for path in names:
+                if _PART_RE.fullmatch(path.rsplit("/", 1)[-1]):
+                    with contextlib.suppress(FileNotFoundError):
+                        self.fs.rm_file(path)
 
     def create(self, name: str, data: bytes) -> bool:
         """Write `data` to `<root>/<name>` only if nothing is there yet: True when this call
@@ -723,6 +799,11 @@ class ArtifactStore:
 
 
 # -- helpers ------------------------------------------------------------------------------------
+def _part(block: int) -> str:
+    """The file name (without its suffix) of a stage's finished block."""
+    return f"block-{block:05d}"
+
+
 def _prepare_tensors(tensors: Any) -> dict:
     """Detached, contiguous CPU tensors that share no storage (what safetensors can write)."""
     import torch

@@ -262,3 +262,73 @@ def test_nan_weights_in_model_raise_numerical_error():
     model.model.layers[1].mlp.up_proj.weight.data[0, 0] = float("nan")
     with pytest.raises(sds.NumericalError):
         sds.prune(model, torch.randint(0, 128, (1, 16)), "sparsegpt", "2:4", progress=False)
+
+
+def _walks():
+    """(name, walk(model, ids, **kw) -> report) of the three pruning walks: one-shot
+    (transformed outputs), re-dense (original outputs, two streams), second pruning
+    (transformed outputs, reference weights)."""
+    from sds import api, reconstruct
+    from sds.reconstruct import SDSConfig
+
+    rules = LayerRules.build("2:4")
+
+    def oneshot(model, ids, dense, **kw):
+        return api.oneshot(model, ids, "sparsegpt", rules, progress=False, **kw)
+
+    def redense(model, ids, dense, **kw):
+        return reconstruct.redense(model, ids, dense, rules, SDSConfig(data="distill", epochs=5),
+                                   progress=False, **kw)
+
+    def second(model, ids, dense, **kw):
+        return reconstruct.second_prune(model, ids, dense, "sparsegpt", rules,
+                                        SDSConfig(adjust_epochs=5), progress=False, **kw)
+
+    return [oneshot, redense, second]
+
+
+@pytest.mark.parametrize("run", _walks(), ids=lambda f: f.__name__)
+def test_a_walk_resumed_at_block_k_equals_a_walk_from_block_0(run):
+    from sds.layerwise import Resume, WalkReport
+    from sds.reconstruct import dense_weights
+
+    start = 2
+    base = tiny_llama(layers=4)
+    ids = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(1))
+    dense = dense_weights(base, LayerRules.build("2:4"))
+    if run.__name__ != "oneshot":  # the SDS steps start from a pruned model
+        _walks()[0](base, ids, dense)
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+
+    full = tiny_llama(layers=4)
+    full.load_state_dict(state)
+    finished = {}  # {block: {name: W}} as each block ends, what a stage would commit
+    layers = prunable_layers(full)
+    report = run(full, ids, dense, on_block=lambda b, n, s: finished.setdefault(b, {
+        name: weight_matrix(m).clone() for name, m in layers.items()
+        if name.startswith(f"model.layers.{b}.")}))
+
+    resumed = tiny_llama(layers=4)
+    resumed.load_state_dict(state)  # blocks >= start still hold their weights before the walk
+    done = {name: W for b in range(start) for name, W in finished[b].items()}
+    so_far = WalkReport(layers=[r for r in report.layers if r.block < start],
+                        blocks=report.blocks[:start])
+    seen = []
+    again = run(resumed, ids, dense, resume=Resume(start, done, so_far),
+                on_block=lambda b, n, s: seen.append(b))
+
+    assert seen == [2, 3]  # only the remaining blocks are walked
+    for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert again is so_far and [r.name for r in again.layers] == [r.name for r in report.layers]
+    assert [(r.sparsity, r.rel_error) for r in again.layers] == [
+        (r.sparsity, r.rel_error) for r in report.layers]
+
+
+def test_a_resume_without_the_weights_of_a_finished_block_is_refused():
+    from sds.layerwise import Resume
+
+    model = tiny_llama(layers=2)
+    ids = torch.randint(0, 128, (2, 16))
+    with pytest.raises(ConfigError, match="lacks the finished weights of model.layers.0"):
+        walk(model, ids, lambda group: {}, progress=False, resume=Resume(1, {}))

@@ -5,7 +5,7 @@
 - `prefect_api`: one real `prefect server start` per test session (a module-level singleton,
   so importing the fixture into several modules still starts one), waited on /api/health; the
   fixture points this process at it. `server_env()` gives the same to subprocesses.
-- `tiny_model`: a 2-block OPT with the demo tokenizer, saved to a folder.
+- `tiny_model`: a 2-block OPT with the demo tokenizer, saved to a folder (`save_opt`).
 - `corpus`: small calibration and evaluation text files.
 - `tiny_params(...)`: a RunConfig that runs in about a second per stage
   (`tiny_options(...)`: its fields as a dict).
@@ -122,22 +122,27 @@ def prefect_api(tmp_path_factory):
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
-    """A 2-block OPT (hidden 64) with the demo tokenizer, saved like a hub model."""
+def save_opt(folder: Path, layers: int = 2, hidden: int = 64) -> Path:
+    """An OPT of `layers` blocks (hidden size `hidden`, feed-forward twice that) with the demo
+    tokenizer, saved like a hub model into `folder`."""
     import torch
     from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM
 
-    folder = tmp_path_factory.mktemp("tiny-opt")
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
-    config = OPTConfig(vocab_size=len(tokenizer), hidden_size=64, word_embed_proj_dim=64,
-                       ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+    config = OPTConfig(vocab_size=len(tokenizer), hidden_size=hidden, word_embed_proj_dim=hidden,
+                       ffn_dim=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
                        max_position_embeddings=128, do_layer_norm_before=True,
                        pad_token_id=0, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(0)
     OPTForCausalLM(config).eval().save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A 2-block OPT (hidden 64) with the demo tokenizer, saved like a hub model."""
+    return save_opt(tmp_path_factory.mktemp("tiny-opt"))
 
 
 WORDS = ("the river city north old market bridge stone winter king people small long "

@@ -1,0 +1,118 @@
+"""A pruning stage commits each finished block: a run killed in the middle of a stage resumes
+at its first unfinished block, and ends with the model of a run that was never interrupted."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tasks.store import ArtifactStore
+from tests.test_pipeline_fixtures import REPO, cli_args, save_opt, server_env
+
+pytest_plugins = ["tests.test_pipeline_fixtures"]
+
+BLOCKS = 16
+
+
+@pytest.fixture(scope="module")
+def deep_model(tmp_path_factory) -> Path:
+    """A 16-block OPT (hidden 256) with the demo tokenizer, saved like a hub model."""
+    return save_opt(tmp_path_factory.mktemp("deep-opt"), layers=BLOCKS, hidden=256)
+
+
+def _args(model, corpus, store, out) -> list[str]:
+    # one-shot only (the stage under test); 16 windows of 64 tokens make a block take long
+    # enough to be killed between blocks; no global GPU slot: a killed holder would keep it
+    return cli_args(model, corpus, store, out) + ["--no-sds", "--nsamples", "16", "--seqlen",
+                                                  "64", "--gpu-limit", "none"]
+
+
+def _block_lines(out: Path) -> list[int]:
+    """The finished blocks that `<out>/sds.log` names, in order."""
+    lines = (out / "sds.log").read_text().splitlines()
+    return [int(m.group(1)) for line in lines
+            if (m := re.search(rf"oneshot sparsegpt 2:4: block (\d+)/{BLOCKS}\b", line))]
+
+
+@pytest.mark.slow
+def test_a_run_killed_inside_the_one_shot_stage_resumes_at_its_first_unfinished_block(
+        prefect_api, deep_model, corpus, tmp_path):
+    store, out = tmp_path / "store", tmp_path / "out"
+    args = _args(deep_model, corpus, store, out)
+    env = server_env(tmp_path)
+    process = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], env=env, cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while len(list((store / "oneshot").glob("*/block-*.json"))) < 3:
+            assert process.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline, "the one-shot stage never reached block 3"
+            time.sleep(0.02)
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.wait(timeout=30)
+    assert not list((store / "oneshot").glob("*/meta.json")), "killed after the stage ended"
+    finished = len(list((store / "oneshot").glob("*/block-*.json")))
+    assert 3 <= finished < BLOCKS
+
+    t0 = time.perf_counter()
+    resumed = subprocess.run([sys.executable, "-m", "flows.cli", *args], env=env, cwd=REPO,
+                             capture_output=True, text=True, timeout=600)
+    resumed_seconds = time.perf_counter() - t0
+    assert resumed.returncode == 0, resumed.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["stages"]["oneshot"]["blocks"] == {"total": BLOCKS,
+                                                      "computed": BLOCKS - finished}
+    assert results["stages"]["calibration"]["computed"] is False  # committed before the kill
+    assert _block_lines(out) == list(range(finished + 1, BLOCKS + 1))  # only the rest
+    key = results["keys"]["oneshot"]
+    assert not list((store / "oneshot" / key).glob("block-*")), "blocks left after the commit"
+
+    # a run that was never interrupted, in a store of its own
+    t0 = time.perf_counter()
+    whole_out = tmp_path / "whole"
+    whole = subprocess.run(
+        [sys.executable, "-m", "flows.cli", *_args(deep_model, corpus, tmp_path / "whole-store",
+                                                   whole_out)],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    whole_seconds = time.perf_counter() - t0
+    assert whole.returncode == 0, whole.stderr
+    reference = json.loads((whole_out / "results.json").read_text())
+    assert reference["stages"]["oneshot"]["blocks"] == {"total": BLOCKS, "computed": BLOCKS}
+    assert _block_lines(whole_out) == list(range(1, BLOCKS + 1))
+    assert reference["keys"] == results["keys"]
+    assert reference["final"]["sha256"] == results["final"]["sha256"]  # bit-identical tensors
+    a, _ = ArtifactStore(store).load("oneshot", key)
+    b, _ = ArtifactStore(tmp_path / "whole-store").load("oneshot", key)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    print(f"resumed after {finished}/{BLOCKS} blocks: {resumed_seconds:.1f} s; "
+          f"uninterrupted: {whole_seconds:.1f} s")
+
+
+def test_a_damaged_block_is_computed_again_with_the_ones_after_it(tmp_path):
+    """`parts` yields the committed blocks from block 0 up to the first damaged one."""
+    store = ArtifactStore(tmp_path / "store")
+    key = "0" * 32
+    for b in range(4):
+        store.save_part("oneshot", key, b, {f"w{b}": torch.full((2, 2), float(b))},
+                        {"blocks": 4, "seconds": 0.1, "layers": []})
+    assert [r["block"] for _, r in store.parts("oneshot", key)] == [0, 1, 2, 3]
+    assert [t[f"w{r['block']}"][0, 0].item() for t, r in store.parts("oneshot", key)] == [
+        0, 1, 2, 3]
+    part = tmp_path / "store" / "oneshot" / key / "block-00002.safetensors"
+    part.write_bytes(part.read_bytes()[:-1] + b"\0")
+    assert [r["block"] for _, r in store.parts("oneshot", key)] == [0, 1]
+
+    store.save("oneshot", key, {}, {})
+    store.drop_parts("oneshot", key)
+    assert sorted(p.name for p in (tmp_path / "store" / "oneshot" / key).iterdir()) == [
+        "meta.json", "tensors.safetensors"]
