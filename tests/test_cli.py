@@ -316,6 +316,9 @@ def test_a_stray_temporary_file_is_listed_and_collected(tmp_path, capfd, clean_e
     results.write_text(json.dumps({"keys": {"oneshot": key}}))
     assert main(["store", "ls", "--store", str(store.root), "--json"]) == 0
     assert {"stray": str(stray)} in map(json.loads, capfd.readouterr().out.splitlines())
+    assert main(["store", "ls", "--store", str(store.root)]) == 0
+    table = capfd.readouterr().out
+    assert "stray file" in table and stray.name in table and "1 stray temporary file" in table
 
     assert main(["store", "gc", "--store", str(store.root), "--keep", str(results),
                  "--older-than", "0s"]) == 0
