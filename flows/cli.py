@@ -44,7 +44,7 @@ REPEATED = {"exclude": "REGEX", "overrides": "REGEX=PATTERN"}
 
 def _add_options(parser: argparse.ArgumentParser, kind) -> None:
     """One option per field of the run configuration `kind` (tasks.config), and one per SDS
-    option (sds.reconstruct.SDSConfig); the field's description is the help. Options left out
+    option (sds.options.SDSConfig); the field's description is the help. Options left out
     keep the configuration's default (or, for a sweep, the grid file's value); the values are
     validated by the configuration, not here."""
     import dataclasses
@@ -71,7 +71,7 @@ def _add_options(parser: argparse.ArgumentParser, kind) -> None:
                 help_text += f" (default: {shown})"
             group.add_argument(*flags, dest=name, metavar=name.upper(), default=argparse.SUPPRESS,
                                help=help_text)
-    group = parser.add_argument_group("SDS options (SDSConfig in sds/reconstruct.py)")
+    group = parser.add_argument_group("SDS options (SDSConfig in sds/options.py)")
     for f in dataclasses.fields(SDSConfig):
         dest = f"sds_options.{f.name}"
         flags = FLAGS.get(dest, ["--" + f.name.replace("_", "-")])
