@@ -146,13 +146,14 @@ def _nm_lowest(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
     [M, out·in/M], so each comparison runs over a whole vector."""
     rows, cols = score.shape
     g = score.reshape(-1, m).T.contiguous()  # [M, groups]
+    count_dtype = torch.uint8 if m <= 256 else torch.int32  # counts reach M − 1
     above = []
     for j in range(m):
         count = None
         for k in range(m):
             if k != j:
                 ahead = torch.ge(g[k], g[j]) if k < j else torch.gt(g[k], g[j])  # [groups]
-                count = ahead.to(torch.uint8) if count is None else count.add_(ahead)
+                count = ahead.to(count_dtype) if count is None else count.add_(ahead)
         above.append(count)
     return (torch.stack(above, 1) >= n).view(rows, cols)
 
