@@ -22,8 +22,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import os
+import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 
 from prefect.states import Completed
@@ -231,6 +234,74 @@ class BlockCommits:
         self.progress(block, blocks, seconds)
 
 
+# -- leases -------------------------------------------------------------------------------------
+LEASE_SECONDS = 60.0  # a lease lasts this long unless renewed (every third of it)
+WAIT_POLL_SECONDS = 1.0  # how often a run waiting for another's artifact looks again
+
+
+class Lease:
+    """This run's lease on an artifact in the store, renewed by a background thread until
+    `release()`. When it was taken over meanwhile (this run stalled past the expiry), `lost`
+    is set and a warning logged: the computation goes on (its result is the same artifact)."""
+
+    def __init__(self, store: ArtifactStore, spec: StageSpec, generation: int, owner: dict,
+                 logger, seconds: float):
+        self.store, self.spec, self.generation, self.owner = store, spec, generation, owner
+        self.logger, self.seconds, self.lost = logger, seconds, False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._renew, daemon=True,
+                                        name=f"lease {spec.stage}/{spec.key}")
+        self._thread.start()
+
+    def _renew(self) -> None:
+        store = ArtifactStore(self.store.root)  # a client of its own for this thread
+        while not self._stop.wait(self.seconds / 3):
+            try:
+                if not store.renew_lease(self.spec.stage, self.spec.key, self.generation,
+                                         self.owner, self.seconds):
+                    self.lost = True
+                    self.logger.warning("%s: the lease on %s was taken over by another run",
+                                        self.spec.title, self.spec.key)
+                    return
+            except StoreError as exc:  # try again at the next turn
+                self.logger.warning("%s: renewing the lease failed (%s)", self.spec.title, exc)
+
+    def release(self) -> None:
+        """Stop renewing and give the lease up (if that fails, it expires by itself)."""
+        self._stop.set()
+        self._thread.join()
+        if not self.lost:
+            try:
+                self.store.release_lease(self.spec.stage, self.spec.key, self.generation)
+            except StoreError as exc:  # must not hide the stage's own outcome
+                self.logger.warning("%s: releasing the lease failed (%s); it expires in %.0f s",
+                                    self.spec.title, exc, self.seconds)
+
+
+def claim(store: ArtifactStore, spec: StageSpec, logger, seconds: float = LEASE_SECONDS
+          ) -> Lease | None:
+    """Take the lease on the stage's artifact, waiting while another run holds it. None when
+    the artifact got committed meanwhile (by the holder): reuse it then."""
+    owner = {"owner": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid()}
+    waiting = False
+    while True:
+        generation, holder = store.take_lease(spec.stage, spec.key, owner, seconds)
+        # committed by a holder that released its lease just before: nothing to compute
+        if store.exists(spec.stage, spec.key):
+            if generation is not None:
+                store.release_lease(spec.stage, spec.key, generation)
+            return None
+        if generation is not None:
+            if waiting:
+                progress(logger, spec, "took over the lease on %s", spec.key, event="lease")
+            return Lease(store, spec, generation, owner, logger, seconds)
+        if not waiting:
+            waiting = True
+            progress(logger, spec, "waiting for the run computing %s (host %s, pid %s)",
+                     spec.key, holder.get("host"), holder.get("pid"), event="wait")
+        time.sleep(WAIT_POLL_SECONDS)
+
+
 # -- running one stage --------------------------------------------------------------------------
 class Clock:
     """Named wall-clock timers: `with clock("compute"): ...` -> clock.seconds["compute"]."""
@@ -255,8 +326,11 @@ def run_stage(spec: StageSpec, compute: Compute, upstream: dict[str, dict] | Non
     """Return the stage's reference, computing and committing its artifact only when needed.
 
     When the artifact's commit record is in the store the reference comes back at once, in a
-    state named `Cached` (nothing is downloaded). Nothing is written until `compute` has
-    returned: a stage that fails (or a process that is killed) leaves no committed artifact.
+    state named `Cached` (nothing is downloaded). Otherwise the stage takes the artifact's
+    lease first; while another run holds it, this one waits and then reuses what that run
+    committed (or takes the lease over once it expires). Nothing is committed until `compute`
+    has returned: a stage that fails (or a process that is killed) leaves no committed
+    artifact, only its finished blocks.
     """
     from prefect.logging import get_run_logger
 
@@ -266,13 +340,22 @@ def run_stage(spec: StageSpec, compute: Compute, upstream: dict[str, dict] | Non
             raise ConfigError(f"{spec.title}: upstream {name!r} is {ref and ref.get('key')}, "
                               f"the plan expects {spec.upstream.get(name)}; plan again")
     store = ArtifactStore(spec.store)
-    if store.exists(spec.stage, spec.key):  # the commit record only: readers hash the tensors
+    # the commit record only (readers hash the tensors); else the lease, or wait for its holder
+    lease = None if store.exists(spec.stage, spec.key) else claim(store, spec, logger)
+    if lease is None:
         progress(logger, spec, "artifact %s is in the store; nothing to compute", spec.key,
                  event="cached")
         return Completed(name="Cached", message="artifact in the store",
                          data=reference(store, spec, store.load_meta(spec.stage, spec.key),
-                                              computed=False))
+                                        computed=False))
+    try:
+        return _compute(spec, compute, store, logger)
+    finally:
+        lease.release()
 
+
+def _compute(spec: StageSpec, compute: Compute, store: ArtifactStore, logger) -> dict:
+    """Compute the stage and commit its artifact (holding its lease); its reference."""
     progress(logger, spec, "computing artifact %s", spec.key, event="start")
     clock = Clock()
     t0 = time.perf_counter()

@@ -6,7 +6,8 @@ Layout under the root (a local folder, `s3://bucket/prefix`, `memory://...`, any
     <root>/<stage>/<key>/meta.json             written last: its presence is the commit
     <root>/<stage>/<key>/block-00007.*         a stage's finished blocks while it computes
                                                (`save_part`); removed once it commits
-    <root>/.leases/<stage>-<key>.json          who computes `stage`/`key` now, until when
+    <root>/.leases/<stage>/<key>/<n>.json      who computes `stage`/`key` now, until when
+                                               (generation n; `take_lease`)
 
 The key hashes everything that determines a stage's output (`artifact_key`), so the same inputs
 find the same artifact on any machine. Only validated stage names and hex keys ever become path
@@ -66,6 +67,7 @@ KEY_LENGTH = 32  # hex characters kept of the sha256: 128 bits
 _STAGE_RE = re.compile(r"[a-z][a-z0-9_-]{0,63}")
 _KEY_RE = re.compile(rf"[0-9a-f]{{{KEY_LENGTH}}}")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
+_LEASE_RE = re.compile(r"([0-9]{1,9})\.json")
 _PART_RE = re.compile(r"block-[0-9]{5}\.(safetensors|json)")
 _RESERVED = frozenset(
     {"format", "stage", "key", "sha256", "bytes", "tensor_names", "created", "versions"}
@@ -431,14 +433,94 @@ class ArtifactStore:
                     with contextlib.suppress(FileNotFoundError):
                         self.fs.rm_file(path)
 
+    # -- leases: who computes an artifact now -------------------------------------------------
+    # A lease is generation n of `.leases/<stage>/<key>/`, made by `create` (only one writer
+    # makes a given generation). The highest generation is the lease; its holder rewrites it to
+    # extend it. An expired one is taken over by making the next generation, never by deleting:
+    # two runs taking over the same dead lease race for one create, and one wins.
+    def take_lease(self, stage: str, key: str, owner: dict, seconds: float
+                   ) -> tuple[int | None, dict | None]:
+        """Try to take the lease of `stage`/`key` for `seconds`: (its generation, None) when
+        taken, (None, the holder's lease) when someone holds a live one. `owner` is what the
+        lease records of its holder ({"owner": id, ...}); `expired(lease)` says whether a
+        holder's lease may be taken over."""
+        self.ref(stage, key)
+        generation, current = self._lease(stage, key)
+        if current is not None and not expired(current):
+            return None, current
+        generation = 0 if generation is None else generation + 1
+        lease = {**owner, "stage": stage, "key": key, "generation": generation,
+                 **_expiry(seconds)}
+        if self.create(_lease_name(stage, key, generation), json.dumps(lease).encode()):
+            return generation, None
+        return None, self._lease(stage, key)[1] or {}
+
+    def renew_lease(self, stage: str, key: str, generation: int, owner: dict, seconds: float
+                    ) -> bool:
+        """Extend a lease this holder took: False (and nothing written) when it is no longer
+        the holder's (another run took it over after it expired)."""
+        latest, current = self._lease(stage, key)
+        if latest != generation or (current or {}).get("owner") != owner["owner"]:
+            return False
+        lease = {**current, **_expiry(seconds)}
+        path = f"{self._base}/{_lease_name(stage, key, generation)}"
+        with self._guard(f"renewing the lease {self._uri(path)}", missing_ok=False):
+            with atomic_file(self.fs, path) as tmp:
+                with open(tmp, "w") as f:
+                    json.dump(lease, f)
+        return True
+
+    def release_lease(self, stage: str, key: str, generation: int) -> None:
+        """Give a lease up: its generation and the expired ones below it go."""
+        folder = f"{self._base}/{_lease_name(stage, key, 0).rsplit('/', 1)[0]}"
+        with self._guard(f"releasing the lease of {stage}/{key}"):
+            for n in self._lease_generations(folder):
+                if n <= generation:
+                    with contextlib.suppress(FileNotFoundError):
+                        self.fs.rm_file(f"{folder}/{n}.json")
+
+    def lease(self, stage: str, key: str) -> dict | None:
+        """The current lease of `stage`/`key` (live or expired), None when there is none."""
+        self.ref(stage, key)
+        return self._lease(stage, key)[1]
+
+    def _lease(self, stage: str, key: str) -> tuple[int | None, dict | None]:
+        """(highest generation, its lease; {"expires": 0} when unreadable) or (None, None)."""
+        folder = f"{self._base}/{_lease_name(stage, key, 0).rsplit('/', 1)[0]}"
+        generations = self._lease_generations(folder)
+        if not generations:
+            return None, None
+        n = max(generations)
+        with self._guard(f"reading the lease {self._uri(folder)}/{n}.json"):
+            try:
+                lease = json.loads(self.fs.cat_file(f"{folder}/{n}.json"))
+            except FileNotFoundError as exc:  # released meanwhile
+                if _is_missing_bucket(exc):
+                    raise
+                return self._lease(stage, key)
+            except ValueError:
+                lease = None
+        return n, lease if isinstance(lease, dict) else {"expires": 0}
+
+    def _lease_generations(self, folder: str) -> list[int]:
+        with self._guard(f"listing {self._uri(folder)}"):
+            try:
+                names = self.fs.ls(folder, detail=False)
+            except FileNotFoundError as exc:
+                if _is_missing_bucket(exc):
+                    raise
+                return []
+        found = (_LEASE_RE.fullmatch(n.rsplit("/", 1)[-1]) for n in names)
+        return [int(m.group(1)) for m in found if m]
+
     def create(self, name: str, data: bytes) -> bool:
         """Write `data` to `<root>/<name>` only if nothing is there yet: True when this call
         created it, False when it existed (an exclusive create locally, a conditional PUT on
         S3: two writers racing for one name never both win)."""
         path = f"{self._base}/{name}"
         with self._guard(f"creating {self._uri(path)}", missing_ok=False):
-            if self.local:
-                os.makedirs(os.path.dirname(path), exist_ok=True)
+            if self.local:  # written beside it, then linked: a reader never sees a part
+                return _create_local(path, data)
             try:
                 self.fs.pipe_file(path, data, mode="create")
             except FileExistsError:
@@ -799,6 +881,33 @@ class ArtifactStore:
 
 
 # -- helpers ------------------------------------------------------------------------------------
+def _lease_name(stage: str, key: str, generation: int) -> str:
+    return f".leases/{stage}/{key}/{generation}.json"
+
+
+def _expiry(seconds: float) -> dict:
+    """The expiry fields of a lease `seconds` from now (POSIX seconds, and for people)."""
+    until = datetime.now(UTC) + timedelta(seconds=seconds)
+    return {"expires": until.timestamp(), "until": until.isoformat(timespec="seconds")}
+
+
+def expired(lease: Mapping) -> bool:
+    """Whether a lease may be taken over: past its expiry, or held by a process of this host
+    that is gone (a killed run's lease need not be waited out on its own machine)."""
+    expires = lease.get("expires")
+    if not isinstance(expires, int | float) or expires <= datetime.now(UTC).timestamp():
+        return True
+    pid = lease.get("pid")
+    if lease.get("host") == socket.gethostname() and isinstance(pid, int) and pid > 0:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:  # alive, someone else's
+            return False
+    return False
+
+
 def _part(block: int) -> str:
     """The file name (without its suffix) of a stage's finished block."""
     return f"block-{block:05d}"
@@ -911,6 +1020,26 @@ def _mtime(info: Mapping[str, Any]) -> float | None:
         if isinstance(value, datetime):
             return value.timestamp()
     return None
+
+
+def _create_local(path: str, data: bytes) -> bool:
+    """`data` as the local file `path` only if it is absent, complete from its first moment."""
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".sds-", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        _fsync_dir(folder)
+        return True
+    finally:
+        os.remove(tmp)
 
 
 def _fsync(path: str) -> None:

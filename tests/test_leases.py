@@ -1,0 +1,151 @@
+"""Leases: an artifact is computed by one run at a time; the others wait and reuse it, and a
+dead holder's lease is taken over (by one taker only)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from tasks.store import ArtifactStore, artifact_key, expired
+from tests.test_pipeline_fixtures import REPO, cli_args, server_env, tiny_params
+
+pytest_plugins = ["tests.test_pipeline_fixtures"]
+
+KEY = artifact_key("oneshot", 1, {"id": "m"}, {}, [])
+
+
+def _owner(name: str) -> dict:
+    return {"owner": name, "host": "elsewhere", "pid": 1}
+
+
+@pytest.fixture(params=["local", "s3"])
+def root(request, tmp_path) -> str:
+    if request.param == "local":
+        return str(tmp_path / "store")
+    return f"s3://{request.getfixturevalue('s3_bucket')}/runs"
+
+
+def test_a_live_lease_is_held_and_renewed_a_released_one_is_free(root):
+    store = ArtifactStore(root)
+    generation, holder = store.take_lease("oneshot", KEY, _owner("a"), 60)
+    assert (generation, holder) == (0, None)
+    taken, holder = store.take_lease("oneshot", KEY, _owner("b"), 60)
+    assert taken is None and holder["owner"] == "a" and not expired(holder)
+
+    before = store.lease("oneshot", KEY)["expires"]
+    assert store.renew_lease("oneshot", KEY, 0, _owner("a"), 120)
+    assert store.lease("oneshot", KEY)["expires"] > before + 30
+    assert not store.renew_lease("oneshot", KEY, 0, _owner("b"), 120)  # not b's
+
+    store.release_lease("oneshot", KEY, 0)
+    assert store.lease("oneshot", KEY) is None
+    assert store.take_lease("oneshot", KEY, _owner("b"), 60) == (0, None)
+
+
+def test_an_expired_lease_is_taken_over_by_exactly_one_of_several_takers(root):
+    store = ArtifactStore(root)
+    assert store.take_lease("oneshot", KEY, _owner("dead"), -1)[0] == 0  # expired at once
+    assert expired(store.lease("oneshot", KEY))
+
+    start, results = threading.Barrier(6), {}
+
+    def take(name):
+        mine = ArtifactStore(root)
+        start.wait()
+        results[name] = mine.take_lease("oneshot", KEY, _owner(name), 60)
+
+    threads = [threading.Thread(target=take, args=(f"t{i}",)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [name for name, (generation, _) in results.items() if generation is not None]
+    assert len(winners) == 1 and results[winners[0]][0] == 1
+    assert store.lease("oneshot", KEY)["owner"] == winners[0]
+    for name, (generation, holder) in results.items():
+        if name != winners[0]:
+            assert generation is None and holder["owner"] == winners[0]
+    # the one that lost its lease can no longer renew it
+    assert not store.renew_lease("oneshot", KEY, 0, _owner("dead"), 60)
+
+
+def test_a_lease_of_a_process_of_this_host_that_is_gone_has_expired():
+    import os
+    import socket
+
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    gone = int(done.stdout)
+    lease = {"owner": "x", "host": socket.gethostname(), "expires": 2e9 * 10}
+    assert expired({**lease, "pid": gone})
+    assert not expired({**lease, "pid": os.getpid()})
+    assert not expired({**lease, "host": "elsewhere", "pid": gone})
+
+
+def test_a_stale_lease_is_taken_over_by_a_run(prefect_api, tiny_model, corpus, tmp_path):
+    from flows.pipeline import pipeline
+    from tasks.plan import plan_pipeline
+
+    config = tiny_params(tiny_model, corpus, tmp_path / "store", sds=False)
+    plan = plan_pipeline(config)
+    store = ArtifactStore(plan.store)
+    stale = {}
+    for label in ("calibration", "oneshot"):
+        spec = plan.specs[label]
+        assert store.take_lease(spec.stage, spec.key, _owner(f"dead-{label}"), -5)[0] == 0
+        stale[label] = spec
+    results = pipeline(config)
+    for label, spec in stale.items():
+        assert results["stages"][label]["computed"] is True
+        assert store.exists(spec.stage, spec.key)
+        assert store.lease(spec.stage, spec.key) is None  # released after the commit
+
+
+def _two_runs(model, corpus, store: str, tmp_path: Path, env: dict) -> list[dict]:
+    """Two identical `sds run`s on one store, started together; their results."""
+    outs = [tmp_path / f"out{i}" for i in range(2)]
+    processes = [subprocess.Popen([sys.executable, "-m", "flows.cli",
+                                   *cli_args(model, corpus, store, out), "--gpu-limit", "none"],
+                                  env=env, cwd=REPO, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for out in outs]
+    for p in processes:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err
+    return [json.loads((out / "results.json").read_text()) for out in outs]
+
+
+def _check_computed_once(results: list[dict]) -> None:
+    a, b = results
+    assert a["keys"] == b["keys"]
+    assert a["final"]["sha256"] == b["final"]["sha256"]  # identical models
+    for label in a["stages"]:
+        computed = [r["stages"][label]["computed"] for r in results]
+        assert computed.count(True) == 1, f"{label} computed by {computed.count(True)} runs"
+    for r in results:  # a stage reused from the other run computed no block
+        for stage in r["stages"].values():
+            if "blocks" in stage and not stage["computed"]:
+                assert stage["blocks"]["computed"] == 0
+
+
+@pytest.mark.slow
+def test_two_identical_runs_on_one_local_store_compute_each_stage_once(
+        prefect_api, tiny_model, corpus, tmp_path):
+    results = _two_runs(tiny_model, corpus, str(tmp_path / "store"), tmp_path,
+                        server_env(tmp_path))
+    _check_computed_once(results)
+    assert not list((tmp_path / "store" / ".leases").rglob("*.json"))
+
+
+@pytest.mark.slow
+def test_two_identical_runs_on_one_s3_store_compute_each_stage_once(
+        prefect_api, tiny_model, corpus, tmp_path, s3_bucket):
+    root = f"s3://{s3_bucket}/runs"
+    results = _two_runs(tiny_model, corpus, root, tmp_path, server_env(tmp_path))
+    _check_computed_once(results)
+    leases = ArtifactStore(root).fs.find(f"{s3_bucket}/runs/.leases")
+    assert not leases
