@@ -20,7 +20,7 @@ _EXPORTS = {
     "SDSConfig": "options", "SolverOptions": "options",
     "LayerRules": "patterns", "Pattern": "patterns",
     "magnitude": "pruners", "sparsegpt": "pruners", "wanda": "pruners",
-    "admm": "solver",
+    "admm": "pruners",
 }
 
 __all__ = sorted(_EXPORTS)

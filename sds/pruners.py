@@ -7,7 +7,8 @@ fp32 whatever the model dtype; the result is cast back to `W.dtype`.
 - magnitude: score |W|; unstructured prunes the lowest of the whole layer, N:M per group.
 - Wanda: score |W_ij| · ‖X_j‖₂ = |W_ij| · sqrt(H_jj), compared within each output row.
 - SparseGPT: Optimal Brain Surgeon column by column with lazy block updates (Frantar & Alistarh).
-- ADMM: the layer solver (`sds.solver.admm`), the best weights within the pattern.
+- ADMM: the layer solver (`sds.solver.solve`) from the dense weights, the best weights within
+  the pattern.
 
 `METHODS` maps each name to what the engine needs to know: the statistics the method reads
 (none, the diagonal of H, the full H), its per-group preparation of H (SparseGPT's Cholesky
@@ -27,7 +28,7 @@ from .errors import ConfigError, NumericalError
 from .layerwise import LayerGroup, Needs, Transform
 from .options import METHOD_OPTIONS, method_options
 from .patterns import LayerRules, Pattern
-from .solver import ScaledGram, SolverOptions, admm
+from .solver import ScaledGram, SolverOptions, solve
 
 log = logging.getLogger("sds")
 
@@ -184,6 +185,29 @@ def sparsegpt(
     W = Wt.t().contiguous()  # [out, in]
     _check_finite("pruned W", W)
     return W.to(dtype)
+
+
+def admm(W: torch.Tensor, H: torch.Tensor, pattern: Pattern | str, percdamp: float = 0.01,
+         gram: ScaledGram | None = None, options: SolverOptions | None = None,
+         info: dict | None = None) -> torch.Tensor:
+    """One-shot pruning by the solver from the dense weights (targets W_t = W).
+
+    W: [out, in], H: [in, in]; unstructured masks over the whole layer. `gram` is a
+    precomputed `ScaledGram.of(H, percdamp)`, shared by layers that read the same input;
+    `info`, when given, receives the solver's record (iterations, objectives, seconds).
+    """
+    pattern = Pattern.parse(pattern)
+    _check_shapes(W, H)
+    _check_finite("W", W)
+    if pattern.is_nm and W.shape[1] % pattern.m:
+        raise ConfigError(f"{pattern} needs the input dimension to be a multiple of {pattern.m}, "
+                          f"got {W.shape[1]}; exclude this layer or use an unstructured ratio")
+    gram = gram if gram is not None else ScaledGram.of(H, percdamp)
+    W_new, record = solve(W.float(), gram, pattern, options=options or SolverOptions())
+    if info is not None:
+        info.update(record)
+    return W_new.to(W.dtype)
+
 
 
 # -- the methods inside a walk ---------------------------------------------------------------

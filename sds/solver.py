@@ -429,26 +429,3 @@ def _ridge(gram: ScaledGram, Bs: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     inv = torch.where(lam > 1e-6 * lam.max().clamp_min(1e-30), 1.0 / lam.clamp_min(1e-30), 0.0)
     return ((Bs @ gram.Q) * inv) @ gram.Q.T
 
-
-def admm(W: torch.Tensor, H: torch.Tensor, pattern: Pattern | str, percdamp: float = 0.01,
-         gram: ScaledGram | None = None, options: SolverOptions | None = None,
-         info: dict | None = None) -> torch.Tensor:
-    """One-shot pruning by the solver from the dense weights (targets W_t = W).
-
-    W: [out, in], H: [in, in]; unstructured masks over the whole layer. `gram` is a
-    precomputed `ScaledGram.of(H, percdamp)`, shared by layers that read the same input;
-    `info`, when given, receives the solver's record (iterations, objectives, seconds).
-    """
-    from .pruners import _check_finite, _check_shapes
-
-    pattern = Pattern.parse(pattern)
-    _check_shapes(W, H)
-    _check_finite("W", W)
-    if pattern.is_nm and W.shape[1] % pattern.m:
-        raise ConfigError(f"{pattern} needs the input dimension to be a multiple of {pattern.m}, "
-                          f"got {W.shape[1]}; exclude this layer or use an unstructured ratio")
-    gram = gram if gram is not None else ScaledGram.of(H, percdamp)
-    W_new, record = solve(W.float(), gram, pattern, options=options or SolverOptions())
-    if info is not None:
-        info.update(record)
-    return W_new.to(W.dtype)
