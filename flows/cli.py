@@ -529,6 +529,11 @@ def sweep_config(args):
 
 def cmd_sweep(args, console) -> int:
     config = sweep_config(args)
+    if config.pool and args.api is not None:
+        from sds.errors import ConfigError
+
+        raise ConfigError(f"--pool {config.pool} needs the Prefect server its workers use; set "
+                          "PREFECT_API_URL (e.g. http://127.0.0.1:4200/api)")
     log = _check(config, config.points(), args, console)
     from flows.sweep import sweep
 

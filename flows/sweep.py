@@ -1,8 +1,16 @@
-"""The sweep flow: models x methods x patterns, fanned out as tasks of one flow run.
+"""The sweep flow: models x methods x patterns, in this flow run or fanned out over a work pool.
 
-Stages that several grid points share have the same artifact key and are submitted once: the
-calibration of a model and its dense evaluation run once for the whole grid, and a one-shot
-pruning is shared by the SDS and plain variants of the same point.
+In this flow run (no `pool`), the points' stages are tasks of one flow run: stages that several
+grid points share have the same artifact key and are submitted once (the calibration of a model
+and its dense evaluation run once for the whole grid, and a one-shot pruning is shared by the SDS
+and plain variants of the same point).
+
+With `pool`, each point is its own `pipeline` flow run on that Prefect work pool (a child of the
+sweep's flow run in the UI), taken by whichever worker is free; the store's leases make the
+shared stages computed once across workers. The sweep creates or updates the deployment
+`pipeline/sweep-<pool>` from this checkout (its flow code is this folder, no image), waits for
+every point, reads each point's artifacts from the store, and writes the same results as in one
+flow run.
 """
 
 from __future__ import annotations
@@ -14,35 +22,54 @@ from pathlib import Path
 from prefect import flow
 from prefect.artifacts import create_table_artifact
 
-from sds.errors import SDSError
+from sds.errors import ConfigError, SDSError
 from tasks import stages
-from tasks.common import ensure_gpu_limit
+from tasks.common import ensure_gpu_limit, reference
 from tasks.config import SweepConfig
-from tasks.plan import plan_pipeline
+from tasks.plan import Plan, plan_pipeline
 from tasks.store import ArtifactStore
 
 from . import report
 from .pipeline import current_run, run_plans
 
+REPO = Path(__file__).resolve().parents[1]  # the checkout whose flow code the workers run
+ENTRYPOINT = "flows/pipeline.py:pipeline"
+POLL_SECONDS = 2.0
+
 
 @flow(name="sweep", description="A grid of models x methods x patterns; shared stages once.")
 def sweep(config: SweepConfig = SweepConfig()) -> dict:  # noqa: B008 - a frozen model
     """Every combination of models, methods, patterns (and SDS on/off), with the shared options
-    of `config` (see tasks.config.SweepConfig).
+    of `config` (see tasks.config.SweepConfig); with `config.pool`, each point is a `pipeline`
+    flow run on that work pool.
 
     Writes `<out>/<run name>/results.json` per point (and the model with `export`) and
     `<out>/sweep.json`; a point that fails does not stop the others, but fails the sweep.
     """
     started = datetime.now(UTC)
     t0 = time.perf_counter()
-    out, export = config.out, config.export
-    plans = [plan_pipeline(point) for point in config.points()]
+    points = config.points()
+    plans = [plan_pipeline(point) for point in points]
     ArtifactStore(plans[0].store).check()
-    ensure_gpu_limit(config.gpu_limit)
+    if config.pool:
+        outcomes, runs = run_on_pool(config.pool, points, plans)
+        submitted = distinct_stages(plans)
+    else:
+        ensure_gpu_limit(config.gpu_limit)
+        outcomes, submitted = run_plans(plans)
+        runs = [current_run()] * len(plans)
+    return write_results(config, plans, outcomes, runs, submitted, started, t0)
 
-    outcomes, submitted = run_plans(plans)
+
+def write_results(config: SweepConfig, plans: list[Plan], outcomes: list[dict | Exception],
+                  runs: list[dict], submitted: dict[str, int], started: datetime,
+                  t0: float) -> dict:
+    """Each point's results.json (and model folder), `<out>/sweep.json` and the table artifact,
+    from each point's stage references (or the error that stopped it) and its flow run. Raises
+    SweepError when a point failed, after writing the others."""
+    out, export = config.out, config.export
     points, failures = [], []
-    for plan, refs in zip(plans, outcomes):
+    for plan, refs, run in zip(plans, outcomes, runs):
         name = report.run_name(plan.settings)
         try:
             if isinstance(refs, Exception):
@@ -52,7 +79,7 @@ def sweep(config: SweepConfig = SweepConfig()) -> dict:  # noqa: B008 - a frozen
                 model_dir = stages.export_model(plan.specs[plan.final], refs[plan.final],
                                                 str(Path(out) / name / "model"))
             results = report.build_results(plan, refs, started, time.perf_counter() - t0,
-                                           model_dir, current_run())
+                                           model_dir, run)
             if out:
                 report.write_json(results, Path(out) / name / "results.json")
             points.append({"name": name, "results": results})
@@ -87,5 +114,110 @@ def sweep(config: SweepConfig = SweepConfig()) -> dict:  # noqa: B008 - a frozen
     return summary
 
 
+# -- fan-out over a work pool -------------------------------------------------------------------
+def deploy_points(pool: str) -> str:
+    """Create or update the deployment `pipeline/sweep-<pool>` on the work pool `pool`, its flow
+    code this checkout (a process worker runs it in this folder); its name."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    from .pipeline import pipeline
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(pool)
+        except ObjectNotFound:
+            raise ConfigError(f"there is no work pool {pool!r}; create it with `prefect "
+                              f"work-pool create {pool} --type process` and start workers "
+                              f"(`prefect worker start --pool {pool}`)") from None
+    name = f"sweep-{pool}"
+    deployment = pipeline.from_source(str(REPO), ENTRYPOINT).to_deployment(
+        name=name, work_pool_name=pool, tags=["sds", "sweep"],
+        description="One point of a sweep (created by the sweep flow from its checkout).")
+    deployment.apply()
+    return f"pipeline/{name}"
+
+
+def run_on_pool(pool: str, points: list, plans: list[Plan]
+                ) -> tuple[list[dict | Exception], list[dict]]:
+    """One `pipeline` flow run per point on `pool`, all submitted at once and awaited; per point
+    its stage references (read from the store, `computed` where that flow run computed the
+    stage) or a PointError naming its flow run, and the flow run ({"id", "name"})."""
+    from prefect import get_run_logger
+    from prefect.deployments import run_deployment
+
+    name = deploy_points(pool)
+    children = [run_deployment(name, parameters={"config": point.model_dump(mode="json")},
+                               flow_run_name=report.run_name(plan.settings), timeout=0,
+                               as_subflow=True)
+                for point, plan in zip(points, plans)]
+    get_run_logger().info("%d points submitted to the work pool %s (%s)", len(children), pool,
+                          name)
+    finished = wait_for_flow_runs([c.id for c in children])
+    outcomes: list[dict | Exception] = []
+    for plan, run in zip(plans, finished):
+        if run.state is None or not run.state.is_completed():
+            state = run.state.name if run.state else "unknown"
+            message = " ".join(str(run.state.message or "").split()) if run.state else ""
+            outcomes.append(PointError(f"flow run {run.name!r} ({run.id}) ended {state}"
+                                       + (f": {message}" if message else "")))
+            continue
+        try:
+            outcomes.append(stored_refs(plan, computed_by(run.id)))
+        except Exception as exc:  # noqa: BLE001 - reported as this point's failure
+            outcomes.append(exc)
+    return outcomes, [{"id": str(run.id), "name": run.name} for run in finished]
+
+
+def wait_for_flow_runs(ids: list) -> list:
+    """The flow runs `ids`, once every one of them is in a final state."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        while True:
+            runs = {r.id: r for r in client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)), limit=len(ids))}
+            if len(runs) == len(ids) and all(r.state and r.state.is_final()
+                                             for r in runs.values()):
+                return [runs[i] for i in ids]
+            time.sleep(POLL_SECONDS)
+
+
+def computed_by(flow_run_id) -> set[str]:
+    """The stage labels whose artifact the flow run computed (its task run `Completed`; a stage
+    found in the store, or waited for and reused, ends `Cached`)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {r.name.split()[0] for r in runs if r.state and r.state.name == "Completed"}
+
+
+def stored_refs(plan: Plan, computed: set[str]) -> dict[str, dict]:
+    """The plan's stage references, from the commit records in the store."""
+    store = ArtifactStore(plan.store)
+    return {label: reference(store, spec, store.load_meta(spec.stage, spec.key),
+                             computed=label in computed)
+            for label, spec in plan.specs.items()}
+
+
+def distinct_stages(plans: list[Plan]) -> dict[str, int]:
+    """Per stage label, how many distinct artifacts the plans need (what one flow run submits)."""
+    seen, counts = set(), {}
+    for plan in plans:
+        for label, spec in plan.specs.items():
+            if (spec.store, spec.stage, spec.key) not in seen:
+                seen.add((spec.store, spec.stage, spec.key))
+                counts[label] = counts.get(label, 0) + 1
+    return counts
+
+
 class SweepError(SDSError):
     """Some points of a sweep failed (the others' results are written)."""
+
+
+class PointError(SDSError):
+    """A point's flow run on the work pool did not complete."""

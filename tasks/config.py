@@ -137,6 +137,8 @@ class SweepConfig(Options):
                             "both)")
     out: str | None = Field("./sds-sweep", description="results go here")
     export: bool = Field(False, description="write each point's model folder")
+    pool: OptionalName = Field(None, description="Prefect work pool: run each point as its own "
+                               "pipeline flow run there (default: all points in this process)")
 
     @field_validator("sds", mode="before")
     @classmethod
@@ -145,7 +147,7 @@ class SweepConfig(Options):
 
     def points(self) -> list[RunConfig]:
         shared = self.model_dump(exclude={"models", "methods", "patterns", "sds", "out",
-                                          "export"})
+                                          "export", "pool"})
         return [RunConfig(**shared, model=model, method=method, pattern=pattern, sds=sds,
                           out=None, export=False)
                 for model, method, pattern, sds in itertools.product(

@@ -30,6 +30,8 @@ def test_deployment_file_names_real_flows_and_valid_configs():
         flow.validate_parameters(entry["parameters"])  # raises on a wrong name, type or value
         assert entry["work_pool"]["name"] == "sds-gpu"
     assert entries["nightly"]["schedules"] and "schedules" not in entries["on-demand"]
+    # the nightly sweep runs each point as a flow run of its own on the same pool
+    assert entries["nightly"]["parameters"]["config"]["pool"] == "sds-gpu"
     assert document["pull"][0]["prefect.deployments.steps.set_working_directory"]
 
 

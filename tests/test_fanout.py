@@ -1,0 +1,165 @@
+"""Fan-out: `sds sweep --pool` runs each grid point as its own flow run on a process work pool,
+exactly as deployments/README.md tells a team to: a real Prefect server, `prefect work-pool
+create`, two `prefect worker start` processes (standing in for two machines, each in a checkout)
+and a moto S3 store that all of them share."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tasks.store import ArtifactStore
+from tests.test_deploy import _wait_for
+from tests.test_pipeline_fixtures import REPO, server_env
+
+pytest_plugins = ["tests.test_pipeline_fixtures"]
+
+POOL = "sds-test-fanout"
+WORKERS = ("worker-a", "worker-b")
+
+
+def _sweep_args(model: Path, corpus: dict[str, Path], store: str, out: Path) -> list[str]:
+    """A 2 x 2 grid (two methods x two patterns) of the tiny model: seconds per point."""
+    return ["sweep", "--models", str(model), "--methods", "sparsegpt,wanda", "--patterns",
+            "2:4,50%", "--calib", str(corpus["calib"]), "--eval", str(corpus["heldout"]),
+            "--tasks", "none", "--nsamples", "4", "--seqlen", "32", "--epochs", "5",
+            "--adjust-epochs", "5", "--gpu-limit", "none", "--store", store, "--out", str(out)]
+
+
+def _run(args: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run([sys.executable, *args], env=env, cwd=REPO, capture_output=True,
+                              text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(f"`{' '.join(args[:4])} ...` did not finish in {timeout:.0f} s: "
+                             f"{(exc.stderr or b'')[-3000:]!r}") from None
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _results(out: Path) -> dict[str, dict]:
+    summary = json.loads((out / "sweep.json").read_text())
+    assert not summary["failures"], summary["failures"]
+    return {run["name"]: json.loads((out / run["name"] / "results.json").read_text())
+            for run in summary["runs"]}
+
+
+def _wait_for_workers(client, logs: dict[str, Path], workers: list) -> None:
+    """Until the pool lists every worker (they poll it once started)."""
+    def joined() -> bool:
+        for name, process in zip(WORKERS, workers):
+            if process.poll() is not None:
+                raise AssertionError(f"{name} exited: {logs[name].read_text()[-3000:]}")
+        return set(WORKERS) <= {w.name for w in client.read_workers_for_work_pool(POOL)}
+
+    _wait_for("the workers to reach the pool", joined, 90, log=logs[WORKERS[0]])
+
+
+@pytest.mark.slow
+def test_a_sweep_fans_out_over_two_workers_and_computes_each_artifact_once(
+        prefect_api, tiny_model, corpus, s3_bucket, tmp_path):
+    from prefect.client.orchestration import get_client
+
+    env = server_env(tmp_path, PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_LOGGING_LEVEL="INFO")
+    store = f"s3://{s3_bucket}/fanout"
+    created = _run(["-m", "prefect", "work-pool", "create", POOL, "--type", "process"],
+                   env, 60)
+    assert created.returncode == 0, created.stdout + created.stderr
+
+    logs = {name: tmp_path / f"{name}.log" for name in WORKERS}
+    workers = []
+    try:
+        for name in WORKERS:  # each with its own Prefect home, as on its own machine
+            with open(logs[name], "wb") as log:
+                workers.append(subprocess.Popen(
+                    [sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL,
+                     "--name", name, "--limit", "2"],
+                    env={**env, "PREFECT_HOME": str(tmp_path / name)}, cwd=REPO, stdout=log,
+                    stderr=subprocess.STDOUT, start_new_session=True))
+        with get_client(sync_client=True) as client:
+            _wait_for_workers(client, logs, workers)
+        fanned = _run(["-m", "flows.cli", *_sweep_args(tiny_model, corpus, store,
+                                                       tmp_path / "fanned"), "--pool", POOL],
+                      env, 300)
+        assert fanned.returncode == 0, fanned.stderr[-3000:] + "".join(
+            f"\n--- {name}:\n{logs[name].read_text()[-3000:]}" for name in WORKERS)
+    finally:
+        for process in workers:
+            _stop(process)
+
+    fanned = _results(tmp_path / "fanned")
+    assert len(fanned) == 4
+
+    # each point was its own flow run, and both workers ran points
+    run_ids = {r["flow_run"]["id"] for r in fanned.values()}
+    assert len(run_ids) == 4 and "" not in run_ids
+    # a flow run's own log lines go to its worker's output: "View at .../flow-run/<id>"
+    ran = {name: set(re.findall(r"/flow-run/([0-9a-f-]{36})", logs[name].read_text()))
+           for name in WORKERS}
+    assert all(ran.values()), f"points per worker: {ran}"
+    assert ran["worker-a"].isdisjoint(ran["worker-b"])
+    assert ran["worker-a"] | ran["worker-b"] == run_ids, ran
+
+    # at least two points ran at the same time
+    with get_client(sync_client=True) as client:
+        spans = sorted((run.start_time, run.end_time) for run in
+                       (client.read_flow_run(i) for i in run_ids))
+    assert all(start and end for start, end in spans), spans
+    assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:])), spans
+
+    # every artifact, shared ones included, was computed by exactly one point's flow run
+    computed: dict[tuple[str, str], int] = {}
+    for results in fanned.values():
+        for label, stage in results["stages"].items():
+            computed[label, stage["key"]] = computed.get((label, stage["key"]), 0) + (
+                1 if stage["computed"] else 0)
+    assert computed and all(n == 1 for n in computed.values()), computed
+    shared = {label for label, _ in computed}
+    assert {"calibration", "evaluate-dense"} <= shared
+    assert sum(1 for label, _ in computed if label == "calibration") == 1
+    # ... and the store holds exactly those artifacts
+    assert {a["key"] for a in ArtifactStore(store).list()} == {key for _, key in computed}
+
+    # the same results as the whole sweep in one process, on a store of its own
+    alone = _run(["-m", "flows.cli", *_sweep_args(tiny_model, corpus, f"s3://{s3_bucket}/alone",
+                                                  tmp_path / "alone")], env, 300)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    alone = _results(tmp_path / "alone")
+    assert set(alone) == set(fanned)
+    for name, results in alone.items():
+        assert fanned[name]["keys"] == results["keys"], name
+        assert fanned[name]["final"]["sha256"] == results["final"]["sha256"], name
+        assert fanned[name]["metrics"] == results["metrics"], name  # the same models
+    summaries = [json.loads((tmp_path / out / "sweep.json").read_text())
+                 for out in ("fanned", "alone")]
+    assert summaries[0]["stage_submissions"] == summaries[1]["stage_submissions"]
+    assert [r["keys"] for r in summaries[0]["runs"]] == [r["keys"] for r in summaries[1]["runs"]]
+
+
+
+@pytest.mark.slow
+def test_a_sweep_on_a_pool_needs_the_server_and_an_existing_pool(prefect_api, tiny_model,
+                                                                   corpus, tmp_path):
+    args = ["-m", "flows.cli", *_sweep_args(tiny_model, corpus, str(tmp_path / "store"),
+                                             tmp_path / "out")]
+    # no PREFECT_API_URL: the workers could not reach this command's embedded API
+    alone = _run([*args, "--pool", POOL], {**server_env(tmp_path), "PREFECT_API_URL": ""}, 120)
+    assert alone.returncode == 2 and "set PREFECT_API_URL" in alone.stderr, alone.stderr
+    absent = _run([*args, "--pool", "no-such-pool"], server_env(tmp_path), 120)
+    assert absent.returncode == 2, absent.stderr
+    assert "prefect work-pool create no-such-pool" in absent.stderr, absent.stderr
+    assert not (tmp_path / "out" / "sweep.json").exists()
