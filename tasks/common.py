@@ -349,13 +349,16 @@ def run_stage(spec: StageSpec, compute: Compute, upstream: dict[str, dict] | Non
                          data=reference(store, spec, store.load_meta(spec.stage, spec.key),
                                         computed=False))
     try:
-        return _compute(spec, compute, store, logger)
+        return _compute(spec, compute, store, logger, lease)
     finally:
         lease.release()
 
 
-def _compute(spec: StageSpec, compute: Compute, store: ArtifactStore, logger) -> dict:
-    """Compute the stage and commit its artifact (holding its lease); its reference."""
+def _compute(spec: StageSpec, compute: Compute, store: ArtifactStore, logger,
+             lease: Lease) -> dict:
+    """Compute the stage and commit its artifact (holding its lease); its reference. When the
+    lease was taken over meanwhile and the run that took it has committed, its artifact stays:
+    rewriting it would pull the commit record from under its readers."""
     progress(logger, spec, "computing artifact %s", spec.key, event="start")
     clock = Clock()
     t0 = time.perf_counter()
@@ -375,6 +378,10 @@ def _compute(spec: StageSpec, compute: Compute, store: ArtifactStore, logger) ->
         "device": spec.run.device,
         **extra,
     }
+    if lease.lost and store.exists(spec.stage, spec.key):
+        progress(logger, spec, "artifact %s was committed by the run that took the lease over; "
+                 "keeping it", spec.key, event="cached")
+        return reference(store, spec, store.load_meta(spec.stage, spec.key), computed=False)
     store.save(spec.stage, spec.key, tensors, meta)
     store.drop_parts(spec.stage, spec.key)  # the finished blocks are in the artifact now
     meta = store.load_meta(spec.stage, spec.key)

@@ -471,13 +471,26 @@ class ArtifactStore:
         return True
 
     def release_lease(self, stage: str, key: str, generation: int) -> None:
-        """Give a lease up: its generation and the expired ones below it go."""
+        """Give a lease up. Once the artifact is committed its leases go: a taker finds the
+        commit and computes nothing. Before that (the holder failed), generation numbers must
+        only grow, or a taker that read an older generation could make the same number as the
+        next one: while this generation is the highest it stays, rewritten as expired, and only
+        the generations below it go."""
         folder = f"{self._base}/{_lease_name(stage, key, 0).rsplit('/', 1)[0]}"
+        committed = self.exists(stage, key)
         with self._guard(f"releasing the lease of {stage}/{key}"):
-            for n in self._lease_generations(folder):
-                if n <= generation:
+            generations = self._lease_generations(folder)
+            latest = max(generations, default=None)
+            keep = generation if latest == generation and not committed else None
+            for n in generations:
+                if n <= generation and n != keep:
                     with contextlib.suppress(FileNotFoundError):
                         self.fs.rm_file(f"{folder}/{n}.json")
+            if keep is not None:
+                current = self._lease(stage, key)[1] or {}
+                with atomic_file(self.fs, f"{folder}/{generation}.json") as tmp:
+                    with open(tmp, "w") as f:
+                        json.dump({**current, "expires": 0, "released": True}, f)
 
     def lease(self, stage: str, key: str) -> dict | None:
         """The current lease of `stage`/`key` (live or expired), None when there is none."""

@@ -42,9 +42,17 @@ def test_a_live_lease_is_held_and_renewed_a_released_one_is_free(root):
     assert store.lease("oneshot", KEY)["expires"] > before + 30
     assert not store.renew_lease("oneshot", KEY, 0, _owner("b"), 120)  # not b's
 
-    store.release_lease("oneshot", KEY, 0)
+    store.release_lease("oneshot", KEY, 0)  # given up without a commit: the holder failed
+    released = store.lease("oneshot", KEY)
+    assert released["owner"] == "a" and released["released"] and expired(released)
+    # generation numbers only grow: a taker that read generation 0 before the release can
+    # only make generation 1, as the next taker does, so two takers never both win
+    assert store.take_lease("oneshot", KEY, _owner("b"), 60) == (1, None)
+    store.release_lease("oneshot", KEY, 1)
+    assert store.take_lease("oneshot", KEY, _owner("c"), 60) == (2, None)
+    store.save("oneshot", KEY, {}, {})  # committed: its leases go
+    store.release_lease("oneshot", KEY, 2)
     assert store.lease("oneshot", KEY) is None
-    assert store.take_lease("oneshot", KEY, _owner("b"), 60) == (0, None)
 
 
 def test_an_expired_lease_is_taken_over_by_exactly_one_of_several_takers(root):
@@ -149,3 +157,30 @@ def test_two_identical_runs_on_one_s3_store_compute_each_stage_once(
     _check_computed_once(results)
     leases = ArtifactStore(root).fs.find(f"{s3_bucket}/runs/.leases")
     assert not leases
+
+
+def test_a_run_whose_lease_was_taken_over_keeps_the_artifact_the_other_run_committed(
+        tiny_model, corpus, tmp_path):
+    import logging
+    import types
+
+    import torch
+
+    from tasks.common import _compute
+    from tasks.plan import plan_pipeline
+
+    plan = plan_pipeline(tiny_params(tiny_model, corpus, tmp_path / "store", sds=False))
+    spec = plan.specs["calibration"]
+    store = ArtifactStore(plan.store)
+    store.save(spec.stage, spec.key, {"x": torch.zeros(2)}, {"by": "the run that took over"})
+    before = store.load_meta(spec.stage, spec.key)
+
+    def compute(*_args):
+        return {"x": torch.ones(2)}, {"by": "the stalled run"}
+
+    lost = types.SimpleNamespace(lost=True)  # its lease was taken over while it computed
+    ref = _compute(spec, compute, store, logging.getLogger("test"), lost)
+    assert ref["computed"] is False and ref["sha256"] == before["sha256"]
+    assert store.load_meta(spec.stage, spec.key) == before
+    tensors, meta = store.load(spec.stage, spec.key)
+    assert torch.equal(tensors["x"], torch.zeros(2)) and meta["by"] == "the run that took over"
