@@ -126,9 +126,10 @@ def redense_layer(W0: torch.Tensor, q: Quadratic, config: SDSConfig,
 
 
 def adjust_layer(W0: torch.Tensor, q: Quadratic, pattern: Pattern, config: SDSConfig,
-                 L: float | None = None) -> tuple[torch.Tensor, list[float]]:
+                 L: float | None = None, per_row: bool = False) -> tuple[torch.Tensor, list[float]]:
     """Step 3's adjustment on one layer: projected gradient on ‖W_dense X − W X‖² / ν with the
-    mask re-selected by magnitude within `pattern` at every iteration. W0: [out, in]."""
+    mask re-selected by magnitude within `pattern` at every iteration, in the base method's
+    grouping (`per_row`: unstructured masks per output row, as Wanda's). W0: [out, in]."""
     W = W0.detach().float().clone()
     nu, _, _ = _scales(q, W.numel(), config)
     value, grad = q.value_and_grad(W)
@@ -136,7 +137,7 @@ def adjust_layer(W0: torch.Tensor, q: Quadratic, pattern: Pattern, config: SDSCo
     step = config.adjust_lr / max((L if L is not None else q.lipschitz()) / nu, 1e-30)
     for _ in range(config.adjust_epochs):
         W = W - step * grad / nu
-        W = W.masked_fill(pattern.prune_mask(W.abs()), 0.0)
+        W = W.masked_fill(pattern.prune_mask(W.abs(), per_row=per_row), 0.0)
         value, grad = q.value_and_grad(W)
         history.append(value / nu)
     return W, history
@@ -250,7 +251,7 @@ def second_prune(model, calibration, dense: dict[str, torch.Tensor], method: str
             else:
                 if L is None:
                     L = lipschitz(H)
-                W_adj, hist = adjust_layer(W_pruned, q, pattern, config, L=L)
+                W_adj, hist = adjust_layer(W_pruned, q, pattern, config, L=L, per_row=per_row)
                 error_pruned, error_adjusted = hist[0] * nu, hist[-1] * nu
             info.update(error_pruned=error_pruned / nu, error_adjusted=error_adjusted / nu)
             if error_adjusted < error_pruned or not config.early_exit:

@@ -161,14 +161,16 @@ def test_three_steps_redense_then_exact_pattern(method, spec, solver):
             assert r.extra["adjusted"], r
 
 
-def test_second_pruning_adjusts_within_wandas_rows():
+@pytest.mark.parametrize("solver", ["admm", "pgd"])
+def test_second_pruning_adjusts_within_wandas_rows(solver):
     """Wanda's unstructured masks are per row: the adjusted layers keep exactly half of every
     row, and the adjustment lowers the error of the plain second pruning."""
     model = tiny_llama(layers=1)
     ids = torch.randint(0, 128, (2, 16))
     rules = LayerRules.build("50%")
     dense = dense_weights(model, rules)
-    rep = second_prune(model, ids, dense, "wanda", rules, SDSConfig(), progress=False)
+    rep = second_prune(model, ids, dense, "wanda", rules, SDSConfig(solver=solver),
+                       progress=False)
     for r in rep.layers:
         W = weight_matrix(dict(model.named_modules())[r.name])
         assert ((W == 0).sum(1) >= W.shape[1] // 2).all(), r.name
