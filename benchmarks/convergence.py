@@ -31,8 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import sds  # noqa: E402
-from sds.reconstruct import (Quadratic, SDSConfig, _scales, adjust_layer, lipschitz,  # noqa: E402
-                             redense_layer)
+from sds.reconstruct import Quadratic, SDSConfig, _scales, adjust_layer, lipschitz, redense_layer  # noqa: E402
 from sds.solver import ScaledGram, redense_solve, solve  # noqa: E402
 
 
