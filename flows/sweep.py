@@ -138,6 +138,13 @@ def deploy_points(pool: str) -> str:
     return f"pipeline/{name}"
 
 
+def _for_workers(point, plan: Plan) -> dict:
+    """A point's configuration as a worker must read it: a worker runs in its own checkout, so
+    the store is the one this sweep planned with (a local one as an absolute path). The store
+    is not part of any artifact key, so the worker's keys stay the sweep's."""
+    return point.model_copy(update={"store": plan.store}).model_dump(mode="json")
+
+
 def run_on_pool(pool: str, points: list, plans: list[Plan]
                 ) -> tuple[list[dict | Exception], list[dict]]:
     """One `pipeline` flow run per point on `pool`, all submitted at once and awaited; per point
@@ -147,7 +154,7 @@ def run_on_pool(pool: str, points: list, plans: list[Plan]
     from prefect.deployments import run_deployment
 
     name = deploy_points(pool)
-    children = [run_deployment(name, parameters={"config": point.model_dump(mode="json")},
+    children = [run_deployment(name, parameters={"config": _for_workers(point, plan)},
                                flow_run_name=report.run_name(plan.settings), timeout=0,
                                as_subflow=True)
                 for point, plan in zip(points, plans)]

@@ -163,3 +163,18 @@ def test_a_sweep_on_a_pool_needs_the_server_and_an_existing_pool(prefect_api, ti
     assert absent.returncode == 2, absent.stderr
     assert "prefect work-pool create no-such-pool" in absent.stderr, absent.stderr
     assert not (tmp_path / "out" / "sweep.json").exists()
+
+
+def test_a_point_sent_to_a_worker_names_the_store_the_sweep_planned_with(tmp_path, monkeypatch):
+    """A worker runs in its own checkout: a relative store would be another folder there."""
+    from flows.sweep import _for_workers
+    from tasks.config import SweepConfig
+    from tasks.plan import Plan
+
+    monkeypatch.chdir(tmp_path)
+    point = SweepConfig(store="./runs", methods=["wanda"]).points()[0]
+    plan = Plan(settings={"store": str(tmp_path / "runs")})
+    sent = _for_workers(point, plan)
+    assert sent["store"] == str(tmp_path / "runs")
+    assert {k: v for k, v in sent.items() if k != "store"} == {
+        k: v for k, v in point.model_dump(mode="json").items() if k != "store"}
