@@ -8,7 +8,9 @@ Each step is one walk of the sequential engine over the same random model (the d
 are restored before every one-shot method): statistics (Gram accumulation) and propagation
 alone with a transform that changes nothing, then SparseGPT, Wanda and ADMM one-shot, then the
 two SDS steps on top of SparseGPT. *transform s/block* is the walk's time per block minus the
-statistics-only walk's, i.e. what the method itself costs. Peak GPU memory is
+statistics-only walk's (full Gram matrices), i.e. what the method itself costs; Wanda's walk
+collects only the diagonal, so its column is that saving plus its cost and can be negative.
+Peak GPU memory is
 `torch.cuda.max_memory_allocated` during the step.
 """
 
@@ -121,7 +123,9 @@ def markdown(result: dict, command: str) -> str:
              f"{result['blocks']} LLaMA-style blocks with random weights: hidden {s['hidden']}, "
              f"MLP {s['mlp']}, {s['heads']} heads; calibration {s['nsamples']}x{s['seqlen']} "
              f"tokens; {result['dtype']}; pattern {result['pattern']}; {result['device']}, "
-             f"torch {result['torch']}.", "",
+             f"torch {result['torch']}. *transform s/block*: the step's walk minus the "
+             "statistics-only walk (which builds full Gram matrices; Wanda's walk builds only "
+             "their diagonal, so its value can be negative).", "",
              "| step | s/block | transform s/block | peak GPU GiB | mean sparsity |",
              "|---|---|---|---|---|"]
     for r in result["rows"]:
