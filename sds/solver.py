@@ -290,11 +290,13 @@ def refit(T: torch.Tensor, gram: ScaledGram, mask: torch.Tensor, start: torch.Te
     (W, iterations).
     """
     keep = ~mask  # [out, in]
-    Hd = gram.Hs + gram.damp * torch.eye(gram.Hs.shape[0], dtype=gram.Hs.dtype,
-                                         device=gram.Hs.device)  # [in, in]
+
+    def damped(V):  # V (Ĥ + δI) for V: [out, in], without building the damped [in, in] matrix
+        return (V @ gram.Hs).add_(V, alpha=gram.damp)
+
     X = start.masked_fill(mask, 0.0)  # [out, in]
-    B = (T @ Hd) * keep  # [out, in]: right-hand sides
-    R = B - (X @ Hd) * keep  # [out, in]: residuals
+    B = damped(T) * keep  # [out, in]: right-hand sides
+    R = B - damped(X) * keep  # [out, in]: residuals
     P = R.clone()
     rr = (R * R).sum(1)  # [out]
     bb = (B * B).sum(1)  # [out]
@@ -305,7 +307,7 @@ def refit(T: torch.Tensor, gram: ScaledGram, mask: torch.Tensor, start: torch.Te
         if not active.any():
             it -= 1
             break
-        AP = (P @ Hd) * keep  # [out, in]
+        AP = damped(P) * keep  # [out, in]
         pAp = (P * AP).sum(1)  # [out]
         alpha = torch.where(active & (pAp > 0), rr / pAp.clamp_min(1e-30), 0.0)  # [out]
         X += alpha.unsqueeze(1) * P
