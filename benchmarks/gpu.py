@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -32,6 +31,7 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.speed import _timed  # noqa: E402
 from sds.api import oneshot  # noqa: E402
 from sds.layerwise import walk  # noqa: E402
 from sds.patterns import LayerRules  # noqa: E402
@@ -70,15 +70,8 @@ def run(shape: dict, blocks: int, dtype: torch.dtype, device: torch.device, patt
                 module.weight.data.copy_(dense[name].to(module.weight.device))
 
     def step(label, fn):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        report = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
-        peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+        report, seconds, peak_mib = _timed(device, fn)
+        peak = peak_mib / 1024 if peak_mib is not None else None
         rows.append({"step": label, "seconds": seconds, "per_block": seconds / blocks,
                      "peak_gib": peak, "sparsity": _sparsity(report)})
         print(json.dumps(rows[-1]), flush=True)

@@ -25,7 +25,7 @@ from sds.errors import ConfigError, HubUnreachableError
 from sds.options import TASK_PRESETS
 
 from .config import RunConfig
-from .store import ArtifactStore, artifact_key
+from .store import ArtifactStore, artifact_key, file_sha256
 
 DEMO_DEFAULTS = {"calib": "demo", "eval": ["wiki", "news"], "tasks": ["demo"],
                  "nsamples": 32, "seqlen": 128, "limit": 100}
@@ -105,23 +105,18 @@ class Plan:
         return {label: spec.key for label, spec in self.specs.items()}
 
 
-def _sha256(path: str | Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def _data_identity(source: str, role: str) -> dict:
     """What a data source is, for a key: hub datasets by name, files by content."""
     corpus_split = DEMO_FILES[role].get(source)
     if corpus_split is not None:
         from sds import demo
 
-        return {"source": source, "sha256": _sha256(demo.corpus_path(*corpus_split))}
+        return {"source": source, "sha256": file_sha256(demo.corpus_path(*corpus_split))}
     if source in HUB_SOURCES:
         return {"source": source}
     path = Path(source).expanduser()
     if path.is_file():
-        return {"source": "file", "name": path.name, "sha256": _sha256(path)}
+        return {"source": "file", "name": path.name, "sha256": file_sha256(path)}
     return {"source": source}  # let sds.data say what is wrong with it, at the stage
 
 
@@ -131,7 +126,7 @@ def _task_identity(names: list[str]) -> list:
         if name in TASK_PRESETS["demo"]:
             from sds import demo
 
-            out.append({"task": name, "sha256": _sha256(demo.task_data_path(name))})
+            out.append({"task": name, "sha256": file_sha256(demo.task_data_path(name))})
         else:
             out.append(name)
     return out

@@ -344,7 +344,7 @@ class ArtifactStore:
             with atomic_file(self.fs, f"{folder}/{TENSORS}") as tmp:
                 safetensors.torch.save_file(tensors, tmp)
                 size = os.path.getsize(tmp)
-                digest = _sha256(tmp)
+                digest = file_sha256(tmp)
                 self._uncommit(folder)  # old meta + new tensors must never pass for an artifact
         record = {
             **meta,
@@ -378,7 +378,7 @@ class ArtifactStore:
         with self._guard(f"writing block {block} of {ref.uri}", missing_ok=False):
             with atomic_file(self.fs, f"{path}.safetensors") as tmp:
                 safetensors.torch.save_file(tensors, tmp)
-                size, digest = os.path.getsize(tmp), _sha256(tmp)
+                size, digest = os.path.getsize(tmp), file_sha256(tmp)
             data = {**record, "block": block, "sha256": digest, "bytes": size,
                     "tensor_names": sorted(tensors)}
             with atomic_file(self.fs, f"{path}.json") as tmp:
@@ -410,7 +410,7 @@ class ArtifactStore:
                             block, stage, key)
                 return
             with self._local_copy(f"{path}.safetensors") as local:
-                if local is None or _sha256(local) != record["sha256"]:
+                if local is None or file_sha256(local) != record["sha256"]:
                     log.warning("block %d of %s/%s is missing or damaged; computing from it",
                                 block, stage, key)
                     return
@@ -476,7 +476,7 @@ class ArtifactStore:
         only grow, or a taker that read an older generation could make the same number as the
         next one: while this generation is the highest it stays, rewritten as expired, and only
         the generations below it go."""
-        folder = f"{self._base}/{_lease_name(stage, key, 0).rsplit('/', 1)[0]}"
+        folder = f"{self._base}/{_lease_dir(stage, key)}"
         committed = self.exists(stage, key)
         with self._guard(f"releasing the lease of {stage}/{key}"):
             generations = self._lease_generations(folder)
@@ -499,7 +499,7 @@ class ArtifactStore:
 
     def _lease(self, stage: str, key: str) -> tuple[int | None, dict | None]:
         """(highest generation, its lease; {"expires": 0} when unreadable) or (None, None)."""
-        folder = f"{self._base}/{_lease_name(stage, key, 0).rsplit('/', 1)[0]}"
+        folder = f"{self._base}/{_lease_dir(stage, key)}"
         generations = self._lease_generations(folder)
         if not generations:
             return None, None
@@ -663,7 +663,7 @@ class ArtifactStore:
             size = read(os.path.getsize, path)
             if size != meta["bytes"]:
                 raise corrupt(f"its tensors file has {size} bytes; meta.json says {meta['bytes']}")
-            if verify and read(_sha256, path) != meta["sha256"]:
+            if verify and read(file_sha256, path) != meta["sha256"]:
                 raise corrupt("the sha256 of its tensors file differs from meta.json")
             try:
                 tensors = safetensors.torch.load_file(path)
@@ -894,8 +894,12 @@ class ArtifactStore:
 
 
 # -- helpers ------------------------------------------------------------------------------------
+def _lease_dir(stage: str, key: str) -> str:
+    return f".leases/{stage}/{key}"
+
+
 def _lease_name(stage: str, key: str, generation: int) -> str:
-    return f".leases/{stage}/{key}/{generation}.json"
+    return f"{_lease_dir(stage, key)}/{generation}.json"
 
 
 def _expiry(seconds: float) -> dict:
@@ -1083,7 +1087,8 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _sha256(path: str) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a local file, hex."""
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
