@@ -304,7 +304,8 @@ def walk(
     `select(name)` chooses the layers the transform sees (full module names).
     `propagate="transformed"` feeds the next block with the transformed block's outputs (the
     usual sequential protocol); `"original"` with the outputs of the block as it was before the
-    transform (statistics of the untransformed model). `on_block(i, n, seconds)` is called after
+    transform (statistics of the untransformed model), which the statistics pass has already
+    computed, so each block runs once per sample instead of twice. `on_block(i, n, seconds)` is called after
     each block. `resume` starts at a later block with the finished weights of the blocks before
     it (see `Resume`). The model is changed in place.
     """
@@ -346,8 +347,12 @@ def walk(
         groups = _groups_by_input(block, layers, hidden[0].to(device), extra0) if layers else []
         ref_block = _RefWeights(layers, reference) if reference is not None else None
 
-        stats = _collect(block, groups, layers, hidden, ref_hidden, extras, device, ref_block,
-                         needs)
+        # the statistics pass runs every sample through the block as it is now: its outputs are
+        # the next block's inputs when propagating the untransformed block, and the reference
+        # stream's always (its weights never change)
+        keep = propagate == "original"
+        stats, outputs, ref_outputs = _collect(block, groups, layers, hidden, ref_hidden, extras,
+                                               device, ref_block, needs, keep, store)
         pending: dict[str, torch.Tensor] = {}  # new weights, written after propagation
         for names, st in zip(groups, stats):
             group = LayerGroup(b, names, [layers[n] for n in names], st)
@@ -369,10 +374,16 @@ def walk(
         del stats
 
         with torch.no_grad():  # propagate: this block's outputs are the next block's inputs
-            _forward(block, hidden, extras, device, store)
-            if ref_block is not None:
+            if outputs is not None:
+                hidden[:] = outputs
+            else:
+                _forward(block, hidden, extras, device, store)
+            if ref_outputs is not None:
+                ref_hidden[:] = ref_outputs
+            elif ref_block is not None:
                 with ref_block:
                     _forward(block, ref_hidden, extras, device, store)
+        del outputs, ref_outputs
         for name, W_new in pending.items():
             set_weight_matrix(layers[name], W_new)
         block.to(home)
@@ -457,14 +468,17 @@ class _RefWeights:
 
 
 def _collect(block, groups, layers, hidden, ref_hidden, extras, device, ref_block,
-             needs: Needs) -> list[LayerStats]:
-    """Accumulate each group's declared statistics over every calibration sample."""
+             needs: Needs, keep_outputs: bool = False, store=None):
+    """Accumulate each group's declared statistics over every calibration sample.
+
+    Returns (stats per group, outputs, reference outputs): the block's outputs per sample (on
+    `store`) when `keep_outputs`, and the reference stream's whenever it ran; else None."""
     stats = [LayerStats() for _ in groups]
-    if needs.gram == "none" and ref_block is None:  # nothing to collect: no pass over the block
+    if not groups or (needs.gram == "none" and ref_block is None):  # no pass over the block
         tokens = sum(h.shape[:-1].numel() for h in hidden)
         for st in stats:
             st.tokens = tokens
-        return stats
+        return stats, None, None
     for names, st in zip(groups, stats):
         n_in = weight_matrix(layers[names[0]]).shape[1]
         if needs.gram == "full":
@@ -475,9 +489,9 @@ def _collect(block, groups, layers, hidden, ref_hidden, extras, device, ref_bloc
             st.H_ref = torch.zeros(n_in, n_in, dtype=torch.float32, device=device)
         if "C" in needs.reference_stats:
             st.C = torch.zeros(n_in, n_in, dtype=torch.float32, device=device)
-    if not groups:
-        return stats
     leaders = [layers[names[0]] for names in groups]
+    outputs = [] if keep_outputs else None
+    ref_outputs = [] if ref_block is not None else None
     current: list[torch.Tensor | None] = [None] * len(groups)
 
     def hook_for(k):
@@ -493,9 +507,12 @@ def _collect(block, groups, layers, hidden, ref_hidden, extras, device, ref_bloc
                 X_ref = None
                 if ref_block is not None:
                     with ref_block:
-                        block(ref_hidden[i].to(device), *extra[0], **extra[1])
+                        out = block(ref_hidden[i].to(device), *extra[0], **extra[1])
+                    ref_outputs.append(_hidden(out).to(store))
                     X_ref = list(current)
-                block(hidden[i].to(device), *extra[0], **extra[1])
+                out = block(hidden[i].to(device), *extra[0], **extra[1])
+                if outputs is not None:
+                    outputs.append(_hidden(out).to(store))
                 for k, st in enumerate(stats):
                     X = current[k]  # [tokens, in]
                     if st.H is not None:
@@ -517,7 +534,7 @@ def _collect(block, groups, layers, hidden, ref_hidden, extras, device, ref_bloc
             if s is not None and not torch.isfinite(s).all():
                 raise NumericalError(f"calibration statistics of {names[0]} hold NaN/Inf; the "
                                      "activations overflowed (load the model in fp32 or bf16)")
-    return stats
+    return stats, outputs, ref_outputs
 
 
 def _activation_device(hidden: list[torch.Tensor], device: torch.device, streams: int):

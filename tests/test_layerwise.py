@@ -34,6 +34,27 @@ def test_propagated_outputs_equal_a_plain_forward_of_the_pruned_model(make):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("make", [tiny_llama, tiny_opt])
+def test_original_propagation_reuses_the_statistics_pass_and_equals_the_untransformed_model(make):
+    """propagate="original": the next block's inputs are the untransformed model's, and each
+    block runs once per sample (the statistics pass) plus one probe, never a second pass."""
+    model = make(layers=3)
+    ids = torch.randint(0, 128, (4, 32))
+    plain = _last_block_outputs(model, ids)  # before any weight changes
+    _, blocks = find_blocks(model)
+    calls = [0] * len(blocks)
+    hooks = [b.register_forward_hook(lambda *_a, k=k: calls.__setitem__(k, calls[k] + 1))
+             for k, b in enumerate(blocks)]
+    rep = walk(model, ids, pruning_transform("sparsegpt", LayerRules.build("2:4")),
+               propagate="original", progress=False, keep_outputs=True)
+    for h in hooks:
+        h.remove()
+    assert calls == [ids.shape[0] + 1] * len(blocks)
+    for a, b in zip(rep.outputs, plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert all(r.sparsity >= 0.5 for r in rep.layers)  # and the weights were transformed
+
+
 def test_noop_transform_leaves_logits_unchanged():
     model = tiny_llama()
     ids = torch.randint(0, 128, (3, 16))
