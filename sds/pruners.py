@@ -189,12 +189,13 @@ def sparsegpt(
 
 def admm(W: torch.Tensor, H: torch.Tensor, pattern: Pattern | str, percdamp: float = 0.01,
          gram: ScaledGram | None = None, options: SolverOptions | None = None,
-         info: dict | None = None) -> torch.Tensor:
+         info: dict | None = None, per_row: bool = False) -> torch.Tensor:
     """One-shot pruning by the solver from the dense weights (targets W_t = W).
 
-    W: [out, in], H: [in, in]; unstructured masks over the whole layer. `gram` is a
-    precomputed `ScaledGram.of(H, percdamp)`, shared by layers that read the same input;
-    `info`, when given, receives the solver's record (iterations, objectives, seconds).
+    W: [out, in], H: [in, in]; unstructured masks over the whole layer, or within each output
+    row with `per_row` (Wanda's grouping). `gram` is a precomputed `ScaledGram.of(H,
+    percdamp)`, shared by layers that read the same input; `info`, when given, receives the
+    solver's record (iterations, objectives, seconds).
     """
     pattern = Pattern.parse(pattern)
     _check_shapes(W, H)
@@ -203,7 +204,8 @@ def admm(W: torch.Tensor, H: torch.Tensor, pattern: Pattern | str, percdamp: flo
         raise ConfigError(f"{pattern} needs the input dimension to be a multiple of {pattern.m}, "
                           f"got {W.shape[1]}; exclude this layer or use an unstructured ratio")
     gram = gram if gram is not None else ScaledGram.of(H, percdamp)
-    W_new, record = solve(W.float(), gram, pattern, options=options or SolverOptions())
+    W_new, record = solve(W.float(), gram, pattern, per_row=per_row,
+                          options=options or SolverOptions())
     if info is not None:
         info.update(record)
     return W_new.to(W.dtype)

@@ -80,6 +80,15 @@ def test_solver_objective_is_below_sparsegpt_and_wanda(spec):
     assert _error(W_t, W_row, H) < e_sgpt
 
 
+def test_admm_per_row_keeps_the_same_count_in_every_row_and_equals_the_solver():
+    W_t, H = _layer(rows=16, cols=64)
+    W = sds.admm(W_t, H, "50%", per_row=True)
+    assert ((W == 0).sum(1) == 32).all()  # Wanda's grouping: half of every row
+    W_solver, _ = solve(W_t, ScaledGram.of(H, 0.01), "50%", per_row=True)
+    assert torch.equal(W, W_solver)
+    assert not ((sds.admm(W_t, H, "50%") == 0).sum(1) == 32).all()  # per layer: uneven rows
+
+
 @pytest.mark.parametrize("spec,per_row,start", [("2:4", False, "dense"), ("50%", True, "dense"),
                                                 ("4:8", False, "perturbed")])
 def test_trace_follows_the_returned_objective(spec, per_row, start):
