@@ -34,9 +34,9 @@ from sds.api import oneshot  # noqa: E402
 from sds.data import load_calibration, load_eval_tokens  # noqa: E402
 from sds.demo import demo_model_path  # noqa: E402
 from sds.evaluate import perplexity, zero_shot  # noqa: E402
+from sds.layerwise import Needs, walk  # noqa: E402
 from sds.models import load_model  # noqa: E402
 from sds.patterns import LayerRules  # noqa: E402
-from sds.layerwise import Needs, walk  # noqa: E402
 from sds.pruners import admm  # noqa: E402
 from sds.reconstruct import SDSConfig, dense_weights, redense, second_prune  # noqa: E402
 from sds.solver import ScaledGram  # noqa: E402
