@@ -109,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Prune one model with one method and pattern, SDS on top, "
                          "and evaluate the dense, one-shot and SDS models.")
     _add_options(run, RunConfig)
+    run.add_argument("--flow-run", action="store_true",
+                     help="run (and record) the Prefect flow even when every stage is in the "
+                     "store; without it such a run is answered from the store, without starting "
+                     "Prefect, and does not appear in the Prefect UI")
     run.set_defaults(handler=cmd_run)
 
     sweep = sub.add_parser("sweep", help="a grid of models x methods x patterns",
@@ -246,6 +250,11 @@ class EmbeddedAPI:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+def embedded_api() -> EmbeddedAPI | None:
+    """Prefect's embedded API, started now, when no server is set (PREFECT_API_URL)."""
+    return None if os.environ.get("PREFECT_API_URL") else EmbeddedAPI()
 
 
 # -- errors -------------------------------------------------------------------------------------
@@ -449,38 +458,96 @@ def _run_flow(flow_fn, config, console, api: EmbeddedAPI | None, log: Path | Non
             return flow_fn(config)
 
 
+def _offline(config, args) -> None:
+    """No hub unless the run may need it: offline failures are instant, online ones retry."""
+    if not uses_hub(config, args.online):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def _check_destinations(config) -> None:
+    """The store can be written and read, and the output folder written."""
+    from tasks.store import ArtifactStore
+
+    ArtifactStore(config.store).check()
+    if config.out:
+        check_out(config.out)
+
+
 def _check(config, points: list, args, console) -> Path | None:
     """What comes before the flow: the environment (offline unless the run may need the hub),
     the plan of every point (bad input fails here, before any stage), the store and the output
     folder. Returns the log file (None with --verbose)."""
-    if not uses_hub(config, args.online):
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    _offline(config, args)
     with console.status("checking the inputs"):
         from tasks.plan import plan_pipeline
-        from tasks.store import ArtifactStore
 
         for point in points:
             plan_pipeline(point)
-        ArtifactStore(config.store).check()
-        if config.out:
-            check_out(config.out)
+        _check_destinations(config)
+    return _log_file(config, args)
+
+
+def _log_file(config, args) -> Path | None:
     return None if args.verbose or not config.out else Path(config.out) / "sds.log"
 
 
+def _stored_run(config, args, console):
+    """(plan, every stage's reference) when the store holds every stage of the run and no
+    --flow-run asks for a flow, else (plan, None). Planning computes the keys only (no torch):
+    with every stage committed, none of the checks that need the model is needed; the store
+    and the output folder are checked all the same."""
+    from tasks.common import committed_references
+    from tasks.plan import plan_pipeline
+
+    _offline(config, args)
+    with console.status("looking for the run's stages in the store"):
+        plan = plan_pipeline(config, check=False)
+        refs = None if args.flow_run else committed_references(plan)
+        if refs is not None:
+            _check_destinations(config)
+    return plan, refs
+
+
+def _answer_from_store(config, plan, refs: dict, console, log: Path | None) -> dict:
+    """The run's results without Prefect: what the flow would write on this fully cached run
+    (results.json, the model folder unless it already holds this artifact), through the same
+    functions. Says so, and how to get a recorded flow run instead."""
+    from datetime import UTC, datetime
+
+    from flows import report
+    from tasks.export import write_model
+
+    started, t0 = datetime.now(UTC), time.perf_counter()
+    message = (f"all {len(refs)} stages were found in the store: answered from it, no flow run "
+               "was started (add --flow-run to run one that Prefect records)")
+    with _stderr_to(log):
+        print(message, file=sys.stderr, flush=True)
+        results = report.finish(plan, refs, config.out, write_model if config.export else None,
+                                started, t0, None)
+    console.print(f"[green]✓[/] {message}", highlight=False, soft_wrap=True)
+    return results
+
+
 def cmd_run(args, console) -> int:
-    """Parse, one RunConfig, the flow. The plan (and with it every check that needs the model or
-    the data) is made here, before Prefect starts, and the flow finds it made."""
+    """Parse, one RunConfig, then the flow, or the answer from the store when it holds every
+    stage (unless --flow-run). Prefect is imported, and its embedded API started, only for the
+    flow. The plan (and with it every check that needs the model or the data) is made here,
+    before Prefect starts, and the flow finds it made."""
     from tasks.config import RunConfig
 
     t0 = time.perf_counter()
     config = _config(RunConfig, args)
-    log = _check(config, [config], args, console)
-    from flows.pipeline import pipeline
-    from tasks.plan import plan_pipeline
+    plan, refs = _stored_run(config, args, console)
+    if refs is not None:
+        log = _log_file(config, args)
+        results = _answer_from_store(config, plan, refs, console, log)
+    else:
+        args.api = embedded_api()  # boots while the inputs are checked
+        log = _check(config, [config], args, console)
+        from flows.pipeline import pipeline
 
-    plan = plan_pipeline(config)  # made by _check
-    results = _run_flow(pipeline, config, console, args.api, log)
+        results = _run_flow(pipeline, config, console, args.api, log)
     out = sys.stdout
     title = (f"{results['method']} {results['pattern']}{' + SDS' if results['sds'] else ''} "
              f"on {Path(results['model']).name}")
@@ -815,9 +882,9 @@ def main(argv: list[str] | None = None) -> int:
     # hub's client: their settings are set afterwards, before they are imported
     args = build_parser().parse_args(argv)
     configure_environment(args.verbose)
-    # without a server, Prefect's embedded API: it takes seconds to start, so it starts now
-    wanted = args.command in ("run", "sweep") and not os.environ.get("PREFECT_API_URL")
-    args.api = EmbeddedAPI() if wanted else None
+    # without a server, Prefect's embedded API: it takes seconds to start, so a sweep starts it
+    # now; a run starts it once it knows that it runs a flow (cmd_run)
+    args.api = embedded_api() if args.command == "sweep" else None
     from rich.console import Console
 
     # the terminal's stderr, kept even while the flow's own stderr goes to a log file

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture, wait
@@ -126,13 +125,7 @@ def pipeline(config: RunConfig = RunConfig()) -> dict:  # noqa: B008 - a frozen 
     if isinstance(refs, Exception):
         raise refs
 
-    model_dir = None
-    if config.out and config.export:
-        model_dir = stages.export_model(plan.specs[plan.final], refs[plan.final],
-                                        str(Path(config.out) / "model"))
-    results = report.build_results(plan, refs, started, time.perf_counter() - t0, model_dir,
-                                   current_run())
+    results = report.finish(plan, refs, config.out, stages.export_model if config.export else None,
+                            started, t0, current_run())
     report.publish(results)
-    if config.out:
-        report.write_json(results, Path(config.out) / "results.json")
     return results

@@ -6,7 +6,11 @@ results.json:
      "improvement": {"ppl/wiki": {"absolute": ..., "recovered": ...}},
      "keys": {label: key}, "artifacts": {label: uri},
      "stages": {label: {"computed": bool, "seconds": {...}, "blocks": {"total", "computed"}}},
-     "timings": {"wall", "stage_seconds", "compute_seconds", "overhead"}, "model_dir": ...}
+     "timings": {"wall", "stage_seconds", "compute_seconds", "overhead"}, "model_dir": ...,
+     "flow_run": {"id", "name"}, "answered_from_store": bool, "started": ...}
+
+`answered_from_store` is true when the command line found every stage in the store and answered
+without a flow run (see `flows/cli.py`); `flow_run`'s id and name are empty then.
 
 Improvement of SDS over its one-shot base, per metric: the absolute change in the good
 direction, and the fraction of the dense-to-one-shot gap it recovers,
@@ -18,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -54,7 +59,8 @@ def _created(ref: dict) -> datetime | None:
 
 def build_results(plan, refs: dict[str, dict], started: datetime, wall: float,
                   model_dir: str | None = None, flow_run: dict | None = None) -> dict:
-    """The record of one pipeline run (see the module docstring)."""
+    """The record of one pipeline run (see the module docstring). `flow_run` None: the run was
+    answered from the store without a flow run (`finish`)."""
     metrics = {state: dict(refs[label]["metrics"]) for state, label in EVALUATIONS.items()
                if label in refs}
     stages = {}
@@ -85,9 +91,24 @@ def build_results(plan, refs: dict[str, dict], started: datetime, wall: float,
                     "overhead": wall - stage_seconds,
                     "computed": sorted(label for label, s in stages.items() if s["computed"])},
         "model_dir": model_dir,
-        "flow_run": flow_run or {},
+        "flow_run": flow_run or {"id": "", "name": ""},
+        "answered_from_store": flow_run is None,
         "started": started.isoformat(timespec="milliseconds"),
     }
+
+
+def finish(plan, refs: dict[str, dict], out: str | os.PathLike | None, export,
+           started: datetime, t0: float, flow_run: dict | None) -> dict:
+    """The end of one pipeline run, whoever ran its stages (a flow, or the command line that
+    found them all in the store): the final model written to `<out>/model` by `export(spec,
+    ref, folder)` (None: no model folder), the results record, `<out>/results.json`."""
+    model_dir = None
+    if out and export is not None:
+        model_dir = export(plan.specs[plan.final], refs[plan.final], str(Path(out) / "model"))
+    results = build_results(plan, refs, started, time.perf_counter() - t0, model_dir, flow_run)
+    if out:
+        write_json(results, Path(out) / "results.json")
+    return results
 
 
 def slug(*parts: str) -> str:

@@ -74,14 +74,8 @@ def write_results(config: SweepConfig, plans: list[Plan], outcomes: list[dict | 
         try:
             if isinstance(refs, Exception):
                 raise refs
-            model_dir = None
-            if out and export:
-                model_dir = stages.export_model(plan.specs[plan.final], refs[plan.final],
-                                                str(Path(out) / name / "model"))
-            results = report.build_results(plan, refs, started, time.perf_counter() - t0,
-                                           model_dir, run)
-            if out:
-                report.write_json(results, Path(out) / name / "results.json")
+            results = report.finish(plan, refs, Path(out) / name if out else None,
+                                    stages.export_model if export else None, started, t0, run)
             points.append({"name": name, "results": results})
         except Exception as exc:  # noqa: BLE001 - one failed point must not hide the others
             message = " ".join(str(exc).split()) or type(exc).__name__

@@ -14,7 +14,9 @@ The store is the one cache. Prefect keeps no cache records of its own (the tasks
 a stage's first act is to read its artifact's commit record, so a new run, a retried run, a run
 on another machine or the next scheduled run all skip a finished stage, and a stage whose
 artifact was deleted is computed again. A stage that reads an artifact hashes it while reading
-(`load_upstream`); a damaged one is discarded and computed again.
+(`load_upstream`); a damaged one is discarded and computed again. `committed_references` makes
+the same decision for a whole plan; this module imports Prefect only inside the functions that
+talk to it, so the command line can answer a fully cached run without importing Prefect.
 """
 
 from __future__ import annotations
@@ -29,8 +31,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 
-from prefect.states import Completed
-
 from sds.errors import (
     ConfigError,
     CorruptArtifactError,
@@ -42,7 +42,7 @@ from sds.errors import (
     UpstreamLostError,
 )
 
-from .plan import StageSpec
+from .plan import Plan, StageSpec
 from .store import ArtifactStore
 
 log = logging.getLogger("sds.tasks")
@@ -68,6 +68,34 @@ def reference(store: ArtifactStore, spec: StageSpec, meta: dict, computed: bool)
         ref["blocks"] = dict(blocks) if computed else {"total": blocks.get("total"),
                                                        "computed": 0}
     return ref
+
+
+def cached_reference(store: ArtifactStore, spec: StageSpec) -> dict | None:
+    """The reference of the stage's artifact when it is committed in the store, else None: what
+    a stage task answers without computing. Reads the commit record only, never the tensors."""
+    meta = store.committed_meta(spec.stage, spec.key)
+    return None if meta is None else reference(store, spec, meta, computed=False)
+
+
+def committed_references(plan: Plan) -> dict[str, dict] | None:
+    """Every stage's reference by label, as its task would answer it from the store, when the
+    whole plan is committed; None at the first stage that is not. This module imports no
+    Prefect, so a caller can decide that a run has nothing to compute before importing it."""
+    store = ArtifactStore(plan.store)
+    refs = {}
+    for label, spec in plan.specs.items():
+        if (ref := cached_reference(store, spec)) is None:
+            return None
+        refs[label] = ref
+    return refs
+
+
+def load_base(spec: StageSpec):
+    """The base model and tokenizer a stage (or the export) starts from."""
+    from sds.models import load_model
+
+    m = spec.model
+    return load_model(m.path, m.dtype, m.revision, m.trust_remote_code)
 
 
 # -- retries ------------------------------------------------------------------------------------
@@ -333,6 +361,7 @@ def run_stage(spec: StageSpec, compute: Compute, upstream: dict[str, dict] | Non
     artifact, only its finished blocks.
     """
     from prefect.logging import get_run_logger
+    from prefect.states import Completed
 
     logger = get_run_logger()
     for name, ref in (upstream or {}).items():
@@ -341,13 +370,14 @@ def run_stage(spec: StageSpec, compute: Compute, upstream: dict[str, dict] | Non
                               f"the plan expects {spec.upstream.get(name)}; plan again")
     store = ArtifactStore(spec.store)
     # the commit record only (readers hash the tensors); else the lease, or wait for its holder
-    lease = None if store.exists(spec.stage, spec.key) else claim(store, spec, logger)
+    cached = cached_reference(store, spec)
+    lease = None if cached is not None else claim(store, spec, logger)
     if lease is None:
         progress(logger, spec, "artifact %s is in the store; nothing to compute", spec.key,
                  event="cached")
-        return Completed(name="Cached", message="artifact in the store",
-                         data=reference(store, spec, store.load_meta(spec.stage, spec.key),
-                                        computed=False))
+        if cached is None:  # committed by the run that held the lease
+            cached = reference(store, spec, store.load_meta(spec.stage, spec.key), False)
+        return Completed(name="Cached", message="artifact in the store", data=cached)
     try:
         return _compute(spec, compute, store, logger, lease)
     finally:

@@ -91,6 +91,8 @@ class Plan:
 
     settings: dict
     specs: dict[str, StageSpec] = field(default_factory=dict)
+    checked: bool = False  # the checks that need the model and the data have passed
+    model_config: Any = field(default=None, repr=False)  # when planning needed it already
 
     @property
     def store(self) -> str:
@@ -184,23 +186,27 @@ def _check_model(c: RunConfig, model: str, seqlen: int | None, hub_data: list[st
 _plans: dict[str, Plan] = {}
 
 
-def plan_pipeline(config: RunConfig) -> Plan:
-    """Validate what needs the model and the data, and compute the spec (and artifact key) of
-    every stage. Planned once per process and configuration: the command line plans before it
-    starts Prefect (so bad input fails at once), and the flow finds the same plan."""
+def plan_pipeline(config: RunConfig, check: bool = True) -> Plan:
+    """Compute the spec (and artifact key) of every stage and, with `check`, validate what needs
+    the model and the data (`check_inputs`). Planned once per process and configuration: the
+    command line plans before it starts Prefect (so bad input fails at once), and the flow finds
+    the same plan. `check=False` computes the keys only, without torch or transformers, for a
+    caller that first looks whether the store holds every stage already."""
     text = config.model_dump_json()
     if text not in _plans:
         _plans[text] = _plan(config)
-    return _plans[text]
+    plan = _plans[text]
+    if check and not plan.checked:
+        check_inputs(config, plan)
+        plan.checked = True
+    return plan
 
 
 def _plan(c: RunConfig) -> Plan:
     """The keys come from the configuration, the data's identity and the model's (hashes of
-    local files), which need neither torch nor transformers. The checks that do (`_check_model`,
-    and the pruning rules against the model's layers) run when some stage is not yet committed:
-    a committed artifact of a key proves they passed for its inputs, so a fully cached run plans
-    without importing them. A hub model, or a window length left to the model's context, needs
-    the model's config first."""
+    local files), which need neither torch nor transformers. A hub model, or a window length
+    left to the model's context, needs the model's config first (`_check_model`); the other
+    checks run in `check_inputs`."""
     from sds.options import expand_tasks, method_options
     from sds.patterns import LayerRules
 
@@ -240,7 +246,7 @@ def _plan(c: RunConfig) -> Plan:
         "store": store_root, "device": c.device, "verify": c.verify, "gpu_limit": c.gpu_limit,
         "identity": identity,
     }
-    plan = Plan(settings)
+    plan = Plan(settings, model_config=model_config)
     model_ref = ModelRef(path=model, revision=c.revision, dtype=c.dtype,
                          trust_remote_code=c.trust_remote_code, identity=identity)
     run = RunOptions(device=c.device, verify=c.verify, gpu_limit=c.gpu_limit)
@@ -277,18 +283,33 @@ def _plan(c: RunConfig) -> Plan:
         add("evaluate-oneshot", "evaluate", eval_config, {"oneshot": plan.specs["oneshot"].key})
         if c.sds:
             add("evaluate-sds", "evaluate", eval_config, {"second": plan.specs["second"].key})
-
-    if not all(store.exists(s.stage, s.key) for s in plan.specs.values()):
-        if model_config is None:
-            model_config, _ = _check_model(c, model, seqlen, hub_data)
-        # the rules must select layers of this model. A committed one-shot artifact of this key
-        # proves they do (the key hashes the rules and the model's identity): a rerun skips
-        # building the model's skeleton, which imports its modelling code.
-        if not store.exists("oneshot", plan.specs["oneshot"].key):
-            from sds.models import prunable_layers, skeleton
-
-            prunable_layers(skeleton(model_config, c.trust_remote_code), rules)
     return plan
+
+
+def check_inputs(c: RunConfig, plan: Plan) -> None:
+    """The checks that need torch and transformers (`_check_model`, and the pruning rules
+    against the model's layers), when some stage of `plan` is not committed yet: a committed
+    artifact of a key proves they passed for its inputs, so a fully cached run is checked
+    without importing them."""
+    from sds.patterns import LayerRules
+
+    store = ArtifactStore(plan.store)
+    missing = {label for label, s in plan.specs.items() if not store.exists(s.stage, s.key)}
+    if not missing:
+        return
+    s = plan.settings
+    model_config = plan.model_config
+    if model_config is None:
+        hub_data = [d for d in [s["calib"], *s["eval"]] if d in HUB_SOURCES]
+        model_config, _ = _check_model(c, s["model"], s["seqlen"], hub_data)
+    # the rules must select layers of this model. A committed one-shot artifact of this key
+    # proves they do (the key hashes the rules and the model's identity): a rerun skips
+    # building the model's skeleton, which imports its modelling code.
+    if "oneshot" in missing:
+        from sds.models import prunable_layers, skeleton
+
+        rules = LayerRules.build(c.pattern, c.overrides or None, c.exclude)
+        prunable_layers(skeleton(model_config, c.trust_remote_code), rules)
 
 
 def method_config(c: RunConfig) -> dict:

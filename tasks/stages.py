@@ -10,20 +10,13 @@ Caching, retries and the GPU slot are declared here; the math lives in `sds`.
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
-import uuid
-from pathlib import Path
-
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
-from .common import BlockCommits, gpu_slot, load_upstream, retry_transient, run_stage
+from .common import BlockCommits, gpu_slot, load_base, load_upstream, retry_transient, run_stage
+from .export import write_model
 from .plan import StageSpec
-from .store import ArtifactStore
 
 STAGE_TASK = dict(
     # the store is the one cache (see run_stage): Prefect keeps no cache records of its own
@@ -47,13 +40,6 @@ def _sds_config(config: dict):
     from sds.reconstruct import SDSConfig
 
     return SDSConfig(**config["sds"])
-
-
-def _load_base(spec: StageSpec):
-    from sds.models import load_model
-
-    m = spec.model
-    return load_model(m.path, m.dtype, m.revision, m.trust_remote_code)
 
 
 # -- calibration --------------------------------------------------------------------------------
@@ -88,7 +74,7 @@ def _oneshot(spec, store, clock, logger):
     rules = _rules(config)
     with gpu_slot(spec):
         with clock("load"):
-            model, _ = _load_base(spec)
+            model, _ = load_base(spec)
             names = list(prunable_layers(model, rules))
             blocks = BlockCommits(spec, store, logger, model, names)
             resume = blocks.resume()
@@ -118,7 +104,7 @@ def _load_sds_inputs(spec, store, clock, logger, upstream: str):
     weights = load_upstream(store, spec, upstream)
     rules = _rules(spec.config)
     with clock("load"):
-        model, _ = _load_base(spec)
+        model, _ = load_base(spec)
         dense = dense_weights(model, rules)
         load_layer_state(model, weights)
         blocks = BlockCommits(spec, store, logger, model, dense)
@@ -180,7 +166,7 @@ def _evaluate(spec, store, clock, logger):
     tensors = load_upstream(store, spec, weights_stage) if weights_stage else None
     with gpu_slot(spec):
         with clock("load"):
-            model, tokenizer = _load_base(spec)
+            model, tokenizer = load_base(spec)
             if tensors is not None:
                 load_layer_state(model, tensors)
         with clock("compute"):
@@ -202,40 +188,9 @@ def evaluate(spec: StageSpec, weights: dict | None = None) -> dict:
 
 
 # -- export -------------------------------------------------------------------------------------
-MARKER = "sds_artifact.json"
-
-
 @task(name="export", cache_policy=NO_CACHE, persist_result=False, retries=2,
       retry_delay_seconds=5, retry_condition_fn=retry_transient)
 def export_model(spec: StageSpec, final: dict, folder: str) -> str:
-    """Write the final model as a Hugging Face folder (`from_pretrained` loads it).
-
-    Skipped when the folder already holds this artifact; replaced atomically otherwise.
-    """
-    target = Path(folder).expanduser().resolve()
-    marker = {"store": spec.store, "stage": spec.stage, "key": spec.key,
-              "sha256": final.get("sha256")}
-    try:
-        if json.loads((target / MARKER).read_text()) == marker:
-            return str(target)  # a rerun imports nothing heavy
-    except (OSError, ValueError):
-        pass
-    from sds.models import load_layer_state
-
-    tensors, _meta = ArtifactStore(spec.store).load(spec.stage, spec.key)
-    model, tokenizer = _load_base(spec)
-    load_layer_state(model, tensors)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        (staging / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        if target.exists():
-            old = target.with_name(f".{target.name}-old-{uuid.uuid4().hex[:8]}")
-            os.replace(target, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return str(target)
+    """Write the final model as a Hugging Face folder (`tasks.export.write_model`: skipped when
+    the folder already holds this artifact)."""
+    return write_model(spec, final, folder)

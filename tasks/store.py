@@ -615,11 +615,18 @@ class ArtifactStore:
     def exists(self, stage: str, key: str) -> bool:
         """True when meta.json parses and the tensors file has the recorded size: the commit
         record only, never the tensors (`load` hashes them)."""
+        return self.committed_meta(stage, key) is not None
+
+    def committed_meta(self, stage: str, key: str) -> dict | None:
+        """The meta.json of `stage`/`key` when the artifact is committed (`exists`), else None:
+        one read of the commit record and the tensors file's size, never the tensors."""
         self.ref(stage, key)
         meta = self._read_meta(stage, key)
         if isinstance(meta, str):
-            return False
-        return self._size(f"{self._dir(stage, key)}/{TENSORS}") == meta["bytes"]
+            return None
+        if self._size(f"{self._dir(stage, key)}/{TENSORS}") != meta["bytes"]:
+            return None
+        return meta
 
     def load_meta(self, stage: str, key: str) -> dict:
         """The committed meta.json of `stage`/`key`; CorruptArtifactError if there is none."""

@@ -159,6 +159,117 @@ def test_sds_sweep_from_a_grid_file(prefect_api, tiny_model, corpus, tmp_path, c
     assert '"calibration": 1' in captured.out
 
 
+# the command in a fresh process, then which of these it imported (the last line of stdout)
+MAIN_THEN_IMPORTS = (
+    "import sys; from flows.cli import main; code = main(sys.argv[1:]); "
+    "print('imported', sorted({m.split('.')[0] for m in sys.modules} & "
+    "{'prefect', 'torch', 'transformers'})); sys.exit(code)")
+RUN_RECORD = ("timings", "flow_run", "answered_from_store", "started")  # what differs per run
+
+
+def _fresh_process(args: list[str], env: dict) -> tuple[subprocess.CompletedProcess, str]:
+    """`sds ARGS` in a new process: (the process, what it imported of Prefect, torch and
+    transformers)."""
+    done = subprocess.run([sys.executable, "-c", MAIN_THEN_IMPORTS, *args], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    *_, imported = done.stdout.splitlines() or [""]
+    return done, imported
+
+
+def _sha256(path: Path) -> str:
+    from tasks.store import file_sha256
+
+    return file_sha256(path)
+
+
+def test_a_fully_cached_rerun_is_answered_from_the_store_without_prefect(
+        prefect_api, tiny_model, corpus, s3_bucket, s3_requests, tmp_path, monkeypatch, capfd,
+        clean_environ):
+    """With every stage committed (S3 here), `sds run` writes what the flow writes on the same
+    fully cached run, prints the same table, and imports neither Prefect nor torch: it reads
+    the commit records and downloads no tensor. --flow-run gets the recorded flow run."""
+    from flows.cli import main
+    from flows.pipeline import pipeline
+    from tasks.store import TENSORS
+
+    root, out = f"s3://{s3_bucket}/runs", tmp_path / "out"
+    pipeline(tiny_params(tiny_model, corpus, root, out))  # computes every stage
+    args = cli_args(tiny_model, corpus, root, out) + ["--gpu-limit", "none"]  # as tiny_params
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api)
+    capfd.readouterr()
+    assert main(args + ["--flow-run"]) == 0
+    by_flow = capfd.readouterr()
+    flow = json.loads((out / "results.json").read_text())
+    assert flow["flow_run"]["id"] and flow["answered_from_store"] is False
+    assert flow["timings"]["computed"] == [] and "found in the store" not in by_flow.err
+    assert "ppl/heldout" in by_flow.out
+    model = out / "model" / "model.safetensors"
+    exported = (_sha256(model), model.stat().st_mtime_ns)
+
+    # a Prefect API that would refuse every call: none is made
+    env = server_env(tmp_path, PREFECT_API_URL="http://127.0.0.1:9/api")
+    s3_requests.clear()
+    done, imported = _fresh_process(args, env)
+    assert done.returncode == 0, done.stderr
+    assert imported == "imported []"
+    assert "all 7 stages were found in the store" in done.stderr
+    assert "no flow run was started" in done.stderr and "--flow-run" in done.stderr
+    assert [r for r in s3_requests if '"GET ' in r and TENSORS in r] == []
+    assert [r for r in s3_requests if '"GET ' in r and "meta.json" in r]
+    fast = json.loads((out / "results.json").read_text())
+    assert fast["answered_from_store"] is True and fast["flow_run"] == {"id": "", "name": ""}
+    assert fast["timings"]["computed"] == []
+    assert ({k: v for k, v in fast.items() if k not in RUN_RECORD}
+            == {k: v for k, v in flow.items() if k not in RUN_RECORD})
+    # the same table and summary on stdout; only the time line differs
+    assert done.stdout.splitlines()[:-2] == by_flow.out.splitlines()[:-1]
+    assert (_sha256(model), model.stat().st_mtime_ns) == exported  # already there: kept
+
+    # without the model folder, the answer from the store writes it again, the same bytes:
+    # the final stage's tensors are the one download
+    shutil.rmtree(out / "model")
+    s3_requests.clear()
+    done, imported = _fresh_process(args, env)
+    assert done.returncode == 0, done.stderr
+    assert "prefect" not in imported
+    assert _sha256(model) == exported[0]
+    final = flow["keys"]["second"]
+    assert [r for r in s3_requests if '"GET ' in r and TENSORS in r] == [
+        r for r in s3_requests if '"GET ' in r and f"{final}/{TENSORS}" in r] != []
+
+
+def test_a_rerun_with_one_stage_missing_or_damaged_runs_the_flow_for_that_stage_only(
+        prefect_api, tiny_model, corpus, tmp_path, monkeypatch, capfd, clean_environ):
+    """A stage whose commit record is gone, or whose meta.json is not valid JSON, is not in the
+    store: the command runs the flow, which recomputes that stage (the same bytes) and reuses
+    the others."""
+    from flows.cli import main
+    from flows.pipeline import pipeline
+
+    store, out = tmp_path / "store", tmp_path / "out"
+    first = pipeline(tiny_params(tiny_model, corpus, store, out))
+    args = cli_args(tiny_model, corpus, store, out) + ["--gpu-limit", "none"]
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api)
+    for label, damage in (("redense", "deleted"), ("evaluate-sds", "not JSON")):
+        meta = Path(first["artifacts"][label]) / "meta.json"
+        if damage == "deleted":
+            meta.unlink()
+        else:
+            meta.write_text("{not json")
+        capfd.readouterr()
+        assert main(args) == 0
+        err = capfd.readouterr().err
+        again = json.loads((out / "results.json").read_text())
+        assert "found in the store" not in err
+        assert again["answered_from_store"] is False and again["flow_run"]["id"]
+        assert again["timings"]["computed"] == [label], damage
+        assert again["stages"][label]["sha256"] == first["stages"][label]["sha256"]
+        assert again["metrics"] == first["metrics"]
+    capfd.readouterr()
+    assert main(args) == 0  # everything committed again: answered from the store
+    assert "all 7 stages were found in the store" in capfd.readouterr().err
+
+
 def _one_line_error(text: str) -> str:
     lines = [line for line in text.strip().splitlines() if line.strip()]
     assert len(lines) == 1, text
