@@ -44,7 +44,7 @@ import re
 import socket
 import tempfile
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from importlib import metadata
@@ -299,8 +299,10 @@ class ArtifactStore:
     def fs(self):
         """The fsspec filesystem of the root (made on first use)."""
         if self._fs is None:
-            options = _BACKEND_OPTIONS.get(self.protocol, _no_options)(self.connect_timeout)
-            with self._guard(f"opening {self.root}", missing_ok=False):
+            # s3fs gets our own settings (`_s3_options`); other backends take their defaults
+            options = (_s3_options(self.connect_timeout) if self.protocol in ("s3", "s3a")
+                       else {})
+            with self._guard(f"opening {self.root}"):
                 self._fs, _ = fsspec.core.url_to_fs(self._url, **options)
         return self._fs
 
@@ -315,13 +317,10 @@ class ArtifactStore:
         """Write, read back and delete a small probe object; raise StoreError saying what to fix."""
         self._not_a_file()
         probe = f"{self._base}/.sds-check-{uuid.uuid4().hex}"
-        with self._guard(f"writing a test object under {self.root}", missing_ok=False):
-            with atomic_file(self.fs, probe) as tmp:
-                with open(tmp, "wb") as f:
-                    f.write(b"ok")
-        with self._guard(f"reading a test object under {self.root}", missing_ok=False):
+        self._put(probe, b"ok", f"writing a test object under {self.root}")
+        with self._guard(f"reading a test object under {self.root}"):
             self.fs.cat_file(probe)
-        with self._guard(f"deleting a test object under {self.root}", missing_ok=False):
+        with self._guard(f"deleting a test object under {self.root}"):
             self.fs.rm_file(probe)
 
     # -- writing --------------------------------------------------------------------------------
@@ -340,7 +339,7 @@ class ArtifactStore:
         tensors = _prepare_tensors(tensors)
         meta = _prepare_meta(meta)
         folder = self._dir(stage, key)
-        with self._guard(f"writing the tensors of {ref.uri}", missing_ok=False):
+        with self._guard(f"writing the tensors of {ref.uri}"):
             with atomic_file(self.fs, f"{folder}/{TENSORS}") as tmp:
                 safetensors.torch.save_file(tensors, tmp)
                 size = os.path.getsize(tmp)
@@ -357,7 +356,7 @@ class ArtifactStore:
             "created": datetime.now(UTC).isoformat(timespec="milliseconds"),
             "versions": _versions(),
         }
-        self._write_meta(folder, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
+        self._write_meta(folder, record)
         log.debug("saved %s (%d tensors, %d bytes)", ref.uri, len(tensors), size)
         return ref
 
@@ -375,15 +374,13 @@ class ArtifactStore:
         tensors = _prepare_tensors(tensors)
         record = _prepare_meta(record)
         path = f"{self._dir(stage, key)}/{_part(block)}"
-        with self._guard(f"writing block {block} of {ref.uri}", missing_ok=False):
-            with atomic_file(self.fs, f"{path}.safetensors") as tmp:
-                safetensors.torch.save_file(tensors, tmp)
-                size, digest = os.path.getsize(tmp), file_sha256(tmp)
-            data = {**record, "block": block, "sha256": digest, "bytes": size,
-                    "tensor_names": sorted(tensors)}
-            with atomic_file(self.fs, f"{path}.json") as tmp:
-                with open(tmp, "w") as f:
-                    json.dump(data, f, sort_keys=True)
+        action = f"writing block {block} of {ref.uri}"
+        with self._guard(action), atomic_file(self.fs, f"{path}.safetensors") as tmp:
+            safetensors.torch.save_file(tensors, tmp)
+            size, digest = os.path.getsize(tmp), file_sha256(tmp)
+        data = {**record, "block": block, "sha256": digest, "bytes": size,
+                "tensor_names": sorted(tensors)}
+        self._put(f"{path}.json", json.dumps(data, sort_keys=True).encode(), action)
 
     def parts(self, stage: str, key: str) -> Iterator[tuple[dict, dict]]:
         """The committed blocks of `stage`/`key` in order from block 0, as (tensors, record),
@@ -395,15 +392,11 @@ class ArtifactStore:
         block = 0
         while True:
             path = f"{self._dir(stage, key)}/{_part(block)}"
-            with self._guard(f"reading {self._uri(path)}.json"):
-                try:
-                    record = json.loads(self.fs.cat_file(f"{path}.json"))
-                except FileNotFoundError as exc:
-                    if _is_missing_bucket(exc):
-                        raise
-                    return
-                except ValueError:
-                    record = None
+            raw = self._if_present(f"reading {self._uri(path)}.json",
+                                   functools.partial(self.fs.cat_file, f"{path}.json"))
+            if raw is None:
+                return
+            record = _json_or_none(raw)
             if not (isinstance(record, dict) and record.get("block") == block
                     and isinstance(record.get("sha256"), str)):
                 log.warning("block %d of %s/%s has a damaged record; computing from it",
@@ -421,17 +414,11 @@ class ArtifactStore:
     def drop_parts(self, stage: str, key: str) -> None:
         """Remove the finished blocks of `stage`/`key` (once its artifact is committed)."""
         folder = self._dir(stage, key)
-        with self._guard(f"removing the blocks of {self._uri(folder)}"):
-            try:
-                names = self.fs.ls(folder, detail=False)
-            except FileNotFoundError as exc:
-                if _is_missing_bucket(exc):
-                    raise
-                return
-            for path in names:
-                if _PART_RE.fullmatch(path.rsplit("/", 1)[-1]):
-                    with contextlib.suppress(FileNotFoundError):
-                        self.fs.rm_file(path)
+        action = f"removing the blocks of {self._uri(folder)}"
+        for path in self._if_present(action, lambda: self.fs.ls(folder, detail=False), []):
+            if _PART_RE.fullmatch(path.rsplit("/", 1)[-1]):
+                with self._guard(action), contextlib.suppress(FileNotFoundError):
+                    self.fs.rm_file(path)
 
     # -- leases: who computes an artifact now -------------------------------------------------
     # A lease is generation n of `.leases/<stage>/<key>/`, made by `create` (only one writer
@@ -464,10 +451,7 @@ class ArtifactStore:
             return False
         lease = {**current, **_expiry(seconds)}
         path = f"{self._base}/{_lease_name(stage, key, generation)}"
-        with self._guard(f"renewing the lease {self._uri(path)}", missing_ok=False):
-            with atomic_file(self.fs, path) as tmp:
-                with open(tmp, "w") as f:
-                    json.dump(lease, f)
+        self._put(path, json.dumps(lease).encode(), f"renewing the lease {self._uri(path)}")
         return True
 
     def release_lease(self, stage: str, key: str, generation: int) -> None:
@@ -478,19 +462,18 @@ class ArtifactStore:
         the generations below it go."""
         folder = f"{self._base}/{_lease_dir(stage, key)}"
         committed = self.exists(stage, key)
-        with self._guard(f"releasing the lease of {stage}/{key}"):
-            generations = self._lease_generations(folder)
-            latest = max(generations, default=None)
-            keep = generation if latest == generation and not committed else None
-            for n in generations:
-                if n <= generation and n != keep:
-                    with contextlib.suppress(FileNotFoundError):
-                        self.fs.rm_file(f"{folder}/{n}.json")
-            if keep is not None:
-                current = self._lease(stage, key)[1] or {}
-                with atomic_file(self.fs, f"{folder}/{generation}.json") as tmp:
-                    with open(tmp, "w") as f:
-                        json.dump({**current, "expires": 0, "released": True}, f)
+        action = f"releasing the lease of {stage}/{key}"
+        generations = self._lease_generations(folder)
+        latest = max(generations, default=None)
+        keep = generation if latest == generation and not committed else None
+        for n in generations:
+            if n <= generation and n != keep:
+                with self._guard(action), contextlib.suppress(FileNotFoundError):
+                    self.fs.rm_file(f"{folder}/{n}.json")
+        if keep is not None:
+            current = self._lease(stage, key)[1] or {}
+            self._put(f"{folder}/{generation}.json",
+                      json.dumps({**current, "expires": 0, "released": True}).encode(), action)
 
     def lease(self, stage: str, key: str) -> dict | None:
         """The current lease of `stage`/`key` (live or expired), None when there is none."""
@@ -504,25 +487,16 @@ class ArtifactStore:
         if not generations:
             return None, None
         n = max(generations)
-        with self._guard(f"reading the lease {self._uri(folder)}/{n}.json"):
-            try:
-                lease = json.loads(self.fs.cat_file(f"{folder}/{n}.json"))
-            except FileNotFoundError as exc:  # released meanwhile
-                if _is_missing_bucket(exc):
-                    raise
-                return self._lease(stage, key)
-            except ValueError:
-                lease = None
+        raw = self._if_present(f"reading the lease {self._uri(folder)}/{n}.json",
+                               lambda: self.fs.cat_file(f"{folder}/{n}.json"))
+        if raw is None:  # released meanwhile
+            return self._lease(stage, key)
+        lease = _json_or_none(raw)
         return n, lease if isinstance(lease, dict) else {"expires": 0}
 
     def _lease_generations(self, folder: str) -> list[int]:
-        with self._guard(f"listing {self._uri(folder)}"):
-            try:
-                names = self.fs.ls(folder, detail=False)
-            except FileNotFoundError as exc:
-                if _is_missing_bucket(exc):
-                    raise
-                return []
+        names = self._if_present(f"listing {self._uri(folder)}",
+                                 lambda: self.fs.ls(folder, detail=False), [])
         found = (_LEASE_RE.fullmatch(n.rsplit("/", 1)[-1]) for n in names)
         return [int(m.group(1)) for m in found if m]
 
@@ -531,7 +505,7 @@ class ArtifactStore:
         created it, False when it existed (an exclusive create locally, a conditional PUT on
         S3: two writers racing for one name never both win)."""
         path = f"{self._base}/{name}"
-        with self._guard(f"creating {self._uri(path)}", missing_ok=False):
+        with self._guard(f"creating {self._uri(path)}"):
             if self.local:  # written beside it, then linked: a reader never sees a part
                 return _create_local(path, data)
             try:
@@ -547,14 +521,8 @@ class ArtifactStore:
         """
         ref = self.ref(stage, key)
         folder = self._dir(stage, key)
-        with self._guard(f"removing {ref.uri}"):
-            try:
-                if not self.fs.find(folder):
-                    return False
-            except FileNotFoundError as exc:
-                if _is_missing_bucket(exc):
-                    raise
-                return False
+        if not self._if_present(f"removing {ref.uri}", lambda: self.fs.find(folder)):
+            return False
         self._uncommit(folder)
         with self._guard(f"removing {ref.uri}"):
             with contextlib.suppress(FileNotFoundError):
@@ -624,9 +592,9 @@ class ArtifactStore:
         meta = self._read_meta(stage, key)
         if isinstance(meta, str):
             return None
-        if self._size(f"{self._dir(stage, key)}/{TENSORS}") != meta["bytes"]:
-            return None
-        return meta
+        path = f"{self._dir(stage, key)}/{TENSORS}"
+        size = self._if_present(f"reading {self._uri(path)}", lambda: self.fs.size(path))
+        return meta if size == meta["bytes"] else None
 
     def load_meta(self, stage: str, key: str) -> dict:
         """The committed meta.json of `stage`/`key`; CorruptArtifactError if there is none."""
@@ -694,30 +662,23 @@ class ArtifactStore:
     ) -> list[str]:
         """Files inside committed artifacts that are not part of them (the temporary file of a
         save that was killed), older than `older_than` if given: what `remove_strays` deletes."""
-        return [self._uri(p) for p in self._strays(stage, older_than)]
+        return self.remove_strays(stage, older_than=older_than, dry_run=True)
 
     def remove_strays(
         self, stage: str | None = None, *, older_than: timedelta | None = None,
         dry_run: bool = False
     ) -> list[str]:
         """Delete `strays(stage, older_than=...)`; returns their URIs. The artifacts stay."""
-        paths = self._strays(stage, older_than)
+        cutoff = _cutoff(older_than)
+        paths = sorted(path for e in self._scan(stage) if e.meta is not None
+                       for path, mtime in e.strays.items()
+                       if cutoff is None or (mtime is not None and mtime <= cutoff))
         if not dry_run:
             for path in paths:
                 with self._guard(f"removing {self._uri(path)}"):
                     with contextlib.suppress(FileNotFoundError):
                         self.fs.rm_file(path)
         return [self._uri(p) for p in paths]
-
-    def _strays(self, stage: str | None, older_than: timedelta | None) -> list[str]:
-        cutoff = _cutoff(older_than)
-        return sorted(
-            path
-            for e in self._scan(stage)
-            if e.meta is not None
-            for path, mtime in e.strays.items()
-            if cutoff is None or (mtime is not None and mtime <= cutoff)
-        )
 
     # -- internals ------------------------------------------------------------------------------
     def _not_a_file(self) -> None:
@@ -736,23 +697,10 @@ class ArtifactStore:
     def _read_meta(self, stage: str, key: str) -> dict | str:
         """The parsed, consistent meta.json, or the reason there is none."""
         path = f"{self._dir(stage, key)}/{META}"
-        with self._guard(f"reading {self._uri(path)}"):
-            try:
-                raw = self.fs.cat_file(path)
-            except FileNotFoundError as exc:
-                if _is_missing_bucket(exc):
-                    raise
-                return "it has no meta.json (never saved, or the save was interrupted)"
+        raw = self._if_present(f"reading {self._uri(path)}", lambda: self.fs.cat_file(path))
+        if raw is None:
+            return "it has no meta.json (never saved, or the save was interrupted)"
         return _parse_meta(raw, stage, key)
-
-    def _size(self, path: str) -> int | None:
-        with self._guard(f"reading {self._uri(path)}"):
-            try:
-                return self.fs.size(path)
-            except FileNotFoundError as exc:
-                if _is_missing_bucket(exc):
-                    raise
-                return None
 
     def _uncommit(self, folder: str) -> None:
         path = f"{folder}/{META}"
@@ -760,12 +708,16 @@ class ArtifactStore:
             with contextlib.suppress(FileNotFoundError):
                 self.fs.rm_file(path)
 
-    def _write_meta(self, folder: str, data: bytes) -> None:
-        path = f"{folder}/{META}"
-        with self._guard(f"writing {self._uri(path)}", missing_ok=False):
-            with atomic_file(self.fs, path) as tmp:
-                with open(tmp, "wb") as f:
-                    f.write(data)
+    def _write_meta(self, folder: str, record: dict) -> None:
+        """meta.json, written last: the commit of the artifact in `folder`."""
+        data = (json.dumps(record, indent=2, sort_keys=True) + "\n").encode()
+        self._put(f"{folder}/{META}", data, f"writing {self._uri(folder)}/{META}")
+
+    def _put(self, path: str, data: bytes, action: str) -> None:
+        """`data` as the file `path`, in one step (`atomic_file`)."""
+        with self._guard(action), atomic_file(self.fs, path) as tmp:
+            with open(tmp, "wb") as f:
+                f.write(data)
 
     @contextlib.contextmanager
     def _local_copy(self, path: str) -> Iterator[str | None]:
@@ -775,16 +727,13 @@ class ArtifactStore:
             return
         fd, tmp = tempfile.mkstemp(prefix="sds-", suffix=".safetensors")
         os.close(fd)
+
+        def download() -> str:
+            self.fs.get_file(path, tmp)
+            return tmp
+
         try:
-            missing = False
-            with self._guard(f"downloading {self._uri(path)}"):
-                try:
-                    self.fs.get_file(path, tmp)
-                except FileNotFoundError as exc:
-                    if _is_missing_bucket(exc):
-                        raise
-                    missing = True
-            yield None if missing else tmp
+            yield self._if_present(f"downloading {self._uri(path)}", download)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(tmp)
@@ -795,13 +744,8 @@ class ArtifactStore:
             _check_stage(stage)
         self._not_a_file()
         top = self._base if stage is None else f"{self._base}/{stage}"
-        with self._guard(f"listing {self._uri(top)}"):
-            try:
-                found = self.fs.find(top, detail=True)
-            except FileNotFoundError as exc:
-                if _is_missing_bucket(exc):
-                    raise
-                found = {}
+        found = self._if_present(f"listing {self._uri(top)}",
+                                 lambda: self.fs.find(top, detail=True), {})
         prefix = self._base.rstrip("/") + "/"
         folders: dict[tuple[str, str], dict[str, dict]] = {}
         for path, info in found.items():
@@ -837,22 +781,25 @@ class ArtifactStore:
 
     # -- errors ---------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def _guard(self, action: str, *, missing_ok: bool = True) -> Iterator[None]:
-        """Turn storage failures into StoreError with a cause and a fix.
-
-        A plain FileNotFoundError passes through when `missing_ok` (the caller decides what a
-        missing file means); a missing bucket never does.
-        """
+    def _guard(self, action: str) -> Iterator[None]:
+        """Turn storage failures into StoreError with a cause and a fix."""
         try:
             yield
         except SDSError:
             raise
-        except FileNotFoundError as exc:
-            if missing_ok and not _is_missing_bucket(exc):
-                raise
-            raise self._error(action, exc) from exc
         except Exception as exc:
             raise self._error(action, exc) from exc
+
+    def _if_present(self, action: str, read: Callable[[], Any], missing: Any = None) -> Any:
+        """`read()` under `_guard(action)`, or `missing` when the file or folder it reads is
+        absent (the caller decides what that means); a missing bucket is still a StoreError."""
+        with self._guard(action):
+            try:
+                return read()
+            except FileNotFoundError as exc:
+                if _is_missing_bucket(exc):
+                    raise
+                return missing
 
     def _error(self, action: str, exc: BaseException) -> StoreError:
         """The StoreError for `exc` (StoreFullError when the storage is full)."""
@@ -1028,6 +975,13 @@ def _cutoff(older_than: timedelta | None) -> float | None:
     return (datetime.now(UTC) - older_than).timestamp()
 
 
+def _json_or_none(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:  # includes UnicodeDecodeError
+        return None
+
+
 def _created(meta: dict) -> float | None:
     try:
         return datetime.fromisoformat(meta["created"]).timestamp()
@@ -1112,14 +1066,6 @@ def _s3_options(connect_timeout: float) -> dict:
             "retries": {"max_attempts": 2, "mode": "standard"},
         },
     }
-
-
-def _no_options(connect_timeout: float) -> dict:
-    return {}
-
-
-# settings of url_to_fs per scheme (connect_timeout -> options); other backends take defaults
-_BACKEND_OPTIONS = {"s3": _s3_options, "s3a": _s3_options}
 
 
 def _aws_session():
