@@ -33,14 +33,12 @@ class StageRunner:
 
     def __init__(self):
         self.futures: dict[tuple[str, str, str], PrefectFuture] = {}
-        self.submitted: dict[str, int] = {}
 
     def __call__(self, task, spec: StageSpec, **upstream: PrefectFuture) -> PrefectFuture:
         ident = (spec.store, spec.stage, spec.key)
         if ident not in self.futures:
             self.futures[ident] = task.with_options(task_run_name=spec.title).submit(
                 spec, **upstream)
-            self.submitted[spec.label] = self.submitted.get(spec.label, 0) + 1
         return self.futures[ident]
 
 
@@ -73,28 +71,31 @@ def resolve(futures: dict[str, PrefectFuture]) -> dict[str, dict]:
     return {label: future.result() for label, future in futures.items()}
 
 
-def run_plans(plans: list[Plan]) -> tuple[list[dict | Exception], dict[str, int]]:
+def run_plans(plans: list[Plan]) -> list[dict | Exception]:
     """Run the stages of every plan (shared stages once); per plan its references or the error
-    that stopped it, and how many times each stage label was submitted.
+    that stopped it.
 
     A stage that finds an upstream artifact damaged discards it and fails (UpstreamLostError):
     the plans then run once more, which recomputes what was discarded and reuses the rest.
     """
-    for attempt in (1, 2):
-        runner = StageRunner()
-        submitted = [submit_stages(runner, plan) for plan in plans]
-        wait(list(runner.futures.values()))
-        outcomes: list[dict | Exception] = []
-        for futures in submitted:
-            try:
-                outcomes.append(resolve(futures))
-            except Exception as exc:  # noqa: BLE001 - one failed point must not hide the others
-                outcomes.append(exc)
-        if attempt == 2 or not any(isinstance(o, UpstreamLostError) for o in outcomes):
-            return outcomes, runner.submitted
+    outcomes = _run_once(plans)
+    if any(isinstance(o, UpstreamLostError) for o in outcomes):
         get_run_logger().warning("an upstream artifact was damaged and discarded; running the "
                                  "stages again to recompute it")
-    raise AssertionError("not reached")
+        outcomes = _run_once(plans)
+    return outcomes
+
+
+def _run_once(plans: list[Plan]) -> list[dict | Exception]:
+    runner = StageRunner()
+    submitted = [submit_stages(runner, plan) for plan in plans]
+    outcomes: list[dict | Exception] = []
+    for futures in submitted:
+        try:
+            outcomes.append(resolve(futures))
+        except Exception as exc:  # noqa: BLE001 - one failed point must not hide the others
+            outcomes.append(exc)
+    return outcomes
 
 
 def current_run() -> dict:
@@ -121,7 +122,7 @@ def pipeline(config: RunConfig = RunConfig()) -> dict:  # noqa: B008 - a frozen 
     ArtifactStore(plan.store).check()
     ensure_gpu_limit(config.gpu_limit)
 
-    (refs,), _submitted = run_plans([plan])
+    (refs,) = run_plans([plan])
     if isinstance(refs, Exception):
         raise refs
 

@@ -50,13 +50,6 @@ def improvement(metrics: dict[str, dict]) -> dict[str, dict]:
     return out
 
 
-def _created(ref: dict) -> datetime | None:
-    try:
-        return datetime.fromisoformat(ref["created"])
-    except (KeyError, TypeError, ValueError):
-        return None
-
-
 def build_results(plan, refs: dict[str, dict], started: datetime, wall: float,
                   model_dir: str | None = None, flow_run: dict | None = None) -> dict:
     """The record of one pipeline run (see the module docstring). `flow_run` None: the run was
@@ -65,10 +58,8 @@ def build_results(plan, refs: dict[str, dict], started: datetime, wall: float,
                if label in refs}
     stages = {}
     for label, ref in refs.items():
-        created = _created(ref)
         stages[label] = {"key": ref["key"], "uri": ref["uri"], "sha256": ref.get("sha256"),
-                         "computed": ref.get("computed", bool(created and created >= started)),
-                         "seconds": ref.get("seconds", {})}
+                         "computed": ref["computed"], "seconds": ref.get("seconds", {})}
         if "blocks" in ref:  # {"total", "computed" by this run}
             stages[label]["blocks"] = ref["blocks"]
     computed = [s for s in stages.values() if s["computed"]]
@@ -160,6 +151,12 @@ def table_rows(results: dict) -> list[dict]:
     return rows
 
 
+def artifact_rows(results: dict) -> list[dict]:
+    """`table_rows` with numbers rounded, for a Prefect table artifact."""
+    return [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}
+            for row in table_rows(results)]
+
+
 def markdown(results: dict) -> str:
     s = results["config"]
     rows = table_rows(results)
@@ -205,8 +202,7 @@ def publish(results: dict) -> None:
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     name = run_name(results)
-    rows = [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()}
-            for r in table_rows(results)]
+    rows = artifact_rows(results)
     if rows:
         create_table_artifact(table=rows, key=slug("sds-results", name),
                               description=f"Metrics per model state: {name}")

@@ -53,17 +53,15 @@ def sweep(config: SweepConfig = SweepConfig()) -> dict:  # noqa: B008 - a frozen
     ArtifactStore(plans[0].store).check()
     if config.pool:
         outcomes, runs = run_on_pool(config.pool, points, plans)
-        submitted = distinct_stages(plans)
     else:
         ensure_gpu_limit(config.gpu_limit)
-        outcomes, submitted = run_plans(plans)
+        outcomes = run_plans(plans)
         runs = [current_run()] * len(plans)
-    return write_results(config, plans, outcomes, runs, submitted, started, t0)
+    return write_results(config, plans, outcomes, runs, started, t0)
 
 
 def write_results(config: SweepConfig, plans: list[Plan], outcomes: list[dict | Exception],
-                  runs: list[dict], submitted: dict[str, int], started: datetime,
-                  t0: float) -> dict:
+                  runs: list[dict], started: datetime, t0: float) -> dict:
     """Each point's results.json (and model folder), `<out>/sweep.json` and the table artifact,
     from each point's stage references (or the error that stopped it) and its flow run. Raises
     SweepError when a point failed, after writing the others."""
@@ -87,15 +85,12 @@ def write_results(config: SweepConfig, plans: list[Plan], outcomes: list[dict | 
                   "improvement": p["results"]["improvement"], "keys": p["results"]["keys"]}
                  for p in points],
         "failures": failures,
-        "stage_submissions": submitted,  # how many times each stage label ran (shared: 1)
+        "stage_submissions": distinct_stages(plans),  # runs of each stage label (shared: 1)
         "wall": time.perf_counter() - t0,
         "flow_run": current_run(),
     }
-    rows = []
-    for p in points:
-        for row in report.table_rows(p["results"]):
-            rows.append({"run": p["name"], **{k: (round(v, 6) if isinstance(v, float) else v)
-                                              for k, v in row.items()}})
+    rows = [{"run": p["name"], **row}
+            for p in points for row in report.artifact_rows(p["results"])]
     for f in failures:
         rows.append({"run": f["name"], "metric": "failed", "error": f["error"]})
     if rows:
