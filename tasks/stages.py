@@ -10,6 +10,8 @@ Caching, retries and the GPU slot are declared here; the math lives in `sds`.
 
 from __future__ import annotations
 
+import functools
+
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
@@ -34,12 +36,6 @@ def _rules(config: dict):
 
     rules = config["rules"]
     return LayerRules.build(rules["default"], rules["overrides"], rules["exclude"])
-
-
-def _sds_config(config: dict):
-    from sds.reconstruct import SDSConfig
-
-    return SDSConfig(**config["sds"])
 
 
 # -- calibration --------------------------------------------------------------------------------
@@ -94,37 +90,34 @@ def oneshot(spec: StageSpec, calibration: dict) -> dict:
 
 
 # -- SDS steps 2 and 3: both start from the base model with an upstream stage's weights ---------
-def _load_sds_inputs(spec, store, clock, logger, upstream: str):
-    """(calibration ids, rules, model holding the upstream weights, dense weights snapshot,
-    the stage's committed blocks)."""
-    from sds.models import load_layer_state
-    from sds.reconstruct import dense_weights
+def _sds_step(spec, store, clock, logger, upstream: str, step):
+    """Load the base model, snapshot its dense weights, put the `upstream` stage's weights in,
+    and run `step(model, ids, dense, rules=, config=, ...)` (`sds.reconstruct.redense` or
+    `second_prune`) from the stage's first unfinished block."""
+    from sds.models import layer_state, load_layer_state
+    from sds.reconstruct import SDSConfig, dense_weights
 
-    ids = load_upstream(store, spec, "calibration")["input_ids"]
-    weights = load_upstream(store, spec, upstream)
-    rules = _rules(spec.config)
-    with clock("load"):
-        model, _ = load_base(spec)
-        dense = dense_weights(model, rules)
-        load_layer_state(model, weights)
-        blocks = BlockCommits(spec, store, logger, model, dense)
-        blocks.resume()
-    return ids, rules, model, dense, blocks
+    with gpu_slot(spec):
+        ids = load_upstream(store, spec, "calibration")["input_ids"]
+        weights = load_upstream(store, spec, upstream)
+        rules = _rules(spec.config)
+        with clock("load"):
+            model, _ = load_base(spec)
+            dense = dense_weights(model, rules)
+            load_layer_state(model, weights)
+            blocks = BlockCommits(spec, store, logger, model, dense)
+            resume = blocks.resume()
+        with clock("compute"):
+            report = step(model, ids, dense, rules=rules, config=SDSConfig(**spec.config["sds"]),
+                          device=spec.run.device, progress=False, on_block=blocks, resume=resume)
+    return layer_state(model, dense), {"report": report.to_dict(), "blocks": blocks.counts}
 
 
 # -- step 2: re-dense ---------------------------------------------------------------------------
 def _redense(spec, store, clock, logger):
-    from sds import reconstruct
-    from sds.models import layer_state
+    from sds.reconstruct import redense
 
-    with gpu_slot(spec):
-        ids, rules, model, dense, blocks = _load_sds_inputs(spec, store, clock, logger,
-                                                            "oneshot")
-        with clock("compute"):
-            report = reconstruct.redense(
-                model, ids, dense, rules, _sds_config(spec.config), device=spec.run.device,
-                progress=False, on_block=blocks, resume=blocks.state)
-    return layer_state(model, dense), {"report": report.to_dict(), "blocks": blocks.counts}
+    return _sds_step(spec, store, clock, logger, "oneshot", redense)
 
 
 @task(name="redense", **STAGE_TASK)
@@ -135,19 +128,13 @@ def redense(spec: StageSpec, calibration: dict, oneshot: dict) -> dict:
 
 # -- step 3: second pruning and adjustment ------------------------------------------------------
 def _second(spec, store, clock, logger):
-    from sds import reconstruct
-    from sds.models import layer_state
+    from sds.reconstruct import second_prune
 
     config = spec.config
-    with gpu_slot(spec):
-        ids, rules, model, dense, blocks = _load_sds_inputs(spec, store, clock, logger,
-                                                            "redense")
-        with clock("compute"):
-            report = reconstruct.second_prune(
-                model, ids, dense, config["method"], rules, _sds_config(config),
-                blocksize=config.get("blocksize", 128), percdamp=config.get("percdamp", 0.01),
-                device=spec.run.device, progress=False, on_block=blocks, resume=blocks.state)
-    return layer_state(model, dense), {"report": report.to_dict(), "blocks": blocks.counts}
+    step = functools.partial(second_prune, method=config["method"],
+                             blocksize=config.get("blocksize", 128),
+                             percdamp=config.get("percdamp", 0.01))
+    return _sds_step(spec, store, clock, logger, "redense", step)
 
 
 @task(name="second", **STAGE_TASK)
