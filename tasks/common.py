@@ -174,32 +174,6 @@ def progress(logger, spec: StageSpec, message: str, *args, **event) -> None:
                 extra={"sds": {"title": spec.title, **event}})
 
 
-class BlockProgress:
-    """The `on_block` callback of a walk: a Prefect progress artifact and a log line per
-    finished block."""
-
-    def __init__(self, spec: StageSpec, logger):
-        from prefect.artifacts import create_progress_artifact
-
-        self.spec, self.logger = spec, logger
-        self.artifact_id = None
-        try:
-            self.artifact_id = create_progress_artifact(
-                0.0, description=f"{spec.title}: blocks done")
-        except Exception as exc:  # noqa: BLE001 - progress display must never fail a stage
-            logger.debug("no progress artifact: %s", exc)
-
-    def __call__(self, block: int, blocks: int, seconds: float) -> None:
-        done = block + 1
-        progress(self.logger, self.spec, "block %d/%d done in %.1f s", done, blocks, seconds,
-                 event="block", block=done, blocks=blocks)
-        if self.artifact_id is not None:
-            from prefect.artifacts import update_progress_artifact
-
-            with contextlib.suppress(Exception):
-                update_progress_artifact(self.artifact_id, progress=100.0 * done / blocks)
-
-
 # -- finished blocks ----------------------------------------------------------------------------
 class BlockCommits:
     """The finished blocks of a pruning stage (a walk over the blocks), committed to the store
@@ -207,21 +181,29 @@ class BlockCommits:
 
     `resume()` reads what an earlier run committed (each block's weights of the walked layers,
     W: [out, in], and its records) into the `Resume` of the walk; the instance is the walk's
-    `on_block`: it commits each block as it ends, then logs `<title>: block k/N`. The stage's
-    artifact is committed as before, from the whole model; `run_stage` then drops the blocks.
+    `on_block`: it commits each block as it ends, then logs `<title>: block k/N` and advances
+    the stage's Prefect progress artifact. The stage's artifact is committed as before, from the
+    whole model; `run_stage` then drops the blocks.
     """
 
     def __init__(self, spec: StageSpec, store: ArtifactStore, logger, model, names):
+        from prefect.artifacts import create_progress_artifact
+
         from sds.models import find_blocks
 
         prefix, blocks = find_blocks(model)
         modules = dict(model.named_modules())
-        self.spec, self.store, self.total = spec, store, len(blocks)
+        self.spec, self.store, self.logger, self.total = spec, store, logger, len(blocks)
         self.layers: dict[int, dict] = {b: {} for b in range(self.total)}  # block -> layers
         for name in names:
             self.layers[int(name[len(prefix) + 1:].split(".")[0])][name] = modules[name]
-        self.progress = BlockProgress(spec, logger)
         self.state = None  # the walk's Resume
+        self.artifact_id = None
+        try:
+            self.artifact_id = create_progress_artifact(
+                0.0, description=f"{spec.title}: blocks done")
+        except Exception as exc:  # noqa: BLE001 - progress display must never fail a stage
+            logger.debug("no progress artifact: %s", exc)
 
     def resume(self):
         """The walk's `Resume`: the committed blocks from block 0 on, with their records."""
@@ -239,7 +221,7 @@ class BlockCommits:
             report.blocks.append({"block": b, "seconds": record["seconds"]})
         self.state = Resume(len(report.blocks), weights, report)
         if self.state.start:
-            progress(self.progress.logger, self.spec, "resuming at block %d/%d",
+            progress(self.logger, self.spec, "resuming at block %d/%d",
                      self.state.start + 1, self.total, event="resume",
                      block=self.state.start, blocks=self.total)
         return self.state
@@ -259,7 +241,14 @@ class BlockCommits:
         records = [asdict(r) for r in self.state.report.layers if r.block == block]
         self.store.save_part(self.spec.stage, self.spec.key, block, tensors,
                              {"blocks": blocks, "seconds": seconds, "layers": records})
-        self.progress(block, blocks, seconds)
+        done = block + 1
+        progress(self.logger, self.spec, "block %d/%d done in %.1f s", done, blocks, seconds,
+                 event="block", block=done, blocks=blocks)
+        if self.artifact_id is not None:
+            from prefect.artifacts import update_progress_artifact
+
+            with contextlib.suppress(Exception):
+                update_progress_artifact(self.artifact_id, progress=100.0 * done / blocks)
 
 
 # -- leases -------------------------------------------------------------------------------------

@@ -165,15 +165,17 @@ def model_identity(model: str, revision: str | None, dtype: str) -> dict:
     return {"kind": "hub", "id": model, "revision": info.sha, "dtype": dtype}
 
 
-def _check_model(c: RunConfig, model: str, seqlen: int | None, hub_data: list[str]):
+def _check_model(c: RunConfig, model: str, seqlen: int | None, data: list[str]):
     """The checks that need the model's code or the data's source, which import torch and
-    transformers: the device, the hub when hub data is named, the model's config (a causal LM
-    whose weight files are readable) and the window length against its context. Returns the
-    model's config and the window length (`seqlen` None: the model's default)."""
+    transformers: the device, the hub when `data` (the calibration and evaluation sources) names
+    hub data, the model's config (a causal LM whose weight files are readable) and the window
+    length against its context. Returns the model's config and the window length (`seqlen`
+    None: the model's default)."""
     from sds.data import check_hub, resolve_seqlen
     from sds.models import check_causal_lm, check_device, check_weight_files, load_config
 
     check_device(c.device)
+    hub_data = [d for d in data if d in HUB_SOURCES]
     if hub_data:  # unreachable: fail now, not after datasets' retries inside a stage
         check_hub(", ".join(hub_data), "use a local .txt/.jsonl file or the demo corpus "
                   "(calib 'demo', eval 'wiki') instead")
@@ -226,13 +228,12 @@ def _plan(c: RunConfig) -> Plan:
     method_options(c.method)  # a known method
     rules = LayerRules.build(c.pattern, c.overrides or None, c.exclude)
     sds_options = c.sds_options.to_dict()
-    hub_data = [s for s in [calib, *sources] if s in HUB_SOURCES]
     local = Path(model).expanduser()
     if local.is_dir():
         model = str(local.resolve())
     model_config = None
     if seqlen is None or not (local / "config.json").is_file():
-        model_config, seqlen = _check_model(c, model, seqlen, hub_data)
+        model_config, seqlen = _check_model(c, model, seqlen, [calib, *sources])
     identity = model_identity(model, c.revision, c.dtype)
     store = ArtifactStore(c.store)  # validates the URL; contacts nothing
     store_root = store.root
@@ -300,8 +301,7 @@ def check_inputs(c: RunConfig, plan: Plan) -> None:
     s = plan.settings
     model_config = plan.model_config
     if model_config is None:
-        hub_data = [d for d in [s["calib"], *s["eval"]] if d in HUB_SOURCES]
-        model_config, _ = _check_model(c, s["model"], s["seqlen"], hub_data)
+        model_config, _ = _check_model(c, s["model"], s["seqlen"], [s["calib"], *s["eval"]])
     # the rules must select layers of this model. A committed one-shot artifact of this key
     # proves they do (the key hashes the rules and the model's identity): a rerun skips
     # building the model's skeleton, which imports its modelling code.
