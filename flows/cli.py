@@ -55,32 +55,33 @@ def _add_options(parser: argparse.ArgumentParser, kind) -> None:
     for name, field in kind.model_fields.items():
         if name == "sds_options" or field.annotation == list[bool]:
             continue
-        flags = FLAGS.get(name, ["--" + name.replace("_", "-")])
         help_text = (field.description or "").replace("%", "%%")
-        if field.annotation is bool:
-            negate = bool(field.default)
-            flags = [f"--no-{f[2:]}" for f in flags] if negate else flags
-            group.add_argument(*flags, dest=name, action="store_false" if negate else
-                               "store_true", default=argparse.SUPPRESS, help=help_text)
-        elif name in REPEATED:
-            group.add_argument(*flags, dest=name, action="append", metavar=REPEATED[name],
+        if name in REPEATED:
+            group.add_argument(*FLAGS[name], dest=name, action="append", metavar=REPEATED[name],
                                default=argparse.SUPPRESS, help=f"{help_text} (repeatable)")
-        else:
-            shown = ",".join(field.default) if isinstance(field.default, list) else field.default
-            if shown is not None and "default" not in help_text:
-                help_text += f" (default: {shown})"
-            group.add_argument(*flags, dest=name, metavar=name.upper(), default=argparse.SUPPRESS,
-                               help=help_text)
+            continue
+        shown = ",".join(field.default) if isinstance(field.default, list) else field.default
+        if not isinstance(shown, bool | None) and "default" not in help_text:
+            help_text += f" (default: {shown})"
+        _add_option(group, name, field.default, help_text)
     group = parser.add_argument_group("SDS options (SDSConfig in sds/options.py)")
     for f in dataclasses.fields(SDSConfig):
-        dest = f"sds_options.{f.name}"
-        flags = FLAGS.get(dest, ["--" + f.name.replace("_", "-")])
-        if isinstance(f.default, bool):
-            group.add_argument(*[f"--no-{x[2:]}" for x in flags], dest=dest, action="store_false",
-                               default=argparse.SUPPRESS, help=f"turn off {f.name}")
-        else:
-            group.add_argument(*flags, dest=dest, metavar=f.name.upper(),
-                               default=argparse.SUPPRESS, help=f"default {f.default}")
+        _add_option(group, f"sds_options.{f.name}", f.default,
+                    f"turn off {f.name}" if f.default is True else f"default {f.default}")
+
+
+def _add_option(group, dest: str, default, help_text: str) -> None:
+    """`--name VALUE`, or for a bool `--name` (off by default) or `--no-name` (on by default);
+    the flag is named after the field unless FLAGS names it."""
+    name = dest.rpartition(".")[2]
+    flags = FLAGS.get(dest, ["--" + name.replace("_", "-")])
+    if isinstance(default, bool):
+        group.add_argument(*[f"--no-{f[2:]}" for f in flags] if default else flags, dest=dest,
+                           action="store_false" if default else "store_true",
+                           default=argparse.SUPPRESS, help=help_text)
+    else:
+        group.add_argument(*flags, dest=dest, metavar=name.upper(), default=argparse.SUPPRESS,
+                           help=help_text)
 
 
 def _output(parser: argparse.ArgumentParser) -> None:
@@ -474,39 +475,20 @@ def _check_destinations(config) -> None:
         check_out(config.out)
 
 
-def _check(config, points: list, args, console) -> Path | None:
-    """What comes before the flow: the environment (offline unless the run may need the hub),
-    the plan of every point (bad input fails here, before any stage), the store and the output
-    folder. Returns the log file (None with --verbose)."""
-    _offline(config, args)
-    with console.status("checking the inputs"):
-        from tasks.plan import plan_pipeline
+def _check(config, points: list, console) -> None:
+    """What comes before the flow: the plan of every point (bad input fails here, before any
+    stage), the store and the output folder."""
+    from tasks.plan import plan_pipeline
 
+    with console.status("checking the inputs"):
         for point in points:
             plan_pipeline(point)
         _check_destinations(config)
-    return _log_file(config, args)
 
 
 def _log_file(config, args) -> Path | None:
+    """Where the flow's stderr goes (None with --verbose: the terminal)."""
     return None if args.verbose or not config.out else Path(config.out) / "sds.log"
-
-
-def _stored_run(config, args, console):
-    """(plan, every stage's reference) when the store holds every stage of the run and no
-    --flow-run asks for a flow, else (plan, None). Planning computes the keys only (no torch):
-    with every stage committed, none of the checks that need the model is needed; the store
-    and the output folder are checked all the same."""
-    from tasks.common import committed_references
-    from tasks.plan import plan_pipeline
-
-    _offline(config, args)
-    with console.status("looking for the run's stages in the store"):
-        plan = plan_pipeline(config, check=False)
-        refs = None if args.flow_run else committed_references(plan)
-        if refs is not None:
-            _check_destinations(config)
-    return plan, refs
 
 
 def _answer_from_store(config, plan, refs: dict, console, log: Path | None) -> dict:
@@ -534,17 +516,26 @@ def cmd_run(args, console) -> int:
     stage (unless --flow-run). Prefect is imported, and its embedded API started, only for the
     flow. The plan (and with it every check that needs the model or the data) is made here,
     before Prefect starts, and the flow finds it made."""
+    from tasks.common import committed_references
     from tasks.config import RunConfig
+    from tasks.plan import plan_pipeline
 
     t0 = time.perf_counter()
     config = _config(RunConfig, args)
-    plan, refs = _stored_run(config, args, console)
+    _offline(config, args)
+    log = _log_file(config, args)
+    # the keys only (no torch): with every stage committed, none of the checks that need the
+    # model is needed; the store and the output folder are checked all the same
+    with console.status("looking for the run's stages in the store"):
+        plan = plan_pipeline(config, check=False)
+        refs = None if args.flow_run else committed_references(plan)
+        if refs is not None:
+            _check_destinations(config)
     if refs is not None:
-        log = _log_file(config, args)
         results = _answer_from_store(config, plan, refs, console, log)
     else:
         args.api = embedded_api()  # boots while the inputs are checked
-        log = _check(config, [config], args, console)
+        _check(config, [config], console)
         from flows.pipeline import pipeline
 
         results = _run_flow(pipeline, config, console, args.api, log)
@@ -601,10 +592,11 @@ def cmd_sweep(args, console) -> int:
 
         raise ConfigError(f"--pool {config.pool} needs the Prefect server its workers use; set "
                           "PREFECT_API_URL (e.g. http://127.0.0.1:4200/api)")
-    log = _check(config, config.points(), args, console)
+    _offline(config, args)
+    _check(config, config.points(), console)
     from flows.sweep import sweep
 
-    summary = _run_flow(sweep, config, console, args.api, log)
+    summary = _run_flow(sweep, config, console, args.api, _log_file(config, args))
     _stdout_console().print(_metrics_table("sweep", summary["runs"], named=True))
     print(f"stage runs: {json.dumps(summary['stage_submissions'])}")
     print(f"results in {config.out}/sweep.json ({summary['wall']:.1f} s)")
@@ -734,12 +726,12 @@ def _print_removed(dry_run: bool, artifacts: list[str], strays: list[str], tail:
         print(f"  {item}")
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB"):
+        if n < 1024:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
-    return str(n)
+    return f"{n:.1f} GB"
 
 
 # -- serve --------------------------------------------------------------------------------------
@@ -750,7 +742,7 @@ def cmd_serve(args, console) -> int:
         console.print("[yellow]PREFECT_API_URL is not set: the deployments are served by a "
                       "temporary server that stops with this command. Start one with `prefect "
                       "server start` and export PREFECT_API_URL to see them in the UI.[/]")
-    serve(args.name or None, int(args.limit) if args.limit else None)
+    serve(args.name or None, args.limit or None)
     return 0
 
 
