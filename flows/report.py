@@ -35,7 +35,8 @@ def lower_is_better(metric: str) -> bool:
 
 
 def improvement(metrics: dict[str, dict]) -> dict[str, dict]:
-    """Per metric measured on all three states: {"absolute", "recovered"} (None if no gap)."""
+    """Per metric measured on all three states: {"absolute", "recovered"}; "recovered" is None
+    when one-shot pruning is not worse than dense (no gap to recover)."""
     dense, base, final = (metrics.get(s, {}) for s in ("dense", "oneshot", "sds"))
     out = {}
     for name in final:
@@ -46,7 +47,7 @@ def improvement(metrics: dict[str, dict]) -> dict[str, dict]:
         absolute = sign * (b - f)
         gap = sign * (b - d)
         out[name] = {"absolute": absolute,
-                     "recovered": absolute / gap if abs(gap) > 1e-12 else None}
+                     "recovered": absolute / gap if gap > 1e-12 else None}
     return out
 
 

@@ -1,0 +1,27 @@
+"""The improvement record of a run: the change SDS makes to its one-shot base, and the share of
+the dense-to-one-shot gap it closes, only where there is a gap."""
+
+import pytest
+
+from flows.report import improvement
+
+
+def test_recovered_is_the_share_of_the_gap_closed_in_the_good_direction():
+    metrics = {"dense": {"ppl/wiki": 100.0, "acc/t": 0.60},
+               "oneshot": {"ppl/wiki": 120.0, "acc/t": 0.50},
+               "sds": {"ppl/wiki": 110.0, "acc/t": 0.575}}
+    gain = improvement(metrics)
+    assert gain["ppl/wiki"] == pytest.approx({"absolute": 10.0, "recovered": 0.5})
+    assert gain["acc/t"] == pytest.approx({"absolute": 0.075, "recovered": 0.75})
+
+
+def test_no_gap_when_one_shot_is_not_worse_than_dense():
+    """One-shot accuracy above dense (or perplexity below it) leaves no gap to recover: a ratio
+    would read +250% for an SDS that lost accuracy."""
+    metrics = {"dense": {"acc/t": 0.67, "ppl/wiki": 100.0},
+               "oneshot": {"acc/t": 0.69, "ppl/wiki": 100.0},
+               "sds": {"acc/t": 0.64, "ppl/wiki": 99.0}}
+    gain = improvement(metrics)
+    assert gain["acc/t"]["absolute"] == pytest.approx(-0.05)
+    assert gain["acc/t"]["recovered"] is None
+    assert gain["ppl/wiki"] == {"absolute": 1.0, "recovered": None}
