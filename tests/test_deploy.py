@@ -120,7 +120,11 @@ def test_served_deployment_runs_when_triggered_through_the_api(prefect_api, tiny
                 tables[0].data)
             assert {row["metric"] for row in rows} == {"ppl/heldout"}
             assert {"dense", "oneshot", "sds", "gap recovered"} <= set(rows[0])
-            assert "gap to dense recovered" in reports[0].data
+            # the report's sentence agrees with the table: a share of the gap, or none where
+            # one-shot pruning did not make the tiny random model worse than dense
+            recovered = rows[0]["gap recovered"]
+            assert ("gap to dense recovered" if recovered is not None
+                    else "one-shot pruning left no gap to dense") in reports[0].data
             limit = client.read_global_concurrency_limit_by_name("sds-gpu")
             assert limit.limit >= 1 and limit.active_slots == 0
     finally:
