@@ -138,6 +138,16 @@ class SDSConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def redense_dict(self) -> dict:
+        """The options step 2 (re-dense) reads (REDENSE_OPTIONS): a step-2 result's key holds
+        these and no step-3 option, so changing step 3 reuses a finished step 2."""
+        return {name: getattr(self, name) for name in REDENSE_OPTIONS}
+
+
+# the SDSConfig fields `sds.reconstruct.redense` reads; the others belong to step 3
+REDENSE_OPTIONS = ("data", "solver", "epochs", "tol", "lr", "l1", "l2", "optimizer", "normalize",
+                   "reg_scale")
+
 
 # -- pruning methods ----------------------------------------------------------------------------
 # The `sds.pruners.PruneOptions` fields each method's result depends on, beyond the weights, the

@@ -264,12 +264,14 @@ def _plan(c: RunConfig) -> Plan:
     calib_key = plan.specs["calibration"].key
 
     # each step keys on exactly the options its result depends on: the one-shot step on its
-    # method's (sds.options.METHOD_OPTIONS); the second pruning also on percdamp, which
+    # method's (sds.options.METHOD_OPTIONS); re-dense on the SDS options step 2 reads
+    # (sds.options.REDENSE_OPTIONS); the second pruning on all of them and on percdamp, which
     # dampens the Gram matrix of its solver whatever the method
     prune_config = {"method": c.method, "rules": rules.describe(), **method_config(c)}
     add("oneshot", "oneshot", prune_config, {"calibration": calib_key})
     if c.sds:
-        add("redense", "redense", {"rules": rules.describe(), "sds": sds_options},
+        add("redense", "redense", {"rules": rules.describe(),
+                                   "sds": c.sds_options.redense_dict()},
             {"calibration": calib_key, "oneshot": plan.specs["oneshot"].key})
         add("second", "second", {**prune_config, "percdamp": c.percdamp, "sds": sds_options},
             {"calibration": calib_key, "redense": plan.specs["redense"].key})

@@ -83,6 +83,23 @@ def test_each_pruning_step_keys_on_the_options_its_result_depends_on(tiny_model,
     assert keys("wanda", percdamp=0.05)["oneshot"] == keys("wanda")["oneshot"]
 
 
+def test_re_dense_keys_on_its_own_options_and_second_pruning_on_all(tiny_model, corpus,
+                                                                     tmp_path):
+    """A step-3 option (the solver's tolerance) leaves step 2's key alone, so a sweep over it
+    reuses the finished re-dense artifact; a step-2 option (λ1) changes both."""
+    from sds.options import REDENSE_OPTIONS, SDSConfig
+    from tasks.plan import plan_pipeline
+
+    def keys(**sds_options):
+        return plan_pipeline(tiny_params(tiny_model, corpus, tmp_path / "store",
+                                         sds_options=sds_options)).keys()
+
+    base, step3, step2 = keys(), keys(adjust_tol=0.01), keys(l1=0.2)
+    assert step3["redense"] == base["redense"] and step3["second"] != base["second"]
+    assert step2["redense"] != base["redense"] and step2["second"] != base["second"]
+    assert set(REDENSE_OPTIONS) < set(SDSConfig().to_dict())
+
+
 def test_planning_a_fully_cached_run_imports_neither_torch_nor_transformers(tiny_model, corpus,
                                                                             tmp_path):
     """A committed artifact proves the model checks passed for its key: once every stage of a

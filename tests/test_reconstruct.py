@@ -96,6 +96,33 @@ def test_adjustment_decreases_error_and_keeps_the_pattern():
     assert ((W == 0).reshape(16, 16, 4).sum(-1) >= 2).all()
 
 
+@pytest.mark.parametrize("solver", ["admm", "pgd"])
+def test_re_dense_reads_only_its_own_options(solver):
+    """Step 2's cache key holds only REDENSE_OPTIONS: changing every other SDSConfig field must
+    leave its result bit-identical."""
+    from dataclasses import fields, replace
+
+    from sds.options import REDENSE_OPTIONS
+
+    base = SDSConfig(solver=solver, epochs=5)
+    changed = {"adjust_epochs": 7, "adjust_tol": 0.05, "adjust_lr": 0.3, "cg_iters": 3,
+               "cg_tol": 0.1, "rho": 0.5, "rho_growth": 2.0, "rho_every": 1, "ramp_iters": 4,
+               "early_exit": False}
+    assert set(changed) == {f.name for f in fields(SDSConfig)} - set(REDENSE_OPTIONS)
+    results = []
+    for config in (base, replace(base, **changed), replace(base, l1=5.0)):
+        torch.manual_seed(0)
+        model = tiny_llama(layers=2)
+        ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+        rules = LayerRules.build("2:4")
+        dense = dense_weights(model, rules)
+        sds.oneshot(model, ids, "wanda", rules, progress=False)
+        redense(model, ids, dense, rules, config, progress=False)
+        results.append({n: weight_matrix(m).clone() for n, m in prunable_layers(model).items()})
+    assert all(torch.equal(results[0][n], results[1][n]) for n in results[0])
+    assert not all(torch.equal(results[0][n], results[2][n]) for n in results[0])  # λ1 counts
+
+
 def test_redense_statistics_come_from_the_pruned_model(monkeypatch):
     """SD-data: block b's statistics are the inputs of the pruned model, not of the partly
     re-densed one."""
