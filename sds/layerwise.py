@@ -306,8 +306,8 @@ def walk(
     usual sequential protocol); `"original"` with the outputs of the block as it was before the
     transform (statistics of the untransformed model), which the statistics pass has already
     computed, so each block runs once per sample instead of twice. `on_block(i, n, seconds)` is
-    called after each block. `resume` starts at a later block with the finished weights of the blocks before
-    it (see `Resume`). The model is changed in place.
+    called after each block. `resume` starts at a later block with the finished weights of the
+    blocks before it (see `Resume`). The model is changed in place.
     """
     if propagate not in ("transformed", "original"):
         raise ConfigError(f"propagate must be 'transformed' or 'original', got {propagate!r}")
