@@ -504,7 +504,8 @@ def _answer_from_store(config, plan, refs: dict, console, log: Path | None) -> d
     message = (f"all {len(refs)} stages were found in the store: answered from it, no flow run "
                "was started (add --flow-run to run one that Prefect records)")
     with _stderr_to(log):
-        print(message, file=sys.stderr, flush=True)
+        if log is not None:  # the log file's copy; the console line follows
+            print(message, file=sys.stderr, flush=True)
         results = report.finish(plan, refs, config.out, write_model if config.export else None,
                                 started, t0, None)
     console.print(f"[green]✓[/] {message}", highlight=False, soft_wrap=True)

@@ -349,10 +349,12 @@ def walk(
 
         # the statistics pass runs every sample through the block as it is now: its outputs are
         # the next block's inputs when propagating the untransformed block, and the reference
-        # stream's always (its weights never change)
+        # stream's when the transform cannot change that stream (untransformed propagation, or
+        # every selected layer swapped for its reference weights)
         keep = propagate == "original"
+        ref_fixed = keep or (reference is not None and set(layers) <= set(reference))
         stats, outputs, ref_outputs = _collect(block, groups, layers, hidden, ref_hidden, extras,
-                                               device, ref_block, needs, keep, store)
+                                               device, ref_block, needs, keep, ref_fixed, store)
         pending: dict[str, torch.Tensor] = {}  # new weights, written after propagation
         for names, st in zip(groups, stats):
             group = LayerGroup(b, names, [layers[n] for n in names], st)
@@ -468,11 +470,12 @@ class _RefWeights:
 
 
 def _collect(block, groups, layers, hidden, ref_hidden, extras, device, ref_block,
-             needs: Needs, keep_outputs: bool = False, store=None):
+             needs: Needs, keep_outputs: bool = False, keep_ref: bool = False, store=None):
     """Accumulate each group's declared statistics over every calibration sample.
 
     Returns (stats per group, outputs, reference outputs): the block's outputs per sample (on
-    `store`) when `keep_outputs`, and the reference stream's whenever it ran; else None."""
+    `store`) when `keep_outputs`, the reference stream's when `keep_ref` and it ran; else
+    None."""
     stats = [LayerStats() for _ in groups]
     if not groups or (needs.gram == "none" and ref_block is None):  # no pass over the block
         tokens = sum(h.shape[:-1].numel() for h in hidden)
@@ -491,7 +494,7 @@ def _collect(block, groups, layers, hidden, ref_hidden, extras, device, ref_bloc
             st.C = torch.zeros(n_in, n_in, dtype=torch.float32, device=device)
     leaders = [layers[names[0]] for names in groups]
     outputs = [] if keep_outputs else None
-    ref_outputs = [] if ref_block is not None else None
+    ref_outputs = [] if ref_block is not None and keep_ref else None
     current: list[torch.Tensor | None] = [None] * len(groups)
 
     def hook_for(k):
@@ -508,7 +511,8 @@ def _collect(block, groups, layers, hidden, ref_hidden, extras, device, ref_bloc
                 if ref_block is not None:
                     with ref_block:
                         out = block(ref_hidden[i].to(device), *extra[0], **extra[1])
-                    ref_outputs.append(_hidden(out).to(store))
+                    if ref_outputs is not None:
+                        ref_outputs.append(_hidden(out).to(store))
                     X_ref = list(current)
                 out = block(hidden[i].to(device), *extra[0], **extra[1])
                 if outputs is not None:
@@ -538,7 +542,10 @@ def _collect(block, groups, layers, hidden, ref_hidden, extras, device, ref_bloc
 
 
 def _activation_device(hidden: list[torch.Tensor], device: torch.device, streams: int):
-    """Keep calibration activations on the compute device when they fit, else on the CPU."""
+    """Keep calibration activations on the compute device when they fit, else on the CPU.
+
+    A walk holds each stream's inputs and, while a block is transformed, possibly its outputs
+    from the statistics pass (`walk`): twice the activations per stream, hence the factor 2."""
     if device.type != "cuda":
         return device
     need = 2 * streams * sum(h.numel() * h.element_size() for h in hidden)

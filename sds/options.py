@@ -139,14 +139,16 @@ class SDSConfig:
         return asdict(self)
 
     def redense_dict(self) -> dict:
-        """The options step 2 (re-dense) reads (REDENSE_OPTIONS): a step-2 result's key holds
-        these and no step-3 option, so changing step 3 reuses a finished step 2."""
-        return {name: getattr(self, name) for name in REDENSE_OPTIONS}
+        """The options step 2 (re-dense) reads with this solver (REDENSE_OPTIONS): a step-2
+        result's key holds these and nothing else, so changing step 3, or an option of the
+        other solver, reuses a finished step 2."""
+        return {name: getattr(self, name) for name in REDENSE_OPTIONS[self.solver]}
 
 
-# the SDSConfig fields `sds.reconstruct.redense` reads; the others belong to step 3
-REDENSE_OPTIONS = ("data", "solver", "epochs", "tol", "lr", "l1", "l2", "optimizer", "normalize",
-                   "reg_scale")
+# the SDSConfig fields `sds.reconstruct.redense` reads, per solver; the others belong to the
+# other solver or to step 3
+_REDENSE_COMMON = ("data", "solver", "epochs", "l1", "l2", "normalize", "reg_scale")
+REDENSE_OPTIONS = {"admm": (*_REDENSE_COMMON, "tol"), "pgd": (*_REDENSE_COMMON, "lr", "optimizer")}
 
 
 # -- pruning methods ----------------------------------------------------------------------------

@@ -214,6 +214,34 @@ def test_reference_stream_grams_equal_inputs_of_the_reference_model_recorded_ind
         dict(model.named_modules())[name]), X.T @ X), rel=1e-4)
 
 
+def test_reference_stream_runs_transformed_layers_the_reference_does_not_cover():
+    """With reference weights for some layers only, the reference stream runs the others as
+    transformed (here pruned): block 1's H_ref is the Gram matrix of its inputs in a model whose
+    block 0 holds the reference q_proj and the pruned rest."""
+    import copy
+
+    model = tiny_llama(layers=2)
+    ids = torch.randint(0, 128, (2, 16))
+    q0 = "model.layers.0.self_attn.q_proj"
+    W = weight_matrix(dict(model.named_modules())[q0])
+    ref = {q0: W + 0.5 * W.std() * torch.randn(W.shape, generator=torch.Generator().manual_seed(0))}
+    prune = pruning_transform("magnitude", LayerRules.build("2:4"))
+    seen = {}
+
+    def transform(group):
+        seen[group.names[0]] = group.stats.H_ref
+        return prune(group)
+
+    transform.needs = Needs(gram="none", reference=ref, reference_stats={"H_ref"})
+    walk(model, ids, transform, progress=False)
+    assert (weight_matrix(dict(model.named_modules())["model.layers.0.mlp.up_proj"]) == 0).any()
+    expected_model = copy.deepcopy(model)  # every layer pruned by the walk ...
+    set_weight_matrix(dict(expected_model.named_modules())[q0], ref[q0])  # ... but q_proj 0
+    X_ref = _layer_inputs(expected_model, "model.layers.1.self_attn.q_proj", ids)
+    torch.testing.assert_close(seen["model.layers.1.self_attn.q_proj"], X_ref.T @ X_ref,
+                               rtol=1e-4, atol=1e-3)
+
+
 def test_reference_statistics_without_reference_weights_are_refused():
     with pytest.raises(ConfigError, match="reference statistics need reference weights"):
         Needs(reference_stats={"H_ref"})

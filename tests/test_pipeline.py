@@ -97,7 +97,9 @@ def test_re_dense_keys_on_its_own_options_and_second_pruning_on_all(tiny_model, 
     base, step3, step2 = keys(), keys(adjust_tol=0.01), keys(l1=0.2)
     assert step3["redense"] == base["redense"] and step3["second"] != base["second"]
     assert step2["redense"] != base["redense"] and step2["second"] != base["second"]
-    assert set(REDENSE_OPTIONS) < set(SDSConfig().to_dict())
+    assert all(set(names) < set(SDSConfig().to_dict()) for names in REDENSE_OPTIONS.values())
+    assert keys(lr=0.5)["redense"] == base["redense"]  # the default solver is "admm"
+    assert keys(solver="pgd", lr=0.5)["redense"] != keys(solver="pgd")["redense"]
 
 
 def test_planning_a_fully_cached_run_imports_neither_torch_nor_transformers(tiny_model, corpus,
