@@ -35,6 +35,8 @@ from .pipeline import current_run, run_plans
 REPO = Path(__file__).resolve().parents[1]  # the checkout whose flow code the workers run
 ENTRYPOINT = "flows/pipeline.py:pipeline"
 POLL_SECONDS = 2.0
+PROGRESS_SECONDS = 60.0  # how often the wait for the points on a pool is logged
+CANCEL_GRACE_SECONDS = 120.0  # how long cancelled points may take to confirm
 
 
 @flow(name="sweep", description="A grid of models x methods x patterns; shared stages once.")
@@ -52,7 +54,7 @@ def sweep(config: SweepConfig = SweepConfig()) -> dict:  # noqa: B008 - a frozen
     plans = [plan_pipeline(point) for point in points]
     ArtifactStore(plans[0].store).check()
     if config.pool:
-        outcomes, runs = run_on_pool(config.pool, points, plans)
+        outcomes, runs = run_on_pool(config.pool, points, plans, config.wait_minutes)
     else:
         ensure_gpu_limit(config.gpu_limit)
         outcomes = run_plans(plans)
@@ -134,11 +136,12 @@ def _for_workers(point, plan: Plan) -> dict:
     return point.model_copy(update={"store": plan.store}).model_dump(mode="json")
 
 
-def run_on_pool(pool: str, points: list, plans: list[Plan]
+def run_on_pool(pool: str, points: list, plans: list[Plan], wait_minutes: float | None = None
                 ) -> tuple[list[dict | Exception], list[dict]]:
-    """One `pipeline` flow run per point on `pool`, all submitted at once and awaited; per point
-    its stage references (read from the store, `computed` where that flow run computed the
-    stage) or a PointError naming its flow run, and the flow run ({"id", "name"})."""
+    """One `pipeline` flow run per point on `pool`, all submitted at once and awaited (at most
+    `wait_minutes`, then the unfinished ones are cancelled); per point its stage references
+    (read from the store, `computed` where that flow run computed the stage) or a PointError
+    naming its flow run, and the flow run ({"id", "name"})."""
     from prefect import get_run_logger
     from prefect.deployments import run_deployment
 
@@ -149,7 +152,7 @@ def run_on_pool(pool: str, points: list, plans: list[Plan]
                 for point, plan in zip(points, plans)]
     get_run_logger().info("%d points submitted to the work pool %s (%s)", len(children), pool,
                           name)
-    finished = wait_for_flow_runs([c.id for c in children])
+    finished = wait_for_flow_runs([c.id for c in children], pool, wait_minutes)
     outcomes: list[dict | Exception] = []
     for plan, run in zip(plans, finished):
         if run.state is None or not run.state.is_completed():
@@ -165,18 +168,46 @@ def run_on_pool(pool: str, points: list, plans: list[Plan]
     return outcomes, [{"id": str(run.id), "name": run.name} for run in finished]
 
 
-def wait_for_flow_runs(ids: list) -> list:
-    """The flow runs `ids`, once every one of them is in a final state."""
+def wait_for_flow_runs(ids: list, pool: str = "", wait_minutes: float | None = None) -> list:
+    """The flow runs `ids`, once every one of them is in a final state. Every PROGRESS_SECONDS
+    the log says how many finished and how many no worker has taken yet. After `wait_minutes`
+    the runs not in a final state are cancelled (a running one through its worker), and the
+    wait goes on until they are, or CANCEL_GRACE_SECONDS have passed (a dead worker never
+    confirms)."""
+    from prefect import get_run_logger
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.states import Cancelled, Cancelling
 
+    log = get_run_logger()
+    t0 = last_report = time.monotonic()
+    cancelled = 0.0  # when the wait gave up
     with get_client(sync_client=True) as client:
         while True:
             runs = {r.id: r for r in client.read_flow_runs(
                 flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)), limit=len(ids))}
-            if len(runs) == len(ids) and all(r.state and r.state.is_final()
-                                             for r in runs.values()):
+            waiting = [r for r in runs.values() if not (r.state and r.state.is_final())]
+            now = time.monotonic()
+            if len(runs) == len(ids) and (not waiting or (cancelled and now - cancelled
+                                                          > CANCEL_GRACE_SECONDS)):
                 return [runs[i] for i in ids]
+            if now - last_report >= PROGRESS_SECONDS:
+                last_report = now
+                queued = sum(1 for r in waiting if r.state and (r.state.is_scheduled()
+                                                                 or r.state.is_pending()))
+                log.info("%d of %d points finished; %d not yet taken by a worker of the pool "
+                         "%s%s", len(ids) - len(waiting), len(ids), queued, pool,
+                         " (is a worker running, with a free slot? a sweep that itself runs "
+                         "on this pool holds one)" if queued == len(waiting) else "")
+            if wait_minutes is not None and not cancelled and now - t0 > 60 * wait_minutes:
+                cancelled = now
+                message = (f"not finished after the sweep waited {wait_minutes:g} minutes "
+                           "(wait_minutes); cancelled")
+                log.warning("cancelling %d points: %s", len(waiting), message)
+                for r in waiting:
+                    state = (Cancelling(message=message) if r.state and r.state.is_running()
+                             else Cancelled(message=message))
+                    client.set_flow_run_state(r.id, state, force=True)
             time.sleep(POLL_SECONDS)
 
 

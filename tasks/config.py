@@ -28,6 +28,7 @@ from pydantic import (
     PositiveInt,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from sds.errors import ConfigError
@@ -139,6 +140,17 @@ class SweepConfig(Options):
     export: bool = Field(False, description="write each point's model folder")
     pool: OptionalName = Field(None, description="Prefect work pool: run each point as its own "
                                "pipeline flow run there (default: all points in this process)")
+    wait_minutes: float | None = Field(None, gt=0, allow_inf_nan=False, description="with "
+                                       "pool: the most minutes to wait for the points; those "
+                                       "not finished by then are cancelled and fail the sweep "
+                                       "(default: no limit)")
+
+    @model_validator(mode="after")
+    def _wait_needs_pool(self) -> SweepConfig:
+        if self.wait_minutes is not None and not self.pool:
+            raise ValueError("wait_minutes limits the wait for points on a work pool; give "
+                             "pool too, or leave wait_minutes out")
+        return self
 
     @field_validator("sds", mode="before")
     @classmethod
@@ -147,7 +159,7 @@ class SweepConfig(Options):
 
     def points(self) -> list[RunConfig]:
         shared = self.model_dump(exclude={"models", "methods", "patterns", "sds", "out",
-                                          "export", "pool"})
+                                          "export", "pool", "wait_minutes"})
         return [RunConfig(**shared, model=model, method=method, pattern=pattern, sds=sds,
                           out=None, export=False)
                 for model, method, pattern, sds in itertools.product(
@@ -170,4 +182,5 @@ def describe(exc: ValidationError) -> str:
     text = str(cause) if isinstance(cause, Exception) else error["msg"]
     if error["type"] == "extra_forbidden":
         text = "unknown option"
-    return f"{where}: {' '.join(text.split())}"
+    text = " ".join(text.split())
+    return f"{where}: {text}" if error["loc"] else text  # a rule across options names them

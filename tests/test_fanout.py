@@ -165,6 +165,47 @@ def test_a_sweep_on_a_pool_needs_the_server_and_an_existing_pool(prefect_api, ti
     assert not (tmp_path / "out" / "sweep.json").exists()
 
 
+@pytest.mark.slow
+def test_a_sweep_stops_waiting_for_a_pool_no_worker_serves(prefect_api, tiny_model, corpus,
+                                                          tmp_path):
+    """No worker takes the points (as when the sweep holds the pool's only slot): with
+    --wait-minutes the sweep cancels them, fails naming the limit, and writes sweep.json."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    env = server_env(tmp_path)
+    pool = "sds-test-no-worker"
+    created = _run(["-m", "prefect", "work-pool", "create", pool, "--type", "process"], env, 60)
+    assert created.returncode == 0, created.stdout + created.stderr
+    out = tmp_path / "out"
+    swept = _run(["-m", "flows.cli", *_sweep_args(tiny_model, corpus, str(tmp_path / "store"),
+                                                  out), "--pool", pool, "--wait-minutes",
+                  "0.05"], env, 240)
+    assert swept.returncode == 1, swept.stderr[-3000:]
+    assert "4 of 4 runs failed" in swept.stderr, swept.stderr[-3000:]
+    summary = json.loads((out / "sweep.json").read_text())
+    assert not summary["runs"] and len(summary["failures"]) == 4
+    assert all("Cancelled" in f["error"] and "wait_minutes" in f["error"]
+               for f in summary["failures"]), summary["failures"]
+    with get_client(sync_client=True) as client:  # and nothing is left queued on the pool
+        names = [f["name"] for f in summary["failures"]]
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            name=FlowRunFilterName(any_=names)))
+    assert len(runs) == 4 and all(r.state.is_cancelled() for r in runs)
+
+
+def test_wait_minutes_needs_a_pool():
+    from sds.errors import ConfigError
+    from tasks.config import SweepConfig, build
+
+    with pytest.raises(ConfigError, match="wait_minutes limits the wait for points on a work "
+                                          "pool; give pool too"):
+        build(SweepConfig, {"wait_minutes": 5})
+    with pytest.raises(ConfigError, match="wait_minutes: Input should be greater than 0"):
+        build(SweepConfig, {"pool": "p", "wait_minutes": 0})
+    assert build(SweepConfig, {"pool": "p", "wait_minutes": 5}).wait_minutes == 5
+
+
 def test_a_point_sent_to_a_worker_names_the_store_the_sweep_planned_with(tmp_path, monkeypatch):
     """A worker runs in its own checkout: a relative store would be another folder there."""
     from flows.sweep import _for_workers
