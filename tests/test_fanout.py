@@ -171,7 +171,7 @@ def test_a_sweep_stops_waiting_for_a_pool_no_worker_serves(prefect_api, tiny_mod
     """No worker takes the points (as when the sweep holds the pool's only slot): with
     --wait-minutes the sweep cancels them, fails naming the limit, and writes sweep.json."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     env = server_env(tmp_path)
     pool = "sds-test-no-worker"
@@ -187,10 +187,10 @@ def test_a_sweep_stops_waiting_for_a_pool_no_worker_serves(prefect_api, tiny_mod
     assert not summary["runs"] and len(summary["failures"]) == 4
     assert all("Cancelled" in f["error"] and "wait_minutes" in f["error"]
                for f in summary["failures"]), summary["failures"]
+    ids = [re.search(r"\(([0-9a-f-]{36})\) ended", f["error"]).group(1)
+           for f in summary["failures"]]  # each error names its flow run
     with get_client(sync_client=True) as client:  # and nothing is left queued on the pool
-        names = [f["name"] for f in summary["failures"]]
-        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-            name=FlowRunFilterName(any_=names)))
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
     assert len(runs) == 4 and all(r.state.is_cancelled() for r in runs)
 
 
