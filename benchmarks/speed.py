@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import sds  # noqa: E402
+from sds.layerwise import add_gram, symmetrize_gram  # noqa: E402
 from sds.pruners import inverse_hessian_factor  # noqa: E402
 from sds.reconstruct import Quadratic, SDSConfig, _scales  # noqa: E402
 from sds.solver import ScaledGram, redense_solve, solve  # noqa: E402
@@ -58,11 +59,12 @@ def layer_rows(rows, cols, samples, seqlen, device):
     scales = torch.exp(torch.randn(cols, generator=g)).to(device)  # uneven input norms
     table = []
 
-    def accumulate():
+    def accumulate():  # as the walk does it: one triangle, then mirrored
         H = torch.zeros(cols, cols, device=device)
         for _ in range(samples):  # one calibration sample of `seqlen` tokens at a time
             X = torch.randn(seqlen, cols, generator=g).to(device) * scales  # [seqlen, in]
-            H.addmm_(X.T, X)
+            add_gram(H, X)
+        symmetrize_gram(H)
         return H
 
     H, s, gpu = _timed(device, accumulate)

@@ -107,6 +107,22 @@ def _declaring(needs, record):
     return transform
 
 
+@pytest.mark.parametrize("n", [64, 300, 512])
+def test_gram_accumulated_on_one_triangle_equals_the_full_product(n):
+    """add_gram skips the blocks below the diagonal; symmetrize_gram restores them."""
+    from sds.layerwise import add_gram, symmetrize_gram
+
+    g = torch.Generator().manual_seed(n)
+    Xs = [torch.randn(40, n, generator=g, dtype=torch.float64) for _ in range(3)]
+    H = torch.zeros(n, n, dtype=torch.float64)
+    for X in Xs:
+        add_gram(H, X)
+    symmetrize_gram(H)
+    X = torch.cat(Xs)
+    torch.testing.assert_close(H, X.T @ X, rtol=1e-12, atol=1e-10)
+    assert torch.equal(H, H.T)
+
+
 def test_gram_matrix_equals_inputs_recorded_independently():
     model = tiny_opt(layers=1)
     ids = torch.randint(0, 128, (2, 16))
