@@ -17,7 +17,14 @@ import torch
 import yaml
 
 from tasks.store import ArtifactStore
-from tests.test_pipeline_fixtures import REPO, TOKENIZER, cli_args, server_env, tiny_params
+from tests.test_pipeline_fixtures import (
+    REPO,
+    TOKENIZER,
+    cli_args,
+    kill_cli_when,
+    server_env,
+    tiny_params,
+)
 
 # fixtures: prefect_api, tiny_model, corpus (and the S3 ones from conftest)
 pytest_plugins = ["tests.test_pipeline_fixtures"]
@@ -111,17 +118,8 @@ def test_killed_run_resumes_and_ends_with_the_same_final_artifact(prefect_api, t
     store, out = tmp_path / "store", tmp_path / "out"
     args = cli_args(tiny_model, corpus, store, out) + slow
     env = server_env(tmp_path)
-    process = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], env=env, cwd=REPO,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        while not list((store / "oneshot").glob("*/meta.json")):  # the one-shot stage is done
-            assert process.poll() is None, "the run ended before it could be killed"
-            assert time.monotonic() < deadline, "the one-shot stage never finished"
-            time.sleep(0.05)
-        os.kill(process.pid, signal.SIGKILL)
-    finally:
-        process.wait(timeout=30)
+    kill_cli_when(args, env, lambda: bool(list((store / "oneshot").glob("*/meta.json"))),
+                  "the one-shot stage finishing", 120)
     assert not list((store / "second").glob("*/meta.json"))  # killed before the end
     assert not (out / "results.json").exists()
 

@@ -194,6 +194,26 @@ def cli_args(model: Path, corpus: dict[str, Path], store, out) -> list[str]:
             "--out", str(out)]
 
 
+def kill_cli_when(args: list[str], env: dict, ready, what: str, timeout: float,
+                  poll: float = 0.05) -> None:
+    """Start `python -m flows.cli ARGS`, SIGKILL it as soon as `ready()` holds, and fail if it
+    ends first or `ready()` does not hold within `timeout` seconds (`what`: the awaited
+    moment, for the message)."""
+    import signal
+
+    process = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], env=env, cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            assert process.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline, f"{what} never happened"
+            time.sleep(poll)
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.wait(timeout=30)
+
+
 def task_runs(flow_run_id: str) -> dict[str, list]:
     """The task runs of a flow run, by stage label (the first word of a run's name), read
     through the API."""

@@ -4,9 +4,7 @@ at its first unfinished block, and ends with the model of a run that was never i
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -16,7 +14,7 @@ import pytest
 import torch
 
 from tasks.store import ArtifactStore
-from tests.test_pipeline_fixtures import REPO, cli_args, save_opt, server_env
+from tests.test_pipeline_fixtures import REPO, cli_args, kill_cli_when, save_opt, server_env
 
 pytest_plugins = ["tests.test_pipeline_fixtures"]
 
@@ -49,17 +47,8 @@ def test_a_run_killed_inside_the_one_shot_stage_resumes_at_its_first_unfinished_
     store, out = tmp_path / "store", tmp_path / "out"
     args = _args(deep_model, corpus, store, out)
     env = server_env(tmp_path)
-    process = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], env=env, cwd=REPO,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 240
-        while len(list((store / "oneshot").glob("*/block-*.json"))) < 3:
-            assert process.poll() is None, "the run ended before it could be killed"
-            assert time.monotonic() < deadline, "the one-shot stage never reached block 3"
-            time.sleep(0.02)
-        os.kill(process.pid, signal.SIGKILL)
-    finally:
-        process.wait(timeout=30)
+    kill_cli_when(args, env, lambda: len(list((store / "oneshot").glob("*/block-*.json"))) >= 3,
+                  "the one-shot stage reaching block 3", 240, poll=0.02)
     assert not list((store / "oneshot").glob("*/meta.json")), "killed after the stage ended"
     finished = len(list((store / "oneshot").glob("*/block-*.json")))
     assert 3 <= finished < BLOCKS
