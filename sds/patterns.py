@@ -89,6 +89,12 @@ class Pattern:
         return f"{pct:g}%" if abs(pct - round(pct, 6)) < 1e-9 else f"{self.ratio!r}"
 
     # -- mask selection -----------------------------------------------------------------------
+    def check_width(self, cols: int) -> None:
+        """Refuse an input dimension `cols` that N:M groups do not divide."""
+        if self.is_nm and cols % self.m:
+            raise ConfigError(f"{self} needs the input dimension to be a multiple of {self.m}, "
+                              f"got {cols}; exclude this layer or use an unstructured ratio")
+
     def prune_mask(self, scores: torch.Tensor, per_row: bool = False) -> torch.Tensor:
         """Boolean mask of the weights to prune (True = set to zero).
 
@@ -103,11 +109,7 @@ class Pattern:
         rows, cols = scores.shape
         mask = torch.zeros(rows, cols, dtype=torch.bool, device=scores.device)
         if self.is_nm:
-            if cols % self.m:
-                raise ConfigError(
-                    f"{self} needs the input dimension to be a multiple of {self.m}, got {cols}; "
-                    "exclude this layer or use an unstructured ratio"
-                )
+            self.check_width(cols)
             groups = scores.reshape(rows, cols // self.m, self.m)  # [out, in/M, M]
             low = torch.topk(groups, self.m - self.n, dim=2, largest=False).indices
             mask.view(rows, cols // self.m, self.m).scatter_(2, low, True)
@@ -187,6 +189,15 @@ class LayerRules:
             if re.search(rx, name):
                 return pattern
         return self.default
+
+    def by_pattern(self, names: Iterable[str]) -> dict[Pattern, list[str]]:
+        """{pattern: [names]} of the layers among `names` that are pruned, in order."""
+        groups: dict[Pattern, list[str]] = {}
+        for name in names:
+            pattern = self.pattern_for(name)
+            if pattern is not None:
+                groups.setdefault(pattern, []).append(name)
+        return groups
 
     def describe(self) -> dict:
         return {

@@ -28,7 +28,7 @@ from .errors import ConfigError, NumericalError
 from .layerwise import LayerGroup, Needs, Transform
 from .options import METHOD_OPTIONS, method_options
 from .patterns import LayerRules, Pattern
-from .solver import ScaledGram, SolverOptions, solve
+from .solver import ScaledGram, SolverOptions, solve, solve_layers
 
 log = logging.getLogger("sds")
 
@@ -144,9 +144,7 @@ def sparsegpt(
     pattern = Pattern.parse(pattern)
     _check_shapes(W, H)
     _check_blocksize(pattern, blocksize)
-    if pattern.is_nm and W.shape[1] % pattern.m:
-        raise ConfigError(f"{pattern} needs the input dimension to be a multiple of {pattern.m}, "
-                          f"got {W.shape[1]}; exclude this layer or use an unstructured ratio")
+    pattern.check_width(W.shape[1])
     _check_finite("W", W)
     U, dead = factor if factor is not None else inverse_hessian_factor(H, percdamp)
     dtype = W.dtype
@@ -200,9 +198,7 @@ def admm(W: torch.Tensor, H: torch.Tensor, pattern: Pattern | str, percdamp: flo
     pattern = Pattern.parse(pattern)
     _check_shapes(W, H)
     _check_finite("W", W)
-    if pattern.is_nm and W.shape[1] % pattern.m:
-        raise ConfigError(f"{pattern} needs the input dimension to be a multiple of {pattern.m}, "
-                          f"got {W.shape[1]}; exclude this layer or use an unstructured ratio")
+    pattern.check_width(W.shape[1])
     gram = gram if gram is not None else ScaledGram.of(H, percdamp)
     W_new, record = solve(W.float(), gram, pattern, per_row=per_row,
                           options=options or SolverOptions())
@@ -210,6 +206,20 @@ def admm(W: torch.Tensor, H: torch.Tensor, pattern: Pattern | str, percdamp: flo
         info.update(record)
     return W_new.to(W.dtype)
 
+
+def _admm_layers(Ws: dict[str, torch.Tensor], gram: ScaledGram, pattern: Pattern,
+                 options: PruneOptions, infos: dict) -> dict[str, torch.Tensor]:
+    """Method "admm" on the layers of one group and pattern: one stacked solve where the
+    pattern lets rows be solved apart (`sds.solver.solve_layers`). Ws: {name: [out, in]}."""
+    for W in Ws.values():
+        _check_finite("W", W)
+        pattern.check_width(W.shape[1])
+    solved = solve_layers(Ws, gram, pattern, options=options.solver or SolverOptions())
+    out = {}
+    for name, (W_new, record) in solved.items():
+        infos[name].update(record)
+        out[name] = W_new.to(Ws[name].dtype)
+    return out
 
 
 # -- the methods inside a walk ---------------------------------------------------------------
@@ -239,6 +249,9 @@ class Method:
     check: Callable[[Pattern, PruneOptions], None] | None = None  # refuses options up front
     per_row: bool = False  # unstructured masks are chosen within each output row
     options: tuple[str, ...] = ()  # the PruneOptions fields its result depends on (METHOD_OPTIONS)
+    # ({name: W}, stats, pattern, prepared, options, infos: {name: dict}) -> {name: W'}: the
+    # layers of one group and pattern at once, in place of `run` layer by layer
+    run_layers: Callable[..., dict] | None = None
 
 
 METHODS = {
@@ -256,7 +269,8 @@ METHODS = {
         admm, "full",
         lambda W, st, p, gram, o, info: admm(W, st.H, p, o.percdamp, gram=gram,
                                              options=o.solver, info=info),
-        prepare=scaled_gram, options=METHOD_OPTIONS["admm"]),
+        prepare=scaled_gram, options=METHOD_OPTIONS["admm"],
+        run_layers=lambda Ws, st, p, gram, o, infos: _admm_layers(Ws, gram, p, o, infos)),
 }
 
 
@@ -300,14 +314,19 @@ def pruning_transform(method: str, rules: LayerRules,
 
     def transform(group: LayerGroup, factors: GroupFactors | None = None):
         factors = factors or GroupFactors(group.stats.H, options.percdamp)
+        weights = group.weights()
         out = {}
-        for name, W in group.weights().items():
-            pattern = rules.pattern_for(name)
-            if pattern is None:
-                continue
-            group.info[name] = {"pattern": str(pattern)}
+        for pattern, names in rules.by_pattern(weights).items():
+            for name in names:
+                group.info[name] = {"pattern": str(pattern)}
             prepared = factors.get(spec.prepare) if spec.prepare is not None else None
-            out[name] = spec.run(W, group.stats, pattern, prepared, options, group.info[name])
+            if spec.run_layers is not None:  # one call for the layers of one pattern
+                out.update(spec.run_layers({n: weights[n] for n in names}, group.stats, pattern,
+                                           prepared, options, group.info))
+                continue
+            for name in names:
+                out[name] = spec.run(weights[name], group.stats, pattern, prepared, options,
+                                     group.info[name])
         return out
 
     transform.needs = Needs(gram=spec.stats)

@@ -41,7 +41,7 @@ from .models import prunable_layers, weight_matrix
 from .options import SDSConfig
 from .patterns import LayerRules, Pattern
 from .pruners import GroupFactors, PruneOptions, method_spec, pruning_transform, scaled_gram
-from .solver import ScaledGram, redense_solve, solve
+from .solver import ScaledGram, redense_solve, solve_layers
 
 
 # -- the quadratic objective ------------------------------------------------------------------
@@ -230,30 +230,38 @@ def second_prune(model, calibration, dense: dict[str, torch.Tensor], method: str
         H = group.stats.H
         factors = GroupFactors(H, percdamp)  # shared by the second pruning and the solver
         redensed = group.weights()
-        L = None
         out = prune(group, factors)  # the second pruning; group.info[name] holds its pattern
+        if config.adjust_epochs == 0:
+            for name in out:
+                group.info[name]["adjusted"] = False
+            return out
+        W_dense = {name: dense[name].to(W.device).float() for name, W in out.items()}
+        if config.solver == "admm":  # the layers of one pattern in one stacked solve
+            adjusted = {}
+            for pattern, names in rules.by_pattern(out).items():
+                solved = solve_layers({n: W_dense[n] for n in names}, factors.get(scaled_gram),
+                                      pattern, per_row=per_row,
+                                      W0={n: redensed[n] for n in names}, options=options)
+                adjusted.update(solved)
+        L = None
         for name, W_pruned in list(out.items()):
             info = group.info[name]
-            info["adjusted"] = False
-            if config.adjust_epochs == 0:
-                continue
-            pattern = rules.pattern_for(name)
-            W_dense = dense[name].to(W_pruned.device).float()
-            q = Quadratic.from_grams(W_dense, H, H, H, group.stats.tokens)
-            nu, _, _ = _scales(q, W_dense.numel(), config)
+            q = Quadratic.from_grams(W_dense[name], H, H, H, group.stats.tokens)
+            nu, _, _ = _scales(q, W_pruned.numel(), config)
             if config.solver == "admm":
-                W_adj, solved = solve(W_dense, factors.get(scaled_gram), pattern,
-                                      per_row=per_row, W0=redensed[name], options=options)
+                W_adj, solved = adjusted[name]
                 info.update(iterations=solved["iterations"],
                             cg_iterations=solved["cg_iterations"], seconds=solved["seconds"])
-                error_pruned, error_adjusted = _error(W_dense, W_pruned, H), _error(W_dense,
-                                                                                    W_adj, H)
+                error_pruned = _error(W_dense[name], W_pruned, H)
+                error_adjusted = _error(W_dense[name], W_adj, H)
             else:
                 if L is None:
                     L = lipschitz(H)
-                W_adj, hist = adjust_layer(W_pruned, q, pattern, config, L=L, per_row=per_row)
+                W_adj, hist = adjust_layer(W_pruned, q, rules.pattern_for(name), config, L=L,
+                                           per_row=per_row)
                 error_pruned, error_adjusted = hist[0] * nu, hist[-1] * nu
-            info.update(error_pruned=error_pruned / nu, error_adjusted=error_adjusted / nu)
+            info.update(error_pruned=error_pruned / nu, error_adjusted=error_adjusted / nu,
+                        adjusted=False)
             if error_adjusted < error_pruned or not config.early_exit:
                 out[name] = W_adj
                 info["adjusted"] = True

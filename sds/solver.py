@@ -23,7 +23,11 @@ layer's calibration inputs, so the objective is `tr(Δ H Δᵀ)` with `Δ = W_t 
 
 Both phases minimise the damped objective `tr(Δ (H + δ diag H) Δᵀ)` (`δ = percdamp`, the same
 relative dampening as SparseGPT's) and stop on a tolerance; the caps are safety limits. Among
-the feasible iterates the one with the lowest `tr(Δ H Δᵀ)` is returned.
+the feasible iterates the one with the lowest `tr(Δ H Δᵀ)` is returned, row by row where every
+row is a problem of its own (N:M, or unstructured masks per row), since each row can then take
+the iterate that suits it. For the same reason the layers that read one input (q/k/v, gate/up)
+are solved as one stacked matrix in those groupings (`solve_layers`): the per-iteration cost of
+small layers is paid once.
 
 The same eigendecomposition solves step 2 of SDS (`redense`): the quadratic part in closed
 form, the L1 and L2 terms in the elementwise ADMM step.
@@ -87,8 +91,12 @@ class ScaledGram:
 
     def error(self, W_hat_t: torch.Tensor, W_hat: torch.Tensor) -> float:
         """tr(Δ Ĥ Δᵀ) with Δ = Ŵ_t − Ŵ, equal to tr((W_t − W) H (W_t − W)ᵀ)."""
+        return self.row_errors(W_hat_t, W_hat).sum().item()
+
+    def row_errors(self, W_hat_t: torch.Tensor, W_hat: torch.Tensor) -> torch.Tensor:
+        """[out]: row i's share δ_i Ĥ δ_iᵀ of tr(Δ Ĥ Δᵀ), Δ = Ŵ_t − Ŵ."""
         Delta = W_hat_t - W_hat  # [out, in]
-        return (Delta @ self.Hs * Delta).sum().item()
+        return (Delta @ self.Hs * Delta).sum(1)
 
 
 def _eigh(Hs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,8 +121,8 @@ def prune_mask(V: torch.Tensor, pattern: Pattern, per_row: bool, dead: torch.Ten
     """Mask (True = zero) of the smallest |V| in the pattern's grouping. V: [out, in] scaled.
 
     N:M prunes exactly M − N entries of every group (ties broken by position), by counting
-    for each entry the entries of its group ranked above it: M comparisons of the whole
-    matrix, several times faster than `kthvalue` or `topk` over groups of four. Unstructured
+    for each entry the entries of its group ranked above it: M(M − 1)/2 comparisons of the
+    whole matrix, several times faster than `kthvalue` or `topk` over groups of four. Unstructured
     thresholds come from `kthvalue`; entries tied with a threshold are pruned too. Either way
     the pattern always holds. With `sparsity` below the pattern's, only that fraction (per row
     for `per_row` or N:M, else of the layer) of the entries is pruned, among those the full
@@ -127,10 +135,7 @@ def prune_mask(V: torch.Tensor, pattern: Pattern, per_row: bool, dead: torch.Ten
         score.masked_fill_(dead, -1.0)  # dead inputs first
     s = pattern.sparsity if sparsity is None else min(sparsity, pattern.sparsity)
     if pattern.is_nm:
-        rows, cols = score.shape
-        if cols % pattern.m:
-            raise ConfigError(f"{pattern} needs the input dimension to be a multiple of "
-                              f"{pattern.m}, got {cols}; exclude this layer or use a ratio")
+        pattern.check_width(score.shape[1])
         mask = _nm_lowest(score, pattern.n, pattern.m)
         if s < pattern.sparsity:
             mask = _lowest(score.masked_fill(~mask, math.inf), s, per_row=True)
@@ -143,18 +148,17 @@ def _nm_lowest(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Mask of the M − N lowest of every group of M along the rows of score: [out, in]. An
     entry is pruned when at least N entries of its group rank above it (a higher score, or an
     equal score at an earlier position). The groups are laid out as M contiguous vectors
-    [M, out·in/M], so each comparison runs over a whole vector."""
+    [M, out·in/M], so each comparison runs over a whole vector, and each pair of positions
+    j < k is compared once: k ranks above j when its score is higher, else j ranks above k."""
     rows, cols = score.shape
     g = score.reshape(-1, m).T.contiguous()  # [M, groups]
     count_dtype = torch.uint8 if m <= 256 else torch.int32  # counts reach M − 1
-    above = []
+    above = [torch.zeros(g.shape[1], dtype=count_dtype, device=g.device) for _ in range(m)]
     for j in range(m):
-        count = None
-        for k in range(m):
-            if k != j:
-                ahead = torch.ge(g[k], g[j]) if k < j else torch.gt(g[k], g[j])  # [groups]
-                count = ahead.to(count_dtype) if count is None else count.add_(ahead)
-        above.append(count)
+        for k in range(j + 1, m):
+            k_above = torch.gt(g[k], g[j])  # [groups]
+            above[j].add_(k_above)
+            above[k].add_(k_above.logical_not_())
     return (torch.stack(above, 1) >= n).view(rows, cols)
 
 
@@ -204,13 +208,50 @@ def solve(W_t: torch.Tensor, gram: ScaledGram, pattern: Pattern | str, *, per_ro
     info = {iterations, cg_iterations, objective_start, objective_end, seconds}; the objectives
     are tr(Δ H Δᵀ) of the plain projection of the start and of the result.
 
+    Where every row is a problem of its own (N:M, or `per_row`), the best iterate is kept per
+    row; otherwise the whole layer's.
+
     `trace`, when given, receives `(seconds, objective)` after the start's projection and after
     every ADMM and CG iteration: the tr(Δ H Δᵀ) of the weight the solver would return if it
     stopped there. ADMM evaluates it anyway; in CG it costs one extra product per iteration,
     which is left out of the seconds (and out of info["seconds"]).
     """
-    clock = _Clock()
+    W, info, _, _ = _solve(W_t, gram, Pattern.parse(pattern), per_row, W0, options, trace)
+    return W, info
+
+
+def solve_layers(W_t: dict[str, torch.Tensor], gram: ScaledGram, pattern: Pattern | str, *,
+                 per_row: bool = False, W0: dict[str, torch.Tensor] | None = None,
+                 options: SolverOptions = SolverOptions()) -> dict[str, tuple[torch.Tensor, dict]]:
+    """`solve` for layers that read the same input (one `gram`): {name: (W, info)}.
+
+    W_t (and W0, if given): {name: [out_name, in]}. Where every row is a problem of its own
+    (N:M, or `per_row`) the layers are stacked into one solve of [Σ out, in]: each row follows
+    the same iterations as in a solve of its own layer, and the stack stops when all of it has
+    converged, so small layers (q/k/v, gate/up) pay the per-iteration overhead once. Otherwise
+    (a mask over the whole layer) each layer is solved alone. Each layer's info holds its own
+    objectives; iterations and seconds are the stack's.
+    """
     pattern = Pattern.parse(pattern)
+    names = list(W_t)
+    if not (pattern.is_nm or per_row) or len(names) == 1:
+        return {n: solve(W_t[n], gram, pattern, per_row=per_row,
+                         W0=None if W0 is None else W0[n], options=options) for n in names}
+    rows = [W_t[n].shape[0] for n in names]
+    W, info, start, end = _solve(torch.cat([W_t[n].float() for n in names]), gram, pattern,
+                                 per_row, None if W0 is None else
+                                 torch.cat([W0[n].float() for n in names]), options, None)
+    out = {}
+    for n, W_n, s_n, e_n in zip(names, W.split(rows), start.split(rows), end.split(rows)):
+        out[n] = (W_n.contiguous(), {**info, "objective_start": s_n.sum().item(),
+                                     "objective_end": e_n.sum().item()})
+    return out
+
+
+def _solve(W_t, gram, pattern, per_row, W0, options, trace):
+    """`solve`, also returning the objectives of the start and the result per row ([out])."""
+    clock = _Clock()
+    rowwise = pattern.is_nm or per_row  # rows are separate problems: keep the best per row
     Q, lam, dead, delta = gram.Q, gram.lam, gram.dead, gram.damp
     T = gram.scale(W_t)  # [out, in]: Ŵ_t
     V0 = gram.scale(W0) if W0 is not None else T  # [out, in]
@@ -219,9 +260,13 @@ def solve(W_t: torch.Tensor, gram: ScaledGram, pattern: Pattern | str, *, per_ro
 
     mask = prune_mask(V0, pattern, per_row, dead)
     best = V0 * ~mask  # the plain projection of the start: feasible
-    best_f = objective_start = gram.error(T, best)
-    if trace is not None:
-        trace.append((clock.seconds(), best_f))
+    best_rows = start_rows = gram.row_errors(T, best)  # [out]
+
+    def note():  # the trace's point: the objective of the best so far
+        if trace is not None:
+            trace.append((clock.seconds(), best_rows.sum().item()))
+
+    note()
     TQ = T @ Q  # [out, in]: Ŵ_t in the eigenbasis
     Z = V0 * ~prune_mask(V0, pattern, per_row, dead, s0)  # [out, in]
     ZQ = Z @ Q
@@ -243,41 +288,48 @@ def solve(W_t: torch.Tensor, gram: ScaledGram, pattern: Pattern | str, *, per_ro
         U_prev, U = U, V.mul_(new_mask)  # U + W − Z = V − Z: V on the pruned entries
         UQ.add_(WQ).sub_(ZQ)
         if s >= s_target:  # Z is feasible: f(Z) = Σ λ ((Ŵ_t − Z) Q)², no cancellation
-            f = torch.mv((TQ - ZQ).square_(), lam).sum().item()
-            if f < best_f:
-                best, best_f, mask = Z, f, new_mask
+            f_rows = torch.mv((TQ - ZQ).square_(), lam)  # [out]
+            if rowwise:
+                better = (f_rows < best_rows).unsqueeze(1)  # [out, 1]
+                best, mask = torch.where(better, Z, best), torch.where(better, new_mask, mask)
+                best_rows = torch.minimum(best_rows, f_rows)
+            elif f_rows.sum() < best_rows.sum():
+                best, best_rows, mask = Z, f_rows, new_mask
             settled = prev_mask is not None and torch.equal(new_mask, prev_mask)
             # W − Z = U − U_prev
             if settled and (U - U_prev).norm() <= options.admm_tol * Z.norm().clamp_min(1e-30):
-                if trace is not None:
-                    trace.append((clock.seconds(), best_f))
+                note()
                 break
-        if trace is not None:
-            trace.append((clock.seconds(), best_f))
+        note()
         prev_mask = new_mask
         if k % options.rho_every == 0 and options.rho_growth != 1:
             U /= options.rho_growth  # the scaled dual is y / ρ
             UQ /= options.rho_growth
             rho *= options.rho_growth
 
+    def keep_better(X, X_rows):  # the CG iterate where it is below the best so far
+        if rowwise:
+            return torch.where((X_rows < best_rows).unsqueeze(1), X, best), torch.minimum(
+                best_rows, X_rows)
+        return (X, X_rows) if X_rows.sum() < best_rows.sum() else (best, best_rows)
+
     on_step = None
     if trace is not None:
         def on_step(X):
-            trace.append((clock.seconds(), min(best_f, clock.exclude(lambda: gram.error(T, X)))))
+            rows_now = clock.exclude(lambda: keep_better(X, gram.row_errors(T, X))[1])
+            trace.append((clock.seconds(), rows_now.sum().item()))
     W_cg, cg_iterations = refit(T, gram, mask, best, options.cg_iters, options.cg_tol, on_step)
-    f_cg = gram.error(T, W_cg)
-    if f_cg < best_f:
-        best, best_f = W_cg, f_cg
+    best, best_rows = keep_better(W_cg, gram.row_errors(T, W_cg))
     W = gram.unscale(best)
     if not torch.isfinite(W).all():
         raise NumericalError("the layer solver produced NaN/Inf weights; the calibration "
                              "statistics are degenerate (check the data and the model dtype)")
     info = {"iterations": iterations, "cg_iterations": cg_iterations,
-            "objective_start": objective_start, "objective_end": best_f,
+            "objective_start": start_rows.sum().item(), "objective_end": best_rows.sum().item(),
             "seconds": clock.seconds()}
     if trace is not None:
-        trace.append((info["seconds"], best_f))
-    return W, info
+        trace.append((info["seconds"], info["objective_end"]))
+    return W, info, start_rows, best_rows
 
 
 def refit(T: torch.Tensor, gram: ScaledGram, mask: torch.Tensor, start: torch.Tensor,

@@ -7,7 +7,7 @@ import sds
 from sds.errors import ConfigError, NumericalError
 from sds.patterns import Pattern
 from sds.pruners import get_method
-from sds.solver import ScaledGram, SolverOptions, redense_solve, refit, solve
+from sds.solver import ScaledGram, SolverOptions, redense_solve, refit, solve, solve_layers
 from tests.helpers import correlated_inputs
 
 TIGHT = SolverOptions(admm_tol=1e-5, cg_iters=500, cg_tol=1e-6)
@@ -190,6 +190,56 @@ def test_layers_that_read_the_same_input_share_one_eigendecomposition(monkeypatc
     report = sds.prune(model, torch.randint(0, 128, (2, 16)), "admm", "2:4", progress=False)
     assert len(report.steps["oneshot"].layers) == 14  # q, k, v, o, gate, up, down per block
     assert len(calls) == 8  # q/k/v, o, gate/up, down: four input groups per block
+
+
+@pytest.mark.parametrize("spec,per_row", [("2:4", False), ("4:8", False), ("50%", True)])
+def test_stacked_layers_follow_the_iterations_of_separate_solves(spec, per_row):
+    # rows are separate problems in these groupings: with the iteration counts fixed (no
+    # tolerance is reached), one stacked solve gives each layer what a solve of its own gives
+    W_t, H = _layer(rows=24, cols=64)
+    gram = ScaledGram.of(H)
+    layers = {"q": W_t[:8], "k": W_t[8:12], "up": W_t[12:]}
+    W0 = {n: W + 0.3 * torch.randn(W.shape, generator=torch.Generator().manual_seed(1))
+          for n, W in layers.items()}
+    fixed = SolverOptions(admm_iters=15, admm_tol=1e-30, cg_iters=6, cg_tol=1e-30)
+    stacked = solve_layers(layers, gram, spec, per_row=per_row, W0=W0, options=fixed)
+    assert list(stacked) == list(layers)
+    for name, W in layers.items():
+        alone, info = solve(W, gram, spec, per_row=per_row, W0=W0[name], options=fixed)
+        W_s, info_s = stacked[name]
+        assert W_s.shape == W.shape and _obeys(W_s, spec, per_row)
+        assert torch.allclose(W_s, alone, atol=1e-5, rtol=1e-4)
+        assert info_s["objective_end"] == pytest.approx(info["objective_end"], rel=1e-4)
+        assert info_s["objective_start"] == pytest.approx(info["objective_start"], rel=1e-4)
+        assert info_s["iterations"] == info["iterations"] == 15
+
+
+def test_layer_wide_masks_are_solved_layer_by_layer():
+    # an unstructured mask over the whole layer couples its rows: no stacking
+    W_t, H = _layer(rows=24, cols=64)
+    gram = ScaledGram.of(H)
+    layers = {"a": W_t[:10], "b": W_t[10:]}
+    stacked = solve_layers(layers, gram, "50%")
+    for name, W in layers.items():
+        alone, info = solve(W, gram, "50%")
+        assert torch.equal(stacked[name][0], alone)
+        assert stacked[name][1] == {**info, "seconds": stacked[name][1]["seconds"]}
+
+
+def test_the_best_iterate_is_kept_per_row_where_rows_are_separate():
+    # the first half of the rows starts at a converged solution, the second half far from any:
+    # the first ADMM iterates are better for the layer as a whole but worse for the rows that
+    # started well, and those rows keep their start
+    W_t, H = _layer(rows=32, cols=64)
+    gram = ScaledGram.of(H)
+    good, _ = solve(W_t, gram, "2:4")
+    start = good.clone()
+    start[16:] += 3 * torch.randn(16, 64, generator=torch.Generator().manual_seed(2))
+    W, info = solve(W_t, gram, "2:4", W0=start, options=SolverOptions(admm_iters=3, cg_iters=0))
+    rows = gram.row_errors(gram.scale(W_t), gram.scale(W))
+    rows_good = gram.row_errors(gram.scale(W_t), gram.scale(good))
+    assert torch.allclose(rows[:16], rows_good[:16], rtol=1e-5)
+    assert info["objective_end"] < info["objective_start"]
 
 
 def test_admm_refuses_nan_weights_and_statistics():
