@@ -9,7 +9,8 @@ the eigendecomposition of the unit-diagonal Gram matrix and `redense_solve`; ste
 SparseGPT pruning of the re-dense weight, a second eigendecomposition (in the pipeline the step
 reads new statistics) and the solver from the re-dense weight. On the demo model: one-shot
 pruning by each method, and SDS over SparseGPT with its per-step seconds. The ratio "steps 2+3 /
-one-shot SparseGPT" is reported for both. Prints a markdown table and, with --write, replaces
+one-shot SparseGPT" is reported for both, and on the demo model for several calibration sizes
+(`--ratio-samples`). Prints a markdown table and, with --write, replaces
 the "Speed" section of BENCHMARKS.md. Peak memory is the process's peak resident set size
 after each phase (it only grows), and on CUDA the peak allocated device memory of the phase.
 """
@@ -113,6 +114,16 @@ def layer_rows(rows, cols, samples, seqlen, device):
     return table, (s_step2 + s_step3) / s_sgpt
 
 
+def _sds_seconds(path, ids, device):
+    """Per-step seconds of SDS over SparseGPT 2:4 on the model at `path` (a fresh copy)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    report, _, _ = _timed(device, lambda: sds.prune(model, ids, "sparsegpt", "2:4", sds=True,
+                                                    device=device, progress=False))
+    return report.seconds
+
+
 def model_rows(samples, seqlen, device):
     """[(phase, seconds, peak GPU MiB)] on the demo OPT model and the ratio steps 2+3 /
     one-shot SparseGPT of an SDS run."""
@@ -130,14 +141,30 @@ def model_rows(samples, seqlen, device):
         _, s, gpu = _timed(device, lambda m=model, method=method: sds.prune(
             m, ids, method, "2:4", device=device, progress=False))
         rows.append((f"demo OPT ({size}), {method} 2:4, {samples}x{seqlen} tokens", s, gpu))
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    report, s, gpu = _timed(device, lambda: sds.prune(model, ids, "sparsegpt", "2:4", sds=True,
-                                                      device=device, progress=False))
+    seconds = _sds_seconds(path, ids, device)
     for step, label in (("oneshot", "step 1, sparsegpt 2:4"), ("redense", "step 2, re-dense"),
                         ("second", "step 3, second pruning + solver")):
-        rows.append((f"demo OPT, SDS over sparsegpt 2:4: {label}", report.seconds[step], None))
-    ratio = (report.seconds["redense"] + report.seconds["second"]) / report.seconds["oneshot"]
-    return rows, ratio
+        rows.append((f"demo OPT, SDS over sparsegpt 2:4: {label}", seconds[step], None))
+    return rows, (seconds["redense"] + seconds["second"]) / seconds["oneshot"]
+
+
+def ratio_by_tokens(sample_counts, seqlen, device):
+    """[(windows, step 1 s, steps 2+3 s, ratio)] of SDS over SparseGPT 2:4 on the demo OPT
+    model for each calibration size: the walks' forward passes and Gram matrices grow with
+    the tokens, the solvers do not."""
+    from transformers import AutoTokenizer
+
+    from sds.data import load_calibration
+    from sds.demo import demo_model_path
+
+    path = demo_model_path("opt")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    out = []
+    for n in sample_counts:
+        seconds = _sds_seconds(path, load_calibration(tokenizer, "demo", n, seqlen), device)
+        later = seconds["redense"] + seconds["second"]
+        out.append((n, seconds["oneshot"], later, later / seconds["oneshot"]))
+    return out
 
 
 def main(argv=None):
@@ -148,6 +175,9 @@ def main(argv=None):
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--model-samples", type=int, default=32)
     p.add_argument("--model-seqlen", type=int, default=256)
+    p.add_argument("--ratio-samples", type=int, nargs="*", default=[16, 32, 64, 128],
+                   help="calibration windows of --model-seqlen tokens for the table of the "
+                        "ratio by calibration size (none: skip it)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
     a = p.parse_args(argv)
@@ -167,6 +197,12 @@ def main(argv=None):
               f"| demo OPT model ({a.model_samples}x{a.model_seqlen} tokens) | "
               f"{model_ratio:.1f}x |"]
     print("\n".join(lines[-4:]), flush=True)
+    if a.ratio_samples:
+        lines += ["", "| demo OPT, SDS over SparseGPT 2:4: calibration tokens | step 1 s | "
+                  "steps 2+3 s | ratio |", "|---|---|---|---|"]
+        for n, first, later, ratio in ratio_by_tokens(a.ratio_samples, a.model_seqlen, device):
+            lines.append(f"| {n}x{a.model_seqlen} | {first:.2f} | {later:.2f} | {ratio:.1f}x |")
+            print(lines[-1], flush=True)
     command = "python benchmarks/speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
     section = "\n".join(["## Speed", "", f"Command: `{command.strip()}`", "", *lines, ""])
     print(section)
