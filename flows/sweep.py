@@ -26,7 +26,7 @@ from sds.errors import ConfigError, SDSError
 from tasks import stages
 from tasks.common import ensure_gpu_limit, reference
 from tasks.config import SweepConfig
-from tasks.plan import Plan, plan_pipeline
+from tasks.plan import DEMO_FILES, HUB_SOURCES, Plan, plan_pipeline
 from tasks.store import ArtifactStore
 
 from . import report
@@ -130,10 +130,27 @@ def deploy_points(pool: str) -> str:
 
 
 def _for_workers(point, plan: Plan) -> dict:
-    """A point's configuration as a worker must read it: a worker runs in its own checkout, so
-    the store is the one this sweep planned with (a local one as an absolute path). The store
-    is not part of any artifact key, so the worker's keys stay the sweep's."""
-    return point.model_copy(update={"store": plan.store}).model_dump(mode="json")
+    """A point's configuration as a worker must read it. A worker runs in its own checkout, so
+    every local path is sent as the absolute path this sweep planned with: the store (none of
+    the keys hashes it), a model folder and calibration or evaluation files (their keys hash
+    their contents, not their paths, so the worker's keys stay the sweep's). Names (the demo,
+    hub ids, corpus names) are sent as they are."""
+    def absolute(source: str, role: str) -> str:
+        path = Path(source).expanduser()
+        if role == "model":
+            local = source != "demo" and path.is_dir()
+        else:
+            local = source not in DEMO_FILES[role] and source not in HUB_SOURCES and path.is_file()
+        return str(path.resolve()) if local else source
+
+    update = {"store": plan.store}
+    if point.model:
+        update["model"] = absolute(point.model, "model")
+    if point.calib:
+        update["calib"] = absolute(point.calib, "calib")
+    if point.eval:
+        update["eval"] = [absolute(source, "eval") for source in point.eval]
+    return point.model_copy(update=update).model_dump(mode="json")
 
 
 def run_on_pool(pool: str, points: list, plans: list[Plan], wait_minutes: float | None = None

@@ -206,16 +206,38 @@ def test_wait_minutes_needs_a_pool():
     assert build(SweepConfig, {"pool": "p", "wait_minutes": 5}).wait_minutes == 5
 
 
-def test_a_point_sent_to_a_worker_names_the_store_the_sweep_planned_with(tmp_path, monkeypatch):
-    """A worker runs in its own checkout: a relative store would be another folder there."""
+def test_a_point_sent_to_a_worker_names_every_local_path_absolutely(tmp_path, monkeypatch):
+    """A worker runs in its own checkout: a relative store, model folder or data file would be
+    another one there (or none)."""
     from flows.sweep import _for_workers
     from tasks.config import SweepConfig
     from tasks.plan import Plan
 
     monkeypatch.chdir(tmp_path)
-    point = SweepConfig(store="./runs", methods=["wanda"]).points()[0]
+    (tmp_path / "models" / "tiny").mkdir(parents=True)
+    (tmp_path / "calib.txt").write_text("some text")
+    (tmp_path / "heldout.txt").write_text("more text")
+    (tmp_path / "wiki").write_text("a file named like a demo corpus")
+    point = SweepConfig(store="./runs", methods=["wanda"], models=["models/tiny"],
+                        calib="calib.txt", eval=["heldout.txt", "wiki"]).points()[0]
     plan = Plan(settings={"store": str(tmp_path / "runs")})
     sent = _for_workers(point, plan)
     assert sent["store"] == str(tmp_path / "runs")
-    assert {k: v for k, v in sent.items() if k != "store"} == {
-        k: v for k, v in point.model_dump(mode="json").items() if k != "store"}
+    assert sent["model"] == str(tmp_path / "models" / "tiny")
+    assert sent["calib"] == str(tmp_path / "calib.txt")
+    assert sent["eval"] == [str(tmp_path / "heldout.txt"), "wiki"]  # a corpus name stays
+    changed = {"store", "model", "calib", "eval"}
+    assert {k: v for k, v in sent.items() if k not in changed} == {
+        k: v for k, v in point.model_dump(mode="json").items() if k not in changed}
+    # the keys a worker computes from what it is sent are the sweep's
+    from tasks.config import RunConfig
+    from tasks.plan import _data_identity
+
+    worker = RunConfig(**sent)
+    monkeypatch.chdir(tmp_path / "models")  # the worker's own folder
+    assert _data_identity(worker.calib, "calib") == _data_identity(
+        str(tmp_path / "calib.txt"), "calib")
+
+    # the demo model and hub names are sent as they are
+    demo = SweepConfig(store="./runs", methods=["wanda"]).points()[0]
+    assert _for_workers(demo, plan)["model"] == demo.model
