@@ -243,14 +243,15 @@ class Method:
 
     prune: Callable  # the public pruner (W, H, pattern, ...) -> W'
     stats: str  # what it reads of a group's inputs: "none" | "diag" | "full" (`Needs.gram`)
-    # (W, stats: LayerStats, pattern, prepared, options: PruneOptions, info: dict) -> W'
-    run: Callable[..., torch.Tensor]
+    # (W, stats: LayerStats, pattern, prepared, options: PruneOptions, info: dict) -> W', one
+    # layer at a time; None where `run_layers` takes the layers of a group together
+    run: Callable[..., torch.Tensor] | None
     prepare: Callable | None = None  # (H, percdamp) -> per-group object, shared by its layers
     check: Callable[[Pattern, PruneOptions], None] | None = None  # refuses options up front
     per_row: bool = False  # unstructured masks are chosen within each output row
     options: tuple[str, ...] = ()  # the PruneOptions fields its result depends on (METHOD_OPTIONS)
     # ({name: W}, stats, pattern, prepared, options, infos: {name: dict}) -> {name: W'}: the
-    # layers of one group and pattern at once, in place of `run` layer by layer
+    # layers of one group and pattern at once
     run_layers: Callable[..., dict] | None = None
 
 
@@ -266,10 +267,7 @@ METHODS = {
         prepare=inverse_hessian_factor, check=lambda p, o: _check_blocksize(p, o.blocksize),
         options=METHOD_OPTIONS["sparsegpt"]),
     "admm": Method(
-        admm, "full",
-        lambda W, st, p, gram, o, info: admm(W, st.H, p, o.percdamp, gram=gram,
-                                             options=o.solver, info=info),
-        prepare=scaled_gram, options=METHOD_OPTIONS["admm"],
+        admm, "full", None, prepare=scaled_gram, options=METHOD_OPTIONS["admm"],
         run_layers=lambda Ws, st, p, gram, o, infos: _admm_layers(Ws, gram, p, o, infos)),
 }
 
