@@ -227,8 +227,10 @@ def solve_layers(W_t: dict[str, torch.Tensor], gram: ScaledGram, pattern: Patter
 
     W_t (and W0, if given): {name: [out_name, in]}. Where every row is a problem of its own
     (N:M, or `per_row`) the layers are stacked into one solve of [Σ out, in]: each row follows
-    the same iterations as in a solve of its own layer, and the stack stops when all of it has
-    converged, so small layers (q/k/v, gate/up) pay the per-iteration overhead once. Otherwise
+    the same iterations as in a solve of its own layer (the start's sparsity and the stopping
+    test are taken per layer), and the stack stops once every layer has met the test, so small
+    layers (q/k/v, gate/up) pay the per-iteration overhead once; a layer that would have
+    stopped sooner alone runs on with the others, keeping its best iterate per row. Otherwise
     (a mask over the whole layer) each layer is solved alone. Each layer's info holds its own
     objectives; iterations and seconds are the stack's.
     """
@@ -240,7 +242,8 @@ def solve_layers(W_t: dict[str, torch.Tensor], gram: ScaledGram, pattern: Patter
     rows = [W_t[n].shape[0] for n in names]
     W, info, start, end = _solve(torch.cat([W_t[n].float() for n in names]), gram, pattern,
                                  per_row, None if W0 is None else
-                                 torch.cat([W0[n].float() for n in names]), options, None)
+                                 torch.cat([W0[n].float() for n in names]), options, None,
+                                 rows)
     out = {}
     for n, W_n, s_n, e_n in zip(names, W.split(rows), start.split(rows), end.split(rows)):
         out[n] = (W_n.contiguous(), {**info, "objective_start": s_n.sum().item(),
@@ -248,15 +251,36 @@ def solve_layers(W_t: dict[str, torch.Tensor], gram: ScaledGram, pattern: Patter
     return out
 
 
-def _solve(W_t, gram, pattern, per_row, W0, options, trace):
-    """`solve`, also returning the objectives of the start and the result per row ([out])."""
+def _solve(W_t, gram, pattern, per_row, W0, options, trace, segments=None):
+    """`solve`, also returning the objectives of the start and the result per row ([out]).
+
+    `segments`: the row counts of stacked layers (rows must be separate problems); the start's
+    sparsity, the sparsity ramp and the stopping test are then each layer's own."""
     clock = _Clock()
     rowwise = pattern.is_nm or per_row  # rows are separate problems: keep the best per row
     Q, lam, dead, delta = gram.Q, gram.lam, gram.dead, gram.damp
     T = gram.scale(W_t)  # [out, in]: Ŵ_t
     V0 = gram.scale(W0) if W0 is not None else T  # [out, in]
+    segments = list(segments or [T.shape[0]])
     s_target = pattern.sparsity
-    s0 = min((V0 == 0).masked_fill(dead, False).float().mean().item(), s_target)
+    zeros = (V0 == 0).masked_fill(dead, False).float()  # [out, in]: the start's zeros
+    s0 = [min(z.mean().item(), s_target) for z in zeros.split(segments)]  # per layer
+
+    def partial_mask(V, s_layers):  # the mask at each layer's sparsity (below the target)
+        if len(set(s_layers)) == 1:
+            return prune_mask(V, pattern, per_row, dead, s_layers[0])
+        return torch.cat([prune_mask(V_l, pattern, per_row, dead, s_l)
+                          for V_l, s_l in zip(V.split(segments), s_layers)])
+
+    layer_of_row = torch.repeat_interleave(torch.arange(len(segments), device=T.device),
+                                           torch.tensor(segments, device=T.device))
+
+    def converged(D, Z):  # ‖D‖ ≤ tol ‖Z‖ for every layer (D = W − Z)
+        if len(segments) == 1:
+            return bool(D.norm() <= options.admm_tol * Z.norm().clamp_min(1e-30))
+        d2, z2 = (torch.zeros(len(segments), device=T.device).index_add_(
+            0, layer_of_row, X.square().sum(1)) for X in (D, Z))
+        return bool((d2.sqrt() <= options.admm_tol * z2.sqrt().clamp_min(1e-30)).all())
 
     mask = prune_mask(V0, pattern, per_row, dead)
     best = V0 * ~mask  # the plain projection of the start: feasible
@@ -268,7 +292,7 @@ def _solve(W_t, gram, pattern, per_row, W0, options, trace):
 
     note()
     TQ = T @ Q  # [out, in]: Ŵ_t in the eigenbasis
-    Z = V0 * ~prune_mask(V0, pattern, per_row, dead, s0)  # [out, in]
+    Z = V0 * ~partial_mask(V0, s0)  # [out, in]
     ZQ = Z @ Q
     U = torch.zeros_like(T)  # [out, in]: scaled dual
     UQ = torch.zeros_like(T)
@@ -280,14 +304,14 @@ def _solve(W_t, gram, pattern, per_row, W0, options, trace):
         iterations = k
         WQ = (ZQ - UQ).mul_(rho).add_(target_term).div_(lam + delta + rho)  # [out, in]
         W = WQ @ Q.T
-        s = _ramp(k, s0, s_target, options.ramp_iters)
+        s = [_ramp(k, s0_l, s_target, options.ramp_iters) for s0_l in s0]
         V = W.add_(U)  # W + U
-        new_mask = prune_mask(V, pattern, per_row, dead, s)
+        new_mask = partial_mask(V, s)
         Z = V * ~new_mask
         ZQ = Z @ Q
         U_prev, U = U, V.mul_(new_mask)  # U + W − Z = V − Z: V on the pruned entries
         UQ.add_(WQ).sub_(ZQ)
-        if s >= s_target:  # Z is feasible: f(Z) = Σ λ ((Ŵ_t − Z) Q)², no cancellation
+        if min(s) >= s_target:  # Z is feasible: f(Z) = Σ λ ((Ŵ_t − Z) Q)², no cancellation
             f_rows = torch.mv((TQ - ZQ).square_(), lam)  # [out]
             if rowwise:
                 better = (f_rows < best_rows).unsqueeze(1)  # [out, 1]
@@ -296,8 +320,7 @@ def _solve(W_t, gram, pattern, per_row, W0, options, trace):
             elif f_rows.sum() < best_rows.sum():
                 best, best_rows, mask = Z, f_rows, new_mask
             settled = prev_mask is not None and torch.equal(new_mask, prev_mask)
-            # W − Z = U − U_prev
-            if settled and (U - U_prev).norm() <= options.admm_tol * Z.norm().clamp_min(1e-30):
+            if settled and converged(U - U_prev, Z):  # W − Z = U − U_prev
                 note()
                 break
         note()

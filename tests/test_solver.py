@@ -179,6 +179,40 @@ def test_admm_method_runs_through_the_api_on_a_model():
         assert r.extra["objective_end"] <= r.extra["objective_start"]
 
 
+def test_a_walk_solves_the_layers_of_one_input_and_pattern_together(monkeypatch):
+    # q/v (2:4) in one solve, k (4:8 by an override) in its own, gate/up in one; with the
+    # iteration counts fixed, the weights are those of solving every layer alone
+    from sds import solver
+    from sds.patterns import LayerRules
+    from tests.helpers import tiny_llama
+
+    fixed = SolverOptions(admm_iters=10, admm_tol=1e-30, cg_iters=3, cg_tol=1e-30)
+    rules = LayerRules.build("2:4", {"k_proj": "4:8"})
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+
+    def pruned():
+        torch.manual_seed(0)
+        model = tiny_llama(layers=1)
+        report = sds.oneshot(model, ids, "admm", rules, solver=fixed, progress=False)
+        return model.state_dict(), report
+
+    rows = []
+    original = solver._solve
+    monkeypatch.setattr(solver, "_solve", lambda W_t, *a: rows.append(W_t.shape[0]) or
+                        original(W_t, *a))
+    together, report = pruned()
+    assert sorted(rows) == sorted([64 + 32, 32, 64, 128 + 128, 64])  # q+v, k, o, gate+up, down
+    monkeypatch.setattr("sds.pruners.solve_layers", lambda W_t, gram, pattern, **kw: {
+        n: solver.solve(W, gram, pattern, **kw) for n, W in W_t.items()})  # no W0 in one-shot
+    alone, _ = pruned()
+    for name, W in together.items():
+        assert torch.allclose(W, alone[name], atol=1e-5, rtol=1e-4), name
+    for r in report.layers:
+        p = Pattern.parse("4:8" if "k_proj" in r.name else "2:4")
+        assert _obeys(together[r.name + ".weight"], str(p)), r.name
+        assert r.extra["objective_end"] <= r.extra["objective_start"]
+
+
 def test_layers_that_read_the_same_input_share_one_eigendecomposition(monkeypatch):
     from sds import solver
     from tests.helpers import tiny_llama
@@ -193,16 +227,25 @@ def test_layers_that_read_the_same_input_share_one_eigendecomposition(monkeypatc
 
 
 @pytest.mark.parametrize("spec,per_row", [("2:4", False), ("4:8", False), ("50%", True)])
-def test_stacked_layers_follow_the_iterations_of_separate_solves(spec, per_row):
+def test_stacked_layers_follow_the_iterations_of_separate_solves(spec, per_row, monkeypatch):
+    from sds import solver
+
     # rows are separate problems in these groupings: with the iteration counts fixed (no
     # tolerance is reached), one stacked solve gives each layer what a solve of its own gives
     W_t, H = _layer(rows=24, cols=64)
     gram = ScaledGram.of(H)
     layers = {"q": W_t[:8], "k": W_t[8:12], "up": W_t[12:]}
-    W0 = {n: W + 0.3 * torch.randn(W.shape, generator=torch.Generator().manual_seed(1))
-          for n, W in layers.items()}
-    fixed = SolverOptions(admm_iters=15, admm_tol=1e-30, cg_iters=6, cg_tol=1e-30)
+    g = torch.Generator().manual_seed(1)
+    W0 = {n: W + 0.3 * torch.randn(W.shape, generator=g) for n, W in layers.items()}
+    W0["k"][:, ::4] = 0.0  # starts with different sparsities: the first projections differ
+    W0["up"][:, ::8] = 0.0
+    fixed = SolverOptions(admm_iters=15, admm_tol=1e-30, cg_iters=6, cg_tol=1e-30, ramp_iters=5)
+    calls = []
+    original = solver._solve
+    monkeypatch.setattr(solver, "_solve", lambda *a: calls.append(1) or original(*a))
     stacked = solve_layers(layers, gram, spec, per_row=per_row, W0=W0, options=fixed)
+    assert len(calls) == 1  # one solve for the three layers
+    monkeypatch.undo()
     assert list(stacked) == list(layers)
     for name, W in layers.items():
         alone, info = solve(W, gram, spec, per_row=per_row, W0=W0[name], options=fixed)
@@ -212,6 +255,21 @@ def test_stacked_layers_follow_the_iterations_of_separate_solves(spec, per_row):
         assert info_s["objective_end"] == pytest.approx(info["objective_end"], rel=1e-4)
         assert info_s["objective_start"] == pytest.approx(info["objective_start"], rel=1e-4)
         assert info_s["iterations"] == info["iterations"] == 15
+
+
+def test_a_stack_stops_when_every_layer_has_converged():
+    # layer a's targets already obey 2:4 and are large: it converges at once and dominates the
+    # stack's norms; layer b needs some 30 iterations, and gets them as in a solve of its own
+    W_t, H = _layer(rows=24, cols=64)
+    gram = ScaledGram.of(H)
+    a = 1000 * W_t[:16].masked_fill(Pattern.parse("2:4").prune_mask(W_t[:16].abs()), 0.0)
+    b = W_t[16:]
+    stacked = solve_layers({"a": a, "b": b}, gram, "2:4")
+    alone_a, info_a = solve(a, gram, "2:4")
+    alone_b, info_b = solve(b, gram, "2:4")
+    assert info_a["iterations"] < info_b["iterations"] == stacked["b"][1]["iterations"]
+    assert torch.allclose(stacked["b"][0], alone_b, atol=1e-5, rtol=1e-4)
+    assert torch.allclose(stacked["a"][0], alone_a, atol=1e-5, rtol=1e-4)
 
 
 def test_layer_wide_masks_are_solved_layer_by_layer():
