@@ -26,7 +26,7 @@ from sds.errors import ConfigError, SDSError
 from tasks import stages
 from tasks.common import ensure_gpu_limit, reference
 from tasks.config import SweepConfig
-from tasks.plan import DEMO_FILES, HUB_SOURCES, Plan, plan_pipeline
+from tasks.plan import Plan, local_path, plan_pipeline
 from tasks.store import ArtifactStore
 
 from . import report
@@ -131,25 +131,17 @@ def deploy_points(pool: str) -> str:
 
 def _for_workers(point, plan: Plan) -> dict:
     """A point's configuration as a worker must read it. A worker runs in its own checkout, so
-    every local path is sent as the absolute path this sweep planned with: the store (none of
-    the keys hashes it), a model folder and calibration or evaluation files (their keys hash
-    their contents, not their paths, so the worker's keys stay the sweep's). Names (the demo,
-    hub ids, corpus names) are sent as they are."""
-    def absolute(source: str, role: str) -> str:
-        path = Path(source).expanduser()
-        if role == "model":
-            local = source != "demo" and path.is_dir()
-        else:
-            local = source not in DEMO_FILES[role] and source not in HUB_SOURCES and path.is_file()
-        return str(path.resolve()) if local else source
-
+    every local path is sent as the absolute path this sweep planned with (`local_path`): the
+    store (which no key hashes), a model folder, calibration and evaluation files. The worker's
+    plan then has the sweep's keys. Names (the demo, corpus names, hub ids) are sent as they
+    are."""
     update = {"store": plan.store}
-    if point.model:
-        update["model"] = absolute(point.model, "model")
+    if point.model and point.model != "demo":
+        update["model"] = local_path(point.model, "model")
     if point.calib:
-        update["calib"] = absolute(point.calib, "calib")
+        update["calib"] = local_path(point.calib, "calib")
     if point.eval:
-        update["eval"] = [absolute(source, "eval") for source in point.eval]
+        update["eval"] = [local_path(source, "eval") for source in point.eval]
     return point.model_copy(update=update).model_dump(mode="json")
 
 

@@ -39,7 +39,7 @@ HUB_SOURCES = ("c4", "wikitext2", "ptb")
 
 
 # Bump a stage's version when its code changes what it produces: every key changes with it.
-STAGE_VERSIONS = {"calibration": 1, "oneshot": 3, "redense": 3, "second": 4, "evaluate": 1}
+STAGE_VERSIONS = {"calibration": 1, "oneshot": 4, "redense": 3, "second": 5, "evaluate": 1}
 
 
 class ModelRef(BaseModel):
@@ -105,6 +105,19 @@ class Plan:
 
     def keys(self) -> dict[str, str]:
         return {label: spec.key for label, spec in self.specs.items()}
+
+
+def local_path(source: str, role: str) -> str:
+    """`source` as a plan names it: a local model folder (`role` "model") or data file ("calib",
+    "eval") as its absolute path, anything else (the demo corpora, hub datasets and models)
+    unchanged. The keys hash the path as named, so the same folder or file planned from another
+    working directory, or by a worker in its own checkout, keeps its keys."""
+    path = Path(source).expanduser()
+    if role == "model":
+        local = path.is_dir()
+    else:
+        local = source not in DEMO_FILES[role] and source not in HUB_SOURCES and path.is_file()
+    return str(path.resolve()) if local else source
 
 
 def _data_identity(source: str, role: str) -> dict:
@@ -228,9 +241,10 @@ def _plan(c: RunConfig) -> Plan:
     method_options(c.method)  # a known method
     rules = LayerRules.build(c.pattern, c.overrides or None, c.exclude)
     sds_options = c.sds_options.to_dict()
-    local = Path(model).expanduser()
-    if local.is_dir():
-        model = str(local.resolve())
+    model = local_path(model, "model")
+    calib = local_path(calib, "calib")
+    sources = [local_path(source, "eval") for source in sources]
+    local = Path(model)
     model_config = None
     if seqlen is None or not (local / "config.json").is_file():
         model_config, seqlen = _check_model(c, model, seqlen, [calib, *sources])

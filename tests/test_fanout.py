@@ -208,19 +208,23 @@ def test_wait_minutes_needs_a_pool():
 
 def test_a_point_sent_to_a_worker_names_every_local_path_absolutely(tmp_path, monkeypatch):
     """A worker runs in its own checkout: a relative store, model folder or data file would be
-    another one there (or none)."""
+    another one there (or none). What it is sent plans to the sweep's keys from anywhere."""
+    import shutil
+
     from flows.sweep import _for_workers
-    from tasks.config import SweepConfig
-    from tasks.plan import Plan
+    from sds.demo import demo_model_path
+    from tasks.config import RunConfig, SweepConfig
+    from tasks.plan import plan_pipeline
 
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "models" / "tiny").mkdir(parents=True)
-    (tmp_path / "calib.txt").write_text("some text")
-    (tmp_path / "heldout.txt").write_text("more text")
+    shutil.copytree(demo_model_path("opt"), tmp_path / "models" / "tiny")
+    (tmp_path / "calib.txt").write_text("some calibration text. " * 50)
+    (tmp_path / "heldout.txt").write_text("some held-out text. " * 50)
     (tmp_path / "wiki").write_text("a file named like a demo corpus")
     point = SweepConfig(store="./runs", methods=["wanda"], models=["models/tiny"],
-                        calib="calib.txt", eval=["heldout.txt", "wiki"]).points()[0]
-    plan = Plan(settings={"store": str(tmp_path / "runs")})
+                        calib="calib.txt", eval=["heldout.txt", "wiki"], seqlen=32,
+                        tasks="none").points()[0]
+    plan = plan_pipeline(point, check=False)
     sent = _for_workers(point, plan)
     assert sent["store"] == str(tmp_path / "runs")
     assert sent["model"] == str(tmp_path / "models" / "tiny")
@@ -229,15 +233,10 @@ def test_a_point_sent_to_a_worker_names_every_local_path_absolutely(tmp_path, mo
     changed = {"store", "model", "calib", "eval"}
     assert {k: v for k, v in sent.items() if k not in changed} == {
         k: v for k, v in point.model_dump(mode="json").items() if k not in changed}
-    # the keys a worker computes from what it is sent are the sweep's
-    from tasks.config import RunConfig
-    from tasks.plan import _data_identity
 
-    worker = RunConfig(**sent)
     monkeypatch.chdir(tmp_path / "models")  # the worker's own folder
-    assert _data_identity(worker.calib, "calib") == _data_identity(
-        str(tmp_path / "calib.txt"), "calib")
+    assert plan_pipeline(RunConfig(**sent), check=False).keys() == plan.keys()
 
-    # the demo model and hub names are sent as they are
+    # the demo model is sent as it is
     demo = SweepConfig(store="./runs", methods=["wanda"]).points()[0]
     assert _for_workers(demo, plan)["model"] == demo.model
