@@ -47,12 +47,17 @@ class Needs:
     (H = XᵀX: [in, in]). `reference`: weights {name: W_ref [out, in]} (e.g. the dense model's)
     that each layer's `rel_error_ref` is measured against. `reference_stats`: statistics of a
     second stream, the samples run through each block with the reference weights: "H_ref"
-    (X_refᵀ X_ref) and "C" (X_refᵀ X), both [in, in].
+    (X_refᵀ X_ref) and "C" (X_refᵀ X), both [in, in]. `sequential`: each group's statistics
+    are collected after the groups before it in the block were transformed ("true sequential":
+    the inputs of `o_proj` come from the new q/k/v, those of `fc2` from the new `fc1`), by a
+    pass that stops at the group's first layer; otherwise one pass collects every group's with
+    the block as it was. It needs `propagate="transformed"`.
     """
 
     gram: str = "full"
     reference: Mapping[str, torch.Tensor] | None = None
     reference_stats: frozenset[str] = frozenset()
+    sequential: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "reference_stats", frozenset(self.reference_stats))
@@ -144,7 +149,8 @@ class Resume:
 
 
 class _Captured(Exception):
-    """Raised by the pre-hook on block 0 to stop the forward pass once its inputs are known."""
+    """Raised by a hook to stop a forward pass once the inputs it wanted are known (block 0's,
+    or a layer's in a sequential walk)."""
 
 
 def output_error(W_from: torch.Tensor, W_to: torch.Tensor, H: torch.Tensor) -> float:
@@ -314,6 +320,9 @@ def walk(
     input_ids = calibration_ids(calibration)
     check_seqlen(model, input_ids)
     needs = needs_of(transform)
+    if needs.sequential and propagate != "transformed":
+        raise ConfigError("sequential statistics follow the transformed groups of a block; they "
+                          "need propagate='transformed'")
     reference = needs.reference if needs.reference_stats else None  # weights of a second stream
     device = torch.device(device) if device is not None else default_device()
     t_start = time.perf_counter()
@@ -353,10 +362,17 @@ def walk(
         # every selected layer swapped for its reference weights)
         keep = propagate == "original"
         ref_fixed = keep or (reference is not None and set(layers) <= set(reference))
-        stats, outputs, ref_outputs = _collect(block, groups, layers, hidden, ref_hidden, extras,
-                                               device, ref_block, needs, keep, ref_fixed, store)
+        if needs.sequential:  # each group's statistics once the groups before it are done
+            stats, outputs, ref_outputs = [None] * len(groups), None, None
+        else:
+            stats, outputs, ref_outputs = _collect(block, groups, layers, hidden, ref_hidden,
+                                                   extras, device, ref_block, needs, keep,
+                                                   ref_fixed, store)
         pending: dict[str, torch.Tensor] = {}  # new weights, written after propagation
         for names, st in zip(groups, stats):
+            if st is None:
+                (st,), _, _ = _collect(block, [names], layers, hidden, ref_hidden, extras,
+                                       device, ref_block, needs, store=store, stop=True)
             group = LayerGroup(b, names, [layers[n] for n in names], st)
             before = group.weights()
             new = transform(group) or {}
@@ -470,12 +486,14 @@ class _RefWeights:
 
 
 def _collect(block, groups, layers, hidden, ref_hidden, extras, device, ref_block,
-             needs: Needs, keep_outputs: bool = False, keep_ref: bool = False, store=None):
+             needs: Needs, keep_outputs: bool = False, keep_ref: bool = False, store=None,
+             stop: bool = False):
     """Accumulate each group's declared statistics over every calibration sample.
 
     Returns (stats per group, outputs, reference outputs): the block's outputs per sample (on
     `store`) when `keep_outputs`, the reference stream's when `keep_ref` and it ran; else
-    None."""
+    None. With `stop` (one group, no outputs) each pass ends at the group's first layer."""
+    assert not stop or (len(groups) == 1 and not keep_outputs and not keep_ref)
     stats = [LayerStats() for _ in groups]
     if not groups or (needs.gram == "none" and ref_block is None):  # no pass over the block
         tokens = sum(h.shape[:-1].numel() for h in hidden)
@@ -498,11 +516,20 @@ def _collect(block, groups, layers, hidden, ref_hidden, extras, device, ref_bloc
     current: list[torch.Tensor | None] = [None] * len(groups)
 
     def hook_for(k):
-        def hook(_m, inp, _out):
+        def hook(_m, inp, *_out):
             current[k] = inp[0].detach().reshape(-1, inp[0].shape[-1]).float()  # [tokens, in]
+            if stop:
+                raise _Captured  # the rest of the block is not needed
         return hook
 
-    handles = [m.register_forward_hook(hook_for(k)) for k, m in enumerate(leaders)]
+    def run(h, extra):
+        try:
+            return block(h.to(device), *extra[0], **extra[1])
+        except _Captured:
+            return None
+
+    handles = [m.register_forward_pre_hook(hook_for(k)) if stop else
+               m.register_forward_hook(hook_for(k)) for k, m in enumerate(leaders)]
     try:
         with torch.no_grad():
             for i in range(len(hidden)):
@@ -510,11 +537,11 @@ def _collect(block, groups, layers, hidden, ref_hidden, extras, device, ref_bloc
                 X_ref = None
                 if ref_block is not None:
                     with ref_block:
-                        out = block(ref_hidden[i].to(device), *extra[0], **extra[1])
+                        out = run(ref_hidden[i], extra)
                     if ref_outputs is not None:
                         ref_outputs.append(_hidden(out).to(store))
                     X_ref = list(current)
-                out = block(hidden[i].to(device), *extra[0], **extra[1])
+                out = run(hidden[i], extra)
                 if outputs is not None:
                     outputs.append(_hidden(out).to(store))
                 for k, st in enumerate(stats):

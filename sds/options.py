@@ -107,6 +107,12 @@ class SDSConfig:
     rho_every: int = _DEFAULT.rho_every
     ramp_iters: int = _DEFAULT.ramp_iters  # iterations over which the mask tightens
     early_exit: bool = True  # keep the plain second pruning where adjusting does not help
+    # step 3 collects each group's statistics after the groups before it in the block were
+    # pruned and adjusted (the inputs of o_proj from the new q/k/v, ...); False: one pass with
+    # the block's re-dense weights. Costs about two extra partial passes per block; on the demo
+    # models 0 to +8 points of the gap, and it keeps strong step-2 regularisers from wrecking
+    # OPT (BENCHMARKS.md, "SDS defaults")
+    sequential: bool = True
 
     def __post_init__(self):
         for name, value, choices in (("re-dense data variant", self.data, DATA_VARIANTS),

@@ -14,7 +14,9 @@ Step 3, second pruning + adjustment: prune the re-dense weight again with the ba
 then find the best weights within the pattern for ‖W_dense X − W X‖², starting from the
 re-dense weight, with the mask re-selected in the base method's grouping (per row for Wanda,
 per layer otherwise; N:M per group). A layer keeps the plain second-pruned weight when the
-adjustment does not lower its calibration error (early exit).
+adjustment does not lower its calibration error (early exit). With `sequential` (the default)
+each group's inputs X are collected after the groups before it in the block are final, so
+`o_proj` is fitted to what the new q/k/v feed it rather than what the re-dense ones did.
 
 Nothing here passes over the tokens per iteration: with A = XᵀX and G = X_tᵀX,
 
@@ -267,6 +269,6 @@ def second_prune(model, calibration, dense: dict[str, torch.Tensor], method: str
                 info["adjusted"] = True
         return out
 
-    transform.needs = Needs(gram="full", reference=dense)
+    transform.needs = Needs(gram="full", reference=dense, sequential=config.sequential)
     return walk(model, calibration, transform, select=lambda n: n in dense, device=device,
                 progress=progress, on_block=on_block, resume=resume)

@@ -132,6 +132,43 @@ def test_gram_matrix_equals_inputs_recorded_independently():
     torch.testing.assert_close(got["model.decoder.layers.0.fc2"], X.T @ X, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("make", [tiny_llama, tiny_opt])
+def test_sequential_statistics_are_the_inputs_of_the_finished_model(make):
+    # each group's H is collected after the groups before it in the block were transformed, so
+    # with the next blocks fed by the transformed ones, every layer's H is the Gram matrix of
+    # its inputs in the finished model; one pass of the block as it was gives other o/down/fc2
+    torch.manual_seed(0)
+    model = make(layers=2)
+    ids = torch.randint(0, 128, (2, 16))
+    seen = {}
+
+    def halve(group):  # a transform that changes what the later groups read
+        for name in group.names:
+            seen[name] = group.stats.H.clone()
+        return {name: 0.5 * W for name, W in group.weights().items()}
+
+    halve.needs = Needs(gram="full", sequential=True)
+    walk(model, ids, halve, progress=False)
+    for name in seen:
+        X = _layer_inputs(model, name, ids)
+        torch.testing.assert_close(seen[name], X.T @ X, rtol=1e-4, atol=1e-3)
+
+    torch.manual_seed(0)
+    once = make(layers=2)
+    halve.needs = Needs(gram="full")
+    walk(once, ids, halve, progress=False)
+    last = [n for n in seen if n.endswith(("fc2", "down_proj"))][-1]
+    X = _layer_inputs(once, last, ids)
+    assert not torch.allclose(seen[last], X.T @ X, rtol=1e-2, atol=1e-2)
+
+
+def test_sequential_statistics_need_transformed_propagation():
+    transform = _declaring(Needs(sequential=True), lambda g: None)
+    with pytest.raises(ConfigError, match="need propagate='transformed'"):
+        walk(tiny_opt(layers=1), torch.randint(0, 128, (1, 8)), transform, propagate="original",
+             progress=False)
+
+
 def test_a_transform_that_declares_the_diagonal_gets_it_and_no_gram_matrix():
     model = tiny_llama(layers=2)
     ids = torch.randint(0, 128, (2, 16))
