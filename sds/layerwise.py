@@ -7,7 +7,10 @@
         apply the per-layer transform (prune, re-dense, adjust...)
         run the samples through the transformed block -> inputs of the next block
 
-One-shot pruning, SDS re-dense and second pruning are walks with different transforms.
+With sequential statistics (`Needs.sequential`, SDS step 3) the statistics pass is one pass
+per group instead, each stopping at the group's first layer and run after the groups before
+it were transformed. One-shot pruning, SDS re-dense and second pruning are walks with
+different transforms.
 Layers that read the same input tensor (q/k/v, gate/up) form one group with one set of
 statistics. Only the current block sits on the compute device; the rest of the model stays
 where it was.
@@ -246,7 +249,9 @@ def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor, device) -> t
 
 
 def _groups_by_input(block: nn.Module, layers: dict[str, nn.Module], hidden, extra) -> list[list]:
-    """Group a block's layers by the tensor they read, from one probe forward pass."""
+    """Group a block's layers by the tensor they read, from one probe forward pass. Groups come
+    in the order the forward pass reaches them (Phi-3 defines o_proj before qkv_proj), the
+    layers of a group in definition order."""
     seen: dict[str, torch.Tensor] = {}  # holding the inputs keeps their memory from reuse
     handles = []
     for name, module in layers.items():
@@ -266,7 +271,8 @@ def _groups_by_input(block: nn.Module, layers: dict[str, nn.Module], hidden, ext
             continue
         x = seen[name]
         groups.setdefault((x.data_ptr(), tuple(x.shape), x.stride()), []).append(name)
-    return list(groups.values())
+    called = {name: i for i, name in enumerate(seen)}  # filled in call order
+    return sorted(groups.values(), key=lambda names: min(called[n] for n in names))
 
 
 def calibration_ids(calibration) -> torch.Tensor:

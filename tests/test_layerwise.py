@@ -132,7 +132,17 @@ def test_gram_matrix_equals_inputs_recorded_independently():
     torch.testing.assert_close(got["model.decoder.layers.0.fc2"], X.T @ X, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("make", [tiny_llama, tiny_opt])
+def tiny_phi3(layers: int = 2):
+    """Phi-3 defines o_proj before qkv_proj: the definition order is not the call order."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    return Phi3ForCausalLM(Phi3Config(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2)).eval()
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_opt, tiny_phi3])
 def test_sequential_statistics_are_the_inputs_of_the_finished_model(make):
     # each group's H is collected after the groups before it in the block were transformed, so
     # with the next blocks fed by the transformed ones, every layer's H is the Gram matrix of
@@ -148,7 +158,12 @@ def test_sequential_statistics_are_the_inputs_of_the_finished_model(make):
         return {name: 0.5 * W for name, W in group.weights().items()}
 
     halve.needs = Needs(gram="full", sequential=True)
+    last = [n for n, m in model.named_modules() if n.endswith(("fc2", "down_proj"))][0]
+    calls = []
+    handle = dict(model.named_modules())[last].register_forward_hook(lambda *_: calls.append(1))
     walk(model, ids, halve, progress=False)
+    handle.remove()
+    assert len(calls) == 1 + len(ids)  # the probe and the propagation: each pass stops early
     for name in seen:
         X = _layer_inputs(model, name, ids)
         torch.testing.assert_close(seen[name], X.T @ X, rtol=1e-4, atol=1e-3)
