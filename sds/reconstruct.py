@@ -81,9 +81,14 @@ def lipschitz(A: torch.Tensor) -> float:
     return 2 * torch.linalg.eigvalsh(A.double())[-1].clamp_min(0).item()
 
 
+def _nu(c: float, tokens: int, config: SDSConfig) -> float:
+    """ν, the normalisation of one layer's ‖T − W X‖²: c = ‖W_dense X_t‖² or the tokens."""
+    return max(c if config.normalize == "target" else float(tokens), 1e-30)
+
+
 def _scales(q: Quadratic, numel: int, config: SDSConfig) -> tuple[float, float, float]:
     """(ν, λ1 scale, λ2 scale) of J for one layer."""
-    nu = max(q.c if config.normalize == "target" else float(q.tokens), 1e-30)
+    nu = _nu(q.c, q.tokens, config)
     if config.reg_scale == "dense":
         return nu, 1.0 / max(q.dense_l1, 1e-30), 1.0 / max(q.dense_l2, 1e-30)
     reg = 1.0 / numel if config.reg_scale == "mean" else 1.0
@@ -248,15 +253,17 @@ def second_prune(model, calibration, dense: dict[str, torch.Tensor], method: str
         L = None
         for name, W_pruned in list(out.items()):
             info = group.info[name]
-            q = Quadratic.from_grams(W_dense[name], H, H, H, group.stats.tokens)
-            nu, _, _ = _scales(q, W_pruned.numel(), config)
             if config.solver == "admm":
                 W_adj, solved = adjusted[name]
                 info.update(iterations=solved["iterations"],
                             cg_iterations=solved["cg_iterations"], seconds=solved["seconds"])
                 error_pruned = _error(W_dense[name], W_pruned, H)
                 error_adjusted = _error(W_dense[name], W_adj, H)
+                nu = _nu(_error(W_dense[name], torch.zeros_like(W_pruned), H),
+                         group.stats.tokens, config)
             else:
+                q = Quadratic.from_grams(W_dense[name], H, H, H, group.stats.tokens)
+                nu, _, _ = _scales(q, W_pruned.numel(), config)
                 if L is None:
                     L = lipschitz(H)
                 W_adj, hist = adjust_layer(W_pruned, q, rules.pattern_for(name), config, L=L,

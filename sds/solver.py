@@ -272,11 +272,11 @@ def _solve(W_t, gram, pattern, per_row, W0, options, trace, segments=None):
         return torch.cat([prune_mask(V_l, pattern, per_row, dead, s_l)
                           for V_l, s_l in zip(V.split(segments), s_layers)])
 
-    layer_of_row = torch.repeat_interleave(torch.arange(len(segments), device=T.device),
-                                           torch.tensor(segments, device=T.device))
+    layer_of_row = None if len(segments) == 1 else torch.repeat_interleave(
+        torch.arange(len(segments), device=T.device), torch.tensor(segments, device=T.device))
 
     def converged(D, Z):  # ‖D‖ ≤ tol ‖Z‖ for every layer (D = W − Z)
-        if len(segments) == 1:
+        if layer_of_row is None:
             return bool(D.norm() <= options.admm_tol * Z.norm().clamp_min(1e-30))
         d2, z2 = (torch.zeros(len(segments), device=T.device).index_add_(
             0, layer_of_row, X.square().sum(1)) for X in (D, Z))
