@@ -79,6 +79,9 @@ def admm_sequential(model, ids, rules):
     walk(model, ids, transform, progress=False)
 
 
+YARDSTICKS = {"admm_per_row": admm_per_row, "admm_sequential": admm_sequential}
+
+
 def run(args) -> dict:
     torch.manual_seed(0)
     config = SDSConfig(**{f.name: getattr(args, f.name) for f in fields(SDSConfig)})
@@ -101,20 +104,16 @@ def run(args) -> dict:
         print(family, "dense", entry["dense"], flush=True)
         for pattern in args.patterns:
             rules = LayerRules.build(pattern)
-            if not rules.default.is_nm and {"wanda", "admm"} <= set(args.methods):
-                model = copy.deepcopy(dense_model)
-                admm_per_row(model, calib.input_ids, rules)
-                entry.setdefault("admm_per_row", {})[pattern] = evaluate(
-                    model, tok, evals, args.seqlen, [], None, args.max_windows)
-                print(family, pattern, "admm per row", entry["admm_per_row"][pattern],
-                      flush=True)
-            if "admm" in args.methods:
-                model = copy.deepcopy(dense_model)
-                admm_sequential(model, calib.input_ids, rules)
-                entry.setdefault("admm_sequential", {})[pattern] = evaluate(
-                    model, tok, evals, args.seqlen, [], None, args.max_windows)
-                print(family, pattern, "admm sequential", entry["admm_sequential"][pattern],
-                      flush=True)
+            yardsticks = {  # ADMM one-shot variants SDS is compared with
+                "admm_per_row": not rules.default.is_nm and {"wanda", "admm"} <= set(args.methods),
+                "admm_sequential": "admm" in args.methods}
+            for key, wanted in yardsticks.items():
+                if wanted:
+                    model = copy.deepcopy(dense_model)
+                    YARDSTICKS[key](model, calib.input_ids, rules)
+                    entry.setdefault(key, {})[pattern] = evaluate(
+                        model, tok, evals, args.seqlen, [], None, args.max_windows)
+                    print(family, pattern, key, entry[key][pattern], flush=True)
             for method in args.methods:
                 model = copy.deepcopy(dense_model)
                 dense = dense_weights(model, rules)
