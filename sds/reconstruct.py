@@ -11,9 +11,12 @@ where `T = W_dense X_t` is the dense layer's output. The data variants choose `X
     "distill"  X_t = dense-model inputs, X = pruned-model inputs
 
 Step 3, second pruning + adjustment: prune the re-dense weight again with the base method,
-then find the best weights within the pattern for ‖W_dense X − W X‖², starting from the
+then find the best weights within the pattern for ‖W_dense X_t − W X‖², starting from the
 re-dense weight, with the mask re-selected in the base method's grouping (per row for Wanda,
-per layer otherwise; N:M per group). A layer keeps the plain second-pruned weight when the
+per layer otherwise; N:M per group). The targets' inputs `X_t = (1 − α) X + α X_dense` mix
+the layer's inputs in the pruned model (the paper's ‖W_dense X − W X‖², α = 0) with those in
+the dense model (`target_mix` = α, 0.5 by default): the layer then also makes up for part of
+what the layers before it lost. A layer keeps the plain second-pruned weight when the
 adjustment does not lower its calibration error (early exit). With `sequential` (the default)
 each group's inputs X are collected after the groups before it in the block are final, so
 `o_proj` is fitted to what the new q/k/v feed it rather than what the re-dense ones did.
@@ -43,7 +46,7 @@ from .models import prunable_layers, weight_matrix
 from .options import SDSConfig
 from .patterns import LayerRules, Pattern
 from .pruners import GroupFactors, PruneOptions, method_spec, pruning_transform, scaled_gram
-from .solver import ScaledGram, redense_solve, solve_layers
+from .solver import ScaledGram, mixed_target, redense_solve, solve_layers
 
 
 # -- the quadratic objective ------------------------------------------------------------------
@@ -226,8 +229,9 @@ def second_prune(model, calibration, dense: dict[str, torch.Tensor], method: str
     """Step 3 on a re-dense model, in place: prune again with `method`, then adjust the kept
     weights towards the dense outputs (skipped per layer where it does not help).
 
-    Each layer's record says whether it was adjusted and its errors ‖W_dense X − W X‖² / ν
-    after the plain second pruning and after the adjustment."""
+    Each layer's record says whether it was adjusted and its errors ‖W_dense X_t − W X‖² / ν
+    after the plain second pruning and after the adjustment (less the part of the targets no
+    weight on these inputs can fit, when `target_mix` > 0)."""
     options = config.solver_options()
     per_row = method_spec(method).per_row  # the adjustment keeps the base method's grouping
     # the base method, as in step 1
@@ -242,11 +246,15 @@ def second_prune(model, calibration, dense: dict[str, torch.Tensor], method: str
             for name in out:
                 group.info[name]["adjusted"] = False
             return out
-        W_dense = {name: dense[name].to(W.device).float() for name, W in out.items()}
+        # the targets: W_t with ‖W_t X − W X‖² + const = ‖W_dense X_t − W X‖² (`mixed_target`)
+        W_t = {name: mixed_target(dense[name].to(W.device), group.stats.C,
+                                  factors.get(scaled_gram), config.target_mix)
+               if config.target_mix > 0 else dense[name].to(W.device).float()
+               for name, W in out.items()}
         if config.solver == "admm":  # the layers of one pattern in one stacked solve
             adjusted = {}
             for pattern, names in rules.by_pattern(out).items():
-                solved = solve_layers({n: W_dense[n] for n in names}, factors.get(scaled_gram),
+                solved = solve_layers({n: W_t[n] for n in names}, factors.get(scaled_gram),
                                       pattern, per_row=per_row,
                                       W0={n: redensed[n] for n in names}, options=options)
                 adjusted.update(solved)
@@ -257,12 +265,12 @@ def second_prune(model, calibration, dense: dict[str, torch.Tensor], method: str
                 W_adj, solved = adjusted[name]
                 info.update(iterations=solved["iterations"],
                             cg_iterations=solved["cg_iterations"], seconds=solved["seconds"])
-                error_pruned = _error(W_dense[name], W_pruned, H)
-                error_adjusted = _error(W_dense[name], W_adj, H)
-                nu = _nu(_error(W_dense[name], torch.zeros_like(W_pruned), H),
+                error_pruned = _error(W_t[name], W_pruned, H)
+                error_adjusted = _error(W_t[name], W_adj, H)
+                nu = _nu(_error(W_t[name], torch.zeros_like(W_pruned), H),
                          group.stats.tokens, config)
             else:
-                q = Quadratic.from_grams(W_dense[name], H, H, H, group.stats.tokens)
+                q = Quadratic.from_grams(W_t[name], H, H, H, group.stats.tokens)
                 nu, _, _ = _scales(q, W_pruned.numel(), config)
                 if L is None:
                     L = lipschitz(H)
@@ -276,6 +284,7 @@ def second_prune(model, calibration, dense: dict[str, torch.Tensor], method: str
                 info["adjusted"] = True
         return out
 
-    transform.needs = Needs(gram="full", reference=dense, sequential=config.sequential)
+    transform.needs = Needs(gram="full", reference=dense, sequential=config.sequential,
+                            reference_stats=("C",) if config.target_mix > 0 else ())
     return walk(model, calibration, transform, select=lambda n: n in dense, device=device,
                 progress=progress, on_block=on_block, resume=resume)

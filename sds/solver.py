@@ -396,6 +396,32 @@ def refit(T: torch.Tensor, gram: ScaledGram, mask: torch.Tensor, start: torch.Te
     return X, it
 
 
+def mixed_target(W_t: torch.Tensor, C: torch.Tensor, gram: ScaledGram,
+                 alpha: float) -> torch.Tensor:
+    """The target W* that lets `solve` fit outputs computed from other inputs. W_t: [out, in].
+
+    `solve` minimises tr((W* − W) H_δ (W* − W)ᵀ), H_δ = H + δ diag H (the Gram matrix of the
+    layer's inputs X, damped as the solver damps it). For targets from mixed inputs
+    `X_t = (1 − α) X + α X_ref` (X_ref: the same tokens' inputs in another model, e.g. the
+    dense one), ‖W_t X_t − W X‖² is that objective up to a constant when
+
+        W* H_δ = W_t ((1 − α) H_δ + α C),   C = X_refᵀ X: [in, in]
+        W* = (1 − α) W_t + α W_t C H_δ⁻¹
+
+    (the α part is the damped least-squares map from X to W_t X_ref). α = 0 returns W_t; α = 1
+    fits the reference model's outputs, which also corrects what the layers before got wrong.
+    The solve is a Cholesky factorisation of Ĥ + δI in the scaled variables (dead inputs
+    zero). Returns W*: [out, in] fp32.
+    """
+    W_t = W_t.float()
+    if alpha == 0:
+        return W_t
+    a = (1.0 / gram.d).masked_fill(gram.dead, 0.0)  # [in]
+    B_hat = (W_t @ C.float()) * a  # [out, in]: (W_t C) D⁻¹
+    fit = gram.unscale(_ridge(gram, B_hat, torch.full_like(a, gram.damp)))  # W_t C H_δ⁻¹
+    return (1 - alpha) * W_t + alpha * fit
+
+
 # -- step 2 of SDS: the regularised dense reconstruction ------------------------------------------
 def redense_solve(B: torch.Tensor, c: float, gram: ScaledGram, W0: torch.Tensor, nu: float,
                   l1: float, l2: float, iters: int, tol: float,

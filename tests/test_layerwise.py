@@ -177,6 +177,37 @@ def test_sequential_statistics_are_the_inputs_of_the_finished_model(make):
     assert not torch.allclose(seen[last], X.T @ X, rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("make", [tiny_llama, tiny_opt])
+def test_sequential_cross_gram_pairs_finished_inputs_with_the_reference_models(make):
+    """With sequential statistics and a reference stream (SDS step 3 with `target_mix`), each
+    group's C = X_refᵀX pairs its inputs in the finished model (X) with those in the model
+    that holds the reference weights everywhere (X_ref), recorded independently."""
+    import copy
+
+    torch.manual_seed(0)
+    model = make(layers=2)
+    reference_model = copy.deepcopy(model)
+    ref = {n: weight_matrix(m).clone() for n, m in prunable_layers(model).items()}
+    ids = torch.randint(0, 128, (2, 16))
+    seen = {}
+
+    def halve(group):
+        for name in group.names:
+            seen[name] = group.stats.C.clone()
+        return {name: 0.5 * W for name, W in group.weights().items()}
+
+    halve.needs = Needs(gram="full", sequential=True, reference=ref, reference_stats={"C"})
+    walk(model, ids, halve, progress=False)
+    assert set(seen) == set(ref)
+    for name in seen:
+        X, X_ref = _layer_inputs(model, name, ids), _layer_inputs(reference_model, name, ids)
+        torch.testing.assert_close(seen[name], X_ref.T @ X, rtol=1e-4, atol=1e-3)
+    last = [n for n in seen if n.endswith(("fc2", "down_proj"))][-1]
+    X = _layer_inputs(model, last, ids)
+    H = X.T @ X  # the finished model's own Gram matrix differs: two streams
+    assert (seen[last] - H).norm() > 0.05 * H.norm()
+
+
 def test_sequential_statistics_need_transformed_propagation():
     transform = _declaring(Needs(sequential=True), lambda g: None)
     with pytest.raises(ConfigError, match="need propagate='transformed'"):

@@ -107,7 +107,7 @@ def test_re_dense_reads_only_its_own_options(solver):
     base = SDSConfig(solver=solver, epochs=5)
     every = {"adjust_epochs": 7, "adjust_tol": 0.05, "adjust_lr": 0.3, "cg_iters": 3,
              "cg_tol": 0.1, "rho": 0.5, "rho_growth": 2.0, "rho_every": 1, "ramp_iters": 4,
-             "early_exit": False, "sequential": False, "tol": 0.05, "lr": 0.5,
+             "early_exit": False, "sequential": False, "target_mix": 1.0, "tol": 0.05, "lr": 0.5,
              "optimizer": "adam"}
     changed = {k: v for k, v in every.items() if k not in REDENSE_OPTIONS[solver]}
     assert set(changed) == {f.name for f in fields(SDSConfig)} - set(REDENSE_OPTIONS[solver])

@@ -7,7 +7,15 @@ import sds
 from sds.errors import ConfigError, NumericalError
 from sds.patterns import Pattern
 from sds.pruners import get_method
-from sds.solver import ScaledGram, SolverOptions, redense_solve, refit, solve, solve_layers
+from sds.solver import (
+    ScaledGram,
+    SolverOptions,
+    mixed_target,
+    redense_solve,
+    refit,
+    solve,
+    solve_layers,
+)
 from tests.helpers import correlated_inputs
 
 TIGHT = SolverOptions(admm_tol=1e-5, cg_iters=500, cg_tol=1e-6)
@@ -372,3 +380,39 @@ def test_redense_trace_is_the_best_objective_so_far():
 def test_bad_solver_options_are_refused(kw, msg):
     with pytest.raises(ConfigError, match=msg):
         SolverOptions(**kw)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_mixed_target_turns_targets_from_other_inputs_into_the_solver_objective(alpha):
+    """For any W, tr((W* − W) H_δ (W* − W)ᵀ) equals ‖W_t X_t − W X‖² with X_t = (1 − α) X +
+    α X_ref, plus the solver's damping δ‖(W_t − W) D‖² on the α = 0 part and δ‖W D‖² on the
+    rest, up to one constant: computed from the token matrices, not from the Gram matrices."""
+    g = torch.Generator().manual_seed(3)
+    tokens, n_in, n_out = 200, 12, 5
+    X = torch.randn(tokens, n_in, generator=g, dtype=torch.float64) * torch.linspace(0.5, 2, n_in,
+                                                                                  dtype=torch.float64)
+    X[:, 4] = 0  # a dead input
+    X_ref = X + 0.3 * torch.randn(tokens, n_in, generator=g, dtype=torch.float64)
+    W_t = torch.randn(n_out, n_in, generator=g, dtype=torch.float64)
+    H, C = X.T @ X, X_ref.T @ X
+    gram = ScaledGram.of(H.float(), 0.01)
+    W_star = mixed_target(W_t.float(), C.float(), gram, alpha).double()
+    D2 = torch.diagonal(H)  # δ diag H: the damping, as the solver applies it
+    X_t = (1 - alpha) * X + alpha * X_ref
+
+    def through_solver(W):
+        Delta = (W_star - W)[:, D2 > 0]  # dead inputs carry no weight in the solver
+        H_d = (H + 0.01 * torch.diag(D2))[D2 > 0][:, D2 > 0]
+        return (Delta @ H_d * Delta).sum().item()
+
+    def from_tokens(W):
+        fit = ((X_t @ W_t.T - X @ W.T) ** 2).sum()
+        damping = 0.01 * ((1 - alpha) * ((W_t - W) ** 2 * D2).sum() + alpha * (W ** 2 * D2).sum())
+        return (fit + damping).item()
+
+    gaps = [through_solver(W) - from_tokens(W) for W in
+            (torch.randn(n_out, n_in, generator=g, dtype=torch.float64) for _ in range(4))]
+    scale = from_tokens(torch.zeros_like(W_t))
+    assert max(gaps) - min(gaps) == pytest.approx(0, abs=1e-4 * scale)
+    if alpha == 0:
+        assert torch.equal(W_star, W_t.float().double())
