@@ -368,17 +368,23 @@ def walk(
         # every selected layer swapped for its reference weights)
         keep = propagate == "original"
         ref_fixed = keep or (reference is not None and set(layers) <= set(reference))
+        ref_inputs = None  # per group, the reference stream's inputs of every sample
         if needs.sequential:  # each group's statistics once the groups before it are done
             stats, outputs, ref_outputs = [None] * len(groups), None, None
+            if ref_block is not None and ref_fixed and _ref_inputs_fit(groups, layers,
+                                                                       ref_hidden):
+                ref_inputs, ref_outputs = _reference_inputs(block, groups, layers, ref_hidden,
+                                                            extras, device, ref_block, store)
         else:
             stats, outputs, ref_outputs = _collect(block, groups, layers, hidden, ref_hidden,
                                                    extras, device, ref_block, needs, keep,
                                                    ref_fixed, store)
         pending: dict[str, torch.Tensor] = {}  # new weights, written after propagation
-        for names, st in zip(groups, stats):
+        for k, (names, st) in enumerate(zip(groups, stats)):
             if st is None:
                 (st,), _, _ = _collect(block, [names], layers, hidden, ref_hidden, extras,
-                                       device, ref_block, needs, store=store, stop=True)
+                                       device, ref_block, needs, store=store, stop=True,
+                                       ref_inputs=None if ref_inputs is None else ref_inputs[k])
             group = LayerGroup(b, names, [layers[n] for n in names], st)
             before = group.weights()
             new = transform(group) or {}
@@ -395,7 +401,7 @@ def walk(
                 report.layers.append(_record(name, b, W_old.to(device), W_new, st, needs,
                                              group.info.get(name, {})))
             del st
-        del stats
+        del stats, ref_inputs
 
         with torch.no_grad():  # propagate: this block's outputs are the next block's inputs
             if outputs is not None:
@@ -491,15 +497,56 @@ class _RefWeights:
         return False
 
 
+# A sequential walk with a reference stream (SDS step 3 with `target_mix`) keeps the reference
+# inputs of every group of a block from one pass of the reference block when they take at most
+# this many bytes, instead of running the reference block up to each group again
+REF_INPUTS_MAX_BYTES = 2**30
+
+
+def _ref_inputs_fit(groups, layers, ref_hidden) -> bool:
+    tokens = sum(h.shape[:-1].numel() for h in ref_hidden)
+    width = sum(weight_matrix(layers[names[0]]).shape[1] for names in groups)
+    return 4 * tokens * width <= REF_INPUTS_MAX_BYTES
+
+
+def _reference_inputs(block, groups, layers, ref_hidden, extras, device, ref_block, store):
+    """One pass of the reference block: ([per group, per sample: X_ref [tokens, in]], its
+    outputs per sample). Valid for every group of the block when the transform cannot change
+    the reference stream."""
+    inputs: list[list[torch.Tensor]] = [[] for _ in groups]
+    outputs = []
+
+    def hook_for(k):
+        def hook(_m, inp):
+            inputs[k].append(inp[0].detach().reshape(-1, inp[0].shape[-1]).float().to(store))
+        return hook
+
+    handles = [layers[names[0]].register_forward_pre_hook(hook_for(k))
+               for k, names in enumerate(groups)]
+    try:
+        with torch.no_grad(), ref_block:
+            for i in range(len(ref_hidden)):
+                extra = _to(extras[i], device)
+                out = block(ref_hidden[i].to(device), *extra[0], **extra[1])
+                outputs.append(_hidden(out).to(store))
+    finally:
+        for h in handles:
+            h.remove()
+    return inputs, outputs
+
+
 def _collect(block, groups, layers, hidden, ref_hidden, extras, device, ref_block,
              needs: Needs, keep_outputs: bool = False, keep_ref: bool = False, store=None,
-             stop: bool = False):
+             stop: bool = False, ref_inputs: list[torch.Tensor] | None = None):
     """Accumulate each group's declared statistics over every calibration sample.
 
     Returns (stats per group, outputs, reference outputs): the block's outputs per sample (on
     `store`) when `keep_outputs`, the reference stream's when `keep_ref` and it ran; else
-    None. With `stop` (one group, no outputs) each pass ends at the group's first layer."""
+    None. With `stop` (one group, no outputs) each pass ends at the group's first layer.
+    `ref_inputs` (one group): the reference stream's inputs of each sample, already captured
+    (`_reference_inputs`), so the reference block does not run."""
     assert not stop or (len(groups) == 1 and not keep_outputs and not keep_ref)
+    assert ref_inputs is None or len(groups) == 1
     stats = [LayerStats() for _ in groups]
     if not groups or (needs.gram == "none" and ref_block is None):  # no pass over the block
         tokens = sum(h.shape[:-1].numel() for h in hidden)
@@ -541,7 +588,9 @@ def _collect(block, groups, layers, hidden, ref_hidden, extras, device, ref_bloc
             for i in range(len(hidden)):
                 extra = _to(extras[i], device)
                 X_ref = None
-                if ref_block is not None:
+                if ref_inputs is not None:
+                    X_ref = [ref_inputs[i].to(device)]
+                elif ref_block is not None:
                     with ref_block:
                         out = run(ref_hidden[i], extra)
                     if ref_outputs is not None:

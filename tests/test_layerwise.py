@@ -177,13 +177,20 @@ def test_sequential_statistics_are_the_inputs_of_the_finished_model(make):
     assert not torch.allclose(seen[last], X.T @ X, rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("one_pass", [True, False])
 @pytest.mark.parametrize("make", [tiny_llama, tiny_opt])
-def test_sequential_cross_gram_pairs_finished_inputs_with_the_reference_models(make):
+def test_sequential_cross_gram_pairs_finished_inputs_with_the_reference_models(make, one_pass,
+                                                                               monkeypatch):
     """With sequential statistics and a reference stream (SDS step 3 with `target_mix`), each
     group's C = X_refᵀX pairs its inputs in the finished model (X) with those in the model
-    that holds the reference weights everywhere (X_ref), recorded independently."""
+    that holds the reference weights everywhere (X_ref), recorded independently; whether the
+    reference inputs of a block come from one pass (when they fit) or from a pass per group."""
     import copy
 
+    from sds import layerwise
+
+    if not one_pass:
+        monkeypatch.setattr(layerwise, "REF_INPUTS_MAX_BYTES", 0)
     torch.manual_seed(0)
     model = make(layers=2)
     reference_model = copy.deepcopy(model)
@@ -197,7 +204,15 @@ def test_sequential_cross_gram_pairs_finished_inputs_with_the_reference_models(m
         return {name: 0.5 * W for name, W in group.weights().items()}
 
     halve.needs = Needs(gram="full", sequential=True, reference=ref, reference_stats={"C"})
+    attention = [m for n, m in model.named_modules() if n.endswith("layers.1.self_attn")][0]
+    calls = []
+    handle = attention.register_forward_hook(lambda *_: calls.append(1))
     walk(model, ids, halve, progress=False)
+    handle.remove()
+    # attention completes in the probe, the passes of the two MLP groups, the propagation and
+    # the reference stream: once per sample in one pass, else in those three passes again
+    n = len(ids)
+    assert len(calls) == 1 + 3 * n + (n if one_pass else 3 * n)
     assert set(seen) == set(ref)
     for name in seen:
         X, X_ref = _layer_inputs(model, name, ids), _layer_inputs(reference_model, name, ids)
