@@ -83,8 +83,9 @@ def admm_sequential(model, ids, rules, config):
         gram = ScaledGram.of(group.stats.H, 0.01)
         out = {}
         for pattern, names in rules.by_pattern(group.weights()).items():
-            W_t = {n: mixed_target(dense[n], group.stats.C, gram, mix) if mix > 0 else dense[n]
-                   for n in names}
+            W_t = {n: dense[n].to(gram.H.device) for n in names}
+            if mix > 0:
+                W_t = {n: mixed_target(W, group.stats.C, gram, mix) for n, W in W_t.items()}
             out.update({n: W for n, (W, _) in solve_layers(W_t, gram, pattern).items()})
         return out
 

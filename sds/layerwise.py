@@ -385,6 +385,8 @@ def walk(
                 (st,), _, _ = _collect(block, [names], layers, hidden, ref_hidden, extras,
                                        device, ref_block, needs, store=store, stop=True,
                                        ref_inputs=None if ref_inputs is None else ref_inputs[k])
+                if ref_inputs is not None:
+                    ref_inputs[k] = None  # read: free it
             group = LayerGroup(b, names, [layers[n] for n in names], st)
             before = group.weights()
             new = transform(group) or {}
@@ -499,7 +501,8 @@ class _RefWeights:
 
 # A sequential walk with a reference stream (SDS step 3 with `target_mix`) keeps the reference
 # inputs of every group of a block from one pass of the reference block when they take at most
-# this many bytes, instead of running the reference block up to each group again
+# this many bytes (on the activations' device, beside `_activation_device`'s budget), instead of
+# running the reference block up to each group again
 REF_INPUTS_MAX_BYTES = 2**30
 
 
@@ -515,10 +518,11 @@ def _reference_inputs(block, groups, layers, ref_hidden, extras, device, ref_blo
     the reference stream."""
     inputs: list[list[torch.Tensor]] = [[] for _ in groups]
     outputs = []
+    current: list[torch.Tensor | None] = [None] * len(groups)
 
     def hook_for(k):
         def hook(_m, inp):
-            inputs[k].append(inp[0].detach().reshape(-1, inp[0].shape[-1]).float().to(store))
+            current[k] = inp[0].detach().reshape(-1, inp[0].shape[-1]).float()
         return hook
 
     handles = [layers[names[0]].register_forward_pre_hook(hook_for(k))
@@ -529,6 +533,8 @@ def _reference_inputs(block, groups, layers, ref_hidden, extras, device, ref_blo
                 extra = _to(extras[i], device)
                 out = block(ref_hidden[i].to(device), *extra[0], **extra[1])
                 outputs.append(_hidden(out).to(store))
+                for k in range(len(groups)):  # a leader's last call, as `_collect` keeps it
+                    inputs[k].append(current[k].to(store))
     finally:
         for h in handles:
             h.remove()

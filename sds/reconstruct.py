@@ -230,8 +230,9 @@ def second_prune(model, calibration, dense: dict[str, torch.Tensor], method: str
     weights towards the dense outputs (skipped per layer where it does not help).
 
     Each layer's record says whether it was adjusted and its errors ‖W_dense X_t − W X‖² / ν
-    after the plain second pruning and after the adjustment (less the part of the targets no
-    weight on these inputs can fit, when `target_mix` > 0)."""
+    after the plain second pruning and after the adjustment. With `target_mix` > 0 they are
+    tr((W* − W) H (W* − W)ᵀ) / ν for the target weight W* (`mixed_target`): the error less the
+    part no weight on these inputs can fit, up to terms of the order of the solver's damping."""
     options = config.solver_options()
     per_row = method_spec(method).per_row  # the adjustment keeps the base method's grouping
     # the base method, as in step 1
@@ -246,11 +247,12 @@ def second_prune(model, calibration, dense: dict[str, torch.Tensor], method: str
             for name in out:
                 group.info[name]["adjusted"] = False
             return out
-        # the targets: W_t with ‖W_t X − W X‖² + const = ‖W_dense X_t − W X‖² (`mixed_target`)
-        W_t = {name: mixed_target(dense[name].to(W.device), group.stats.C,
-                                  factors.get(scaled_gram), config.target_mix)
-               if config.target_mix > 0 else dense[name].to(W.device).float()
-               for name, W in out.items()}
+        W_t = {name: dense[name].to(W.device).float() for name, W in out.items()}
+        if config.target_mix > 0:  # the targets W_dense X_t as a target weight for X
+            names = list(W_t)
+            mixed = mixed_target(torch.cat([W_t[n] for n in names]), group.stats.C,
+                                 factors.get(scaled_gram), config.target_mix)
+            W_t = dict(zip(names, mixed.split([W_t[n].shape[0] for n in names])))
         if config.solver == "admm":  # the layers of one pattern in one stacked solve
             adjusted = {}
             for pattern, names in rules.by_pattern(out).items():

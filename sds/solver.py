@@ -400,18 +400,21 @@ def mixed_target(W_t: torch.Tensor, C: torch.Tensor, gram: ScaledGram,
                  alpha: float) -> torch.Tensor:
     """The target W* that lets `solve` fit outputs computed from other inputs. W_t: [out, in].
 
-    `solve` minimises tr((W* − W) H_δ (W* − W)ᵀ), H_δ = H + δ diag H (the Gram matrix of the
-    layer's inputs X, damped as the solver damps it). For targets from mixed inputs
+    `solve` minimises tr((W* − W) H_δ (W* − W)ᵀ), H_δ = H + δ D² (H = XᵀX, X: [tokens, in] the
+    layer's inputs, D² = diag H: the solver's damping). For targets from mixed inputs
     `X_t = (1 − α) X + α X_ref` (X_ref: the same tokens' inputs in another model, e.g. the
-    dense one), ‖W_t X_t − W X‖² is that objective up to a constant when
+    dense one) take
 
         W* H_δ = W_t ((1 − α) H_δ + α C),   C = X_refᵀ X: [in, in]
         W* = (1 − α) W_t + α W_t C H_δ⁻¹
 
-    (the α part is the damped least-squares map from X to W_t X_ref). α = 0 returns W_t; α = 1
-    fits the reference model's outputs, which also corrects what the layers before got wrong.
-    The solve is a Cholesky factorisation of Ĥ + δI in the scaled variables (dead inputs
-    zero). Returns W*: [out, in] fp32.
+    Then that objective is, up to a constant, ‖W_t X_t − W X‖² + δ ‖(W − (1 − α) W_t) D‖²: the
+    fit to the mixed targets, damped as the solver damps (towards W_t at α = 0, towards 0 at
+    α = 1, the usual damped least squares from X to W_t X_ref). α = 0 returns W_t; α = 1 fits
+    the reference model's outputs, which also corrects what the layers before got wrong. W_t
+    may stack the layers of one input group (one solve for all of them): a Cholesky
+    factorisation of Ĥ + δI in the scaled variables (dead inputs zero). Returns W*: [out, in]
+    fp32.
     """
     W_t = W_t.float()
     if alpha == 0:

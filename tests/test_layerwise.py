@@ -223,6 +223,40 @@ def test_sequential_cross_gram_pairs_finished_inputs_with_the_reference_models(m
     assert (seen[last] - H).norm() > 0.05 * H.norm()
 
 
+def test_reference_inputs_are_not_captured_ahead_where_the_transform_changes_that_stream(
+        monkeypatch):
+    """With reference weights for some layers only, the reference stream runs the transformed
+    others, so its inputs of a later group are known only once the groups before it are done:
+    no single pass ahead of the transform. The C of block 1 then matches a model whose block 0
+    holds the reference q_proj and the halved rest."""
+    import copy
+
+    from sds import layerwise
+
+    def refuse(*_a, **_k):
+        raise AssertionError("reference inputs captured ahead of the transform")
+
+    monkeypatch.setattr(layerwise, "_reference_inputs", refuse)
+    torch.manual_seed(0)
+    model = tiny_llama(layers=2)
+    ids = torch.randint(0, 128, (2, 16))
+    q0 = "model.layers.0.self_attn.q_proj"
+    ref = {q0: weight_matrix(dict(model.named_modules())[q0]).clone()}
+    seen = {}
+
+    def halve(group):
+        seen[group.names[0]] = group.stats.C.clone()
+        return {name: 0.5 * W for name, W in group.weights().items()}
+
+    halve.needs = Needs(gram="full", sequential=True, reference=ref, reference_stats={"C"})
+    walk(model, ids, halve, progress=False)
+    expected_model = copy.deepcopy(model)  # every layer halved by the walk ...
+    set_weight_matrix(dict(expected_model.named_modules())[q0], ref[q0])  # ... but q_proj 0
+    name = "model.layers.1.self_attn.q_proj"
+    X, X_ref = _layer_inputs(model, name, ids), _layer_inputs(expected_model, name, ids)
+    torch.testing.assert_close(seen[name], X_ref.T @ X, rtol=1e-4, atol=1e-3)
+
+
 def test_sequential_statistics_need_transformed_propagation():
     transform = _declaring(Needs(sequential=True), lambda g: None)
     with pytest.raises(ConfigError, match="need propagate='transformed'"):
