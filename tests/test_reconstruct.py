@@ -288,3 +288,52 @@ def test_second_pruning_makes_one_eigendecomposition_per_input_group(monkeypatch
                        SDSConfig(adjust_epochs=5), progress=False)
     assert len(rep.layers) == 14 and all("error_adjusted" in r.extra for r in rep.layers)
     assert len(calls) == 8  # q/k/v, o, gate/up, down: four input groups per block
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0])
+def test_step_3_fits_the_mixed_targets_of_inputs_recorded_independently(monkeypatch, alpha):
+    """With `target_mix` = α, step 3 solves each layer for the target weight
+    W* = (1 − α) W_dense + α W_dense X_denseᵀX (XᵀX + δ diag XᵀX)⁻¹, X the layer's inputs in the
+    finished model and X_dense those in the dense model, both recorded by plain forward passes
+    after the walk."""
+    import copy
+
+    from sds import reconstruct
+
+    torch.manual_seed(0)
+    model = tiny_llama(layers=2)
+    dense_model = copy.deepcopy(model)
+    rules = LayerRules.build("2:4")
+    dense = dense_weights(model, rules)
+    g = torch.Generator().manual_seed(1)
+    for m in prunable_layers(model).values():  # a "re-dense" start away from the dense weights
+        W = weight_matrix(m)
+        m.weight.data += 0.3 * W.std() * torch.randn(W.shape, generator=g)
+    seen = {}
+    original = reconstruct.solve_layers
+
+    def spy(W_t, *args, **kwargs):
+        seen.update({n: W.clone() for n, W in W_t.items()})
+        return original(W_t, *args, **kwargs)
+
+    monkeypatch.setattr(reconstruct, "solve_layers", spy)
+    ids = torch.randint(0, 128, (2, 16))
+    second_prune(model, ids, dense, "sparsegpt", rules,
+                 SDSConfig(target_mix=alpha, adjust_epochs=5), progress=False)
+    name = "model.layers.1.mlp.down_proj"
+    inputs = {}
+    for key, m in (("X", model), ("X_dense", dense_model)):
+        layer = dict(m.named_modules())[name]
+        h = layer.register_forward_hook(lambda _m, i, _o, key=key: inputs.setdefault(key, [])
+                                        .append(i[0].reshape(-1, i[0].shape[-1]).double()))
+        with torch.no_grad():
+            for i in range(ids.shape[0]):
+                m(ids[i : i + 1])
+        h.remove()
+    X, X_dense = torch.cat(inputs["X"]), torch.cat(inputs["X_dense"])
+    H = X.T @ X
+    H_damped = H + 0.01 * torch.diag(torch.diagonal(H))
+    W_d = dense[name].double()
+    W_star = (1 - alpha) * W_d + alpha * torch.linalg.solve(H_damped, (W_d @ X_dense.T @ X).T).T
+    torch.testing.assert_close(seen[name].double(), W_star, rtol=1e-3, atol=1e-3 * W_d.abs().max())
+    assert not torch.allclose(seen[name].double(), W_d, atol=1e-2)  # the mix moved the target
