@@ -39,7 +39,7 @@ from sds.models import load_model  # noqa: E402
 from sds.patterns import LayerRules  # noqa: E402
 from sds.pruners import admm  # noqa: E402
 from sds.reconstruct import SDSConfig, dense_weights, redense, second_prune  # noqa: E402
-from sds.solver import ScaledGram, mixed_target, solve_layers  # noqa: E402
+from sds.solver import ScaledGram  # noqa: E402
 
 WIKITEXT2 = ROOT.parent / "shared" / "data" / "wikitext-2" / "test.txt"
 
@@ -71,27 +71,13 @@ def admm_per_row(model, ids, rules, config):
 
 
 def admm_sequential(model, ids, rules, config):
-    """ADMM one-shot with step 3's statistics and targets: each group's statistics collected
-    after the groups before it in the block were pruned (`SDSConfig.sequential`), and the
-    targets mixing the pruned and the dense model's inputs (`SDSConfig.target_mix`), as SDS
-    step 3 does by default. The like-for-like yardstick for SDS: the same layer problem, from
-    the dense weights instead of the re-dense ones."""
-    dense = dense_weights(model, rules)
-    mix = config.target_mix
-
-    def transform(group):
-        gram = ScaledGram.of(group.stats.H, 0.01)
-        out = {}
-        for pattern, names in rules.by_pattern(group.weights()).items():
-            W_t = {n: dense[n].to(gram.H.device) for n in names}
-            if mix > 0:
-                W_t = {n: mixed_target(W, group.stats.C, gram, mix) for n, W in W_t.items()}
-            out.update({n: W for n, (W, _) in solve_layers(W_t, gram, pattern).items()})
-        return out
-
-    transform.needs = Needs(gram="full", sequential=config.sequential, reference=dense,
-                            reference_stats=("C",) if mix > 0 else ())
-    walk(model, ids, transform, progress=False)
+    """ADMM one-shot on step 3's layer problem: each group's statistics collected after the
+    groups before it in the block were pruned (`sequential`), and the targets mixing the pruned
+    and the dense model's inputs (`target_mix`), as SDS step 3 does. The like-for-like
+    yardstick for SDS: the same layer problem, from the dense weights instead of the re-dense
+    ones."""
+    oneshot(model, ids, "admm", rules, sequential=config.sequential,
+            target_mix=config.target_mix, progress=False)
 
 
 YARDSTICKS = {"admm_per_row": admm_per_row, "admm_sequential": admm_sequential}

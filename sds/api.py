@@ -13,6 +13,7 @@ from torch import nn
 
 from .layerwise import WalkReport, walk
 from .models import prunable_layers
+from .options import method_options
 from .patterns import LayerRules
 from .pruners import PruneOptions, pruning_transform
 from .reconstruct import SDSConfig, dense_weights, redense, second_prune
@@ -46,16 +47,24 @@ class PruneReport:
 
 def oneshot(model: nn.Module, calibration, method: str = "sparsegpt",
             pattern="2:4", *, overrides=None, exclude=(), blocksize: int = 128,
-            percdamp: float = 0.01, solver: SolverOptions | None = None, device=None,
+            percdamp: float = 0.01, solver: SolverOptions | None = None,
+            sequential: bool = False, target_mix: float = 0.0, device=None,
             progress: bool = True, on_block=None, resume=None) -> WalkReport:
     """Step 1 (and the whole of one-shot pruning): prune `model` in place, block by block
     (from a later block with `resume`, a `sds.layerwise.Resume`).
-    `solver` holds the options of method "admm" (default `SolverOptions()`). Rules that select
-    no layer are refused before any work."""
+    `solver` holds the options of method "admm" (default `SolverOptions()`). `sequential`
+    (Wanda, SparseGPT, admm) collects each group's statistics after the groups before it in the
+    block were pruned; `target_mix` (admm) mixes the dense model's inputs into the targets, as
+    SDS step 3 does (`PruneOptions`): with `sequential=True, target_mix=0.5` the admm method
+    solves step 3's layer problem from the dense weights. Rules that select no layer are
+    refused before any work."""
     rules = pattern if isinstance(pattern, LayerRules) else LayerRules.build(pattern, overrides,
                                                                              exclude)
-    transform = pruning_transform(method, rules, PruneOptions(blocksize, percdamp, solver))
+    options = PruneOptions(blocksize, percdamp, solver, sequential, target_mix)
+    needs_dense = target_mix > 0 and "target_mix" in method_options(method)
     prunable_layers(model, rules)  # refuses rules that select no layer
+    transform = pruning_transform(method, rules, options,
+                                  dense=dense_weights(model, rules) if needs_dense else None)
     return walk(model, calibration, transform,
                 select=lambda name: rules.pattern_for(name) is not None, device=device,
                 progress=progress, on_block=on_block, resume=resume)

@@ -67,6 +67,14 @@ def check_options(obj, caps=(), tolerances=(), positive=()) -> None:
                               f"positive {kind} such as {1e-3 if name in tolerances else 0.1}")
 
 
+def check_target_mix(value, name: str = "target_mix") -> None:
+    """A one-line ConfigError unless `value` is a number from 0 to 1 (the share of the dense
+    model's inputs in a layer's targets)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise ConfigError(f"{name} must be a number from 0 to 1, got {value!r}; use 0 to fit the "
+                          "pruned model's own inputs, 1 the dense model's outputs")
+
+
 DATA_VARIANTS = ("sd", "dense", "distill")
 SOLVERS = ("admm", "pgd")
 OPTIMIZERS = ("prox", "adam")
@@ -139,10 +147,7 @@ class SDSConfig:
             if not (isinstance(v, int | float) and math.isfinite(v) and v >= 0):
                 raise ConfigError(f"{name} must be >= 0 and a finite number, got {v!r}; use 0 to "
                                   "drop the term")
-        a = self.target_mix
-        if isinstance(a, bool) or not isinstance(a, int | float) or not 0 <= a <= 1:
-            raise ConfigError(f"target_mix must be a number from 0 to 1, got {a!r}; use 0 to fit "
-                              "the pruned model's own inputs, 1 the dense model's outputs")
+        check_target_mix(self.target_mix)
         self.solver_options()  # validates the step-3 solver options
 
     def solver_options(self) -> SolverOptions:
@@ -175,9 +180,9 @@ REDENSE_OPTIONS = {"admm": (*_REDENSE_COMMON, "tol"), "pgd": (*_REDENSE_COMMON, 
 # statistics and the pattern: what a cache of a method's result must key on.
 METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
     "magnitude": (),
-    "wanda": (),
-    "sparsegpt": ("blocksize", "percdamp"),
-    "admm": ("percdamp", "solver"),
+    "wanda": ("sequential",),
+    "sparsegpt": ("blocksize", "percdamp", "sequential"),
+    "admm": ("percdamp", "solver", "sequential", "target_mix"),
 }
 
 

@@ -26,9 +26,9 @@ import torch
 
 from .errors import ConfigError, NumericalError
 from .layerwise import LayerGroup, Needs, Transform
-from .options import METHOD_OPTIONS, method_options
+from .options import METHOD_OPTIONS, check_target_mix, method_options
 from .patterns import LayerRules, Pattern
-from .solver import ScaledGram, SolverOptions, solve, solve_layers
+from .solver import ScaledGram, SolverOptions, mixed_target, solve, solve_layers
 
 log = logging.getLogger("sds")
 
@@ -208,13 +208,22 @@ def admm(W: torch.Tensor, H: torch.Tensor, pattern: Pattern | str, percdamp: flo
 
 
 def _admm_layers(Ws: dict[str, torch.Tensor], gram: ScaledGram, pattern: Pattern,
-                 options: PruneOptions, infos: dict) -> dict[str, torch.Tensor]:
+                 options: PruneOptions, infos: dict,
+                 C: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Method "admm" on the layers of one group and pattern: one stacked solve where the
-    pattern lets rows be solved apart (`sds.solver.solve_layers`). Ws: {name: [out, in]}."""
+    pattern lets rows be solved apart (`sds.solver.solve_layers`). Ws: {name: [out, in]}, the
+    dense weights; with `options.target_mix` the targets mix in the dense model's inputs
+    through C = X_denseᵀX: [in, in] (`sds.solver.mixed_target`)."""
     for W in Ws.values():
         _check_finite("W", W)
         pattern.check_width(W.shape[1])
-    solved = solve_layers(Ws, gram, pattern, options=options.solver or SolverOptions())
+    targets = Ws
+    if options.target_mix > 0:
+        names = list(Ws)
+        mixed = mixed_target(torch.cat([Ws[n].float() for n in names]), C, gram,
+                             options.target_mix)
+        targets = dict(zip(names, mixed.split([Ws[n].shape[0] for n in names])))
+    solved = solve_layers(targets, gram, pattern, options=options.solver or SolverOptions())
     out = {}
     for name, (W_new, record) in solved.items():
         infos[name].update(record)
@@ -230,6 +239,19 @@ class PruneOptions:
     blocksize: int = 128  # SparseGPT: columns per lazy-update block
     percdamp: float = 0.01  # dampening of H, as a fraction of its mean diagonal
     solver: SolverOptions | None = None  # method "admm" (None: SolverOptions())
+    # Wanda, SparseGPT, admm: each group's statistics collected after the groups before it in
+    # the block were pruned ("true sequential"), where one pass collects them from the block
+    # as it was
+    sequential: bool = False
+    # admm: targets W_dense ((1 − α) X + α X_dense) from the layer's inputs in the pruned model
+    # and in the dense model, as SDS step 3's (`SDSConfig.target_mix`); the walk then needs the
+    # dense weights (`pruning_transform(..., dense=)`) and runs the dense model beside
+    target_mix: float = 0.0
+
+    def __post_init__(self):
+        if not isinstance(self.sequential, bool):
+            raise ConfigError(f"sequential must be True or False, got {self.sequential!r}")
+        check_target_mix(self.target_mix)
 
 
 def scaled_gram(H: torch.Tensor, percdamp: float) -> ScaledGram:
@@ -268,7 +290,7 @@ METHODS = {
         options=METHOD_OPTIONS["sparsegpt"]),
     "admm": Method(
         admm, "full", None, prepare=scaled_gram, options=METHOD_OPTIONS["admm"],
-        run_layers=lambda Ws, st, p, gram, o, infos: _admm_layers(Ws, gram, p, o, infos)),
+        run_layers=lambda Ws, st, p, gram, o, infos: _admm_layers(Ws, gram, p, o, infos, st.C)),
 }
 
 
@@ -298,17 +320,25 @@ class GroupFactors:
 
 
 def pruning_transform(method: str, rules: LayerRules,
-                      options: PruneOptions = PruneOptions()) -> Transform:
+                      options: PruneOptions = PruneOptions(),
+                      dense: dict[str, torch.Tensor] | None = None) -> Transform:
     """A walk transform that prunes every layer of a group with `method` under `rules`,
-    declaring the statistics the method reads. Options that cannot work with a pattern of
-    `rules` are refused here, before any work.
+    declaring the statistics the method reads (group by group with `options.sequential`).
+    Options that cannot work with a pattern of `rules` are refused here, before any work.
+    `dense`: {name: W [out, in]}, the weights before the walk, which `options.target_mix`
+    needs for its second stream (methods that do not read `target_mix` ignore both).
 
-    It may be called as `transform(group, factors)` to share the group's preparations.
+    It may be called as `transform(group, factors)` to share the group's preparations (the
+    statistics are then the caller's).
     """
     spec = method_spec(method)
     if spec.check is not None:
         for pattern in [rules.default] + [p for _, p in rules.overrides]:
             spec.check(pattern, options)
+    mix = options.target_mix if "target_mix" in spec.options else 0.0
+    if mix > 0 and dense is None:
+        raise ConfigError("target_mix needs the dense weights: pass pruning_transform(..., "
+                          "dense=sds.reconstruct.dense_weights(model, rules))")
 
     def transform(group: LayerGroup, factors: GroupFactors | None = None):
         factors = factors or GroupFactors(group.stats.H, options.percdamp)
@@ -327,5 +357,8 @@ def pruning_transform(method: str, rules: LayerRules,
                                      group.info[name])
         return out
 
-    transform.needs = Needs(gram=spec.stats)
+    transform.needs = Needs(gram=spec.stats,
+                            sequential=options.sequential and "sequential" in spec.options,
+                            reference=dense if mix > 0 else None,
+                            reference_stats=("C",) if mix > 0 else ())
     return transform

@@ -89,6 +89,12 @@ class Options(BaseModel):
     # pruning
     blocksize: PositiveInt = Field(128, description="SparseGPT block size")
     percdamp: Finite = Field(0.01, ge=0, description="SparseGPT dampening")
+    oneshot_sequential: bool = Field(False, description="one-shot wanda, sparsegpt, admm: "
+                                     "each group's statistics after the groups before it in "
+                                     "the block are pruned")
+    oneshot_target_mix: Finite = Field(0.0, ge=0, le=1, description="one-shot admm: share of "
+                                       "the dense model's inputs in the targets, as SDS step 3's "
+                                       "target_mix")
     sds_options: SDSConfig = Field(default_factory=SDSConfig,
                                    description="SDS steps 2 and 3 (sds.options.SDSConfig)")
 

@@ -39,7 +39,7 @@ HUB_SOURCES = ("c4", "wikitext2", "ptb")
 
 
 # Bump a stage's version when its code changes what it produces: every key changes with it.
-STAGE_VERSIONS = {"calibration": 1, "oneshot": 4, "redense": 3, "second": 6, "evaluate": 1}
+STAGE_VERSIONS = {"calibration": 1, "oneshot": 5, "redense": 3, "second": 6, "evaluate": 1}
 
 
 class ModelRef(BaseModel):
@@ -330,9 +330,11 @@ def check_inputs(c: RunConfig, plan: Plan) -> None:
 
 def method_config(c: RunConfig) -> dict:
     """The options the one-shot method's result depends on, with the values its stage uses:
-    blocksize and percdamp from the run configuration, the layer solver's defaults."""
+    blocksize, percdamp and the one-shot statistics options from the run configuration, the
+    layer solver's defaults."""
     from sds.options import SolverOptions, method_options
 
     values = {"blocksize": c.blocksize, "percdamp": c.percdamp,
-              "solver": asdict(SolverOptions())}
+              "solver": asdict(SolverOptions()), "sequential": c.oneshot_sequential,
+              "target_mix": c.oneshot_target_mix}
     return {name: values[name] for name in method_options(c.method)}

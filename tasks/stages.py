@@ -77,7 +77,9 @@ def _oneshot(spec, store, clock, logger):
         with clock("compute"):
             report = api.oneshot(
                 model, ids, config["method"], rules, blocksize=config.get("blocksize", 128),
-                percdamp=config.get("percdamp", 0.01), device=spec.run.device,
+                percdamp=config.get("percdamp", 0.01),
+                sequential=config.get("sequential", False),
+                target_mix=config.get("target_mix", 0.0), device=spec.run.device,
                 progress=False, on_block=blocks, resume=resume)
     tensors = layer_state(model, names)
     return tensors, {"report": report.to_dict(), "blocks": blocks.counts}

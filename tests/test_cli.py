@@ -307,7 +307,8 @@ def damaged_copy(model: Path, folder: Path, keep_bytes: int | None) -> Path:
 @pytest.mark.parametrize("case", [
     "unknown model", "bad pattern", "unknown method", "bad sds option", "unreachable store",
     "no credentials", "encoder model", "truncated weights", "empty weights", "exclude all",
-    "override matching nothing", "unknown device", "cuda without a gpu", "infinite sds option"])
+    "override matching nothing", "unknown device", "cuda without a gpu", "infinite sds option",
+    "one-shot target mix above 1"])
 def test_bad_input_exits_nonzero_with_one_line_and_commits_nothing(
         case, tiny_model, corpus, tmp_path, s3_server, monkeypatch, capfd, clean_environ):
     from flows.cli import main
@@ -343,6 +344,9 @@ def test_bad_input_exits_nonzero_with_one_line_and_commits_nothing(
     elif case == "infinite sds option":
         args += ["--lr", "inf"]
         expected_text = "lr must be > 0 and a finite number"
+    elif case == "one-shot target mix above 1":
+        args += ["--method", "admm", "--oneshot-target-mix", "1.5"]
+        expected_text = "oneshot_target_mix: Input should be less than or equal to 1"
     elif case == "bad pattern":
         args += ["--pattern", "60"]
         expected_text = "outside (0, 1)"

@@ -76,11 +76,18 @@ def test_each_pruning_step_keys_on_the_options_its_result_depends_on(tiny_model,
     for method in METHODS:
         base, damped = keys(method), keys(method, percdamp=0.05)
         bigger = keys(method, blocksize=64)
-        assert (damped["oneshot"] != base["oneshot"]) is ("percdamp" in METHODS[method].options)
-        assert (bigger["oneshot"] != base["oneshot"]) is ("blocksize" in METHODS[method].options)
+        sequential = keys(method, oneshot_sequential=True)
+        mixed = keys(method, oneshot_target_mix=0.5)
+        options = METHODS[method].options
+        assert (damped["oneshot"] != base["oneshot"]) is ("percdamp" in options)
+        assert (bigger["oneshot"] != base["oneshot"]) is ("blocksize" in options)
+        assert (sequential["oneshot"] != base["oneshot"]) is ("sequential" in options)
+        assert (mixed["oneshot"] != base["oneshot"]) is ("target_mix" in options)
         assert damped["second"] != base["second"], method
     assert keys("admm", percdamp=0.05)["oneshot"] != keys("admm")["oneshot"]
     assert keys("wanda", percdamp=0.05)["oneshot"] == keys("wanda")["oneshot"]
+    assert keys("admm", oneshot_target_mix=0.5)["oneshot"] != keys("admm")["oneshot"]
+    assert keys("magnitude", oneshot_sequential=True) == keys("magnitude")
 
 
 def test_re_dense_keys_on_its_own_options_and_second_pruning_on_all(tiny_model, corpus,

@@ -17,7 +17,7 @@ from sds.reconstruct import (
     second_prune,
 )
 from sds.solver import ScaledGram
-from tests.helpers import correlated_inputs, tiny_llama
+from tests.helpers import correlated_inputs, mixed_target_of, tiny_llama
 
 
 def _problem(rows=16, cols=32, tokens=400, seed=0):
@@ -321,19 +321,7 @@ def test_step_3_fits_the_mixed_targets_of_inputs_recorded_independently(monkeypa
     second_prune(model, ids, dense, "sparsegpt", rules,
                  SDSConfig(target_mix=alpha, adjust_epochs=5), progress=False)
     name = "model.layers.1.mlp.down_proj"
-    inputs = {}
-    for key, m in (("X", model), ("X_dense", dense_model)):
-        layer = dict(m.named_modules())[name]
-        h = layer.register_forward_hook(lambda _m, i, _o, key=key: inputs.setdefault(key, [])
-                                        .append(i[0].reshape(-1, i[0].shape[-1]).double()))
-        with torch.no_grad():
-            for i in range(ids.shape[0]):
-                m(ids[i : i + 1])
-        h.remove()
-    X, X_dense = torch.cat(inputs["X"]), torch.cat(inputs["X_dense"])
-    H = X.T @ X
-    H_damped = H + 0.01 * torch.diag(torch.diagonal(H))
     W_d = dense[name].double()
-    W_star = (1 - alpha) * W_d + alpha * torch.linalg.solve(H_damped, (W_d @ X_dense.T @ X).T).T
+    W_star = mixed_target_of(model, dense_model, name, ids, W_d, alpha)
     torch.testing.assert_close(seen[name].double(), W_star, rtol=1e-3, atol=1e-3 * W_d.abs().max())
     assert not torch.allclose(seen[name].double(), W_d, atol=1e-2)  # the mix moved the target

@@ -416,3 +416,80 @@ def test_mixed_target_turns_targets_from_other_inputs_into_the_solver_objective(
     assert max(gaps) - min(gaps) == pytest.approx(0, abs=1e-4 * scale)
     if alpha == 0:
         assert torch.equal(W_star, W_t.float().double())
+
+
+def test_one_shot_admm_with_step_3s_layer_problem_fits_its_mixed_targets(monkeypatch):
+    """`oneshot(..., "admm", sequential=True, target_mix=α)` solves each layer for the target
+    weight of the mixed targets, computed here from inputs recorded independently in the pruned
+    model and in the dense one."""
+    import copy
+
+    from sds import pruners
+    from sds.models import prunable_layers, weight_matrix
+    from tests.helpers import mixed_target_of, tiny_llama
+
+    torch.manual_seed(0)
+    model = tiny_llama(layers=2)
+    dense_model = copy.deepcopy(model)
+    dense = {n: weight_matrix(m).clone() for n, m in prunable_layers(model).items()}
+    seen = {}
+    original = pruners.solve_layers
+
+    def spy(W_t, *args, **kwargs):
+        seen.update({n: W.clone() for n, W in W_t.items()})
+        return original(W_t, *args, **kwargs)
+
+    monkeypatch.setattr(pruners, "solve_layers", spy)
+    ids = torch.randint(0, 128, (2, 16))
+    sds.oneshot(model, ids, "admm", "2:4", sequential=True, target_mix=0.5, progress=False)
+    name = "model.layers.1.mlp.down_proj"
+    W_star = mixed_target_of(model, dense_model, name, ids, dense[name], 0.5)
+    scale = dense[name].abs().max().item()
+    torch.testing.assert_close(seen[name].double(), W_star, rtol=1e-3, atol=1e-3 * scale)
+    assert not torch.allclose(seen[name], dense[name], atol=1e-2)  # the mix moved the target
+    W = weight_matrix(dict(model.named_modules())[name])
+    assert ((W == 0).reshape(W.shape[0], -1, 4).sum(-1) >= 2).all()
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt", "admm"])
+def test_one_shot_sequential_statistics_are_the_inputs_of_the_pruned_model(method, monkeypatch):
+    """With `sequential=True` the last MLP layer of each block is pruned on the Gram matrix (or
+    its diagonal) of its inputs in the finished model; one pass would have given those of the
+    block as it was."""
+    from sds.layerwise import walk as real_walk
+    from tests.helpers import layer_inputs, tiny_llama
+
+    seen = {}
+
+    def spy_walk(model, calibration, transform, **kw):
+        def recording(group, *a):
+            seen[group.names[0]] = (group.stats.H if group.stats.H is not None
+                                    else group.stats.diag).clone()
+            return transform(group, *a)
+
+        recording.needs = transform.needs
+        return real_walk(model, calibration, recording, **kw)
+
+    monkeypatch.setattr("sds.api.walk", spy_walk)
+    torch.manual_seed(0)
+    model = tiny_llama(layers=2)
+    ids = torch.randint(0, 128, (2, 16))
+    sds.oneshot(model, ids, method, "2:4", sequential=True, progress=False)
+    name = "model.layers.1.mlp.down_proj"
+    X = layer_inputs(model, name, ids).float()
+    expected = X.T @ X if seen[name].dim() == 2 else X.square().sum(0)
+    assert (seen[name] - expected).norm() <= 1e-4 * expected.norm()  # one pass: off by ~3%
+
+
+def test_one_shot_target_mix_is_refused_where_it_cannot_work():
+    from sds.patterns import LayerRules
+    from sds.pruners import PruneOptions, pruning_transform
+
+    with pytest.raises(ConfigError, match="target_mix must be a number from 0 to 1"):
+        PruneOptions(target_mix=1.5)
+    with pytest.raises(ConfigError, match="target_mix needs the dense weights"):
+        pruning_transform("admm", LayerRules.build("2:4"), PruneOptions(target_mix=0.5))
+    # methods that do not read it ignore it, as SparseGPT's block size is ignored by Wanda
+    transform = pruning_transform("sparsegpt", LayerRules.build("2:4"),
+                                  PruneOptions(target_mix=0.5))
+    assert not transform.needs.reference_stats
