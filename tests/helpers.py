@@ -52,3 +52,17 @@ def mixed_target_of(model, dense_model, name: str, ids, W_dense, alpha: float) -
     H_damped = H + 0.01 * torch.diag(torch.diagonal(H))
     W_d = W_dense.double()
     return (1 - alpha) * W_d + alpha * torch.linalg.solve(H_damped, (W_d @ X_dense.T @ X).T).T
+
+
+def record_solver_targets(monkeypatch, module) -> dict:
+    """{layer name: W_t} of every `solve_layers` call made through `module` (which imported
+    it), filled as the calls happen; the solves themselves run unchanged."""
+    seen: dict = {}
+    original = module.solve_layers
+
+    def spy(W_t, *args, **kwargs):
+        seen.update({n: W.clone() for n, W in W_t.items()})
+        return original(W_t, *args, **kwargs)
+
+    monkeypatch.setattr(module, "solve_layers", spy)
+    return seen

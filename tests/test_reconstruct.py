@@ -17,7 +17,7 @@ from sds.reconstruct import (
     second_prune,
 )
 from sds.solver import ScaledGram
-from tests.helpers import correlated_inputs, mixed_target_of, tiny_llama
+from tests.helpers import correlated_inputs, mixed_target_of, record_solver_targets, tiny_llama
 
 
 def _problem(rows=16, cols=32, tokens=400, seed=0):
@@ -309,14 +309,7 @@ def test_step_3_fits_the_mixed_targets_of_inputs_recorded_independently(monkeypa
     for m in prunable_layers(model).values():  # a "re-dense" start away from the dense weights
         W = weight_matrix(m)
         m.weight.data += 0.3 * W.std() * torch.randn(W.shape, generator=g)
-    seen = {}
-    original = reconstruct.solve_layers
-
-    def spy(W_t, *args, **kwargs):
-        seen.update({n: W.clone() for n, W in W_t.items()})
-        return original(W_t, *args, **kwargs)
-
-    monkeypatch.setattr(reconstruct, "solve_layers", spy)
+    seen = record_solver_targets(monkeypatch, reconstruct)
     ids = torch.randint(0, 128, (2, 16))
     second_prune(model, ids, dense, "sparsegpt", rules,
                  SDSConfig(target_mix=alpha, adjust_epochs=5), progress=False)

@@ -426,20 +426,13 @@ def test_one_shot_admm_with_step_3s_layer_problem_fits_its_mixed_targets(monkeyp
 
     from sds import pruners
     from sds.models import prunable_layers, weight_matrix
-    from tests.helpers import mixed_target_of, tiny_llama
+    from tests.helpers import mixed_target_of, record_solver_targets, tiny_llama
 
     torch.manual_seed(0)
     model = tiny_llama(layers=2)
     dense_model = copy.deepcopy(model)
     dense = {n: weight_matrix(m).clone() for n, m in prunable_layers(model).items()}
-    seen = {}
-    original = pruners.solve_layers
-
-    def spy(W_t, *args, **kwargs):
-        seen.update({n: W.clone() for n, W in W_t.items()})
-        return original(W_t, *args, **kwargs)
-
-    monkeypatch.setattr(pruners, "solve_layers", spy)
+    seen = record_solver_targets(monkeypatch, pruners)
     ids = torch.randint(0, 128, (2, 16))
     sds.oneshot(model, ids, "admm", "2:4", sequential=True, target_mix=0.5, progress=False)
     name = "model.layers.1.mlp.down_proj"
