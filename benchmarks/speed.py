@@ -9,7 +9,8 @@ the eigendecomposition of the unit-diagonal Gram matrix and `redense_solve`; ste
 SparseGPT pruning of the re-dense weight, a second eigendecomposition (in the pipeline the step
 reads new statistics), the target weight of the mixed targets (`target_mix`) and the solver from
 the re-dense weight. On the demo model: one-shot
-pruning by each method, and SDS over SparseGPT with its per-step seconds. The ratio "steps 2+3 /
+pruning by each method (admm also on step 3's layer problem: sequential statistics and the
+mixed targets), and SDS over SparseGPT with its per-step seconds. The ratio "steps 2+3 /
 one-shot SparseGPT" is reported for both, and on the demo model for several calibration sizes
 (`--ratio-samples`). Prints a markdown table and, with --write, replaces
 the "Speed" section of BENCHMARKS.md. Peak memory is the process's peak resident set size
@@ -149,12 +150,16 @@ def model_rows(samples, seqlen, device):
     path = demo_model_path("opt")
     ids = load_calibration(AutoTokenizer.from_pretrained(path), "demo", samples, seqlen)
     rows = []
-    for method in ("magnitude", "wanda", "sparsegpt", "admm"):
+    step3_problem = {"sequential": True, "target_mix": SDSConfig().target_mix}
+    for method, options in (("magnitude", {}), ("wanda", {}), ("sparsegpt", {}), ("admm", {}),
+                            ("admm", step3_problem)):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         size = f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M"
-        _, s, gpu = _timed(device, lambda m=model, method=method: sds.prune(
-            m, ids, method, "2:4", device=device, progress=False))
-        rows.append((f"demo OPT ({size}), {method} 2:4, {samples}x{seqlen} tokens", s, gpu))
+        _, s, gpu = _timed(device, lambda m=model, method=method, options=options: sds.oneshot(
+            m, ids, method, "2:4", device=device, progress=False, **options))
+        label = " on step 3's layer problem (sequential, target_mix)" if options else ""
+        rows.append((f"demo OPT ({size}), {method} 2:4{label}, {samples}x{seqlen} tokens", s,
+                     gpu))
     seconds = _sds_seconds(path, ids, device)
     for step, label in (("oneshot", "step 1, sparsegpt 2:4"), ("redense", "step 2, re-dense"),
                         ("second", "step 3, second pruning + solver")):
