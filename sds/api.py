@@ -6,6 +6,7 @@ Each SDS step is also callable on its own (`oneshot` here, `redense` and `second
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -18,6 +19,8 @@ from .patterns import LayerRules
 from .pruners import PruneOptions, pruning_transform
 from .reconstruct import SDSConfig, dense_weights, redense, second_prune
 from .solver import SolverOptions
+
+log = logging.getLogger("sds")
 
 
 @dataclass
@@ -56,12 +59,18 @@ def oneshot(model: nn.Module, calibration, method: str = "sparsegpt",
     (Wanda, SparseGPT, admm) collects each group's statistics after the groups before it in the
     block were pruned; `target_mix` (admm) mixes the dense model's inputs into the targets, as
     SDS step 3 does (`PruneOptions`): with `sequential=True, target_mix=0.5` the admm method
-    solves step 3's layer problem from the dense weights. Rules that select no layer are
-    refused before any work."""
+    solves step 3's layer problem from the dense weights; the model must then be the dense one
+    (also with `resume`: the walk writes the finished blocks' weights itself). Methods that do
+    not read an option ignore it, with a warning. Rules that select no layer are refused
+    before any work."""
     rules = pattern if isinstance(pattern, LayerRules) else LayerRules.build(pattern, overrides,
                                                                              exclude)
     options = PruneOptions(blocksize, percdamp, solver, sequential, target_mix)
-    needs_dense = target_mix > 0 and "target_mix" in method_options(method)
+    read = method_options(method)
+    for name, value in (("sequential", sequential), ("target_mix", target_mix)):
+        if value and name not in read:
+            log.warning("method %s does not read %s; it is ignored", method, name)
+    needs_dense = target_mix > 0 and "target_mix" in read
     prunable_layers(model, rules)  # refuses rules that select no layer
     transform = pruning_transform(method, rules, options,
                                   dense=dense_weights(model, rules) if needs_dense else None)

@@ -257,6 +257,7 @@ def _plan(c: RunConfig) -> Plan:
         "rules": rules.describe(), "sds": c.sds, "sds_options": sds_options,
         "calib": calib, "eval": sources, "tasks": task_names, "nsamples": nsamples,
         "seqlen": seqlen, "seed": c.seed, "blocksize": c.blocksize, "percdamp": c.percdamp,
+        "oneshot_sequential": c.oneshot_sequential, "oneshot_target_mix": c.oneshot_target_mix,
         "dtype": c.dtype, "revision": c.revision, "limit": limit, "batch_size": c.batch_size,
         "store": store_root, "device": c.device, "verify": c.verify, "gpu_limit": c.gpu_limit,
         "identity": identity,

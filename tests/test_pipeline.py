@@ -87,6 +87,9 @@ def test_each_pruning_step_keys_on_the_options_its_result_depends_on(tiny_model,
     assert keys("admm", percdamp=0.05)["oneshot"] != keys("admm")["oneshot"]
     assert keys("wanda", percdamp=0.05)["oneshot"] == keys("wanda")["oneshot"]
     assert keys("admm", oneshot_target_mix=0.5)["oneshot"] != keys("admm")["oneshot"]
+    assert keys("sparsegpt", oneshot_target_mix=0.5) == keys("sparsegpt")
+    for method in ("wanda", "sparsegpt", "admm"):
+        assert keys(method, oneshot_sequential=True)["oneshot"] != keys(method)["oneshot"]
     assert keys("magnitude", oneshot_sequential=True) == keys("magnitude")
 
 
@@ -296,3 +299,26 @@ def test_sweep_computes_calibration_and_dense_evaluation_once(prefect_api, tiny_
     for run in summary["runs"]:
         assert (tmp_path / "sweep" / run["name"] / "results.json").is_file()
     assert (tmp_path / "sweep" / "sweep.json").is_file()
+
+
+def test_the_one_shot_stage_runs_with_the_one_shot_options(prefect_api, tiny_model, corpus,
+                                                           tmp_path, monkeypatch):
+    """`oneshot_sequential` and `oneshot_target_mix` reach `sds.api.oneshot` in the stage (the
+    keys hash them; here the computation is checked to use them) and the results record."""
+    from flows.pipeline import pipeline
+    from sds import api
+
+    calls = []
+    original = api.oneshot
+
+    def spy(*args, **kwargs):
+        calls.append({k: kwargs.get(k) for k in ("sequential", "target_mix")})
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(api, "oneshot", spy)
+    params = tiny_params(tiny_model, corpus, tmp_path / "store", tmp_path / "out", method="admm",
+                         sds=False, oneshot_sequential=True, oneshot_target_mix=0.5)
+    result = pipeline(params)
+    assert calls == [{"sequential": True, "target_mix": 0.5}]
+    assert result["config"]["oneshot_sequential"] is True
+    assert result["config"]["oneshot_target_mix"] == 0.5
