@@ -6,7 +6,8 @@
 
 Each step is one walk of the sequential engine over the same random model (the dense weights
 are restored before every one-shot method): statistics (Gram accumulation) and propagation
-alone with a transform that changes nothing, then SparseGPT, Wanda and ADMM one-shot, then the
+alone with a transform that changes nothing, then SparseGPT, Wanda and ADMM one-shot, then
+one-shot ADMM on SDS step 3's layer problem (sequential statistics, mixed targets), then the
 two SDS steps on top of SparseGPT. *transform s/block* is the walk's time per block minus the
 statistics-only walk's (full Gram matrices), i.e. what the method itself costs; Wanda's walk
 collects only the diagonal, so its column is that saving plus its cost and can be negative.
@@ -84,6 +85,10 @@ def run(shape: dict, blocks: int, dtype: torch.dtype, device: torch.device, patt
         restore()
         step(f"{method} {pattern}", lambda m=method: oneshot(model, ids, m, rules, device=device,
                                                              progress=False))
+    restore()  # admm on SDS step 3's layer problem: as good as SDS on the demo models
+    step(f"admm {pattern} on step 3's layer problem",
+         lambda: oneshot(model, ids, "admm", rules, device=device, progress=False,
+                         sequential=config.sequential, target_mix=config.target_mix))
     restore()
     oneshot(model, ids, "sparsegpt", rules, device=device, progress=False)
     step("SDS step 2: re-dense", lambda: redense(model, ids, dense, rules, config, device=device,
