@@ -28,7 +28,7 @@ from .errors import ConfigError, NumericalError
 from .layerwise import LayerGroup, Needs, Transform
 from .options import METHOD_OPTIONS, check_target_mix, method_options
 from .patterns import LayerRules, Pattern
-from .solver import ScaledGram, SolverOptions, mixed_target, solve, solve_layers
+from .solver import ScaledGram, SolverOptions, mixed_targets, solve, solve_layers
 
 log = logging.getLogger("sds")
 
@@ -217,12 +217,7 @@ def _admm_layers(Ws: dict[str, torch.Tensor], gram: ScaledGram, pattern: Pattern
     for W in Ws.values():
         _check_finite("W", W)
         pattern.check_width(W.shape[1])
-    targets = Ws
-    if options.target_mix > 0:
-        names = list(Ws)
-        mixed = mixed_target(torch.cat([Ws[n].float() for n in names]), C, gram,
-                             options.target_mix)
-        targets = dict(zip(names, mixed.split([Ws[n].shape[0] for n in names])))
+    targets = mixed_targets(Ws, C, gram, options.target_mix) if options.target_mix > 0 else Ws
     solved = solve_layers(targets, gram, pattern, options=options.solver or SolverOptions())
     out = {}
     for name, (W_new, record) in solved.items():

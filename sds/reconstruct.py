@@ -46,7 +46,7 @@ from .models import prunable_layers, weight_matrix
 from .options import SDSConfig
 from .patterns import LayerRules, Pattern
 from .pruners import GroupFactors, PruneOptions, method_spec, pruning_transform, scaled_gram
-from .solver import ScaledGram, mixed_target, redense_solve, solve_layers
+from .solver import ScaledGram, mixed_targets, redense_solve, solve_layers
 
 
 # -- the quadratic objective ------------------------------------------------------------------
@@ -249,10 +249,7 @@ def second_prune(model, calibration, dense: dict[str, torch.Tensor], method: str
             return out
         W_t = {name: dense[name].to(W.device).float() for name, W in out.items()}
         if config.target_mix > 0:  # the targets W_dense X_t as a target weight for X
-            names = list(W_t)
-            mixed = mixed_target(torch.cat([W_t[n] for n in names]), group.stats.C,
-                                 factors.get(scaled_gram), config.target_mix)
-            W_t = dict(zip(names, mixed.split([W_t[n].shape[0] for n in names])))
+            W_t = mixed_targets(W_t, group.stats.C, factors.get(scaled_gram), config.target_mix)
         if config.solver == "admm":  # the layers of one pattern in one stacked solve
             adjusted = {}
             for pattern, names in rules.by_pattern(out).items():

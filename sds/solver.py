@@ -412,7 +412,7 @@ def mixed_target(W_t: torch.Tensor, C: torch.Tensor, gram: ScaledGram,
     fit to the mixed targets, damped as the solver damps (towards W_t at α = 0, towards 0 at
     α = 1, the usual damped least squares from X to W_t X_ref). α = 0 returns W_t; α = 1 fits
     the reference model's outputs, which also corrects what the layers before got wrong. W_t
-    may stack the layers of one input group (one solve for all of them): a Cholesky
+    may stack the layers of one input group (`mixed_targets`), one solve for all: a Cholesky
     factorisation of Ĥ + δI in the scaled variables (dead inputs zero). Returns W*: [out, in]
     fp32.
     """
@@ -423,6 +423,15 @@ def mixed_target(W_t: torch.Tensor, C: torch.Tensor, gram: ScaledGram,
     B_hat = (W_t @ C.float()) * a  # [out, in]: (W_t C) D⁻¹
     fit = gram.unscale(_ridge(gram, B_hat, torch.full_like(a, gram.damp)))  # W_t C H_δ⁻¹
     return (1 - alpha) * W_t + alpha * fit
+
+
+def mixed_targets(W_t: dict[str, torch.Tensor], C: torch.Tensor, gram: ScaledGram,
+                  alpha: float) -> dict[str, torch.Tensor]:
+    """`mixed_target` for the layers of one input group, {name: W_t [out_name, in]}, in one
+    solve of their stacked rows. Returns {name: W* [out_name, in]} fp32."""
+    names = list(W_t)
+    stacked = mixed_target(torch.cat([W_t[n].float() for n in names]), C, gram, alpha)
+    return dict(zip(names, stacked.split([W_t[n].shape[0] for n in names])))
 
 
 # -- step 2 of SDS: the regularised dense reconstruction ------------------------------------------
