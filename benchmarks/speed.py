@@ -115,9 +115,9 @@ def layer_rows(rows, cols, samples, seqlen, device):
     def step3():
         W3 = sds.sparsegpt(W2, H, "2:4")  # the second pruning
         gram3 = ScaledGram.of(H, 0.01)
-        # the targets from mixed inputs (`target_mix`); the walk's cross-Gram C = X_denseᵀX is
-        # stood in for by H: the solve costs the same whatever C holds
-        W_t = mixed_target(W, H, gram3, config.target_mix)
+        # the targets from mixed inputs (`target_mix`); the walk's W_dense C (C = X_denseᵀX)
+        # is stood in for by W H: the solve costs the same whatever it holds
+        W_t = mixed_target(W, W @ H, gram3, config.target_mix)
         W_adj, solved_ = solve(W_t, gram3, "2:4", W0=W2, options=config.solver_options())
         solved.update(solved_)
         return W3, W_adj

@@ -19,7 +19,7 @@ The engine knows no method. A transform declares what it reads (`Needs`, its `ne
 attribute) and the engine collects that and nothing more, per group of inputs X: [tokens, in]:
 nothing, the diagonal of XᵀX, or the Gram matrix H = XᵀX; and, given reference weights (e.g.
 the dense model's), the statistics of a second stream that runs the same samples through each
-block with those weights: H_ref = X_refᵀ X_ref and the cross-Gram C = X_refᵀ X.
+block with those weights: H_ref = X_refᵀ X_ref, the cross-Gram C = X_refᵀ X, and W_ref C per layer.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ log = logging.getLogger("sds")
 
 
 GRAMS = ("none", "diag", "full")
-REFERENCE_STATS = ("H_ref", "C")
+REFERENCE_STATS = ("H_ref", "C", "WC")
 
 
 @dataclass(frozen=True, eq=False)
@@ -50,7 +50,9 @@ class Needs:
     (H = XᵀX: [in, in]). `reference`: weights {name: W_ref [out, in]} (e.g. the dense model's)
     that each layer's `rel_error_ref` is measured against. `reference_stats`: statistics of a
     second stream, the samples run through each block with the reference weights: "H_ref"
-    (X_refᵀ X_ref) and "C" (X_refᵀ X), both [in, in]. `sequential`: each group's statistics
+    (X_refᵀ X_ref) and "C" (X_refᵀ X), both [in, in], and "WC", per layer W_ref C: [out, in]
+    (what a target weight built from the reference outputs needs; cheaper than C for groups
+    whose outputs are narrower than half their inputs, fc2 and down_proj). `sequential`: each group's statistics
     are collected after the groups before it in the block were transformed ("true sequential":
     the inputs of `o_proj` come from the new q/k/v, those of `fc2` from the new `fc1`), by a
     pass that stops at the group's first layer; otherwise one pass collects every group's with
@@ -84,6 +86,9 @@ class LayerStats:
     diag: torch.Tensor | None = None  # [in]: Σ x_j² ("diag"; with "full", H's diagonal)
     H_ref: torch.Tensor | None = None  # [in, in]: Σ X_refᵀ X_ref (reference stream)
     C: torch.Tensor | None = None  # [in, in]: Σ X_refᵀ X (reference rows, current columns)
+    # {name: [out, in]}: W_ref C = Σ Y_refᵀ X, Y_ref = X_ref W_refᵀ the reference layer's
+    # outputs (no bias) on the reference stream
+    WC: dict[str, torch.Tensor] | None = None
 
 
 @dataclass
@@ -559,7 +564,10 @@ def _collect(block, groups, layers, hidden, ref_hidden, extras, device, ref_bloc
         for st in stats:
             st.tokens = tokens
         return stats, None, None
-    for names, st in zip(groups, stats):
+    # "WC" per group: (W_ref stacked [out, in], Σ Y_refᵀ X [out, in] accumulated directly, or
+    # None where W_ref C is formed from C at the end: cheaper unless out < in / 2)
+    wc: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    for k, (names, st) in enumerate(zip(groups, stats)):
         n_in = weight_matrix(layers[names[0]]).shape[1]
         if needs.gram == "full":
             st.H = torch.zeros(n_in, n_in, dtype=torch.float32, device=device)
@@ -567,7 +575,13 @@ def _collect(block, groups, layers, hidden, ref_hidden, extras, device, ref_bloc
             st.diag = torch.zeros(n_in, dtype=torch.float32, device=device)
         if "H_ref" in needs.reference_stats:
             st.H_ref = torch.zeros(n_in, n_in, dtype=torch.float32, device=device)
-        if "C" in needs.reference_stats:
+        if "WC" in needs.reference_stats:
+            W_ref = torch.cat([(needs.reference[n] if n in needs.reference
+                                else weight_matrix(layers[n])).to(device).float()
+                               for n in names])
+            direct = 2 * W_ref.shape[0] < n_in
+            wc[k] = (W_ref, torch.zeros_like(W_ref) if direct else None)
+        if "C" in needs.reference_stats or (k in wc and wc[k][1] is None):
             st.C = torch.zeros(n_in, n_in, dtype=torch.float32, device=device)
     leaders = [layers[names[0]] for names in groups]
     outputs = [] if keep_outputs else None
@@ -616,16 +630,26 @@ def _collect(block, groups, layers, hidden, ref_hidden, extras, device, ref_bloc
                         add_gram(st.H_ref, X_ref[k])
                     if st.C is not None:
                         st.C.addmm_(X_ref[k].t(), X)
+                    if k in wc and wc[k][1] is not None:  # Σ Y_refᵀ X, Y_ref: [tokens, out]
+                        wc[k][1].addmm_((X_ref[k] @ wc[k][0].t()).t(), X)
     finally:
         for h in handles:
             h.remove()
-    for names, st in zip(groups, stats):
+    for k, (names, st) in enumerate(zip(groups, stats)):
         for G in (st.H, st.H_ref):
             if G is not None:
                 symmetrize_gram(G)
         if st.H is not None:
             st.diag = torch.diagonal(st.H)
-        for s in (st.H if st.H is not None else st.diag, st.H_ref, st.C):
+        if k in wc:
+            W_ref, WC = wc.pop(k)
+            WC = W_ref @ st.C if WC is None else WC
+            st.WC = dict(zip(names, WC.split([weight_matrix(layers[n]).shape[0]
+                                               for n in names])))
+            if "C" not in needs.reference_stats:
+                st.C = None
+        for s in (st.H if st.H is not None else st.diag, st.H_ref, st.C,
+                  *(st.WC or {}).values()):
             if s is not None and not torch.isfinite(s).all():
                 raise NumericalError(f"calibration statistics of {names[0]} hold NaN/Inf; the "
                                      "activations overflowed (load the model in fp32 or bf16)")

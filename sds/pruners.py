@@ -209,15 +209,15 @@ def admm(W: torch.Tensor, H: torch.Tensor, pattern: Pattern | str, percdamp: flo
 
 def _admm_layers(Ws: dict[str, torch.Tensor], gram: ScaledGram, pattern: Pattern,
                  options: PruneOptions, infos: dict,
-                 C: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                 WC: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Method "admm" on the layers of one group and pattern: one stacked solve where the
     pattern lets rows be solved apart (`sds.solver.solve_layers`). Ws: {name: [out, in]}, the
     dense weights; with `options.target_mix` the targets mix in the dense model's inputs
-    through C = X_denseᵀX: [in, in] (`sds.solver.mixed_target`)."""
+    through WC: {name: W C [out, in]}, C = X_denseᵀX (`sds.solver.mixed_target`)."""
     for W in Ws.values():
         _check_finite("W", W)
         pattern.check_width(W.shape[1])
-    targets = mixed_targets(Ws, C, gram, options.target_mix) if options.target_mix > 0 else Ws
+    targets = mixed_targets(Ws, WC, gram, options.target_mix) if options.target_mix > 0 else Ws
     solved = solve_layers(targets, gram, pattern, options=options.solver or SolverOptions())
     out = {}
     for name, (W_new, record) in solved.items():
@@ -285,7 +285,7 @@ METHODS = {
         options=METHOD_OPTIONS["sparsegpt"]),
     "admm": Method(
         admm, "full", None, prepare=scaled_gram, options=METHOD_OPTIONS["admm"],
-        run_layers=lambda Ws, st, p, gram, o, infos: _admm_layers(Ws, gram, p, o, infos, st.C)),
+        run_layers=lambda Ws, st, p, gram, o, infos: _admm_layers(Ws, gram, p, o, infos, st.WC)),
 }
 
 
@@ -355,5 +355,5 @@ def pruning_transform(method: str, rules: LayerRules,
     transform.needs = Needs(gram=spec.stats,
                             sequential=options.sequential and "sequential" in spec.options,
                             reference=dense if mix > 0 else None,
-                            reference_stats=("C",) if mix > 0 else ())
+                            reference_stats=("WC",) if mix > 0 else ())
     return transform

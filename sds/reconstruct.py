@@ -62,9 +62,10 @@ class Quadratic:
     dense_l2: float = 1.0  # ‖W_dense‖₂²
 
     @classmethod
-    def from_grams(cls, W_dense, A, G, H_t, tokens):
+    def from_grams(cls, W_dense, A, G, H_t, tokens, B=None):
+        """G: [in, in], or None with B = W_dense G: [out, in] already formed."""
         W_dense = W_dense.float()
-        B = W_dense @ G  # [out, in]
+        B = W_dense @ G if B is None else B.float()  # [out, in]
         c = torch.einsum("oi,ij,oj->", W_dense, H_t, W_dense).item()
         return cls(A=A, B=B, c=c, tokens=tokens, dense_l1=W_dense.abs().sum().item(),
                    dense_l2=W_dense.square().sum().item())
@@ -166,7 +167,8 @@ def _quadratic(group: LayerGroup, name: str, W_dense, variant: str) -> Quadratic
         return Quadratic.from_grams(W_dense, st.H, st.H, st.H, st.tokens)
     if variant == "dense":
         return Quadratic.from_grams(W_dense, st.H_ref, st.H_ref, st.H_ref, st.tokens)
-    return Quadratic.from_grams(W_dense, st.H, st.C, st.H_ref, st.tokens)  # distill
+    return Quadratic.from_grams(W_dense, st.H, None, st.H_ref, st.tokens,  # distill: G = C
+                                B=st.WC[name])
 
 
 def redense_admm(W0: torch.Tensor, q: Quadratic, gram: ScaledGram, config: SDSConfig,
@@ -209,8 +211,9 @@ def redense(model, calibration, dense: dict[str, torch.Tensor], rules: LayerRule
             group.info[name] = info
         return out
 
-    # A (the Gram matrix of X) is H or H_ref; G = X_tᵀX is H, H_ref or C (`_quadratic`)
-    reference_stats = {"sd": (), "dense": ("H_ref",), "distill": ("H_ref", "C")}[config.data]
+    # A (the Gram matrix of X) is H or H_ref; G = X_tᵀX is H, H_ref or C, whose W_dense C the
+    # walk forms ("WC", `_quadratic`)
+    reference_stats = {"sd": (), "dense": ("H_ref",), "distill": ("H_ref", "WC")}[config.data]
     transform.needs = Needs(gram="full", reference=dense, reference_stats=reference_stats)
     return walk(model, calibration, transform, select=lambda n: n in dense,
                 propagate="original", device=device, progress=progress, on_block=on_block,
@@ -249,7 +252,8 @@ def second_prune(model, calibration, dense: dict[str, torch.Tensor], method: str
             return out
         W_t = {name: dense[name].to(W.device).float() for name, W in out.items()}
         if config.target_mix > 0:  # the targets W_dense X_t as a target weight for X
-            W_t = mixed_targets(W_t, group.stats.C, factors.get(scaled_gram), config.target_mix)
+            W_t = mixed_targets(W_t, group.stats.WC, factors.get(scaled_gram),
+                                  config.target_mix)
         if config.solver == "admm":  # the layers of one pattern in one stacked solve
             adjusted = {}
             for pattern, names in rules.by_pattern(out).items():
@@ -284,6 +288,6 @@ def second_prune(model, calibration, dense: dict[str, torch.Tensor], method: str
         return out
 
     transform.needs = Needs(gram="full", reference=dense, sequential=config.sequential,
-                            reference_stats=("C",) if config.target_mix > 0 else ())
+                            reference_stats=("WC",) if config.target_mix > 0 else ())
     return walk(model, calibration, transform, select=lambda n: n in dense, device=device,
                 progress=progress, on_block=on_block, resume=resume)

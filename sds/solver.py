@@ -396,7 +396,7 @@ def refit(T: torch.Tensor, gram: ScaledGram, mask: torch.Tensor, start: torch.Te
     return X, it
 
 
-def mixed_target(W_t: torch.Tensor, C: torch.Tensor, gram: ScaledGram,
+def mixed_target(W_t: torch.Tensor, WC: torch.Tensor, gram: ScaledGram,
                  alpha: float) -> torch.Tensor:
     """The target W* that lets `solve` fit outputs computed from other inputs. W_t: [out, in].
 
@@ -411,26 +411,29 @@ def mixed_target(W_t: torch.Tensor, C: torch.Tensor, gram: ScaledGram,
     Then that objective is, up to a constant, ‖W_t X_t − W X‖² + δ ‖(W − (1 − α) W_t) D‖²: the
     fit to the mixed targets, damped as the solver damps (towards W_t at α = 0, towards 0 at
     α = 1, the usual damped least squares from X to W_t X_ref). α = 0 returns W_t; α = 1 fits
-    the reference model's outputs, which also corrects what the layers before got wrong. W_t
-    may stack the layers of one input group (`mixed_targets`), one solve for all: a Cholesky
-    factorisation of Ĥ + δI in the scaled variables (dead inputs zero). Returns W*: [out, in]
-    fp32.
+    the reference model's outputs, which also corrects what the layers before got wrong.
+    WC = W_t C: [out, in] (the walk's "WC" statistic: the reference outputs Y_ref = X_ref W_tᵀ
+    against X, Σ Y_refᵀ X). W_t may stack the layers of one input group (`mixed_targets`), one
+    solve for all: a Cholesky factorisation of Ĥ + δI in the scaled variables (dead inputs
+    zero). Returns W*: [out, in] fp32.
     """
     W_t = W_t.float()
     if alpha == 0:
         return W_t
     a = (1.0 / gram.d).masked_fill(gram.dead, 0.0)  # [in]
-    B_hat = (W_t @ C.float()) * a  # [out, in]: (W_t C) D⁻¹
+    B_hat = WC.float() * a  # [out, in]: (W_t C) D⁻¹
     fit = gram.unscale(_ridge(gram, B_hat, torch.full_like(a, gram.damp)))  # W_t C H_δ⁻¹
     return (1 - alpha) * W_t + alpha * fit
 
 
-def mixed_targets(W_t: dict[str, torch.Tensor], C: torch.Tensor, gram: ScaledGram,
+def mixed_targets(W_t: dict[str, torch.Tensor], WC: dict[str, torch.Tensor], gram: ScaledGram,
                   alpha: float) -> dict[str, torch.Tensor]:
-    """`mixed_target` for the layers of one input group, {name: W_t [out_name, in]}, in one
-    solve of their stacked rows. Returns {name: W* [out_name, in]} fp32."""
+    """`mixed_target` for the layers of one input group, {name: W_t [out_name, in]} and
+    {name: W_t C [out_name, in]}, in one solve of their stacked rows. Returns
+    {name: W* [out_name, in]} fp32."""
     names = list(W_t)
-    stacked = mixed_target(torch.cat([W_t[n].float() for n in names]), C, gram, alpha)
+    stacked = mixed_target(torch.cat([W_t[n].float() for n in names]),
+                           torch.cat([WC[n].float() for n in names]), gram, alpha)
     return dict(zip(names, stacked.split([W_t[n].shape[0] for n in names])))
 
 

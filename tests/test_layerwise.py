@@ -362,6 +362,44 @@ def test_reference_stream_grams_equal_inputs_of_the_reference_model_recorded_ind
         dict(model.named_modules())[name]), X.T @ X), rel=1e-4)
 
 
+def test_reference_outputs_against_inputs_equal_the_reference_weights_times_the_cross_gram():
+    """"WC" = W_ref X_refᵀX per layer, from inputs recorded independently, on both of the
+    engine's ways of forming it: directly from the reference outputs (down_proj: 64 outputs of
+    256 inputs) and from C (q/k/v, o_proj, gate/up). A layer the reference does not cover
+    (up_proj) runs its current weights in the reference stream and in W_ref."""
+    model = tiny_llama(layers=2, intermediate_size=256)
+    reference_model = tiny_llama(layers=2, intermediate_size=256)
+    reference_model.load_state_dict(model.state_dict())
+    g = torch.Generator().manual_seed(0)
+    uncovered = "model.layers.1.mlp.up_proj"
+    for n, m in prunable_layers(reference_model).items():
+        if n != uncovered:
+            W = weight_matrix(m)
+            set_weight_matrix(m, W + 0.2 * W.std() * torch.randn(W.shape, generator=g))
+    ref = {n: weight_matrix(m).clone() for n, m in prunable_layers(reference_model).items()
+           if n != uncovered}
+    ids = torch.randint(0, 128, (2, 16))
+    seen = {}
+    walk(model, ids, _declaring(Needs(reference=ref, reference_stats={"WC"}),
+                                lambda gr: seen.update({n: gr.stats for n in gr.names})),
+         progress=False)
+    modules = dict(model.named_modules())
+    block1 = [n for n in seen if ".layers.1." in n]
+    assert len(block1) == 7
+    for name in block1:
+        st = seen[name]
+        assert st.C is None and st.H_ref is None  # not declared: not kept
+        X, X_ref = _layer_inputs(model, name, ids), _layer_inputs(reference_model, name, ids)
+        W_ref = ref[name] if name in ref else weight_matrix(modules[name])
+        expected = W_ref @ X_ref.T @ X
+        assert st.WC[name].shape == W_ref.shape
+        torch.testing.assert_close(st.WC[name], expected, rtol=1e-4,
+                                   atol=1e-4 * expected.abs().max().item())
+    assert not torch.allclose(seen["model.layers.1.mlp.down_proj"].WC[
+        "model.layers.1.mlp.down_proj"], ref["model.layers.1.mlp.down_proj"] @ seen[
+        "model.layers.1.mlp.down_proj"].H, rtol=1e-2)  # the streams differ
+
+
 def test_reference_stream_runs_transformed_layers_the_reference_does_not_cover():
     """With reference weights for some layers only, the reference stream runs the others as
     transformed (here pruned): block 1's H_ref is the Gram matrix of its inputs in a model whose

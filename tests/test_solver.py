@@ -396,7 +396,7 @@ def test_mixed_target_turns_targets_from_other_inputs_into_the_solver_objective(
     W_t = torch.randn(n_out, n_in, generator=g, dtype=torch.float64)
     H, C = X.T @ X, X_ref.T @ X
     gram = ScaledGram.of(H.float(), 0.01)
-    W_star = mixed_target(W_t.float(), C.float(), gram, alpha).double()
+    W_star = mixed_target(W_t.float(), (W_t @ C).float(), gram, alpha).double()
     D2 = torch.diagonal(H)  # δ diag H: the damping, as the solver applies it
     X_t = (1 - alpha) * X + alpha * X_ref
 
