@@ -24,6 +24,7 @@ block with those weights: H_ref = X_refᵀ X_ref, the cross-Gram C = X_refᵀ X,
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -52,11 +53,11 @@ class Needs:
     second stream, the samples run through each block with the reference weights: "H_ref"
     (X_refᵀ X_ref) and "C" (X_refᵀ X), both [in, in], and "WC", per layer W_ref C: [out, in]
     (what a target weight built from the reference outputs needs; cheaper than C for groups
-    whose outputs are narrower than half their inputs, fc2 and down_proj). `sequential`: each group's statistics
-    are collected after the groups before it in the block were transformed ("true sequential":
-    the inputs of `o_proj` come from the new q/k/v, those of `fc2` from the new `fc1`), by a
-    pass that stops at the group's first layer; otherwise one pass collects every group's with
-    the block as it was. It needs `propagate="transformed"`.
+    whose outputs are narrower than half their inputs, fc2 and down_proj). `sequential`: each
+    group's statistics are collected after the groups before it in the block were transformed
+    ("true sequential": the inputs of `o_proj` come from the new q/k/v, those of `fc2` from the
+    new `fc1`), by a pass that stops at the group's first layer; otherwise one pass collects
+    every group's with the block as it was. It needs `propagate="transformed"`.
     """
 
     gram: str = "full"
@@ -173,13 +174,13 @@ def _hidden(out):
     return out[0] if isinstance(out, tuple | list) else out
 
 
-def _to(obj, device):
+def _to(obj, device, copy: bool = False):
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        return obj.to(device, copy=copy)
     if isinstance(obj, tuple | list):
-        return type(obj)(_to(o, device) for o in obj)
+        return type(obj)(_to(o, device, copy) for o in obj)
     if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
+        return {k: _to(v, device, copy) for k, v in obj.items()}
     return obj
 
 
@@ -339,7 +340,8 @@ def walk(
     t_start = time.perf_counter()
     prefix, blocks = find_blocks(model)
     hidden, extras = capture_block_inputs(model, input_ids, device)
-    store = _activation_device(hidden, device, streams=2 if reference is not None else 1)
+    store = _activation_device(hidden, device, streams=2 if reference is not None else 1,
+                               kept=needs.sequential)
     hidden = [h.to(store) for h in hidden]
     ref_hidden = [h.clone() for h in hidden] if reference is not None else None
     resume = resume or Resume()
@@ -374,7 +376,9 @@ def walk(
         keep = propagate == "original"
         ref_fixed = keep or (reference is not None and set(layers) <= set(reference))
         ref_inputs = None  # per group, the reference stream's inputs of every sample
+        settled = None
         if needs.sequential:  # each group's statistics once the groups before it are done
+            settled = _SettledOutputs.of(block, f"{prefix}.{b}.", groups, device, store)
             stats, outputs, ref_outputs = [None] * len(groups), None, None
             if ref_block is not None and ref_fixed and _ref_inputs_fit(groups, layers,
                                                                        ref_hidden):
@@ -389,7 +393,8 @@ def walk(
             if st is None:
                 (st,), _, _ = _collect(block, [names], layers, hidden, ref_hidden, extras,
                                        device, ref_block, needs, store=store, stop=True,
-                                       ref_inputs=None if ref_inputs is None else ref_inputs[k])
+                                       ref_inputs=None if ref_inputs is None else ref_inputs[k],
+                                       settled=settled)
                 if ref_inputs is not None:
                     ref_inputs[k] = None  # read: free it
             group = LayerGroup(b, names, [layers[n] for n in names], st)
@@ -408,19 +413,21 @@ def walk(
                 report.layers.append(_record(name, b, W_old.to(device), W_new, st, needs,
                                              group.info.get(name, {})))
             del st
+            if settled is not None:
+                settled.done = k
         del stats, ref_inputs
 
         with torch.no_grad():  # propagate: this block's outputs are the next block's inputs
             if outputs is not None:
                 hidden[:] = outputs
             else:
-                _forward(block, hidden, extras, device, store)
+                _forward(block, hidden, extras, device, store, settled)
             if ref_outputs is not None:
                 ref_hidden[:] = ref_outputs
             elif ref_block is not None:
                 with ref_block:
                     _forward(block, ref_hidden, extras, device, store)
-        del outputs, ref_outputs
+        del outputs, ref_outputs, settled
         for name, W_new in pending.items():
             set_weight_matrix(layers[name], W_new)
         block.to(home)
@@ -438,11 +445,14 @@ def walk(
     return report
 
 
-def _forward(block, hidden, extras, device, store) -> None:
-    """Replace each sample's hidden states by the block's outputs (in place)."""
+def _forward(block, hidden, extras, device, store, settled=None) -> None:
+    """Replace each sample's hidden states by the block's outputs (in place); `settled`: the
+    outputs a sequential walk kept of the block's settled children."""
     for i in range(len(hidden)):
         extra = _to(extras[i], device)
-        hidden[i] = _hidden(block(hidden[i].to(device), *extra[0], **extra[1])).to(store)
+        with settled.sample(i) if settled is not None else contextlib.nullcontext():
+            out = block(hidden[i].to(device), *extra[0], **extra[1])
+        hidden[i] = _hidden(out).to(store)
 
 
 def _replay(block, layers, weights, propagate, hidden, ref_hidden, extras, device, store,
@@ -504,6 +514,67 @@ class _RefWeights:
         return False
 
 
+class _SettledOutputs:
+    """Outputs of a block's settled children, computed once in a sequential walk's passes.
+
+    A sequential walk runs the block once per group, each pass stopping at the group's first
+    layer, then once more to propagate. A child of the block (a direct submodule: the attention,
+    the MLP) is settled once every group up to the last one holding a selected layer of it has
+    been transformed. Its weights are then final, and so are its inputs: groups are numbered in
+    the order the forward pass first reaches them, so every layer that runs before the child
+    belongs to an earlier group, and the block's input stays the same until the block is done.
+    Its outputs cannot change in the block's later passes, so the first of them keeps each
+    sample's outputs (on `store`) and the rest reuse them: on OPT and LLaMA blocks the
+    attention then runs in two passes (o_proj's and the first MLP group's) instead of four (also
+    the second MLP group's and the propagation). Outputs are kept only where a later statistics pass will read them (not for
+    the propagation alone): at most one more copy of the block's activations (the attention's
+    outputs). Children without a selected layer always run (their inputs may still change), and
+    the reference stream never goes through here.
+    """
+
+    def __init__(self, block: nn.Module, last_group: dict[str, int], n_groups: int, device,
+                 store):
+        self.children = {name: (block.get_submodule(name), k) for name, k in last_group.items()}
+        self.n_groups, self.device, self.store = n_groups, device, store
+        self.done = -1  # the last group transformed
+        self.outputs: dict[tuple[str, int], object] = {}  # (child, sample) -> its outputs
+
+    @classmethod
+    def of(cls, block, block_prefix: str, groups: list[list[str]], device, store):
+        last_group: dict[str, int] = {}
+        for k, names in enumerate(groups):
+            for name in names:
+                last_group[name[len(block_prefix):].split(".")[0]] = k
+        return cls(block, last_group, len(groups), device, store)
+
+    @contextlib.contextmanager
+    def sample(self, i: int):
+        """Route sample i's calls of the settled children through the kept outputs."""
+        keep = self.done + 2 < self.n_groups  # a statistics pass follows this one
+        installed = []
+        for name, (child, last) in self.children.items():
+            if last > self.done or (not keep and (name, i) not in self.outputs):
+                continue
+            own = child.__dict__.get("forward")  # e.g. an offloading hook's wrapper
+            run = child.forward
+
+            def forward(*args, _key=(name, i), _run=run, **kwargs):
+                if _key not in self.outputs:
+                    self.outputs[_key] = _to(_run(*args, **kwargs), self.store, copy=True)
+                return _to(self.outputs[_key], self.device, copy=True)  # safe from in-place ops
+
+            child.forward = forward
+            installed.append((child, own))
+        try:
+            yield
+        finally:
+            for child, own in installed:
+                if own is None:
+                    del child.forward
+                else:
+                    child.forward = own
+
+
 # A sequential walk with a reference stream (SDS step 3 with `target_mix`) keeps the reference
 # inputs of every group of a block from one pass of the reference block when they take at most
 # this many bytes (on the activations' device, beside `_activation_device`'s budget), instead of
@@ -548,14 +619,16 @@ def _reference_inputs(block, groups, layers, ref_hidden, extras, device, ref_blo
 
 def _collect(block, groups, layers, hidden, ref_hidden, extras, device, ref_block,
              needs: Needs, keep_outputs: bool = False, keep_ref: bool = False, store=None,
-             stop: bool = False, ref_inputs: list[torch.Tensor] | None = None):
+             stop: bool = False, ref_inputs: list[torch.Tensor] | None = None,
+             settled: _SettledOutputs | None = None):
     """Accumulate each group's declared statistics over every calibration sample.
 
     Returns (stats per group, outputs, reference outputs): the block's outputs per sample (on
     `store`) when `keep_outputs`, the reference stream's when `keep_ref` and it ran; else
     None. With `stop` (one group, no outputs) each pass ends at the group's first layer.
     `ref_inputs` (one group): the reference stream's inputs of each sample, already captured
-    (`_reference_inputs`), so the reference block does not run."""
+    (`_reference_inputs`), so the reference block does not run. `settled`: the outputs a
+    sequential walk kept of the block's settled children, for the current stream's passes."""
     assert not stop or (len(groups) == 1 and not keep_outputs and not keep_ref)
     assert ref_inputs is None or len(groups) == 1
     stats = [LayerStats() for _ in groups]
@@ -616,7 +689,8 @@ def _collect(block, groups, layers, hidden, ref_hidden, extras, device, ref_bloc
                     if ref_outputs is not None:
                         ref_outputs.append(_hidden(out).to(store))
                     X_ref = list(current)
-                out = run(hidden[i], extra)
+                with settled.sample(i) if settled is not None else contextlib.nullcontext():
+                    out = run(hidden[i], extra)
                 if outputs is not None:
                     outputs.append(_hidden(out).to(store))
                 for k, st in enumerate(stats):
@@ -687,14 +761,16 @@ def symmetrize_gram(H: torch.Tensor) -> None:
             H[b[j]:b[j + 1], b[i]:b[i + 1]].copy_(H[b[i]:b[i + 1], b[j]:b[j + 1]].T)
 
 
-def _activation_device(hidden: list[torch.Tensor], device: torch.device, streams: int):
+def _activation_device(hidden: list[torch.Tensor], device: torch.device, streams: int,
+                       kept: bool = False):
     """Keep calibration activations on the compute device when they fit, else on the CPU.
 
     A walk holds each stream's inputs and, while a block is transformed, possibly its outputs
-    from the statistics pass (`walk`): twice the activations per stream, hence the factor 2."""
+    from the statistics pass (`walk`): twice the activations per stream, hence the factor 2;
+    `kept`: one more copy for the outputs a sequential walk keeps (`_SettledOutputs`)."""
     if device.type != "cuda":
         return device
-    need = 2 * streams * sum(h.numel() * h.element_size() for h in hidden)
+    need = (2 * streams + kept) * sum(h.numel() * h.element_size() for h in hidden)
     free, _total = torch.cuda.mem_get_info(device)
     if need < 0.5 * free:
         return device

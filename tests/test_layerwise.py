@@ -177,6 +177,53 @@ def test_sequential_statistics_are_the_inputs_of_the_finished_model(make):
     assert not torch.allclose(seen[last], X.T @ X, rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("make", [tiny_llama, tiny_opt, tiny_phi3])
+def test_sequential_walk_runs_settled_attention_once_and_changes_nothing(make, monkeypatch):
+    """Once q/k/v and o_proj are transformed, the attention's outputs are kept from the next
+    pass and reused by the later ones: its projections do not run again in the second MLP
+    group's pass and the propagation. The walk's
+    statistics and weights are bit for bit those of a walk that reruns everything."""
+    import contextlib
+
+    from sds import layerwise
+
+    ids = torch.randint(0, 128, (3, 16))
+
+    def run(keep_settled):
+        if not keep_settled:
+            monkeypatch.setattr(layerwise._SettledOutputs, "sample",
+                                lambda self, i: contextlib.nullcontext())
+        torch.manual_seed(0)
+        model = make(layers=2)
+        seen = {}
+
+        def halve(group):
+            seen.update({n: group.stats.H.clone() for n in group.names})
+            return {name: 0.5 * W for name, W in group.weights().items()}
+
+        halve.needs = Needs(gram="full", sequential=True)
+        first = [m for n, m in model.named_modules()
+                 if ".layers.1.self_attn." in n and n.endswith(("q_proj", "qkv_proj"))][0]
+        calls = []
+        handle = first.register_forward_hook(lambda *_: calls.append(1))
+        walk(model, ids, halve, progress=False)
+        handle.remove()
+        monkeypatch.undo()
+        return model, seen, len(calls)
+
+    model, seen, calls = run(True)
+    rerun, seen_rerun, calls_rerun = run(False)
+    n = len(ids)
+    # the second MLP group's pass and the propagation reuse the attention's outputs (how many
+    # passes reach q_proj before that depends on where the q/k/v pass stops)
+    assert calls_rerun - calls == 2 * n
+    assert seen.keys() == seen_rerun.keys()
+    for name in seen:
+        assert torch.equal(seen[name], seen_rerun[name]), name
+    for (name, p), (_, q) in zip(model.named_parameters(), rerun.named_parameters()):
+        assert torch.equal(p, q), name
+
+
 @pytest.mark.parametrize("one_pass", [True, False])
 @pytest.mark.parametrize("make", [tiny_llama, tiny_opt])
 def test_sequential_cross_gram_pairs_finished_inputs_with_the_reference_models(make, one_pass,
