@@ -130,7 +130,9 @@ def layer_rows(rows, cols, samples, seqlen, device):
 
 
 def _sds_seconds(path, ids, device):
-    """Per-step seconds of SDS over SparseGPT 2:4 on the model at `path` (a fresh copy)."""
+    """Per-step seconds of SDS over SparseGPT 2:4 on the model at `path` (a fresh copy). Steps
+    1 and 2 share a walk (`sds.prune`): step 2's seconds hold the propagation pass that also
+    collects its statistics."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -139,10 +141,21 @@ def _sds_seconds(path, ids, device):
     return report.seconds
 
 
+def _oneshot_seconds(path, ids, device, method="sparsegpt", **options):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    size = f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M"
+    _, s, gpu = _timed(device, lambda: sds.oneshot(model, ids, method, "2:4", device=device,
+                                                   progress=False, **options))
+    return s, gpu, size
+
+
 def model_rows(samples, seqlen, device):
-    """[(phase, seconds, peak GPU MiB)] on the demo OPT model and the ratio steps 2+3 /
-    one-shot SparseGPT of an SDS run."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """[(phase, seconds, peak GPU MiB)] on the demo OPT model and the ratio of what SDS adds to
+    one-shot SparseGPT (its total less one-shot SparseGPT's seconds: steps 2+3) to one-shot
+    SparseGPT."""
+    from transformers import AutoTokenizer
 
     from sds.data import load_calibration
     from sds.demo import demo_model_path
@@ -153,24 +166,24 @@ def model_rows(samples, seqlen, device):
     step3_problem = {"sequential": True, "target_mix": SDSConfig().target_mix}
     for method, options in (("magnitude", {}), ("wanda", {}), ("sparsegpt", {}), ("admm", {}),
                             ("admm", step3_problem)):
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        size = f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M"
-        _, s, gpu = _timed(device, lambda m=model, method=method, options=options: sds.oneshot(
-            m, ids, method, "2:4", device=device, progress=False, **options))
+        s, gpu, size = _oneshot_seconds(path, ids, device, method, **options)
+        if method == "sparsegpt":
+            first = s
         label = " on step 3's layer problem (sequential, target_mix)" if options else ""
         rows.append((f"demo OPT ({size}), {method} 2:4{label}, {samples}x{seqlen} tokens", s,
                      gpu))
     seconds = _sds_seconds(path, ids, device)
-    for step, label in (("oneshot", "step 1, sparsegpt 2:4"), ("redense", "step 2, re-dense"),
+    for step, label in (("oneshot", "step 1, sparsegpt 2:4 (less the propagation pass)"),
+                        ("redense", "step 2, re-dense (with step 1's propagation pass)"),
                         ("second", "step 3, second pruning + solver")):
         rows.append((f"demo OPT, SDS over sparsegpt 2:4: {label}", seconds[step], None))
-    return rows, (seconds["redense"] + seconds["second"]) / seconds["oneshot"]
+    return rows, (sum(seconds.values()) - first) / first
 
 
 def ratio_by_tokens(sample_counts, seqlen, device):
-    """[(windows, step 1 s, steps 2+3 s, ratio)] of SDS over SparseGPT 2:4 on the demo OPT
-    model for each calibration size: the walks' forward passes and Gram matrices grow with
-    the tokens, the solvers do not."""
+    """[(windows, one-shot SparseGPT s, SDS s, ratio)] of SDS over SparseGPT 2:4 on the demo OPT
+    model for each calibration size (ratio: SDS less one-shot, over one-shot): the walks'
+    forward passes and Gram matrices grow with the tokens, the solvers do not."""
     from transformers import AutoTokenizer
 
     from sds.data import load_calibration
@@ -180,9 +193,10 @@ def ratio_by_tokens(sample_counts, seqlen, device):
     tokenizer = AutoTokenizer.from_pretrained(path)
     out = []
     for n in sample_counts:
-        seconds = _sds_seconds(path, load_calibration(tokenizer, "demo", n, seqlen), device)
-        later = seconds["redense"] + seconds["second"]
-        out.append((n, seconds["oneshot"], later, later / seconds["oneshot"]))
+        ids = load_calibration(tokenizer, "demo", n, seqlen)
+        first = _oneshot_seconds(path, ids, device)[0]
+        total = sum(_sds_seconds(path, ids, device).values())
+        out.append((n, first, total, (total - first) / first))
     return out
 
 
@@ -211,16 +225,18 @@ def main(argv=None):
         lines.append(f"| {name} | {s:.2f} | {_peak_rss_mib():.0f} | "
                      f"{'' if gpu is None else f'{gpu:.0f}'} |")
         print(lines[-1], flush=True)
-    lines += ["", "| SDS steps 2+3 / one-shot SparseGPT 2:4 | ratio |", "|---|---|",
+    lines += ["", "| SDS steps 2+3 / one-shot SparseGPT 2:4 (on the model: SDS's seconds less "
+              "one-shot SparseGPT's, over one-shot SparseGPT's) | ratio |", "|---|---|",
               f"| layer [{a.rows}, {a.cols}] | {layer_ratio:.1f}x |",
               f"| demo OPT model ({a.model_samples}x{a.model_seqlen} tokens) | "
               f"{model_ratio:.1f}x |"]
     print("\n".join(lines[-4:]), flush=True)
     if a.ratio_samples:
-        lines += ["", "| demo OPT, SDS over SparseGPT 2:4: calibration tokens | step 1 s | "
-                  "steps 2+3 s | ratio |", "|---|---|---|---|"]
-        for n, first, later, ratio in ratio_by_tokens(a.ratio_samples, a.model_seqlen, device):
-            lines.append(f"| {n}x{a.model_seqlen} | {first:.2f} | {later:.2f} | {ratio:.1f}x |")
+        lines += ["", "| demo OPT, SDS over SparseGPT 2:4: calibration tokens | one-shot "
+                  "SparseGPT s | SDS (3 steps) s | (SDS − one-shot) / one-shot |",
+                  "|---|---|---|---|"]
+        for n, first, total, ratio in ratio_by_tokens(a.ratio_samples, a.model_seqlen, device):
+            lines.append(f"| {n}x{a.model_seqlen} | {first:.2f} | {total:.2f} | {ratio:.1f}x |")
             print(lines[-1], flush=True)
     command = "python benchmarks/speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
     section = "\n".join(["## Speed", "", f"Command: `{command.strip()}`", "", *lines, ""])

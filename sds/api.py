@@ -17,7 +17,7 @@ from .models import prunable_layers
 from .options import method_options
 from .patterns import LayerRules
 from .pruners import PruneOptions, pruning_transform
-from .reconstruct import SDSConfig, dense_weights, redense, second_prune
+from .reconstruct import SDSConfig, dense_weights, redense, redense_transform, second_prune
 from .solver import SolverOptions
 
 log = logging.getLogger("sds")
@@ -65,18 +65,23 @@ def oneshot(model: nn.Module, calibration, method: str = "sparsegpt",
     before any work."""
     rules = pattern if isinstance(pattern, LayerRules) else LayerRules.build(pattern, overrides,
                                                                              exclude)
-    options = PruneOptions(blocksize, percdamp, solver, sequential, target_mix)
-    read = method_options(method)
-    for name, value in (("sequential", sequential), ("target_mix", target_mix)):
-        if value and name not in read:
-            log.warning("method %s does not read %s; it is ignored", method, name)
-    needs_dense = target_mix > 0 and "target_mix" in read
-    prunable_layers(model, rules)  # refuses rules that select no layer
-    transform = pruning_transform(method, rules, options,
-                                  dense=dense_weights(model, rules) if needs_dense else None)
+    transform = _oneshot_transform(model, method, rules,
+                                   PruneOptions(blocksize, percdamp, solver, sequential,
+                                                target_mix))
     return walk(model, calibration, transform,
                 select=lambda name: rules.pattern_for(name) is not None, device=device,
                 progress=progress, on_block=on_block, resume=resume)
+
+
+def _oneshot_transform(model: nn.Module, method: str, rules: LayerRules, options: PruneOptions):
+    read = method_options(method)
+    for name in ("sequential", "target_mix"):
+        if getattr(options, name) and name not in read:
+            log.warning("method %s does not read %s; it is ignored", method, name)
+    needs_dense = options.target_mix > 0 and "target_mix" in read
+    prunable_layers(model, rules)  # refuses rules that select no layer
+    return pruning_transform(method, rules, options,
+                             dense=dense_weights(model, rules) if needs_dense else None)
 
 
 def prune(model: nn.Module, calibration, method: str = "sparsegpt", pattern="2:4", *,
@@ -88,7 +93,10 @@ def prune(model: nn.Module, calibration, method: str = "sparsegpt", pattern="2:4
     method: "magnitude" | "wanda" | "sparsegpt" | "admm"; pattern: "2:4", "4:8", "50%", 0.5, ...
     `overrides` maps module-name regexes to patterns, `exclude` lists regexes left dense.
     With `sds=True` the Sparse-Dense-Sparse steps follow the one-shot pruning
-    (`sds_config`: a `sds.reconstruct.SDSConfig`), one report entry per step.
+    (`sds_config`: a `sds.reconstruct.SDSConfig`), one report entry per step. With the "sd"
+    data variant (the default) steps 1 and 2 share one walk: step 2 reads the one-shot blocks'
+    statistics from step 1's propagation pass (`walk`'s `then`), the same statistics and the
+    same result as a walk of its own; step 2's seconds then include that pass.
     """
     rules = LayerRules.build(pattern, overrides, exclude)
     report = PruneReport(method=method, rules=rules.describe())
@@ -99,11 +107,26 @@ def prune(model: nn.Module, calibration, method: str = "sparsegpt", pattern="2:4
         config = sds_config or SDSConfig()
         report.rules["sds"] = config.to_dict()
         dense = dense_weights(model, rules)  # before step 1 changes them
-        steps["redense"] = lambda: redense(model, calibration, dense, rules, config, **kw)
+        if config.data == "sd":  # steps 1 and 2 in one walk
+            transform = _oneshot_transform(model, method, rules,
+                                           PruneOptions(blocksize, percdamp))
+            steps["oneshot"] = lambda: walk(
+                model, calibration, transform, select=lambda n: n in dense,
+                then=redense_transform(dense, config), **kw)
+        else:
+            steps["redense"] = lambda: redense(model, calibration, dense, rules, config, **kw)
         steps["second"] = lambda: second_prune(model, calibration, dense, method, rules, config,
                                                blocksize=blocksize, percdamp=percdamp, **kw)
     for step, run in steps.items():
         t0 = time.perf_counter()
         report.steps[step] = run()
         report.seconds[step] = time.perf_counter() - t0
+        fused = report.steps[step].then
+        if fused is not None:  # steps 1 and 2 in one walk
+            report.steps["redense"] = fused
+            report.seconds["redense"] = fused.seconds
+            report.seconds[step] -= fused.seconds
+    report.steps = {s: report.steps[s] for s in ("oneshot", "redense", "second")
+                    if s in report.steps}
+    report.seconds = {s: report.seconds[s] for s in report.steps}
     return report

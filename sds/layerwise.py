@@ -138,6 +138,7 @@ class WalkReport:
     device: str = "cpu"
     tokens: int = 0
     outputs: list | None = field(default=None, repr=False)  # last block's outputs, on request
+    then: WalkReport | None = field(default=None, repr=False)  # `walk`'s second transform
 
     def to_dict(self) -> dict:
         return {"layers": [asdict(r) for r in self.layers], "blocks": self.blocks,
@@ -315,6 +316,7 @@ def walk(
     on_block: Callable[[int, int, float], None] | None = None,
     keep_outputs: bool = False,
     resume: Resume | None = None,
+    then: Transform | None = None,
 ) -> WalkReport:
     """Walk the blocks of `model` with `calibration` (a Calibration or token ids
     [nsamples, seqlen]), collecting for each group the statistics `transform.needs` declares.
@@ -326,6 +328,17 @@ def walk(
     computed, so each block runs once per sample instead of twice. `on_block(i, n, seconds)` is
     called after each block. `resume` starts at a later block with the finished weights of the
     blocks before it (see `Resume`). The model is changed in place.
+
+    `then`: a second transform, applied to each block once `transform` is done and read from the
+    transformed block's statistics on its own inputs, which the propagation pass collects on
+    its way (SDS steps 1 and 2 in one walk): what a walk of `then` with `propagate="original"`
+    over the model `transform` leaves would do, without running every block once more. Its
+    weights are written once the block's outputs are known, so the next blocks read the
+    outputs of `transform`'s weights; the model ends with `then`'s. Its records are in
+    `report.then`, whose seconds are its transforms and the propagation pass (with `then`'s
+    statistics); `report.seconds` is the rest. It may only declare statistics of the block's
+    own inputs (no reference stream, not sequential), and it needs `propagate="transformed"`
+    and no `resume`.
     """
     if propagate not in ("transformed", "original"):
         raise ConfigError(f"propagate must be 'transformed' or 'original', got {propagate!r}")
@@ -335,6 +348,12 @@ def walk(
     if needs.sequential and propagate != "transformed":
         raise ConfigError("sequential statistics follow the transformed groups of a block; they "
                           "need propagate='transformed'")
+    then_needs = needs_of(then) if then is not None else None
+    if then_needs is not None and (then_needs.reference_stats or then_needs.sequential
+                                   or propagate != "transformed" or resume is not None):
+        raise ConfigError("a `then` transform reads the transformed block's own inputs: it "
+                          "cannot declare reference or sequential statistics, and it needs "
+                          "propagate='transformed' and no resume")
     reference = needs.reference if needs.reference_stats else None  # weights of a second stream
     device = torch.device(device) if device is not None else default_device()
     t_start = time.perf_counter()
@@ -350,6 +369,8 @@ def walk(
                           f"(0 to {len(blocks)})")
     report = resume.report
     report.device, report.tokens = str(device), int(input_ids.numel())
+    if then is not None:
+        report.then = WalkReport(device=str(device), tokens=int(input_ids.numel()))
 
     bar = _progress(len(blocks), progress)
     for b, block in enumerate(blocks):
@@ -417,8 +438,15 @@ def walk(
                 settled.done = k
         del stats, ref_inputs
 
+        t_then = time.perf_counter()
+        then_stats = None
         with torch.no_grad():  # propagate: this block's outputs are the next block's inputs
             if outputs is not None:
+                hidden[:] = outputs
+            elif then is not None:  # ... and the statistics of `then`, on the way
+                then_stats, outputs, _ = _collect(block, groups, layers, hidden, None, extras,
+                                                  device, None, then_needs, keep_outputs=True,
+                                                  store=store)
                 hidden[:] = outputs
             else:
                 _forward(block, hidden, extras, device, store, settled)
@@ -430,6 +458,13 @@ def walk(
         del outputs, ref_outputs, settled
         for name, W_new in pending.items():
             set_weight_matrix(layers[name], W_new)
+        if then_stats is not None:
+            _apply(then, block, b, groups, layers, then_stats, then_needs, report.then, device)
+            seconds_then = time.perf_counter() - t_then
+            report.then.blocks.append({"block": b, "seconds": seconds_then})
+            report.then.seconds += seconds_then
+            report.seconds -= seconds_then
+        del then_stats
         block.to(home)
         seconds = time.perf_counter() - t0
         report.blocks.append({"block": b, "seconds": seconds})
@@ -443,6 +478,23 @@ def walk(
     if keep_outputs:
         report.outputs = [h.cpu() for h in hidden]
     return report
+
+
+def _apply(transform, block, b, groups, layers, stats, needs, report, device) -> None:
+    """`walk`'s `then`: transform each group of block b from its statistics and write the
+    weights at once (no group reads another's)."""
+    for names, st in zip(groups, stats):
+        group = LayerGroup(b, names, [layers[n] for n in names], st)
+        before = group.weights()
+        new = transform(group) or {}
+        for name in names:
+            W_new = new.get(name, before[name])
+            if not torch.isfinite(W_new).all():
+                raise NumericalError(f"the transform produced NaN/Inf weights for {name}")
+            W_new = _as_stored(layers[name], W_new)
+            set_weight_matrix(layers[name], W_new)
+            report.layers.append(_record(name, b, before[name].to(device), W_new, st, needs,
+                                         group.info.get(name, {})))
 
 
 def _forward(block, hidden, extras, device, store, settled=None) -> None:
@@ -525,11 +577,12 @@ class _SettledOutputs:
     belongs to an earlier group, and the block's input stays the same until the block is done.
     Its outputs cannot change in the block's later passes, so the first of them keeps each
     sample's outputs (on `store`) and the rest reuse them: on OPT and LLaMA blocks the
-    attention then runs in two passes (o_proj's and the first MLP group's) instead of four (also
-    the second MLP group's and the propagation). Outputs are kept only where a later statistics pass will read them (not for
-    the propagation alone): at most one more copy of the block's activations (the attention's
-    outputs). Children without a selected layer always run (their inputs may still change), and
-    the reference stream never goes through here.
+    attention then runs in two passes (o_proj's and the first MLP group's) instead of four
+    (also the second MLP group's and the propagation). Outputs are kept only where a later
+    statistics pass will read them (not for the propagation alone): at most one more copy of
+    the block's activations (the attention's outputs). Children without a selected layer
+    always run (their inputs may still change), and the reference stream never goes through
+    here.
     """
 
     def __init__(self, block: nn.Module, last_group: dict[str, int], n_groups: int, device,

@@ -186,6 +186,14 @@ def redense(model, calibration, dense: dict[str, torch.Tensor], rules: LayerRule
     """Step 2 on a pruned model, in place. `dense`: {name: W_dense [out, in]} (see
     `dense_weights`). Statistics come from the pruned model (its blocks are propagated with
     their sparse weights) or, for the "dense"/"distill" variants, also from the dense model."""
+    return walk(model, calibration, redense_transform(dense, config),
+                select=lambda n: n in dense, propagate="original", device=device,
+                progress=progress, on_block=on_block, resume=resume)
+
+
+def redense_transform(dense: dict[str, torch.Tensor], config: SDSConfig = SDSConfig()):
+    """Step 2's walk transform (`redense`); with the "sd" data variant it reads only the pruned
+    model's own statistics, so it can also run as step 1's `then` (`sds.prune`)."""
 
     def transform(group: LayerGroup):
         if config.epochs == 0:
@@ -215,9 +223,7 @@ def redense(model, calibration, dense: dict[str, torch.Tensor], rules: LayerRule
     # walk forms ("WC", `_quadratic`)
     reference_stats = {"sd": (), "dense": ("H_ref",), "distill": ("H_ref", "WC")}[config.data]
     transform.needs = Needs(gram="full", reference=dense, reference_stats=reference_stats)
-    return walk(model, calibration, transform, select=lambda n: n in dense,
-                propagate="original", device=device, progress=progress, on_block=on_block,
-                resume=resume)
+    return transform
 
 
 def _error(W_dense: torch.Tensor, W: torch.Tensor, H: torch.Tensor) -> float:

@@ -14,10 +14,17 @@ from sds.reconstruct import (
     redense,
     redense_admm,
     redense_layer,
+    redense_transform,
     second_prune,
 )
 from sds.solver import ScaledGram
-from tests.helpers import correlated_inputs, mixed_target_of, record_solver_targets, tiny_llama
+from tests.helpers import (
+    correlated_inputs,
+    mixed_target_of,
+    record_solver_targets,
+    tiny_llama,
+    tiny_opt,
+)
 
 
 def _problem(rows=16, cols=32, tokens=400, seed=0):
@@ -188,6 +195,49 @@ def test_three_steps_redense_then_exact_pattern(method, spec, solver):
             assert r.extra["error_adjusted"] < r.extra["error_pruned"]
         if solver == "admm" and method != "admm":  # the solver beats plain pruning here
             assert r.extra["adjusted"], r
+
+
+@pytest.mark.parametrize("method,make", [("sparsegpt", tiny_llama), ("wanda", tiny_opt)])
+def test_steps_1_and_2_in_one_walk_equal_three_walks_bit_for_bit(method, make):
+    """`sds.prune` runs steps 1 and 2 in one walk (step 2 reads the statistics of step 1's
+    propagation pass); the pipeline runs each step as a walk of its own. Same weights after
+    every step, same step-2 records."""
+    ids = torch.randint(0, 128, (3, 16))
+    config = SDSConfig()
+    torch.manual_seed(0)
+    fused = make(layers=2)
+    report = sds.prune(fused, ids, method, "2:4", sds=True, sds_config=config, progress=False)
+    assert list(report.steps) == list(report.seconds) == ["oneshot", "redense", "second"]
+    assert all(s > 0 for s in report.seconds.values())
+
+    torch.manual_seed(0)
+    apart = make(layers=2)
+    rules = LayerRules.build("2:4")
+    dense = dense_weights(apart, rules)
+    sds.oneshot(apart, ids, method, rules, progress=False)
+    oneshot_weights = {n: weight_matrix(m).clone() for n, m in prunable_layers(apart).items()}
+    step2 = redense(apart, ids, dense, rules, config, progress=False)
+    second_prune(apart, ids, dense, method, rules, config, progress=False)
+
+    assert [r.name for r in report.steps["redense"].layers] == [r.name for r in step2.layers]
+    for got, want in zip(report.steps["redense"].layers, step2.layers):
+        assert got.sparsity == want.sparsity and got.rel_error == want.rel_error, got.name
+        assert got.extra == {**want.extra, "seconds": got.extra["seconds"]}, got.name
+    for r in report.steps["oneshot"].layers:  # step 1's result, as the walk recorded it
+        W = oneshot_weights[r.name]
+        assert r.sparsity == (W == 0).float().mean().item()
+    for (name, p), (_, q) in zip(fused.named_parameters(), apart.named_parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_a_then_transform_needs_the_blocks_own_statistics():
+    model = tiny_llama(layers=1)
+    dense = dense_weights(model, LayerRules.build("2:4"))
+    for then, kw in ((redense_transform(dense, SDSConfig(data="distill")), {}),
+                     (redense_transform(dense), {"propagate": "original"})):
+        with pytest.raises(ConfigError, match="then"):
+            walk(model, torch.randint(0, 128, (1, 8)), lambda g: {}, then=then, progress=False,
+                 **kw)
 
 
 @pytest.mark.parametrize("solver", ["admm", "pgd"])
