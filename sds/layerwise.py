@@ -10,7 +10,7 @@
 With sequential statistics (`Needs.sequential`, SDS step 3) the statistics pass is one pass
 per group instead, each stopping at the group's first layer and run after the groups before
 it were transformed. One-shot pruning, SDS re-dense and second pruning are walks with
-different transforms.
+different transforms (`sds.prune` runs the first two as one walk: `walk`'s `then`).
 Layers that read the same input tensor (q/k/v, gate/up) form one group with one set of
 statistics. Only the current block sits on the compute device; the rest of the model stays
 where it was.
