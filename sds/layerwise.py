@@ -141,8 +141,11 @@ class WalkReport:
     then: WalkReport | None = field(default=None, repr=False)  # `walk`'s second transform
 
     def to_dict(self) -> dict:
-        return {"layers": [asdict(r) for r in self.layers], "blocks": self.blocks,
-                "seconds": self.seconds, "device": self.device, "tokens": self.tokens}
+        out = {"layers": [asdict(r) for r in self.layers], "blocks": self.blocks,
+               "seconds": self.seconds, "device": self.device, "tokens": self.tokens}
+        if self.then is not None:
+            out["then"] = self.then.to_dict()
+        return out
 
 
 @dataclass
@@ -443,11 +446,14 @@ def walk(
         with torch.no_grad():  # propagate: this block's outputs are the next block's inputs
             if outputs is not None:
                 hidden[:] = outputs
-            elif then is not None:  # ... and the statistics of `then`, on the way
+            elif then is not None and groups:  # ... and the statistics of `then`, on the way
                 then_stats, outputs, _ = _collect(block, groups, layers, hidden, None, extras,
                                                   device, None, then_needs, keep_outputs=True,
                                                   store=store)
-                hidden[:] = outputs
+                if outputs is None:  # `then` reads nothing of the inputs: no pass collected
+                    _forward(block, hidden, extras, device, store)
+                else:
+                    hidden[:] = outputs
             else:
                 _forward(block, hidden, extras, device, store, settled)
             if ref_outputs is not None:
@@ -458,6 +464,7 @@ def walk(
         del outputs, ref_outputs, settled
         for name, W_new in pending.items():
             set_weight_matrix(layers[name], W_new)
+        seconds_then = 0.0
         if then_stats is not None:
             _apply(then, block, b, groups, layers, then_stats, then_needs, report.then, device)
             seconds_then = time.perf_counter() - t_then
@@ -466,7 +473,7 @@ def walk(
             report.seconds -= seconds_then
         del then_stats
         block.to(home)
-        seconds = time.perf_counter() - t0
+        seconds = time.perf_counter() - t0 - seconds_then
         report.blocks.append({"block": b, "seconds": seconds})
         if on_block is not None:
             on_block(b, len(blocks), seconds)
@@ -502,7 +509,7 @@ def _forward(block, hidden, extras, device, store, settled=None) -> None:
     outputs a sequential walk kept of the block's settled children."""
     for i in range(len(hidden)):
         extra = _to(extras[i], device)
-        with settled.sample(i) if settled is not None else contextlib.nullcontext():
+        with settled.sample(i, hidden[i]) if settled is not None else contextlib.nullcontext():
             out = block(hidden[i].to(device), *extra[0], **extra[1])
         hidden[i] = _hidden(out).to(store)
 
@@ -579,8 +586,9 @@ class _SettledOutputs:
     sample's outputs (on `store`) and the rest reuse them: on OPT and LLaMA blocks the
     attention then runs in two passes (o_proj's and the first MLP group's) instead of four
     (also the second MLP group's and the propagation). Outputs are kept only where a later
-    statistics pass will read them (not for the propagation alone): at most one more copy of
-    the block's activations (the attention's outputs). Children without a selected layer
+    statistics pass will read them (not for the propagation alone), and only outputs no larger
+    than the block's input (not eager attention's probabilities): at most one more copy of the
+    block's activations per kept child (the attention's outputs). Children without a selected layer
     always run (their inputs may still change), and the reference stream never goes through
     here.
     """
@@ -601,20 +609,30 @@ class _SettledOutputs:
         return cls(block, last_group, len(groups), device, store)
 
     @contextlib.contextmanager
-    def sample(self, i: int):
-        """Route sample i's calls of the settled children through the kept outputs."""
+    def sample(self, i: int, hidden: torch.Tensor):
+        """Route the calls of the settled children in sample i's pass of the block through the
+        kept outputs (`hidden`: the sample's input to the block). A child called twice in one
+        pass keeps each call's outputs; outputs larger than `hidden` (e.g. attention
+        probabilities returned beside the attention's output) are not kept."""
         keep = self.done + 2 < self.n_groups  # a statistics pass follows this one
+        budget = hidden.numel() * hidden.element_size()
+        calls: dict[str, int] = {}
         installed = []
         for name, (child, last) in self.children.items():
-            if last > self.done or (not keep and (name, i) not in self.outputs):
+            if last > self.done or (not keep and (name, i, 0) not in self.outputs):
                 continue
             own = child.__dict__.get("forward")  # e.g. an offloading hook's wrapper
             run = child.forward
 
-            def forward(*args, _key=(name, i), _run=run, **kwargs):
-                if _key not in self.outputs:
-                    self.outputs[_key] = _to(_run(*args, **kwargs), self.store, copy=True)
-                return _to(self.outputs[_key], self.device, copy=True)  # safe from in-place ops
+            def forward(*args, _name=name, _run=run, **kwargs):
+                key = (_name, i, calls.get(_name, 0))
+                calls[_name] = key[2] + 1
+                if key in self.outputs:
+                    return _to(self.outputs[key], self.device, copy=True)  # safe from in-place
+                out = _run(*args, **kwargs)
+                if keep and _nbytes(out) <= budget:
+                    self.outputs[key] = _to(out, self.store, copy=True)
+                return out
 
             child.forward = forward
             installed.append((child, own))
@@ -626,6 +644,16 @@ class _SettledOutputs:
                     del child.forward
                 else:
                     child.forward = own
+
+
+def _nbytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, tuple | list):
+        return sum(_nbytes(o) for o in obj)
+    if isinstance(obj, dict):
+        return sum(_nbytes(o) for o in obj.values())
+    return 0
 
 
 # A sequential walk with a reference stream (SDS step 3 with `target_mix`) keeps the reference
@@ -742,7 +770,8 @@ def _collect(block, groups, layers, hidden, ref_hidden, extras, device, ref_bloc
                     if ref_outputs is not None:
                         ref_outputs.append(_hidden(out).to(store))
                     X_ref = list(current)
-                with settled.sample(i) if settled is not None else contextlib.nullcontext():
+                with (settled.sample(i, hidden[i]) if settled is not None
+                      else contextlib.nullcontext()):
                     out = run(hidden[i], extra)
                 if outputs is not None:
                     outputs.append(_hidden(out).to(store))

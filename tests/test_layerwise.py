@@ -177,11 +177,19 @@ def test_sequential_statistics_are_the_inputs_of_the_finished_model(make):
     assert not torch.allclose(seen[last], X.T @ X, rtol=1e-2, atol=1e-2)
 
 
-@pytest.mark.parametrize("make", [tiny_llama, tiny_opt, tiny_phi3])
-def test_sequential_walk_runs_settled_attention_once_and_changes_nothing(make, monkeypatch):
+def tiny_eager_llama(layers: int = 2):
+    """LLaMA whose attention also returns its probabilities: [1, heads, T, T] per sample."""
+    return tiny_llama(layers=layers, attn_implementation="eager")
+
+
+@pytest.mark.parametrize("make,kept", [(tiny_llama, True), (tiny_opt, True), (tiny_phi3, True),
+                                       (tiny_eager_llama, False)])
+def test_sequential_walk_runs_settled_attention_once_and_changes_nothing(make, kept,
+                                                                         monkeypatch):
     """Once q/k/v and o_proj are transformed, the attention's outputs are kept from the next
     pass and reused by the later ones: its projections do not run again in the second MLP
-    group's pass and the propagation. The walk's
+    group's pass and the propagation (unless they are larger than the block's input: eager
+    attention returns its probabilities too, and is run again). The walk's
     statistics and weights are bit for bit those of a walk that reruns everything."""
     import contextlib
 
@@ -192,7 +200,7 @@ def test_sequential_walk_runs_settled_attention_once_and_changes_nothing(make, m
     def run(keep_settled):
         if not keep_settled:
             monkeypatch.setattr(layerwise._SettledOutputs, "sample",
-                                lambda self, i: contextlib.nullcontext())
+                                lambda self, i, hidden: contextlib.nullcontext())
         torch.manual_seed(0)
         model = make(layers=2)
         seen = {}
@@ -216,7 +224,7 @@ def test_sequential_walk_runs_settled_attention_once_and_changes_nothing(make, m
     n = len(ids)
     # the second MLP group's pass and the propagation reuse the attention's outputs (how many
     # passes reach q_proj before that depends on where the q/k/v pass stops)
-    assert calls_rerun - calls == 2 * n
+    assert calls_rerun - calls == (2 * n if kept else 0)
     assert seen.keys() == seen_rerun.keys()
     for name in seen:
         assert torch.equal(seen[name], seen_rerun[name]), name

@@ -230,6 +230,20 @@ def test_steps_1_and_2_in_one_walk_equal_three_walks_bit_for_bit(method, make):
         assert torch.equal(p, q), name
 
 
+def test_steps_1_and_2_in_one_walk_leave_a_block_without_selected_layers_dense():
+    model = tiny_llama(layers=2)
+    dense = {n: weight_matrix(m).clone() for n, m in prunable_layers(model).items()}
+    report = sds.prune(model, torch.randint(0, 128, (2, 16)), "sparsegpt", "2:4", sds=True,
+                       exclude=(r"model\.layers\.0\.",), progress=False)
+    for step in ("oneshot", "redense", "second"):
+        assert {r.block for r in report.steps[step].layers} == {1}, step
+    for name, module in prunable_layers(model).items():
+        if ".layers.0." in name:
+            assert torch.equal(weight_matrix(module), dense[name]), name
+        else:
+            assert (weight_matrix(module) == 0).float().mean() == 0.5, name
+
+
 def test_a_then_transform_needs_the_blocks_own_statistics():
     model = tiny_llama(layers=1)
     dense = dense_weights(model, LayerRules.build("2:4"))
@@ -345,13 +359,14 @@ def test_step_3_fits_the_mixed_targets_of_inputs_recorded_independently(monkeypa
     """With `target_mix` = α, step 3 solves each layer for the target weight
     W* = (1 − α) W_dense + α W_dense X_denseᵀX (XᵀX + δ diag XᵀX)⁻¹, X the layer's inputs in the
     finished model and X_dense those in the dense model, both recorded by plain forward passes
-    after the walk."""
+    after the walk. down_proj (64 outputs of 256 inputs) gets W_dense X_denseᵀX from the dense
+    layer's outputs, o_proj from the cross-Gram."""
     import copy
 
     from sds import reconstruct
 
     torch.manual_seed(0)
-    model = tiny_llama(layers=2)
+    model = tiny_llama(layers=2, intermediate_size=256)
     dense_model = copy.deepcopy(model)
     rules = LayerRules.build("2:4")
     dense = dense_weights(model, rules)
@@ -363,8 +378,9 @@ def test_step_3_fits_the_mixed_targets_of_inputs_recorded_independently(monkeypa
     ids = torch.randint(0, 128, (2, 16))
     second_prune(model, ids, dense, "sparsegpt", rules,
                  SDSConfig(target_mix=alpha, adjust_epochs=5), progress=False)
-    name = "model.layers.1.mlp.down_proj"
-    W_d = dense[name].double()
-    W_star = mixed_target_of(model, dense_model, name, ids, W_d, alpha)
-    torch.testing.assert_close(seen[name].double(), W_star, rtol=1e-3, atol=1e-3 * W_d.abs().max())
-    assert not torch.allclose(seen[name].double(), W_d, atol=1e-2)  # the mix moved the target
+    for name in ("model.layers.1.mlp.down_proj", "model.layers.1.self_attn.o_proj"):
+        W_d = dense[name].double()
+        W_star = mixed_target_of(model, dense_model, name, ids, W_d, alpha)
+        torch.testing.assert_close(seen[name].double(), W_star, rtol=1e-3,
+                                   atol=1e-3 * W_d.abs().max())
+        assert not torch.allclose(seen[name].double(), W_d, atol=1e-2)  # the mix moved it
