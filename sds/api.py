@@ -101,32 +101,30 @@ def prune(model: nn.Module, calibration, method: str = "sparsegpt", pattern="2:4
     rules = LayerRules.build(pattern, overrides, exclude)
     report = PruneReport(method=method, rules=rules.describe())
     kw = {"device": device, "progress": progress}
-    steps = {"oneshot": lambda: oneshot(model, calibration, method, rules, blocksize=blocksize,
-                                        percdamp=percdamp, **kw)}
-    if sds:
-        config = sds_config or SDSConfig()
-        report.rules["sds"] = config.to_dict()
-        dense = dense_weights(model, rules)  # before step 1 changes them
-        if config.data == "sd":  # steps 1 and 2 in one walk
-            transform = _oneshot_transform(model, method, rules,
-                                           PruneOptions(blocksize, percdamp))
-            steps["oneshot"] = lambda: walk(
-                model, calibration, transform, select=lambda n: n in dense,
-                then=redense_transform(dense, config), **kw)
-        else:
-            steps["redense"] = lambda: redense(model, calibration, dense, rules, config, **kw)
-        steps["second"] = lambda: second_prune(model, calibration, dense, method, rules, config,
-                                               blocksize=blocksize, percdamp=percdamp, **kw)
-    for step, run in steps.items():
+
+    def timed(step, run):
         t0 = time.perf_counter()
         report.steps[step] = run()
         report.seconds[step] = time.perf_counter() - t0
-        fused = report.steps[step].then
-        if fused is not None:  # steps 1 and 2 in one walk
-            report.steps["redense"] = fused
-            report.seconds["redense"] = fused.seconds
-            report.seconds[step] -= fused.seconds
-    report.steps = {s: report.steps[s] for s in ("oneshot", "redense", "second")
-                    if s in report.steps}
-    report.seconds = {s: report.seconds[s] for s in report.steps}
+        return report.steps[step]
+
+    config = (sds_config or SDSConfig()) if sds else None
+    dense = dense_weights(model, rules) if sds else None  # before step 1 changes them
+    if sds and config.data == "sd":  # steps 1 and 2 in one walk
+        transform = _oneshot_transform(model, method, rules, PruneOptions(blocksize, percdamp))
+        first = timed("oneshot", lambda: walk(
+            model, calibration, transform, select=lambda n: rules.pattern_for(n) is not None,
+            then=redense_transform(dense, config), **kw))
+        report.steps["redense"], first.then = first.then, None
+        report.seconds["redense"] = report.steps["redense"].seconds
+        report.seconds["oneshot"] -= report.seconds["redense"]
+    else:
+        timed("oneshot", lambda: oneshot(model, calibration, method, rules, blocksize=blocksize,
+                                         percdamp=percdamp, **kw))
+        if sds:
+            timed("redense", lambda: redense(model, calibration, dense, rules, config, **kw))
+    if sds:
+        report.rules["sds"] = config.to_dict()
+        timed("second", lambda: second_prune(model, calibration, dense, method, rules, config,
+                                             blocksize=blocksize, percdamp=percdamp, **kw))
     return report

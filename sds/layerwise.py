@@ -421,21 +421,12 @@ def walk(
                                        settled=settled)
                 if ref_inputs is not None:
                     ref_inputs[k] = None  # read: free it
-            group = LayerGroup(b, names, [layers[n] for n in names], st)
-            before = group.weights()
-            new = transform(group) or {}
-            for name in names:
-                W_old = before[name]
-                W_new = new.get(name, W_old)
-                if not torch.isfinite(W_new).all():
-                    raise NumericalError(f"the transform produced NaN/Inf weights for {name}")
-                W_new = _as_stored(layers[name], W_new)
-                if propagate == "original":
-                    pending[name] = W_new
-                else:
+            new = _transform_group(transform, b, names, layers, st, needs, report, device)
+            if propagate == "original":
+                pending.update(new)
+            else:
+                for name, W_new in new.items():
                     set_weight_matrix(layers[name], W_new)
-                report.layers.append(_record(name, b, W_old.to(device), W_new, st, needs,
-                                             group.info.get(name, {})))
             del st
             if settled is not None:
                 settled.done = k
@@ -466,7 +457,7 @@ def walk(
             set_weight_matrix(layers[name], W_new)
         seconds_then = 0.0
         if then_stats is not None:
-            _apply(then, block, b, groups, layers, then_stats, then_needs, report.then, device)
+            _apply(then, b, groups, layers, then_stats, then_needs, report.then, device)
             seconds_then = time.perf_counter() - t_then
             report.then.blocks.append({"block": b, "seconds": seconds_then})
             report.then.seconds += seconds_then
@@ -487,21 +478,30 @@ def walk(
     return report
 
 
-def _apply(transform, block, b, groups, layers, stats, needs, report, device) -> None:
+def _transform_group(transform, b, names, layers, st, needs, report, device) -> dict:
+    """Run `transform` on one group of block b: {name: W'} as the layers will store it (refused
+    when not finite), each layer's record appended to `report`. The caller writes the weights."""
+    group = LayerGroup(b, names, [layers[n] for n in names], st)
+    before = group.weights()
+    new = transform(group) or {}
+    out = {}
+    for name in names:
+        W_new = new.get(name, before[name])
+        if not torch.isfinite(W_new).all():
+            raise NumericalError(f"the transform produced NaN/Inf weights for {name}")
+        out[name] = W_new = _as_stored(layers[name], W_new)
+        report.layers.append(_record(name, b, before[name].to(device), W_new, st, needs,
+                                     group.info.get(name, {})))
+    return out
+
+
+def _apply(transform, b, groups, layers, stats, needs, report, device) -> None:
     """`walk`'s `then`: transform each group of block b from its statistics and write the
     weights at once (no group reads another's)."""
     for names, st in zip(groups, stats):
-        group = LayerGroup(b, names, [layers[n] for n in names], st)
-        before = group.weights()
-        new = transform(group) or {}
-        for name in names:
-            W_new = new.get(name, before[name])
-            if not torch.isfinite(W_new).all():
-                raise NumericalError(f"the transform produced NaN/Inf weights for {name}")
-            W_new = _as_stored(layers[name], W_new)
+        for name, W_new in _transform_group(transform, b, names, layers, st, needs, report,
+                                            device).items():
             set_weight_matrix(layers[name], W_new)
-            report.layers.append(_record(name, b, before[name].to(device), W_new, st, needs,
-                                         group.info.get(name, {})))
 
 
 def _forward(block, hidden, extras, device, store, settled=None) -> None:
