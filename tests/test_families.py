@@ -93,3 +93,45 @@ def test_an_encoder_checkpoint_does_not_load_as_a_causal_lm(tmp_path):
         load_model(str(tmp_path))
     model, _ = load_model(str(tmp_path), causal=False)  # as an encoder it is fine
     assert type(model).__name__ == "BertModel"
+
+
+@pytest.mark.parametrize("family", ["opt", "llama", "mistral", "qwen2", "gpt2", "gpt_neox",
+                                    "bert"])
+def test_sds_shortcuts_change_nothing_in_any_family(family, monkeypatch):
+    """`sds.prune(..., sds=True)` shares step 1's propagation pass with step 2, and step 3's
+    sequential walk reuses the outputs of finished children (GPT-NeoX runs attention and MLP
+    side by side; BERT's attention holds its output projection and norm): the weights equal
+    those of three separate walks that rerun every block in full, bit for bit."""
+    import contextlib
+
+    from sds import layerwise
+    from sds.patterns import LayerRules
+    from sds.reconstruct import SDSConfig, dense_weights, redense, second_prune
+
+    ids = torch.randint(0, 128, (2, 16))
+    kept = []
+    sample = layerwise._SettledOutputs.sample
+
+    @contextlib.contextmanager
+    def counting(self, i, hidden):
+        with sample(self, i, hidden):
+            yield
+        kept.append(len(self.outputs))
+
+    monkeypatch.setattr(layerwise._SettledOutputs, "sample", counting)
+    torch.manual_seed(0)
+    fast = _build(family).eval()
+    sds.prune(fast, ids, "sparsegpt", "2:4", sds=True, progress=False)
+    assert max(kept) == len(ids)  # the attention's outputs of every sample were reused
+
+    monkeypatch.setattr(layerwise._SettledOutputs, "sample",
+                        lambda self, i, hidden: contextlib.nullcontext())
+    torch.manual_seed(0)
+    slow = _build(family).eval()
+    rules, config = LayerRules.build("2:4"), SDSConfig()
+    dense = dense_weights(slow, rules)
+    sds.oneshot(slow, ids, "sparsegpt", rules, progress=False)
+    redense(slow, ids, dense, rules, config, progress=False)
+    second_prune(slow, ids, dense, "sparsegpt", rules, config, progress=False)
+    for (name, p), (_, q) in zip(fast.named_parameters(), slow.named_parameters()):
+        assert torch.equal(p, q), name
