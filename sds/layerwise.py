@@ -362,8 +362,8 @@ def walk(
     t_start = time.perf_counter()
     prefix, blocks = find_blocks(model)
     hidden, extras = capture_block_inputs(model, input_ids, device)
-    store = _activation_device(hidden, device, streams=2 if reference is not None else 1,
-                               kept=needs.sequential)
+    streams = 2 if reference is not None else 1
+    store = _activation_device(hidden, device, streams, kept=streams if needs.sequential else 0)
     hidden = [h.to(store) for h in hidden]
     ref_hidden = [h.clone() for h in hidden] if reference is not None else None
     resume = resume or Resume()
@@ -400,7 +400,7 @@ def walk(
         keep = propagate == "original"
         ref_fixed = keep or (reference is not None and set(layers) <= set(reference))
         ref_inputs = None  # per group, the reference stream's inputs of every sample
-        settled = None
+        settled = ref_settled = None
         if needs.sequential:  # each group's statistics once the groups before it are done
             settled = _SettledOutputs.of(block, f"{prefix}.{b}.", groups, device, store)
             stats, outputs, ref_outputs = [None] * len(groups), None, None
@@ -408,6 +408,9 @@ def walk(
                                                                        ref_hidden):
                 ref_inputs, ref_outputs = _reference_inputs(block, groups, layers, ref_hidden,
                                                             extras, device, ref_block, store)
+            elif ref_block is not None and ref_fixed:  # a pass per group, as the stream above
+                ref_settled = _SettledOutputs.of(block, f"{prefix}.{b}.", groups, device, store,
+                                                 fixed=True)
         else:
             stats, outputs, ref_outputs = _collect(block, groups, layers, hidden, ref_hidden,
                                                    extras, device, ref_block, needs, keep,
@@ -418,7 +421,7 @@ def walk(
                 (st,), _, _ = _collect(block, [names], layers, hidden, ref_hidden, extras,
                                        device, ref_block, needs, store=store, stop=True,
                                        ref_inputs=None if ref_inputs is None else ref_inputs[k],
-                                       settled=settled)
+                                       settled=settled, ref_settled=ref_settled)
                 if ref_inputs is not None:
                     ref_inputs[k] = None  # read: free it
             new = _transform_group(transform, b, names, layers, st, needs, report, device)
@@ -428,8 +431,9 @@ def walk(
                 for name, W_new in new.items():
                     set_weight_matrix(layers[name], W_new)
             del st
-            if settled is not None:
-                settled.done = k
+            for kept in (settled, ref_settled):
+                if kept is not None:
+                    kept.done = k
         del stats, ref_inputs
 
         t_then = time.perf_counter()
@@ -451,8 +455,8 @@ def walk(
                 ref_hidden[:] = ref_outputs
             elif ref_block is not None:
                 with ref_block:
-                    _forward(block, ref_hidden, extras, device, store)
-        del outputs, ref_outputs, settled
+                    _forward(block, ref_hidden, extras, device, store, ref_settled)
+        del outputs, ref_outputs, settled, ref_settled
         for name, W_new in pending.items():
             set_weight_matrix(layers[name], W_new)
         seconds_then = 0.0
@@ -588,25 +592,29 @@ class _SettledOutputs:
     (also the second MLP group's and the propagation). Outputs are kept only where a later
     statistics pass will read them (not for the propagation alone), and only outputs no larger
     than the block's input (not eager attention's probabilities): at most one more copy of the
-    block's activations per kept child (the attention's outputs). Children without a selected layer
-    always run (their inputs may still change), and the reference stream never goes through
-    here.
+    block's activations per kept child (the attention's outputs). Children without a selected
+    layer always run (their inputs may still change). The reference stream of a step 3 walk
+    (`Needs.reference_stats`) runs the same passes up to each group where its inputs were not
+    captured in one pass (`_reference_inputs`); when no transform changes its weights (`fixed`)
+    every child is settled from the start, and it keeps outputs of its own the same way.
     """
 
     def __init__(self, block: nn.Module, last_group: dict[str, int], n_groups: int, device,
-                 store):
+                 store, fixed: bool = False):
         self.children = {name: (block.get_submodule(name), k) for name, k in last_group.items()}
         self.n_groups, self.device, self.store = n_groups, device, store
+        self.fixed = fixed  # no weight of the stream changes: every child is settled
         self.done = -1  # the last group transformed
-        self.outputs: dict[tuple[str, int], object] = {}  # (child, sample) -> its outputs
+        self.outputs: dict[tuple[str, int, int], object] = {}  # (child, sample, call) -> outputs
 
     @classmethod
-    def of(cls, block, block_prefix: str, groups: list[list[str]], device, store):
+    def of(cls, block, block_prefix: str, groups: list[list[str]], device, store,
+           fixed: bool = False):
         last_group: dict[str, int] = {}
         for k, names in enumerate(groups):
             for name in names:
                 last_group[name[len(block_prefix):].split(".")[0]] = k
-        return cls(block, last_group, len(groups), device, store)
+        return cls(block, last_group, len(groups), device, store, fixed)
 
     @contextlib.contextmanager
     def sample(self, i: int, hidden: torch.Tensor):
@@ -619,7 +627,8 @@ class _SettledOutputs:
         calls: dict[str, int] = {}
         installed = []
         for name, (child, last) in self.children.items():
-            if last > self.done or (not keep and (name, i, 0) not in self.outputs):
+            if (last > self.done and not self.fixed) or (not keep and (name, i, 0)
+                                                         not in self.outputs):
                 continue
             own = child.__dict__.get("forward")  # e.g. an offloading hook's wrapper
             run = child.forward
@@ -701,15 +710,17 @@ def _reference_inputs(block, groups, layers, ref_hidden, extras, device, ref_blo
 def _collect(block, groups, layers, hidden, ref_hidden, extras, device, ref_block,
              needs: Needs, keep_outputs: bool = False, keep_ref: bool = False, store=None,
              stop: bool = False, ref_inputs: list[torch.Tensor] | None = None,
-             settled: _SettledOutputs | None = None):
+             settled: _SettledOutputs | None = None,
+             ref_settled: _SettledOutputs | None = None):
     """Accumulate each group's declared statistics over every calibration sample.
 
     Returns (stats per group, outputs, reference outputs): the block's outputs per sample (on
     `store`) when `keep_outputs`, the reference stream's when `keep_ref` and it ran; else
     None. With `stop` (one group, no outputs) each pass ends at the group's first layer.
     `ref_inputs` (one group): the reference stream's inputs of each sample, already captured
-    (`_reference_inputs`), so the reference block does not run. `settled`: the outputs a
-    sequential walk kept of the block's settled children, for the current stream's passes."""
+    (`_reference_inputs`), so the reference block does not run. `settled`, `ref_settled`: the
+    outputs a sequential walk kept of the block's settled children, for the current and the
+    reference stream's passes."""
     assert not stop or (len(groups) == 1 and not keep_outputs and not keep_ref)
     assert ref_inputs is None or len(groups) == 1
     stats = [LayerStats() for _ in groups]
@@ -765,7 +776,8 @@ def _collect(block, groups, layers, hidden, ref_hidden, extras, device, ref_bloc
                 if ref_inputs is not None:
                     X_ref = [ref_inputs[i].to(device)]
                 elif ref_block is not None:
-                    with ref_block:
+                    with ref_block, (ref_settled.sample(i, ref_hidden[i])
+                                     if ref_settled is not None else contextlib.nullcontext()):
                         out = run(ref_hidden[i], extra)
                     if ref_outputs is not None:
                         ref_outputs.append(_hidden(out).to(store))
@@ -844,12 +856,13 @@ def symmetrize_gram(H: torch.Tensor) -> None:
 
 
 def _activation_device(hidden: list[torch.Tensor], device: torch.device, streams: int,
-                       kept: bool = False):
+                       kept: int = 0):
     """Keep calibration activations on the compute device when they fit, else on the CPU.
 
     A walk holds each stream's inputs and, while a block is transformed, possibly its outputs
     from the statistics pass (`walk`): twice the activations per stream, hence the factor 2;
-    `kept`: one more copy for the outputs a sequential walk keeps (`_SettledOutputs`)."""
+    `kept`: more copies for the outputs a sequential walk keeps (`_SettledOutputs`), one per
+    stream."""
     if device.type != "cuda":
         return device
     need = (2 * streams + kept) * sum(h.numel() * h.element_size() for h in hidden)

@@ -182,20 +182,24 @@ def tiny_eager_llama(layers: int = 2):
     return tiny_llama(layers=layers, attn_implementation="eager")
 
 
+@pytest.mark.parametrize("reference", [False, True])
 @pytest.mark.parametrize("make,kept", [(tiny_llama, True), (tiny_opt, True), (tiny_phi3, True),
                                        (tiny_eager_llama, False)])
-def test_sequential_walk_runs_settled_attention_once_and_changes_nothing(make, kept,
+def test_sequential_walk_runs_settled_attention_once_and_changes_nothing(make, kept, reference,
                                                                          monkeypatch):
     """Once q/k/v and o_proj are transformed, the attention's outputs are kept from the next
     pass and reused by the later ones: its projections do not run again in the second MLP
     group's pass and the propagation (unless they are larger than the block's input: eager
-    attention returns its probabilities too, and is run again). The walk's
-    statistics and weights are bit for bit those of a walk that reruns everything."""
+    attention returns its probabilities too, and is run again). The same holds in the
+    reference stream of step 3 where it runs a pass per group (its weights never change). The
+    walk's statistics and weights are bit for bit those of a walk that reruns everything."""
     import contextlib
 
     from sds import layerwise
 
     ids = torch.randint(0, 128, (3, 16))
+    if reference:  # a reference pass per group, as for inputs too large to keep at once
+        monkeypatch.setattr(layerwise, "REF_INPUTS_MAX_BYTES", 0)
 
     def run(keep_settled):
         if not keep_settled:
@@ -207,24 +211,32 @@ def test_sequential_walk_runs_settled_attention_once_and_changes_nothing(make, k
 
         def halve(group):
             seen.update({n: group.stats.H.clone() for n in group.names})
+            if reference:
+                seen.update({("WC", n): W.clone() for n, W in group.stats.WC.items()})
             return {name: 0.5 * W for name, W in group.weights().items()}
 
         halve.needs = Needs(gram="full", sequential=True)
+        if reference:
+            halve.needs = Needs(gram="full", sequential=True, reference_stats={"WC"},
+                                reference={n: weight_matrix(m).clone()
+                                           for n, m in prunable_layers(model).items()})
         first = [m for n, m in model.named_modules()
                  if ".layers.1.self_attn." in n and n.endswith(("q_proj", "qkv_proj"))][0]
         calls = []
         handle = first.register_forward_hook(lambda *_: calls.append(1))
         walk(model, ids, halve, progress=False)
         handle.remove()
-        monkeypatch.undo()
+        if not keep_settled:
+            monkeypatch.setattr(layerwise._SettledOutputs, "sample", sample)
         return model, seen, len(calls)
 
+    sample = layerwise._SettledOutputs.sample
     model, seen, calls = run(True)
     rerun, seen_rerun, calls_rerun = run(False)
-    n = len(ids)
-    # the second MLP group's pass and the propagation reuse the attention's outputs (how many
-    # passes reach q_proj before that depends on where the q/k/v pass stops)
-    assert calls_rerun - calls == (2 * n if kept else 0)
+    n, streams = len(ids), 2 if reference else 1
+    # in each stream the second MLP group's pass and the propagation reuse the attention's
+    # outputs (how many passes reach q_proj before that depends on where the q/k/v pass stops)
+    assert calls_rerun - calls == (2 * n * streams if kept else 0)
     assert seen.keys() == seen_rerun.keys()
     for name in seen:
         assert torch.equal(seen[name], seen_rerun[name]), name
