@@ -408,9 +408,8 @@ def walk(
                                                                        ref_hidden):
                 ref_inputs, ref_outputs = _reference_inputs(block, groups, layers, ref_hidden,
                                                             extras, device, ref_block, store)
-            elif ref_block is not None and ref_fixed:  # a pass per group, as the stream above
-                ref_settled = _SettledOutputs.of(block, f"{prefix}.{b}.", groups, device, store,
-                                                 fixed=True)
+            elif ref_block is not None:  # a pass per group, as the stream above
+                ref_settled = _SettledOutputs.of(block, f"{prefix}.{b}.", groups, device, store)
         else:
             stats, outputs, ref_outputs = _collect(block, groups, layers, hidden, ref_hidden,
                                                    extras, device, ref_block, needs, keep,
@@ -595,26 +594,24 @@ class _SettledOutputs:
     block's activations per kept child (the attention's outputs). Children without a selected
     layer always run (their inputs may still change). The reference stream of a step 3 walk
     (`Needs.reference_stats`) runs the same passes up to each group where its inputs were not
-    captured in one pass (`_reference_inputs`); when no transform changes its weights (`fixed`)
-    every child is settled from the start, and it keeps outputs of its own the same way.
+    captured in one pass (`_reference_inputs`), and keeps outputs of its own the same way (the
+    same argument holds whether or not the transform changes that stream).
     """
 
     def __init__(self, block: nn.Module, last_group: dict[str, int], n_groups: int, device,
-                 store, fixed: bool = False):
+                 store):
         self.children = {name: (block.get_submodule(name), k) for name, k in last_group.items()}
         self.n_groups, self.device, self.store = n_groups, device, store
-        self.fixed = fixed  # no weight of the stream changes: every child is settled
         self.done = -1  # the last group transformed
         self.outputs: dict[tuple[str, int, int], object] = {}  # (child, sample, call) -> outputs
 
     @classmethod
-    def of(cls, block, block_prefix: str, groups: list[list[str]], device, store,
-           fixed: bool = False):
+    def of(cls, block, block_prefix: str, groups: list[list[str]], device, store):
         last_group: dict[str, int] = {}
         for k, names in enumerate(groups):
             for name in names:
                 last_group[name[len(block_prefix):].split(".")[0]] = k
-        return cls(block, last_group, len(groups), device, store, fixed)
+        return cls(block, last_group, len(groups), device, store)
 
     @contextlib.contextmanager
     def sample(self, i: int, hidden: torch.Tensor):
@@ -627,8 +624,7 @@ class _SettledOutputs:
         calls: dict[str, int] = {}
         installed = []
         for name, (child, last) in self.children.items():
-            if (last > self.done and not self.fixed) or (not keep and (name, i, 0)
-                                                         not in self.outputs):
+            if last > self.done or (not keep and (name, i, 0) not in self.outputs):
                 continue
             own = child.__dict__.get("forward")  # e.g. an offloading hook's wrapper
             run = child.forward
@@ -776,12 +772,14 @@ def _collect(block, groups, layers, hidden, ref_hidden, extras, device, ref_bloc
                 if ref_inputs is not None:
                     X_ref = [ref_inputs[i].to(device)]
                 elif ref_block is not None:
+                    current[:] = [None] * len(groups)  # a hook that did not fire reads None
                     with ref_block, (ref_settled.sample(i, ref_hidden[i])
                                      if ref_settled is not None else contextlib.nullcontext()):
                         out = run(ref_hidden[i], extra)
                     if ref_outputs is not None:
                         ref_outputs.append(_hidden(out).to(store))
                     X_ref = list(current)
+                current[:] = [None] * len(groups)
                 with (settled.sample(i, hidden[i]) if settled is not None
                       else contextlib.nullcontext()):
                     out = run(hidden[i], extra)

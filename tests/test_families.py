@@ -95,19 +95,23 @@ def test_an_encoder_checkpoint_does_not_load_as_a_causal_lm(tmp_path):
     assert type(model).__name__ == "BertModel"
 
 
+@pytest.mark.parametrize("one_pass", [True, False])
 @pytest.mark.parametrize("family", ["opt", "llama", "mistral", "qwen2", "gpt2", "gpt_neox",
                                     "bert"])
-def test_sds_shortcuts_change_nothing_in_any_family(family, monkeypatch):
+def test_sds_shortcuts_change_nothing_in_any_family(family, one_pass, monkeypatch):
     """`sds.prune(..., sds=True)` shares step 1's propagation pass with step 2, and step 3's
     sequential walk reuses the outputs of finished children (GPT-NeoX runs attention and MLP
-    side by side; BERT's attention holds its output projection and norm): the weights equal
-    those of three separate walks that rerun every block in full, bit for bit."""
+    side by side; BERT's attention holds its output projection and norm), in the dense stream
+    too where it runs a pass per group (`one_pass` False): the weights equal those of three
+    separate walks that rerun every block in full, bit for bit."""
     import contextlib
 
     from sds import layerwise
     from sds.patterns import LayerRules
     from sds.reconstruct import SDSConfig, dense_weights, redense, second_prune
 
+    if not one_pass:
+        monkeypatch.setattr(layerwise, "REF_INPUTS_MAX_BYTES", 0)
     ids = torch.randint(0, 128, (2, 16))
     kept = []
     sample = layerwise._SettledOutputs.sample
@@ -121,8 +125,9 @@ def test_sds_shortcuts_change_nothing_in_any_family(family, monkeypatch):
     monkeypatch.setattr(layerwise._SettledOutputs, "sample", counting)
     torch.manual_seed(0)
     fast = _build(family).eval()
-    sds.prune(fast, ids, "sparsegpt", "2:4", sds=True, progress=False)
+    report = sds.prune(fast, ids, "sparsegpt", "2:4", sds=True, progress=False)
     assert max(kept) == len(ids)  # the attention's outputs of every sample were reused
+    assert "then" not in report.to_dict()["steps"]["oneshot"]  # step 2 is reported once
 
     monkeypatch.setattr(layerwise._SettledOutputs, "sample",
                         lambda self, i, hidden: contextlib.nullcontext())
