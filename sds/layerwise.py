@@ -512,7 +512,7 @@ def _forward(block, hidden, extras, device, store, settled=None) -> None:
     outputs a sequential walk kept of the block's settled children."""
     for i in range(len(hidden)):
         extra = _to(extras[i], device)
-        with settled.sample(i, hidden[i]) if settled is not None else contextlib.nullcontext():
+        with _reusing(settled, i, hidden[i]):
             out = block(hidden[i].to(device), *extra[0], **extra[1])
         hidden[i] = _hidden(out).to(store)
 
@@ -651,6 +651,11 @@ class _SettledOutputs:
                     child.forward = own
 
 
+def _reusing(settled: _SettledOutputs | None, i: int, hidden: torch.Tensor):
+    """`settled.sample(i, hidden)`, or nothing outside a sequential walk."""
+    return settled.sample(i, hidden) if settled is not None else contextlib.nullcontext()
+
+
 def _nbytes(obj) -> int:
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
@@ -773,15 +778,13 @@ def _collect(block, groups, layers, hidden, ref_hidden, extras, device, ref_bloc
                     X_ref = [ref_inputs[i].to(device)]
                 elif ref_block is not None:
                     current[:] = [None] * len(groups)  # a hook that did not fire reads None
-                    with ref_block, (ref_settled.sample(i, ref_hidden[i])
-                                     if ref_settled is not None else contextlib.nullcontext()):
+                    with ref_block, _reusing(ref_settled, i, ref_hidden[i]):
                         out = run(ref_hidden[i], extra)
                     if ref_outputs is not None:
                         ref_outputs.append(_hidden(out).to(store))
                     X_ref = list(current)
                 current[:] = [None] * len(groups)
-                with (settled.sample(i, hidden[i]) if settled is not None
-                      else contextlib.nullcontext()):
+                with _reusing(settled, i, hidden[i]):
                     out = run(hidden[i], extra)
                 if outputs is not None:
                     outputs.append(_hidden(out).to(store))
