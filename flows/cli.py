@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     ls = store_sub.add_parser("ls", help="list artifacts")
     ls.add_argument("--stage", help="one stage only")
     ls.add_argument("--json", action="store_true", help="print JSON lines")
-    rm = store_sub.add_parser("rm", help="remove artifacts")
+    rm = store_sub.add_parser("rm", help="remove artifacts (never what runs in progress need)")
     rm.add_argument("artifacts", nargs="*", metavar="STAGE/KEY",
                     help="artifacts to remove (as printed by `sds store ls`)")
     rm.add_argument("--stage", help="every artifact of this stage")
@@ -150,8 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="results.json (or a folder searched for them) whose artifacts and "
                     f"their upstream stay (repeatable; default {' and '.join(_outs())})")
     gc.add_argument("--older-than", default="1h",
-                    help="only artifacts older than this (default 1h: runs in progress are "
-                    "safe)")
+                    help="only artifacts older than this (default 1h). What runs in progress "
+                    "need is always kept, at any age")
     for p in (ls, rm, gc):
         p.add_argument("--store", default=DEFAULT_ROOT, help="folder or s3://bucket/prefix")
         _output(p)
@@ -623,15 +623,22 @@ def _keys_of_results(paths: list[str]) -> set[str]:
     keys: set[str] = set()
     for p in paths:
         path = Path(p)
-        files = sorted(path.rglob("results.json")) if path.is_dir() else [path]
+        files = (sorted(f for f in path.rglob("results.json") if f.is_file()) if path.is_dir()
+                 else [path])
         for f in files:
             try:
                 data = json.loads(f.read_text())
             except FileNotFoundError:
                 raise ConfigError(f"{f} does not exist") from None
-            except ValueError:
-                raise ConfigError(f"{f} is not a results.json") from None
-            keys.update(data.get("keys", {}).values())
+            except (ValueError, OSError):
+                raise ConfigError(f"{f} is not a readable results.json") from None
+            named = data.get("keys") if isinstance(data, dict) else None
+            if not (isinstance(named, dict)
+                    and all(isinstance(k, str) for k in named.values())):
+                raise ConfigError(f"{f} is not a results.json of sds (it has no \"keys\" "
+                                  "naming its artifacts); pass the results of `sds run` or "
+                                  "`sds sweep`")
+            keys.update(named.values())
     return keys
 
 
@@ -639,7 +646,7 @@ def cmd_store(args, console) -> int:
     from rich.table import Table
 
     from sds.errors import ConfigError
-    from tasks.store import ArtifactStore
+    from tasks.store import ArtifactStore, check_stage
 
     store = ArtifactStore(args.store)
     out = sys.stdout
@@ -665,7 +672,8 @@ def cmd_store(args, console) -> int:
         for m in metas:
             table.add_row(f"{m['stage']}/{m['key']}", m.get("title") or m.get("label", ""),
                           Path(str(m.get("model", ""))).name,
-                          m.get("created", "")[:16].replace("T", " "), _size(m.get("bytes", 0)))
+                          str(m.get("created") or "")[:16].replace("T", " "),
+                          _size(m.get("bytes", 0)))
         for ref in broken:
             table.add_row(f"{ref.stage}/{ref.key}", "[red]incomplete[/]", "", "", "")
         for path in strays:
@@ -681,27 +689,33 @@ def cmd_store(args, console) -> int:
         if not args.artifacts and not args.stage and not args.incomplete:
             raise ConfigError("say what to remove: STAGE/KEY arguments, --stage, or "
                               "--incomplete")
-        removed = []
+        age = parse_age(args.older_than)  # every argument is checked before anything goes
+        refs = []
         for item in args.artifacts:
             stage, sep, key = item.partition("/")
             if not sep:
                 raise ConfigError(f"{item!r} is not STAGE/KEY (see `sds store ls`)")
-            if args.dry_run:  # what discard would find: a committed or an incomplete artifact
-                found = store.exists(stage, key) or store.ref(stage, key) in store.incomplete(
-                    stage)
-            else:
-                found = store.discard(stage, key)
-            if found:
-                removed.append(item)
-        age = parse_age(args.older_than)
+            refs.append(store.ref(stage, key))
+        if args.stage is not None:
+            check_stage(args.stage)
+        removed, busy = [], []
+        needed = store.needed() if refs else set()
+        for ref in refs:
+            if ref.key in needed:
+                busy.append(ref)
+            elif args.dry_run:  # what discard would find: a committed or incomplete artifact
+                if store.exists(ref.stage, ref.key) or ref in store.incomplete(ref.stage):
+                    removed.append(f"{ref.stage}/{ref.key}")
+            elif store.discard(ref.stage, ref.key):
+                removed.append(f"{ref.stage}/{ref.key}")
         if args.stage or args.incomplete:
             # --incomplete narrows the choice to interrupted saves: committed artifacts stay
-            refs = store.remove(args.stage, older_than=age, committed=not args.incomplete,
-                                incomplete=args.incomplete, dry_run=args.dry_run)
-            removed += [f"{r.stage}/{r.key}" for r in refs]
+            chosen = store.remove(args.stage, older_than=age, committed=not args.incomplete,
+                                  incomplete=args.incomplete, dry_run=args.dry_run, busy=busy)
+            removed += [f"{r.stage}/{r.key}" for r in chosen]
         strays = (store.remove_strays(args.stage, older_than=age, dry_run=args.dry_run)
                   if args.incomplete else [])
-        _print_removed(args.dry_run, removed, strays, "")
+        _print_removed(args.dry_run, removed, strays, _busy_note(busy))
         return 0
 
     # gc: keep what results.json files name (and, transitively, their upstream)
@@ -711,12 +725,24 @@ def cmd_store(args, console) -> int:
         raise ConfigError("gc found no results.json to keep (it would remove everything); "
                           "pass --keep path/to/results.json, or use `sds store rm --stage`")
     age = parse_age(args.older_than)
+    present = keep & {m["key"] for m in store.list()}
+    if not present:
+        raise ConfigError(f"none of the {len(keep)} artifacts that the results name is in "
+                          f"{store.root} (were they made with another --store?); gc would "
+                          "remove everything, so it removed nothing")
+    busy: list = []
     refs = store.remove(None, older_than=age, keep=sorted(keep), incomplete=True,
-                        dry_run=args.dry_run)
+                        dry_run=args.dry_run, busy=busy)
     strays = store.remove_strays(None, older_than=age, dry_run=args.dry_run)
     _print_removed(args.dry_run, [f"{r.stage}/{r.key}" for r in refs], strays,
-                   f"; kept {len(keep)} named by results")
+                   f"; kept {len(present)} named by results and their upstream"
+                   + _busy_note(busy))
     return 0
+
+
+def _busy_note(busy: list) -> str:
+    return (f"; kept {len(busy)} that runs in progress need (pinned or leased; "
+            "remove them once those runs end)" if busy else "")
 
 
 def _print_removed(dry_run: bool, artifacts: list[str], strays: list[str], tail: str) -> None:

@@ -19,7 +19,7 @@ from prefect.runtime import flow_run
 
 from sds.errors import UpstreamLostError
 from tasks import stages
-from tasks.common import ensure_gpu_limit
+from tasks.common import ensure_gpu_limit, pinned
 from tasks.config import RunConfig
 from tasks.plan import Plan, StageSpec, plan_pipeline
 from tasks.store import ArtifactStore
@@ -122,11 +122,12 @@ def pipeline(config: RunConfig = RunConfig()) -> dict:  # noqa: B008 - a frozen 
     ArtifactStore(plan.store).check()
     ensure_gpu_limit(config.gpu_limit)
 
-    (refs,) = run_plans([plan])
-    if isinstance(refs, Exception):
-        raise refs
-
-    results = report.finish(plan, refs, config.out, stages.export_model if config.export else None,
-                            started, t0, current_run())
+    with pinned([plan], get_run_logger()):  # `sds store gc` meanwhile leaves them be
+        (refs,) = run_plans([plan])
+        if isinstance(refs, Exception):
+            raise refs
+        results = report.finish(plan, refs, config.out,
+                                stages.export_model if config.export else None, started, t0,
+                                current_run())
     report.publish(results)
     return results

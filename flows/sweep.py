@@ -19,12 +19,12 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
 from sds.errors import ConfigError, SDSError
 from tasks import stages
-from tasks.common import ensure_gpu_limit, reference
+from tasks.common import ensure_gpu_limit, pinned, reference
 from tasks.config import SweepConfig
 from tasks.plan import Plan, local_path, plan_pipeline
 from tasks.store import ArtifactStore
@@ -53,13 +53,14 @@ def sweep(config: SweepConfig = SweepConfig()) -> dict:  # noqa: B008 - a frozen
     points = config.points()
     plans = [plan_pipeline(point) for point in points]
     ArtifactStore(plans[0].store).check()
-    if config.pool:
-        outcomes, runs = run_on_pool(config.pool, points, plans, config.wait_minutes)
-    else:
-        ensure_gpu_limit(config.gpu_limit)
-        outcomes = run_plans(plans)
-        runs = [current_run()] * len(plans)
-    return write_results(config, plans, outcomes, runs, started, t0)
+    with pinned(plans, get_run_logger()):  # `sds store gc` meanwhile leaves them be
+        if config.pool:
+            outcomes, runs = run_on_pool(config.pool, points, plans, config.wait_minutes)
+        else:
+            ensure_gpu_limit(config.gpu_limit)
+            outcomes = run_plans(plans)
+            runs = [current_run()] * len(plans)
+        return write_results(config, plans, outcomes, runs, started, t0)
 
 
 def write_results(config: SweepConfig, plans: list[Plan], outcomes: list[dict | Exception],

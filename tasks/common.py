@@ -256,6 +256,36 @@ LEASE_SECONDS = 60.0  # a lease lasts this long unless renewed (every third of i
 WAIT_POLL_SECONDS = 1.0  # how often a run waiting for another's artifact looks again
 
 
+def _owner() -> dict:
+    """Who holds a lease or a pin: a fresh id, and the host and process (see `expired`)."""
+    return {"owner": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid()}
+
+
+class _Renewal:
+    """A background thread that calls `renew(store)` every third of `seconds` until `stop()`;
+    `renew` returns False to end it. A StoreError is logged and retried at the next turn."""
+
+    def __init__(self, root: str, seconds: float, renew, logger, what: str):
+        self._root, self._renew, self._logger, self._what = root, renew, logger, what
+        self._seconds = seconds
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name=what)
+        self._thread.start()
+
+    def _run(self) -> None:
+        store = ArtifactStore(self._root)  # a client of its own for this thread
+        while not self._stop.wait(self._seconds / 3):
+            try:
+                if not self._renew(store):
+                    return
+            except StoreError as exc:
+                self._logger.warning("%s: renewing failed (%s)", self._what, exc)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 class Lease:
     """This run's lease on an artifact in the store, renewed by a background thread until
     `release()`. When it was taken over meanwhile (this run stalled past the expiry), `lost`
@@ -265,28 +295,21 @@ class Lease:
                  logger, seconds: float):
         self.store, self.spec, self.generation, self.owner = store, spec, generation, owner
         self.logger, self.seconds, self.lost = logger, seconds, False
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._renew, daemon=True,
-                                        name=f"lease {spec.stage}/{spec.key}")
-        self._thread.start()
+        self._renewal = _Renewal(store.root, seconds, self._renew, logger,
+                                 f"{spec.title}: the lease on {spec.key}")
 
-    def _renew(self) -> None:
-        store = ArtifactStore(self.store.root)  # a client of its own for this thread
-        while not self._stop.wait(self.seconds / 3):
-            try:
-                if not store.renew_lease(self.spec.stage, self.spec.key, self.generation,
-                                         self.owner, self.seconds):
-                    self.lost = True
-                    self.logger.warning("%s: the lease on %s was taken over by another run",
-                                        self.spec.title, self.spec.key)
-                    return
-            except StoreError as exc:  # try again at the next turn
-                self.logger.warning("%s: renewing the lease failed (%s)", self.spec.title, exc)
+    def _renew(self, store: ArtifactStore) -> bool:
+        if store.renew_lease(self.spec.stage, self.spec.key, self.generation, self.owner,
+                             self.seconds):
+            return True
+        self.lost = True
+        self.logger.warning("%s: the lease on %s was taken over by another run",
+                            self.spec.title, self.spec.key)
+        return False
 
     def release(self) -> None:
         """Stop renewing and give the lease up (if that fails, it expires by itself)."""
-        self._stop.set()
-        self._thread.join()
+        self._renewal.stop()
         if not self.lost:
             try:
                 self.store.release_lease(self.spec.stage, self.spec.key, self.generation)
@@ -299,7 +322,8 @@ def claim(store: ArtifactStore, spec: StageSpec, logger, seconds: float = LEASE_
           ) -> Lease | None:
     """Take the lease on the stage's artifact, waiting while another run holds it. None when
     the artifact got committed meanwhile (by the holder): reuse it then."""
-    owner = {"owner": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid()}
+    # the upstream keys too: `remove` keeps what a stage computing now will read
+    owner = {**_owner(), "upstream": sorted(spec.upstream.values())}
     waiting = False
     while True:
         generation, holder = store.take_lease(spec.stage, spec.key, owner, seconds)
@@ -317,6 +341,36 @@ def claim(store: ArtifactStore, spec: StageSpec, logger, seconds: float = LEASE_
             progress(logger, spec, "waiting for the run computing %s (host %s, pid %s)",
                      spec.key, holder.get("host"), holder.get("pid"), event="wait")
         time.sleep(WAIT_POLL_SECONDS)
+
+
+@contextlib.contextmanager
+def pinned(plans: list[Plan], logger=log, seconds: float = LEASE_SECONDS) -> Iterator[None]:
+    """Pin every key of `plans` in their stores while the block runs (`ArtifactStore.pin`), so
+    that `sds store gc` or `rm` meanwhile leaves this run what it will read. A run that dies
+    leaves its pin to expire after `seconds` (at once on its own host)."""
+    by_store: dict[str, set[str]] = {}
+    for plan in plans:
+        for spec in plan.specs.values():
+            by_store.setdefault(spec.store, set()).add(spec.key)
+    owner = _owner()
+    held = []  # (store, pin name, renewal)
+    try:
+        for root, keys in by_store.items():
+            store = ArtifactStore(root)
+            name = store.pin(keys, owner, seconds)
+            renewal = _Renewal(root, seconds,
+                               lambda s, name=name: s.renew_pin(name, seconds) or True,
+                               logger, f"the pin of this run's artifacts in {root}")
+            held.append((store, name, renewal))
+        yield
+    finally:
+        for store, name, renewal in held:
+            renewal.stop()
+            try:
+                store.unpin(name)
+            except StoreError as exc:  # must not hide the run's own outcome
+                logger.warning("removing the pin %s failed (%s); it expires in %.0f s", name,
+                               exc, seconds)
 
 
 # -- running one stage --------------------------------------------------------------------------
@@ -375,9 +429,10 @@ def run_stage(spec: StageSpec, compute: Compute, upstream: dict[str, dict] | Non
 
 def _compute(spec: StageSpec, compute: Compute, store: ArtifactStore, logger,
              lease: Lease) -> dict:
-    """Compute the stage and commit its artifact (holding its lease); its reference. When the
-    lease was taken over meanwhile and the run that took it has committed, its artifact stays:
-    rewriting it would pull the commit record from under its readers."""
+    """Compute the stage and commit its artifact (holding its lease); its reference. When
+    another run committed the artifact meanwhile (it took this run's lease over, or this run
+    took over the expired lease of a run that was still alive), its artifact stays: rewriting
+    it would pull the commit record from under its readers."""
     progress(logger, spec, "computing artifact %s", spec.key, event="start")
     clock = Clock()
     t0 = time.perf_counter()
@@ -397,9 +452,11 @@ def _compute(spec: StageSpec, compute: Compute, store: ArtifactStore, logger,
         "device": spec.run.device,
         **extra,
     }
-    if lease.lost and store.exists(spec.stage, spec.key):
-        progress(logger, spec, "artifact %s was committed by the run that took the lease over; "
-                 "keeping it", spec.key, event="cached")
+    # committed meanwhile: by the run that took this run's lease over, or by the run whose
+    # expired lease this run took (it was alive after all)
+    if store.exists(spec.stage, spec.key):
+        progress(logger, spec, "artifact %s was committed meanwhile by another run; keeping it",
+                 spec.key, event="cached")
         return reference(store, spec, store.load_meta(spec.stage, spec.key), computed=False)
     store.save(spec.stage, spec.key, tensors, meta)
     store.drop_parts(spec.stage, spec.key)  # the finished blocks are in the artifact now

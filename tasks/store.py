@@ -8,6 +8,8 @@ Layout under the root (a local folder, `s3://bucket/prefix`, `memory://...`, any
                                                (`save_part`); removed once it commits
     <root>/.leases/<stage>/<key>/<n>.json      who computes `stage`/`key` now, until when
                                                (generation n; `take_lease`)
+    <root>/.pins/<id>.json                     the keys a run in progress will read or
+                                               write, until when (`pin`): `remove` keeps them
 
 The key hashes everything that determines a stage's output (`artifact_key`), so the same inputs
 find the same artifact on any machine. Only validated stage names and hex keys ever become path
@@ -68,6 +70,7 @@ _STAGE_RE = re.compile(r"[a-z][a-z0-9_-]{0,63}")
 _KEY_RE = re.compile(rf"[0-9a-f]{{{KEY_LENGTH}}}")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _LEASE_RE = re.compile(r"([0-9]{1,9})\.json")
+_PIN_RE = re.compile(r"[0-9a-f]{32}\.json")
 _PART_RE = re.compile(r"block-[0-9]{5}\.(safetensors|json)")
 _RESERVED = frozenset(
     {"format", "stage", "key", "sha256", "bytes", "tensor_names", "created", "versions"}
@@ -143,7 +146,7 @@ def artifact_key(
     keys of the artifacts the stage reads, in the order the stage takes them. Bump `version`
     when the stage's code changes what it produces.
     """
-    _check_stage(stage)
+    check_stage(stage)
     if isinstance(version, bool) or not isinstance(version, int | str) or version == "":
         raise ConfigError(f"stage version {version!r} must be an int or a non-empty string")
     for name, value in (("base_model", base_model), ("config", config)):
@@ -167,7 +170,7 @@ def artifact_key(
     return hashlib.sha256(canonical_json(payload).encode("ascii")).hexdigest()[:KEY_LENGTH]
 
 
-def _check_stage(stage: Any) -> str:
+def check_stage(stage: Any) -> str:
     if not isinstance(stage, str) or not _STAGE_RE.fullmatch(stage):
         raise ConfigError(
             f"stage name {_short(stage)} is not valid: use 1-64 lowercase letters, digits, "
@@ -308,7 +311,7 @@ class ArtifactStore:
 
     def ref(self, stage: str, key: str) -> ArtifactRef:
         """The reference of `stage`/`key` in this store (whether or not it exists)."""
-        _check_stage(stage)
+        check_stage(stage)
         _check_key(key)
         return ArtifactRef(self.root, stage, key, f"{self.root}/{stage}/{key}")
 
@@ -500,6 +503,82 @@ class ArtifactStore:
         found = (_LEASE_RE.fullmatch(n.rsplit("/", 1)[-1]) for n in names)
         return [int(m.group(1)) for m in found if m]
 
+    # -- pins: what the runs in progress need -----------------------------------------------
+    # A run pins every key of its plan while it runs (`.pins/<id>.json`, renewed by its holder
+    # like a lease): `remove` never takes a pinned key, nor anything upstream of one, so a
+    # garbage collection during a long sweep leaves it the calibration it will read next.
+    def pin(self, keys: Iterable[str], owner: dict, seconds: float) -> str:
+        """Pin `keys` for `seconds` on behalf of `owner` ({"owner": 32 hex characters, ...}, as
+        for a lease); returns the pin's name for `renew_pin` and `unpin`."""
+        name = f".pins/{owner['owner']}.json"
+        if not _PIN_RE.fullmatch(name.rsplit("/", 1)[-1]):
+            raise ConfigError(f"a pin's owner must be 32 hex characters, got {owner['owner']!r}")
+        record = {**owner, "keys": sorted({_check_key(k) for k in keys}), **_expiry(seconds)}
+        path = f"{self._base}/{name}"
+        self._put(path, json.dumps(record).encode(), f"writing the pin {self._uri(path)}")
+        return name
+
+    def renew_pin(self, name: str, seconds: float) -> None:
+        """Extend the pin `name` (written again if it went missing meanwhile)."""
+        path = f"{self._base}/{name}"
+        raw = self._if_present(f"reading the pin {self._uri(path)}",
+                               lambda: self.fs.cat_file(path))
+        record = _json_or_none(raw) if raw is not None else None
+        if not isinstance(record, dict):
+            raise StoreError(f"the pin {self._uri(path)} is gone or damaged; it cannot be renewed")
+        self._put(path, json.dumps({**record, **_expiry(seconds)}).encode(),
+                  f"renewing the pin {self._uri(path)}")
+
+    def unpin(self, name: str) -> None:
+        path = f"{self._base}/{name}"
+        with self._guard(f"removing the pin {self._uri(path)}"), \
+                contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(path)
+
+    def pins(self) -> list[dict]:
+        """The live pins (expired or unreadable ones are left out)."""
+        folder = f"{self._base}/.pins"
+        names = self._if_present(f"listing {self._uri(folder)}",
+                                 lambda: self.fs.ls(folder, detail=False), [])
+        paths = [n for n in names if _PIN_RE.fullmatch(n.rsplit("/", 1)[-1])]
+        if not paths:
+            return []
+        with self._guard(f"reading the pins under {self._uri(folder)}"):
+            raw = self.fs.cat(paths, on_error="return")
+        records = (_json_or_none(b) if isinstance(b, bytes) else None for b in raw.values())
+        return [r for r in records if isinstance(r, dict) and isinstance(r.get("keys"), list)
+                and not expired(r)]
+
+    def in_use(self) -> set[str]:
+        """Keys that runs in progress need: those of live pins, and of live leases with the
+        upstream keys they record."""
+        self._not_a_file()
+        keys = {k for pin in self.pins() for k in pin["keys"] if isinstance(k, str)}
+        folder = f"{self._base}/.leases"
+        found = self._if_present(f"listing {self._uri(folder)}",
+                                 lambda: self.fs.find(folder), [])
+        leased = set()
+        for path in found:
+            parts = path.rsplit("/", 3)[-3:]
+            if len(parts) == 3 and _LEASE_RE.fullmatch(parts[2]):
+                leased.add((parts[0], parts[1]))
+        for stage, key in leased:
+            if _STAGE_RE.fullmatch(stage) and _KEY_RE.fullmatch(key):
+                lease = self._lease(stage, key)[1]
+                if lease is not None and not expired(lease):
+                    keys.add(key)
+                    upstream = lease.get("upstream")
+                    if isinstance(upstream, list):
+                        keys.update(k for k in upstream if isinstance(k, str))
+        return keys
+
+    def needed(self) -> set[str]:
+        """`in_use`, with everything upstream of those keys: what `remove` never takes."""
+        keys = self.in_use()
+        if not keys:
+            return set()
+        return _with_upstream(keys, {e.ref.key: e.meta for e in self._scan() if e.meta})
+
     def create(self, name: str, data: bytes) -> bool:
         """Write `data` to `<root>/<name>` only if nothing is there yet: True when this call
         created it, False when it existed (an exclusive create locally, a conditional PUT on
@@ -521,6 +600,7 @@ class ArtifactStore:
         """
         ref = self.ref(stage, key)
         folder = self._dir(stage, key)
+        self._not_a_file()
         if not self._if_present(f"removing {ref.uri}", lambda: self.fs.find(folder)):
             return False
         self._uncommit(folder)
@@ -542,6 +622,7 @@ class ArtifactStore:
         committed: bool = True,
         incomplete: bool = False,
         dry_run: bool = False,
+        busy: list[ArtifactRef] | None = None,
     ) -> list[ArtifactRef]:
         """Remove many artifacts at once; returns what was removed (or would be, if `dry_run`).
 
@@ -551,18 +632,22 @@ class ArtifactStore:
         are candidates: committed artifacts, and folders without a usable meta.json (their age
         is their newest file's). `remove(keep=[final keys], incomplete=True)` is a garbage
         collection; `remove(committed=False, incomplete=True)` clears interrupted saves only.
-        A save in progress elsewhere looks incomplete, so give an `older_than` when other
-        machines may be writing.
+        What runs in progress need (`in_use`: the keys they pinned, and transitively their
+        upstream, and artifacts under a live lease, such as a stage's finished blocks) is never
+        taken; `busy`, when given, receives those candidates.
         """
         if stage is not None:
-            _check_stage(stage)
+            check_stage(stage)
         cutoff = _cutoff(older_than)
         if isinstance(keep, str):
             raise ConfigError("keep must be a list of artifact keys, not one string")
         keep = {_check_key(k) for k in keep}
+        needed = self.in_use()
 
-        entries = self._scan(None if keep else stage)
-        protected = _with_upstream(keep, {e.ref.key: e.meta for e in entries if e.meta})
+        entries = self._scan(None if keep or needed else stage)
+        metas = {e.ref.key: e.meta for e in entries if e.meta}
+        protected = _with_upstream(keep, metas)
+        needed = _with_upstream(needed, metas)
         chosen = []
         for e in entries:
             if (stage is not None and e.ref.stage != stage) or e.ref.key in protected:
@@ -573,6 +658,10 @@ class ArtifactStore:
                 when = _created(e.meta) if e.meta is not None else e.modified
                 if when is None or when > cutoff:
                     continue
+            if e.ref.key in needed:
+                if busy is not None:
+                    busy.append(e.ref)
+                continue
             chosen.append(e.ref)
         if not dry_run:
             for ref in chosen:
@@ -741,7 +830,7 @@ class ArtifactStore:
     def _scan(self, stage: str | None = None) -> list[_Entry]:
         """Every `<stage>/<key>` folder under the root (or one stage), committed or not."""
         if stage is not None:
-            _check_stage(stage)
+            check_stage(stage)
         self._not_a_file()
         top = self._base if stage is None else f"{self._base}/{stage}"
         found = self._if_present(f"listing {self._uri(top)}",

@@ -418,6 +418,81 @@ def test_store_rm_incomplete_removes_only_the_interrupted_save(tmp_path, capfd, 
     assert store.incomplete() == []
 
 
+def test_store_rm_checks_every_argument_before_it_removes_anything(tmp_path, capfd,
+                                                                  clean_environ):
+    from flows.cli import main
+
+    store, _broken = _store_of_six_and_one_broken(tmp_path / "store")
+    before = store.list()
+    first = f"oneshot/{before[0]['key']}"
+    for bad in (["--stage", "oneshot", "--older-than", "7days"], ["oneshot/not-a-key"],
+                ["--stage", "Not A Stage"]):
+        assert main(["store", "rm", "--store", str(store.root), first, *bad]) == 2
+        assert _one_line_error(capfd.readouterr().err)
+    assert store.list() == before
+    (tmp_path / "file").write_text("not a store")
+    assert main(["store", "rm", "--store", str(tmp_path / "file"), first]) == 3
+    assert "not a folder" in _one_line_error(capfd.readouterr().err)
+
+
+def test_store_rm_and_gc_leave_what_a_run_in_progress_pinned(tmp_path, capfd, clean_environ):
+    import uuid
+
+    from flows.cli import main
+
+    store, _broken = _store_of_six_and_one_broken(tmp_path / "store")
+    keys = [m["key"] for m in store.list()]
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"keys": {"oneshot": keys[0]}}))
+    pin = store.pin(keys[1:3], {"owner": uuid.uuid4().hex, "host": "elsewhere", "pid": 1}, 60)
+    assert main(["store", "rm", "--store", str(store.root), f"oneshot/{keys[1]}"]) == 0
+    assert "kept 1 that runs in progress need" in capfd.readouterr().out
+    assert main(["store", "gc", "--store", str(store.root), "--keep", str(results),
+                 "--older-than", "0s"]) == 0
+    out = capfd.readouterr().out
+    assert "removed 4 artifact(s)" in out and "kept 2 that runs in progress need" in out
+    assert {m["key"] for m in store.list()} == set(keys[:3])
+    store.unpin(pin)
+    assert main(["store", "rm", "--store", str(store.root), f"oneshot/{keys[1]}"]) == 0
+    assert {m["key"] for m in store.list()} == {keys[0], keys[2]}
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", '{"keys": ["a"]}', '{"keys": {"x": null}}',
+                                     b"\xff\xfe", "folder"])
+def test_store_gc_refuses_what_is_not_a_results_file(tmp_path, capfd, clean_environ, content):
+    from flows.cli import main
+
+    store, _broken = _store_of_six_and_one_broken(tmp_path / "store")
+    before = store.list()
+    keep = tmp_path / "keep.json"
+    if content == "folder":  # a folder named results.json under the --keep folder
+        keep = tmp_path / "kept"
+        (keep / "results.json").mkdir(parents=True)
+    elif isinstance(content, bytes):
+        keep.write_bytes(content)
+    else:
+        keep.write_text(content)
+    assert main(["store", "gc", "--store", str(store.root), "--keep", str(keep),
+                 "--older-than", "0s"]) == 2
+    assert _one_line_error(capfd.readouterr().err)
+    assert store.list() == before
+
+
+def test_store_gc_refuses_results_whose_artifacts_are_in_another_store(tmp_path, capfd,
+                                                                       clean_environ):
+    from flows.cli import main
+    from tests.test_store import key_for
+
+    store, _broken = _store_of_six_and_one_broken(tmp_path / "store")
+    before = store.list()
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"keys": {"oneshot": key_for(sparsity=0.42)}}))
+    assert main(["store", "gc", "--store", str(store.root), "--keep", str(results),
+                 "--older-than", "0s"]) == 2
+    assert "another --store" in _one_line_error(capfd.readouterr().err)
+    assert store.list() == before
+
+
 def test_a_stray_temporary_file_is_listed_and_collected(tmp_path, capfd, clean_environ):
     from flows.cli import main
 

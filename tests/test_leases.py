@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,68 @@ def test_an_expired_lease_is_taken_over_by_exactly_one_of_several_takers(root):
             assert generation is None and holder["owner"] == winners[0]
     # the one that lost its lease can no longer renew it
     assert not store.renew_lease("oneshot", KEY, 0, _owner("dead"), 60)
+
+
+def test_what_runs_in_progress_pinned_or_lease_is_never_removed(root):
+    """A run pins its plan's keys; a stage computing holds a lease that names its upstream.
+    Neither those artifacts nor their upstream go in a collection (nor the finished blocks of
+    the stage under the lease), until the pin is gone or the lease expired."""
+    import uuid
+
+    import torch
+
+    store = ArtifactStore(root)
+    calib, shot, redense, old = (artifact_key(s, 1, {"id": "m"}, {}, [])
+                                 for s in ("calibration", "oneshot", "redense", "second"))
+    store.save("calibration", calib, {"ids": torch.arange(4)}, {})
+    store.save("oneshot", shot, {"w": torch.ones(2)}, {"upstream": [calib]})
+    store.save("second", old, {"w": torch.ones(2)}, {})  # nobody's: collected
+    pin = store.pin([shot], {"owner": uuid.uuid4().hex, "host": "elsewhere", "pid": 1}, 60)
+
+    busy = []
+    assert store.remove(keep=[], dry_run=True, busy=busy) == [store.ref("second", old)]
+    assert set(busy) == {store.ref("calibration", calib), store.ref("oneshot", shot)}
+    assert store.needed() == {calib, shot}  # the pinned key and its upstream
+    store.unpin(pin)
+    assert store.needed() == set()
+
+    # a stage computing: its lease names its upstream; its finished blocks look incomplete
+    generation, _ = store.take_lease("redense", redense, {**_owner("a"), "upstream": [shot]},
+                                     60)
+    store.save_part("redense", redense, 0, {"w": torch.ones(2)}, {"blocks": 2})
+    assert store.incomplete() == [store.ref("redense", redense)]
+    busy = []
+    assert store.remove(committed=False, incomplete=True, busy=busy) == []
+    assert store.remove(stage="calibration", busy=busy) == []
+    assert set(busy) == {store.ref("redense", redense), store.ref("calibration", calib)}
+    assert list(store.parts("redense", redense))  # the finished block is still there
+
+    # an expired pin or lease protects nothing
+    store.pin([shot], {"owner": uuid.uuid4().hex, "host": "elsewhere", "pid": 1}, -1)
+    store.release_lease("redense", redense, generation)
+    assert store.needed() == set()
+    assert set(store.remove(incomplete=True)) == {
+        store.ref(s, k) for s, k in (("calibration", calib), ("oneshot", shot),
+                                     ("redense", redense), ("second", old))}
+
+
+def test_a_run_pins_its_keys_while_it_runs_and_unpins_them_after(tiny_model, corpus, tmp_path):
+    from tasks.common import pinned
+    from tasks.plan import plan_pipeline
+
+    plan = plan_pipeline(tiny_params(tiny_model, corpus, tmp_path / "store"))
+    store = ArtifactStore(plan.store)
+    with pinned([plan, plan], seconds=0.3):
+        (pin,) = store.pins()
+        assert set(pin["keys"]) == {spec.key for spec in plan.specs.values()}
+        first = pin["expires"]
+        time.sleep(0.5)  # renewed every third of its time: still live
+        (pin,) = store.pins()
+        assert pin["expires"] > first
+    assert store.pins() == [] and store.in_use() == set()
+    with pytest.raises(RuntimeError), pinned([plan]):
+        raise RuntimeError("the run failed")
+    assert store.pins() == []
 
 
 def test_a_lease_of_a_process_of_this_host_that_is_gone_has_expired():
@@ -159,8 +222,9 @@ def test_two_identical_runs_on_one_s3_store_compute_each_stage_once(
     assert not leases
 
 
-def test_a_run_whose_lease_was_taken_over_keeps_the_artifact_the_other_run_committed(
-        tiny_model, corpus, tmp_path):
+@pytest.mark.parametrize("lost", [True, False])
+def test_a_run_keeps_the_artifact_another_run_committed_while_it_computed(
+        tiny_model, corpus, tmp_path, lost):
     import logging
     import types
 
@@ -178,8 +242,10 @@ def test_a_run_whose_lease_was_taken_over_keeps_the_artifact_the_other_run_commi
     def compute(*_args):
         return {"x": torch.ones(2)}, {"by": "the stalled run"}
 
-    lost = types.SimpleNamespace(lost=True)  # its lease was taken over while it computed
-    ref = _compute(spec, compute, store, logging.getLogger("test"), lost)
+    # its lease was taken over while it computed (lost), or it took over the expired lease of
+    # a run that was alive after all and committed first
+    ref = _compute(spec, compute, store, logging.getLogger("test"),
+                   types.SimpleNamespace(lost=lost))
     assert ref["computed"] is False and ref["sha256"] == before["sha256"]
     assert store.load_meta(spec.stage, spec.key) == before
     tensors, meta = store.load(spec.stage, spec.key)
