@@ -7,7 +7,10 @@ layer's calibration inputs, so the objective is `tr(Δ H Δᵀ)` with `Δ = W_t 
 1. ADMM on the Gram matrix scaled to unit diagonal. With `D = diag(sqrt(H_jj))`, `Ĥ = D⁻¹HD⁻¹`
    and `Ŵ = W D` the objective is unchanged, `|Ŵ|` is the Wanda score, and one
    eigendecomposition `Ĥ = Q Λ Qᵀ` per input group gives `(Ĥ + ρI)⁻¹ = Q diag(1/(λ+ρ)) Qᵀ`
-   for every ρ. Split `W = Z` with `Z` in the pattern set:
+   for every ρ. Inputs that are almost never active (H_jj below `SCALE_FLOOR` times the mean
+   of diag H: a ReLU unit that fired on one calibration token) are scaled as if at that
+   floor, so their diagonal in Ĥ is below 1 (see `ScaledGram`). Split `W = Z` with `Z` in the
+   pattern set:
 
        W = (Ŵ_t Ĥ + ρ (Z − U)) (Ĥ + ρI)⁻¹     (in the eigenbasis: a division per column)
        Z = project(W + U)                      (keep the largest |·| in the method's grouping)
@@ -21,8 +24,8 @@ layer's calibration inputs, so the objective is `tr(Δ H Δᵀ)` with `Δ = W_t 
    independent least-squares problem on its support, solved for all rows at once (the CG
    scalars are per row). The scaling to unit diagonal is the Jacobi preconditioner.
 
-Both phases minimise the damped objective `tr(Δ (H + δ diag H) Δᵀ)` (`δ = percdamp`, the same
-relative dampening as SparseGPT's) and stop on a tolerance; the caps are safety limits. Among
+Both phases minimise the damped objective `tr(Δ (H + δ D²) Δᵀ)` (`δ = percdamp`, the same
+relative dampening as SparseGPT's, per input) and stop on a tolerance; the caps are safety limits. Among
 the feasible iterates the one with the lowest `tr(Δ H Δᵀ)` is returned, row by row where every
 row is a problem of its own (N:M, or unstructured masks per row), since each row can then take
 the iterate that suits it. For the same reason the layers that read one input (q/k/v, gate/up)
@@ -47,12 +50,21 @@ from .patterns import Pattern
 
 
 # -- the scaled Gram matrix -----------------------------------------------------------------------
+# D_jj² is at least this fraction of the mean of diag H. With D = diag(sqrt(H_jj)) alone, the
+# damping δ D² of an input that is almost never active is almost nothing, and the solver (and
+# the mixed targets' ridge) use its weights, free of cost on the calibration tokens, to fit the
+# residual of the few tokens where it fires: weights thousands of times the layer's on a ReLU
+# unit that fired once, and outputs far off on held-out text.
+SCALE_FLOOR = 0.01
+
+
 @dataclass
 class ScaledGram:
     """H scaled to unit diagonal and its eigendecomposition, shared by the layers of a group.
 
-    Dead inputs (H_jj = 0) get D_jj = 1; their weights cannot change the output and are set
-    to zero.
+    D_jj = sqrt(max(H_jj, SCALE_FLOOR · mean(diag H))): inputs below the floor keep a diagonal
+    below 1 in Ĥ and the damping δ D² of the floor. Dead inputs (H_jj = 0) get D_jj = 1; their
+    weights cannot change the output and are set to zero.
     """
 
     H: torch.Tensor  # [in, in] fp32: the unscaled Gram matrix
@@ -73,7 +85,8 @@ class ScaledGram:
         H = H.detach().float()
         diag = torch.diagonal(H)
         dead = diag <= 0  # [in]
-        d = torch.where(dead, torch.ones_like(diag), diag.clamp_min(0).sqrt())  # [in]
+        floor = SCALE_FLOOR * diag.clamp_min(0).mean()
+        d = torch.where(dead, torch.ones_like(diag), diag.clamp_min(floor).sqrt())  # [in]
         Hs = H / d.unsqueeze(1) / d.unsqueeze(0)  # [in, in]
         Hs[dead, :] = 0.0
         Hs[:, dead] = 0.0

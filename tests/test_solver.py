@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import sds
+from sds import solver as solver_module
 from sds.errors import ConfigError, NumericalError
 from sds.patterns import Pattern
 from sds.pruners import get_method
@@ -55,8 +56,10 @@ def test_conjugate_gradient_matches_the_least_squares_solution_of_every_row():
     W = gram.unscale(X)
     assert 0 < iters < 1000
     assert torch.equal(W[mask], torch.zeros(int(mask.sum())))
-    # independent: each row's normal equations on its support with H + δ diag(H), in float64
-    Hd = H.double() + delta * torch.diag(torch.diagonal(H).double())
+    # independent: each row's normal equations on its support with H + δ D², in float64, where
+    # D² is diag H with the floor (a fraction of its mean)
+    diag = torch.diagonal(H).double()
+    Hd = H.double() + delta * torch.diag(diag.clamp_min(solver_module.SCALE_FLOOR * diag.mean()))
     for i in range(W_t.shape[0]):
         S = ~mask[i]
         rhs = (Hd @ W_t[i].double())[S]
@@ -120,8 +123,11 @@ def test_trace_follows_the_returned_objective(spec, per_row, start):
 
 
 def _plain_mask(W, H, spec, per_row):
-    """The pattern's mask of the largest |W_ij| sqrt(H_jj) (the scaled weights' magnitude)."""
-    return Pattern.parse(spec).prune_mask(W.abs() * torch.diagonal(H).sqrt(), per_row=per_row)
+    """The pattern's mask of the largest |W_ij| D_jj (the scaled weights' magnitude), D_jj =
+    sqrt(H_jj) with the floor."""
+    diag = torch.diagonal(H)
+    d = diag.clamp_min(solver_module.SCALE_FLOOR * diag.mean()).sqrt()
+    return Pattern.parse(spec).prune_mask(W.abs() * d, per_row=per_row)
 
 
 def test_trace_leaves_the_result_unchanged():
@@ -173,6 +179,32 @@ def test_degenerate_gram_gives_a_finite_weight_in_the_pattern(case, spec):
     if case != "zero":  # the solver still lowers the error of plain pruning
         plain = sds.wanda(W_t, H, spec)
         assert _error(W_t, W, H) <= _error(W_t, plain, H) * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("floor", [solver_module.SCALE_FLOOR, 0.0])
+def test_an_input_that_is_almost_never_active_gets_no_outsized_weight(floor, monkeypatch):
+    """A ReLU input that fires on one calibration token, at 1e-3. Damped by δ H_jj alone (floor
+    0) its weights cost almost nothing and fit that token's residual: the solver and the mixed
+    targets' ridge give it weights hundreds of times the layer's. D's floor damps it as an
+    input at the floor: every weight stays in the dense layer's range."""
+    monkeypatch.setattr(solver_module, "SCALE_FLOOR", floor)
+    g = torch.Generator().manual_seed(0)
+    X = torch.relu(torch.randn(512, 128, generator=g))  # [tokens, in]
+    X[:, 7] = 0
+    X[3, 7] = 1e-3
+    X_ref = X + 0.1 * torch.randn(512, 128, generator=g)
+    H = X.T @ X
+    W_t = torch.randn(32, 128, generator=g) * 0.05
+    gram = ScaledGram.of(H, 0.01)
+    diag = torch.diagonal(H)
+    assert torch.allclose(gram.d.square(), diag.clamp_min(floor * diag.mean()))
+    W, _ = solve(W_t, gram, "2:4")
+    W_star = mixed_target(W_t, W_t @ (X_ref.T @ X), gram, 1.0)
+    largest = max(W.abs().max(), W_star.abs().max()) / W_t.abs().max()
+    if floor:
+        assert largest < 3
+    else:  # the failure the floor removes
+        assert largest > 100
 
 
 def test_admm_method_runs_through_the_api_on_a_model():
