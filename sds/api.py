@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from .errors import ConfigError
 from .layerwise import WalkReport, walk
 from .models import prunable_layers
 from .options import method_options
@@ -63,8 +64,7 @@ def oneshot(model: nn.Module, calibration, method: str = "sparsegpt",
     (also with `resume`: the walk writes the finished blocks' weights itself). Methods that do
     not read an option ignore it, with a warning. Rules that select no layer are refused
     before any work."""
-    rules = pattern if isinstance(pattern, LayerRules) else LayerRules.build(pattern, overrides,
-                                                                             exclude)
+    rules = _rules(pattern, overrides, exclude)
     transform = _oneshot_transform(model, method, rules,
                                    PruneOptions(blocksize, percdamp, solver, sequential,
                                                 target_mix))
@@ -73,9 +73,18 @@ def oneshot(model: nn.Module, calibration, method: str = "sparsegpt",
                 progress=progress, on_block=on_block, resume=resume)
 
 
+def _rules(pattern, overrides, exclude) -> LayerRules:
+    if not isinstance(pattern, LayerRules):
+        return LayerRules.build(pattern, overrides, exclude)
+    if overrides or exclude:
+        raise ConfigError("overrides and exclude are part of LayerRules; pass them to "
+                          "LayerRules.build, or pass the pattern as a string")
+    return pattern
+
+
 def _oneshot_transform(model: nn.Module, method: str, rules: LayerRules, options: PruneOptions):
     read = method_options(method)
-    for name in ("sequential", "target_mix"):
+    for name in ("sequential", "target_mix", "solver"):
         if getattr(options, name) and name not in read:
             log.warning("method %s does not read %s; it is ignored", method, name)
     needs_dense = options.target_mix > 0 and "target_mix" in read
@@ -98,7 +107,10 @@ def prune(model: nn.Module, calibration, method: str = "sparsegpt", pattern="2:4
     statistics from step 1's propagation pass (`walk`'s `then`), the same statistics and the
     same result as a walk of its own; step 2's seconds then include that pass.
     """
-    rules = LayerRules.build(pattern, overrides, exclude)
+    rules = _rules(pattern, overrides, exclude)
+    if sds_config is not None and not sds:
+        raise ConfigError("sds_config is given but sds=False; pass sds=True to run the SDS "
+                          "steps, or leave sds_config out")
     report = PruneReport(method=method, rules=rules.describe())
     kw = {"device": device, "progress": progress}
 

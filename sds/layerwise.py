@@ -493,6 +493,11 @@ def _transform_group(transform, b, names, layers, st, needs, report, device) -> 
         if not torch.isfinite(W_new).all():
             raise NumericalError(f"the transform produced NaN/Inf weights for {name}")
         out[name] = W_new = _as_stored(layers[name], W_new)
+        if not torch.isfinite(W_new).all():  # finite in fp32, beyond the layer's dtype
+            dtype = layers[name].weight.dtype
+            raise NumericalError(
+                f"the new weights of {name} exceed the range of {dtype} (largest "
+                f"{new[name].abs().max().item():.3g}); load the model in float32 or bfloat16")
         report.layers.append(_record(name, b, before[name].to(device), W_new, st, needs,
                                      group.info.get(name, {})))
     return out

@@ -58,15 +58,19 @@ def block_linears(block: nn.Module) -> dict[str, nn.Module]:
 def prunable_layers(model: nn.Module, rules=None) -> dict[str, nn.Module]:
     """Every linear layer inside the blocks (full module names), optionally filtered by rules.
 
-    Rules that select no layer, or hold an override that matches none, raise ConfigError
-    (`LayerRules.check`)."""
+    Rules that select no layer, hold an override that matches none (`LayerRules.check`), or
+    give a layer an N:M pattern whose M does not divide its input dimension raise ConfigError,
+    before anything is pruned."""
     prefix, blocks = find_blocks(model)
     layers = {f"{prefix}.{i}.{n}": m
               for i, block in enumerate(blocks) for n, m in block_linears(block).items()}
     if rules is None:
         return layers
     rules.check(layers)
-    return {n: m for n, m in layers.items() if rules.pattern_for(n) is not None}
+    selected = {n: m for n, m in layers.items() if rules.pattern_for(n) is not None}
+    for name, module in selected.items():
+        rules.pattern_for(name).check_width(weight_matrix(module).shape[1], name)
+    return selected
 
 
 def skeleton(config, trust_remote_code: bool = False) -> nn.Module:

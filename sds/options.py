@@ -46,6 +46,10 @@ class SolverOptions:
                                                                           and g >= 1):
             raise ConfigError(f"rho_growth must be >= 1 and a finite number, got {g!r}; use e.g."
                               " 1.3 (1 keeps ρ fixed)")
+        if self.admm_iters and self.ramp_iters >= self.admm_iters:
+            raise ConfigError(f"ramp_iters ({self.ramp_iters}) must be below admm_iters "
+                              f"({self.admm_iters}; adjust_epochs in SDS step 3): no iterate "
+                              "meets the pattern before the ramp ends; use a shorter ramp or 0")
         if not (isinstance(self.rho_every, int) and self.rho_every >= 1):
             raise ConfigError(f"rho_every must be an integer >= 1, got {self.rho_every!r}; "
                               "use e.g. 3")
@@ -147,6 +151,9 @@ class SDSConfig:
             if not (isinstance(v, int | float) and math.isfinite(v) and v >= 0):
                 raise ConfigError(f"{name} must be >= 0 and a finite number, got {v!r}; use 0 to "
                                   "drop the term")
+        for name in ("early_exit", "sequential"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         check_target_mix(self.target_mix)
         self.solver_options()  # validates the step-3 solver options
 

@@ -89,11 +89,14 @@ class Pattern:
         return f"{pct:g}%" if abs(pct - round(pct, 6)) < 1e-9 else f"{self.ratio!r}"
 
     # -- mask selection -----------------------------------------------------------------------
-    def check_width(self, cols: int) -> None:
-        """Refuse an input dimension `cols` that N:M groups do not divide."""
+    def check_width(self, cols: int, layer: str | None = None) -> None:
+        """Refuse an input dimension `cols` (of `layer`, if named) that N:M groups do not
+        divide."""
         if self.is_nm and cols % self.m:
-            raise ConfigError(f"{self} needs the input dimension to be a multiple of {self.m}, "
-                              f"got {cols}; exclude this layer or use an unstructured ratio")
+            of = f" of {layer}" if layer else ""
+            raise ConfigError(f"{self} needs the input dimension{of} to be a multiple of "
+                              f"{self.m}, got {cols}; exclude this layer or use an unstructured "
+                              "ratio")
 
     def prune_mask(self, scores: torch.Tensor, per_row: bool = False) -> torch.Tensor:
         """Boolean mask of the weights to prune (True = set to zero).

@@ -42,6 +42,15 @@ def _check_finite(name: str, t: torch.Tensor) -> None:
         )
 
 
+def _as_dtype(W: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The fp32 result W in the caller's dtype, refused where it does not fit that dtype."""
+    out = W.to(dtype)
+    if not torch.isfinite(out).all():
+        raise NumericalError(f"the pruned weights exceed the range of {dtype} (largest "
+                             f"{W.abs().max().item():.3g}); pass the weights in float32")
+    return out
+
+
 def _check_shapes(W: torch.Tensor, H: torch.Tensor | None) -> None:
     if W.dim() != 2:
         raise ConfigError(f"W must be 2-D [out, in], got shape {tuple(W.shape)}")
@@ -117,8 +126,8 @@ def inverse_hessian_factor(
 
 
 def _check_blocksize(pattern: Pattern, blocksize: int) -> None:
-    if blocksize < 1:
-        raise ConfigError(f"blocksize must be positive, got {blocksize}")
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
+        raise ConfigError(f"blocksize must be a positive integer, got {blocksize!r}; use 128")
     if pattern.is_nm and blocksize % pattern.m:
         raise ConfigError(f"blocksize {blocksize} is not a multiple of M={pattern.m} for {pattern};"
                           f" use a multiple of {pattern.m} such as {pattern.m * 32}")
@@ -182,7 +191,7 @@ def sparsegpt(
         Wt[i2:].addmm_(U[i1:i2, i2:].t(), Err1, alpha=-1.0)
     W = Wt.t().contiguous()  # [out, in]
     _check_finite("pruned W", W)
-    return W.to(dtype)
+    return _as_dtype(W, dtype)
 
 
 def admm(W: torch.Tensor, H: torch.Tensor, pattern: Pattern | str, percdamp: float = 0.01,
@@ -204,7 +213,7 @@ def admm(W: torch.Tensor, H: torch.Tensor, pattern: Pattern | str, percdamp: flo
                           options=options or SolverOptions())
     if info is not None:
         info.update(record)
-    return W_new.to(W.dtype)
+    return _as_dtype(W_new, W.dtype)
 
 
 def _admm_layers(Ws: dict[str, torch.Tensor], gram: ScaledGram, pattern: Pattern,
@@ -246,6 +255,8 @@ class PruneOptions:
     def __post_init__(self):
         if not isinstance(self.sequential, bool):
             raise ConfigError(f"sequential must be True or False, got {self.sequential!r}")
+        if self.solver is not None and not isinstance(self.solver, SolverOptions):
+            raise ConfigError(f"solver must be a SolverOptions, got {type(self.solver).__name__}")
         check_target_mix(self.target_mix)
 
 

@@ -25,12 +25,12 @@ layer's calibration inputs, so the objective is `tr(Δ H Δᵀ)` with `Δ = W_t 
    scalars are per row). The scaling to unit diagonal is the Jacobi preconditioner.
 
 Both phases minimise the damped objective `tr(Δ (H + δ D²) Δᵀ)` (`δ = percdamp`, the same
-relative dampening as SparseGPT's, per input) and stop on a tolerance; the caps are safety limits. Among
-the feasible iterates the one with the lowest `tr(Δ H Δᵀ)` is returned, row by row where every
-row is a problem of its own (N:M, or unstructured masks per row), since each row can then take
-the iterate that suits it. For the same reason the layers that read one input (q/k/v, gate/up)
-are solved as one stacked matrix in those groupings (`solve_layers`): the per-iteration cost of
-small layers is paid once.
+relative dampening as SparseGPT's, per input) and stop on a tolerance; the caps are safety
+limits. Among the feasible iterates the one with the lowest `tr(Δ H Δᵀ)` is returned, row by
+row where every row is a problem of its own (N:M, or unstructured masks per row), since each
+row can then take the iterate that suits it. For the same reason the layers that read one
+input (q/k/v, gate/up) are solved as one stacked matrix in those groupings (`solve_layers`):
+the per-iteration cost of small layers is paid once.
 
 The same eigendecomposition solves step 2 of SDS (`redense`): the quadratic part in closed
 form, the L1 and L2 terms in the elementwise ADMM step.
@@ -47,7 +47,6 @@ import torch
 from .errors import ConfigError, NumericalError
 from .options import SolverOptions, check_options  # noqa: F401 (re-exported)
 from .patterns import Pattern
-
 
 # -- the scaled Gram matrix -----------------------------------------------------------------------
 # D_jj² is at least this fraction of the mean of diag H. With D = diag(sqrt(H_jj)) alone, the

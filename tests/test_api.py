@@ -35,6 +35,38 @@ def _imports(path: Path) -> set[str]:
     return names
 
 
+@pytest.mark.parametrize("call,kw,msg", [
+    ("prune", {"sds_config": sds.SDSConfig()}, "sds_config is given but sds=False"),
+    ("oneshot", {"pattern": sds.LayerRules.build("2:4"), "exclude": ["down_proj"]},
+     "overrides and exclude are part of LayerRules"),
+    ("prune", {"pattern": sds.LayerRules.build("2:4"), "overrides": {"down_proj": "4:8"}},
+     "overrides and exclude are part of LayerRules"),
+    ("oneshot", {"blocksize": 64.5}, "blocksize must be a positive integer, got 64.5"),
+])
+def test_options_that_would_be_ignored_are_refused_before_any_work(call, kw, msg):
+    model = tiny_llama()
+    before = {n: weight_matrix(m).clone() for n, m in prunable_layers(model).items()}
+    kw = {"pattern": "2:4", **kw}
+    with pytest.raises(sds.ConfigError, match=msg):
+        getattr(sds, call)(model, torch.randint(0, 128, (2, 16)), "sparsegpt", progress=False,
+                           **kw)
+    for name, module in prunable_layers(model).items():
+        assert torch.equal(weight_matrix(module), before[name]), name
+
+
+@pytest.mark.parametrize("field", ["sequential", "early_exit"])
+def test_sds_switches_must_be_booleans(field):
+    with pytest.raises(sds.ConfigError, match=f"{field} must be True or False"):
+        sds.SDSConfig(**{field: "no"})
+
+
+def test_a_solver_given_to_a_method_that_does_not_read_it_is_named_in_a_warning(caplog):
+    with caplog.at_level("WARNING", logger="sds"):
+        sds.oneshot(tiny_llama(layers=1), torch.randint(0, 128, (1, 16)), "sparsegpt", "2:4",
+                    solver=sds.SolverOptions(), progress=False)
+    assert "method sparsegpt does not read solver" in caplog.text
+
+
 def test_no_library_module_lies_on_an_import_cycle():
     """api builds on reconstruct, reconstruct on pruners and the engine, pruners on the solver:
     imports point one way (function-level imports included)."""

@@ -559,11 +559,49 @@ def test_blocksize_not_multiple_of_m_is_rejected_before_any_work():
     assert torch.equal(weight_matrix(model.model.layers[0].self_attn.q_proj), before)
 
 
+@pytest.mark.parametrize("sds_steps", [False, True])
+def test_an_nm_pattern_a_layer_cannot_hold_is_refused_before_anything_is_pruned(sds_steps):
+    """intermediate_size 36 takes 2:4 but not 4:8 on down_proj, the block's last layer: the
+    error names it, and no earlier layer was pruned."""
+    model = tiny_llama(layers=2, intermediate_size=36)
+    before = {n: weight_matrix(m).clone() for n, m in prunable_layers(model).items()}
+    with pytest.raises(ConfigError, match="down_proj to be a multiple of 8, got 36"):
+        sds.prune(model, torch.randint(0, 128, (1, 16)), "wanda", "4:8", sds=sds_steps,
+                  progress=False)
+    assert all(torch.equal(weight_matrix(m), before[n])
+               for n, m in prunable_layers(model).items())
+    sds.prune(model, torch.randint(0, 128, (1, 16)), "wanda", "4:8", progress=False,
+              exclude=["down_proj"])  # the fix the message names
+
+
 def test_nan_weights_in_model_raise_numerical_error():
     model = tiny_llama()
     model.model.layers[1].mlp.up_proj.weight.data[0, 0] = float("nan")
     with pytest.raises(sds.NumericalError):
         sds.prune(model, torch.randint(0, 128, (1, 16)), "sparsegpt", "2:4", progress=False)
+
+
+def test_weights_beyond_the_models_dtype_are_refused_before_they_are_written():
+    """A transform's fp32 weights are finite, but too large for an fp16 model: an error naming
+    the dtype, and the layer keeps its weights (not inf)."""
+    model = tiny_llama(layers=1).half()
+    q = model.model.layers[0].self_attn.q_proj
+    before = q.weight.detach().clone()
+
+    def transform(group):
+        return {name: W * 1e6 for name, W in group.weights().items()}
+
+    with pytest.raises(sds.NumericalError, match="range of torch.float16"):
+        walk(model, torch.randint(0, 128, (1, 16)), transform, progress=False)
+    assert torch.equal(q.weight, before)
+
+
+def test_layer_pruners_refuse_results_beyond_their_dtype():
+    from sds.pruners import _as_dtype
+
+    assert _as_dtype(torch.tensor([1e4, -2.0]), torch.float16).dtype == torch.float16
+    with pytest.raises(sds.NumericalError, match="range of torch.float16"):
+        _as_dtype(torch.tensor([1e6, 1.0]), torch.float16)
 
 
 def _walks():

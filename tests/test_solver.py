@@ -6,6 +6,7 @@ import torch
 import sds
 from sds import solver as solver_module
 from sds.errors import ConfigError, NumericalError
+from sds.options import SDSConfig
 from sds.patterns import Pattern
 from sds.pruners import get_method
 from sds.solver import (
@@ -408,10 +409,21 @@ def test_redense_trace_is_the_best_objective_so_far():
     ({"rho": -0.1}, "rho must be > 0 and a finite number"),
     ({"rho_growth": 0.5}, "rho_growth must be >= 1 and a finite number"),
     ({"rho_every": 0}, "rho_every must be an integer >= 1"),
+    ({"ramp_iters": 100}, r"ramp_iters \(100\) must be below admm_iters \(100"),
 ])
 def test_bad_solver_options_are_refused(kw, msg):
     with pytest.raises(ConfigError, match=msg):
         SolverOptions(**kw)
+
+
+def test_a_ramp_as_long_as_the_cap_is_refused_everywhere_it_can_be_set():
+    """No iterate meets the pattern before the ramp ends: such a solve would only return the
+    plain projection of its start. Refused in SDS step 3's options too; without ADMM (cap 0)
+    the ramp is moot."""
+    with pytest.raises(ConfigError, match="ramp_iters"):
+        SDSConfig(adjust_epochs=10, ramp_iters=10)
+    SolverOptions(admm_iters=0, ramp_iters=10)
+    SolverOptions(admm_iters=11, ramp_iters=10)
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
