@@ -63,11 +63,19 @@ def _add_options(parser: argparse.ArgumentParser, kind) -> None:
         shown = ",".join(field.default) if isinstance(field.default, list) else field.default
         if not isinstance(shown, bool | None) and "default" not in help_text:
             help_text += f" (default: {shown})"
+        if field.default is True:  # the flag is --no-NAME: say what turning it off does
+            help_text = _when_off(name, help_text)
         _add_option(group, name, field.default, help_text)
     group = parser.add_argument_group("SDS options (SDSConfig in sds/options.py)")
     for f in dataclasses.fields(SDSConfig):
         _add_option(group, f"sds_options.{f.name}", f.default,
                     f"turn off {f.name}" if f.default is True else f"default {f.default}")
+
+
+def _when_off(name: str, description: str) -> str:
+    """What a field that is on by default does when off: its description's "(off: WHAT)"."""
+    off = re.search(r"\(off: (.*)\)$", description)
+    return off.group(1) if off else f"turn off {name}"
 
 
 def _add_option(group, dest: str, default, help_text: str) -> None:
@@ -467,12 +475,34 @@ def _offline(config, args) -> None:
 
 
 def _check_destinations(config) -> None:
-    """The store can be written and read, and the output folder written."""
+    """The store can be written and read, and the output folder written, apart from every
+    local model folder of the run or sweep."""
     from tasks.store import ArtifactStore
 
     ArtifactStore(config.store).check()
     if config.out:
+        sweep = hasattr(config, "models")
+        for model in config.models if sweep else [config.model]:
+            check_out_apart(config.out, model, sweep)
         check_out(config.out)
+
+
+def check_out_apart(out: str, model: str | None, sweep: bool = False) -> None:
+    """`out` and the local model folder `model` (the demo's too) do not overlap. A run writes
+    files into `out` and replaces `<out>/model`; a sweep writes `<out>/<run>/...`: a model
+    folder that holds `out`, or lies inside what is replaced, would be changed."""
+    from sds.demo import demo_model_path
+    from sds.errors import ConfigError
+
+    folder = demo_model_path("opt") if model in (None, "", "demo") else Path(model).expanduser()
+    if not folder.is_dir():
+        return  # a hub id
+    folder, target = folder.resolve(), Path(out).expanduser().resolve()
+    replaced = target if sweep else target / "model"
+    if target.is_relative_to(folder) or folder.is_relative_to(replaced):
+        raise ConfigError(f"--out {out} overlaps the model folder {folder}: the run would "
+                          f"write into it or replace it; choose an --out outside it"
+                          + ("" if sweep else " whose model/ is not this folder"))
 
 
 def _check(config, points: list, console) -> None:
@@ -558,6 +588,30 @@ def cmd_run(args, console) -> int:
     return 0
 
 
+def _grid_loader():
+    """A safe YAML loader that reads scalars as YAML 1.2 does: `2:4` stays the string it looks
+    like (YAML 1.1 reads it as the base-60 number 124), and yes/no/on/off stay words (pydantic
+    still reads them as booleans where a field is one; `gpu_limit: off` is a none word)."""
+    import yaml
+
+    class GridLoader(yaml.SafeLoader):
+        pass
+
+    tags = {f"tag:yaml.org,2002:{t}" for t in ("bool", "int", "float")}
+    GridLoader.yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag not in tags]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    for tag, pattern, first in (
+            ("bool", r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
+            ("int", r"^[-+]?(?:0|[1-9][0-9_]*)$|^0x[0-9a-fA-F_]+$", "-+0123456789"),
+            ("float", r"^[-+]?(?:[0-9][0-9_]*)?\.[0-9_]*(?:[eE][-+]?[0-9]+)?$"
+                      r"|^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$|^[-+]?\.(?:inf|Inf|INF)$"
+                      r"|^\.(?:nan|NaN|NAN)$", "-+0123456789.")):
+        GridLoader.add_implicit_resolver(f"tag:yaml.org,2002:{tag}", re.compile(pattern),
+                                         list(first))
+    return GridLoader
+
+
 def _grid(path: str | None) -> dict:
     import yaml
 
@@ -566,7 +620,7 @@ def _grid(path: str | None) -> dict:
     if not path:
         return {}
     try:
-        grid = yaml.safe_load(Path(path).read_text()) or {}
+        grid = yaml.load(Path(path).read_text(), Loader=_grid_loader()) or {}  # noqa: S506
     except FileNotFoundError:
         raise ConfigError(f"grid file {path} does not exist") from None
     except yaml.YAMLError as exc:

@@ -19,6 +19,7 @@ direction, and the fraction of the dense-to-one-shot gap it recovers,
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -93,10 +94,16 @@ def finish(plan, refs: dict[str, dict], out: str | os.PathLike | None, export,
            started: datetime, t0: float, flow_run: dict | None) -> dict:
     """The end of one pipeline run, whoever ran its stages (a flow, or the command line that
     found them all in the store): the final model written to `<out>/model` by `export(spec,
-    ref, folder)` (None: no model folder), the results record, `<out>/results.json`."""
+    ref, folder)` (None: no model folder, and a model folder an earlier run exported there is
+    removed, so that none stands beside results saying `model_dir: null`), the results record,
+    `<out>/results.json`."""
+    from tasks.export import remove_model
+
     model_dir = None
     if out and export is not None:
         model_dir = export(plan.specs[plan.final], refs[plan.final], str(Path(out) / "model"))
+    elif out:
+        remove_model(Path(out) / "model")
     results = build_results(plan, refs, started, time.perf_counter() - t0, model_dir, flow_run)
     if out:
         write_json(results, Path(out) / "results.json")
@@ -114,6 +121,23 @@ def run_name(results_or_config: dict) -> str:
     name = "demo" if s.get("demo") else Path(str(s["model"]).rstrip("/")).name
     return slug(name, s["method"], s["pattern"].replace("%", "pct"),
                 "sds" if s["sds"] else "oneshot")
+
+
+def run_names(settings: list[dict]) -> list[str]:
+    """`run_name` of each point of a sweep, unique per model: where points of different models
+    share a name (two folders both named `opt`, or two hub ids ending in the same name), each of
+    them gets a short hash of its model (resolved folder or hub id, and revision) appended, the
+    same on every rerun. The other names stay as they are."""
+    names = [run_name(s) for s in settings]
+    models: dict[str, set[str]] = {}
+    for name, s in zip(names, settings):
+        models.setdefault(name, set()).add(_model_of(s))
+    return [f"{name[:93]}-{hashlib.sha256(_model_of(s).encode()).hexdigest()[:6]}"
+            if len(models[name]) > 1 else name for name, s in zip(names, settings)]
+
+
+def _model_of(settings: dict) -> str:
+    return f"{settings['model']}@{settings.get('revision') or ''}"
 
 
 def _fmt(value, digits: int = 4) -> str:

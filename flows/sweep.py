@@ -45,8 +45,9 @@ def sweep(config: SweepConfig = SweepConfig()) -> dict:  # noqa: B008 - a frozen
     of `config` (see tasks.config.SweepConfig); with `config.pool`, each point is a `pipeline`
     flow run on that work pool.
 
-    Writes `<out>/<run name>/results.json` per point (and the model with `export`) and
-    `<out>/sweep.json`; a point that fails does not stop the others, but fails the sweep.
+    Writes `<out>/<run name>/results.json` per point (and the model with `export`; names are
+    unique, `report.run_names`) and `<out>/sweep.json`; a point that fails does not stop the
+    others, but fails the sweep.
     """
     started = datetime.now(UTC)
     t0 = time.perf_counter()
@@ -70,8 +71,8 @@ def write_results(config: SweepConfig, plans: list[Plan], outcomes: list[dict | 
     SweepError when a point failed, after writing the others."""
     out, export = config.out, config.export
     points, failures = [], []
-    for plan, refs, run in zip(plans, outcomes, runs):
-        name = report.run_name(plan.settings)
+    names = report.run_names([plan.settings for plan in plans])
+    for plan, refs, run, name in zip(plans, outcomes, runs, names):
         try:
             if isinstance(refs, Exception):
                 raise refs
@@ -156,10 +157,10 @@ def run_on_pool(pool: str, points: list, plans: list[Plan], wait_minutes: float 
     from prefect.deployments import run_deployment
 
     name = deploy_points(pool)
+    names = report.run_names([plan.settings for plan in plans])
     children = [run_deployment(name, parameters={"config": _for_workers(point, plan)},
-                               flow_run_name=report.run_name(plan.settings), timeout=0,
-                               as_subflow=True)
-                for point, plan in zip(points, plans)]
+                               flow_run_name=run_name, timeout=0, as_subflow=True)
+                for point, plan, run_name in zip(points, plans, names)]
     get_run_logger().info("%d points submitted to the work pool %s (%s)", len(children), pool,
                           name)
     finished = wait_for_flow_runs([c.id for c in children], pool, wait_minutes)

@@ -17,6 +17,7 @@ by the planner, once, before anything runs.
 from __future__ import annotations
 
 import itertools
+import os
 from typing import Annotated, Any
 
 from pydantic import (
@@ -38,14 +39,17 @@ from .store import DEFAULT_ROOT
 
 GPU_LIMIT = "sds-gpu"  # name of the Prefect global concurrency limit compute stages hold
 NONE_WORDS = ("", "none", "off")
+# the spellings sds.models.load_model accepts (it imports torch, so they are repeated here)
+DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 
 
 def _names(value: Any) -> Any:
     """A list of names from a list or a comma-separated string; 'none' is the empty list."""
     if isinstance(value, str):
         value = [v.strip() for v in value.split(",")]
-    if isinstance(value, list | tuple):
-        value = [v for v in value if not (isinstance(v, str) and v.strip() == "")]
+    if isinstance(value, list | tuple):  # a number (a ratio pattern, 0.5) as its text
+        value = [str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
+                 for v in value if not (isinstance(v, str) and v.strip() == "")]
         return [] if [str(v).lower() for v in value] == ["none"] else value
     return value
 
@@ -58,9 +62,22 @@ def _unique(values: list) -> list:
     return list(dict.fromkeys(values))
 
 
+def _dtype(value: str) -> str:
+    if value not in DTYPES:
+        raise ValueError(f"{value!r} is not a dtype; choose one of {', '.join(DTYPES)}")
+    return value
+
+
+def _expand_user(value: str | None) -> str | None:
+    """`~` expanded once, here, so every output (results, model, log) goes to one folder."""
+    return os.path.expanduser(value) if value else value
+
+
 Names = Annotated[list[str], BeforeValidator(_names), AfterValidator(_unique)]
 OptionalName = Annotated[str | None, BeforeValidator(_optional_name)]
 Finite = Annotated[float, Field(allow_inf_nan=False)]
+Dtype = Annotated[str, AfterValidator(_dtype)]
+OutFolder = Annotated[str | None, AfterValidator(_expand_user)]
 
 
 class Options(BaseModel):
@@ -99,13 +116,15 @@ class Options(BaseModel):
                                    description="SDS steps 2 and 3 (sds.options.SDSConfig)")
 
     # model, device and storage
-    dtype: str = Field("auto", description="auto, float32, bfloat16, float16")
+    dtype: Dtype = Field("auto", description="auto, float32 (fp32), bfloat16 (bf16), float16 "
+                         "(fp16)")
     device: str | None = Field(None, description="compute device, e.g. cuda, cuda:1, cpu "
                                "(default: cuda when available)")
     store: str = Field(DEFAULT_ROOT, description="artifact store: a folder or a URL such as "
                        "s3://bucket/prefix")
     verify: bool = Field(True, description="hash stored tensors when a stage reads them "
-                         "(off: trust their recorded size)")
+                         "(off: trust stored tensors by their recorded size, without hashing "
+                         "them)")
     gpu_limit: OptionalName = Field(GPU_LIMIT, description="Prefect global concurrency limit "
                                     "the compute stages hold, or none")
 
@@ -128,9 +147,11 @@ class RunConfig(Options):
     exclude: list[str] = Field([], description="regexes of layers left dense")
     overrides: dict[str, str] = Field({}, description="REGEX -> pattern for matching layers")
     sds: bool = Field(True, description="SDS on top of the one-shot pruning (off: one-shot "
-                      "only)")
-    out: str | None = Field("./sds-out", description="results.json and the model folder go here")
-    export: bool = Field(True, description="write the final model folder")
+                      "pruning only)")
+    out: OutFolder = Field("./sds-out", description="results.json and the model folder go here")
+    export: bool = Field(True, description="write the final model folder (off: no model "
+                         "folder, only results.json; an earlier run's model folder there is "
+                         "removed)")
 
 
 class SweepConfig(Options):
@@ -142,8 +163,9 @@ class SweepConfig(Options):
     patterns: Names = Field(["2:4"], description="sparsity patterns")
     sds: list[bool] = Field([True], description="SDS on top of each point ([true, false]: "
                             "both)")
-    out: str | None = Field("./sds-sweep", description="results go here")
-    export: bool = Field(False, description="write each point's model folder")
+    out: OutFolder = Field("./sds-sweep", description="results go here")
+    export: bool = Field(False, description="write each point's model folder (without it, "
+                         "one that an earlier sweep wrote there is removed)")
     pool: OptionalName = Field(None, description="Prefect work pool: run each point as its own "
                                "pipeline flow run there (default: all points in this process)")
     wait_minutes: float | None = Field(None, gt=0, allow_inf_nan=False, description="with "
@@ -162,6 +184,13 @@ class SweepConfig(Options):
     @classmethod
     def _sds(cls, value: Any) -> Any:
         return [value] if isinstance(value, bool) else value
+
+    @field_validator("models", "methods", "patterns", "sds")
+    @classmethod
+    def _not_empty(cls, value: list) -> list:
+        if not value:
+            raise ValueError("is empty, so the grid has no point; give at least one value")
+        return value
 
     def points(self) -> list[RunConfig]:
         shared = self.model_dump(exclude={"models", "methods", "patterns", "sds", "out",

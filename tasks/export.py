@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .common import load_base
 from .plan import StageSpec
-from .store import ArtifactStore
+from .store import ArtifactStore, plain_mode
 
 MARKER = "sds_artifact.json"
 
@@ -25,16 +25,14 @@ def write_model(spec: StageSpec, final: dict, folder: str) -> str:
     """Write the base model with the final stage's weights to `folder`; its resolved path.
 
     Skipped when the folder already holds this artifact (its marker names the same store, key
-    and sha256; nothing heavy is imported then); replaced atomically otherwise.
+    and sha256, and every file the marker lists is there with its recorded size; nothing heavy
+    is imported then); replaced atomically otherwise.
     """
     target = Path(folder).expanduser().resolve()
     marker = {"store": spec.store, "stage": spec.stage, "key": spec.key,
               "sha256": final.get("sha256")}
-    try:
-        if json.loads((target / MARKER).read_text()) == marker:
-            return str(target)
-    except (OSError, ValueError):
-        pass
+    if _holds(target, marker):
+        return str(target)
     from sds.models import load_layer_state
 
     tensors, _meta = ArtifactStore(spec.store).load(spec.stage, spec.key)
@@ -45,12 +43,53 @@ def write_model(spec: StageSpec, final: dict, folder: str) -> str:
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        (staging / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        if target.exists():
-            old = target.with_name(f".{target.name}-old-{uuid.uuid4().hex[:8]}")
-            os.replace(target, old)
-            shutil.rmtree(old, ignore_errors=True)
+        files = {str(p.relative_to(staging)): p.stat().st_size
+                 for p in sorted(staging.rglob("*")) if p.is_file()}
+        (staging / MARKER).write_text(json.dumps({**marker, "files": files}, indent=2) + "\n")
+        # the folder (mkdtemp) and some files (transformers writes weights through a
+        # temporary file) are private to this user: give them a plain mkdir's and open's mode
+        for path in [staging, *staging.rglob("*")]:
+            plain_mode(path, folder=path.is_dir())
+        _set_aside(target)
         os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return str(target)
+
+
+def _holds(target: Path, marker: dict) -> bool:
+    """Whether `target` is this artifact's model folder, whole: a marker with the same fields
+    and every file it lists present with its recorded size (a deleted or cut weights file
+    means the folder is written again)."""
+    try:
+        found = json.loads((target / MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(found, dict) or {k: found.get(k) for k in marker} != marker:
+        return False
+    files = found.get("files")
+    if not isinstance(files, dict) or not files:  # a marker of an older sds lists none
+        return False
+    try:
+        return all((target / name).stat().st_size == size for name, size in files.items())
+    except (OSError, TypeError, ValueError):
+        return False
+
+
+def remove_model(folder: str | os.PathLike) -> bool:
+    """Remove `folder` if it is a model folder that sds wrote (it holds the marker): a run that
+    exports nothing leaves no earlier run's model beside its results. A folder without the
+    marker is not ours and stays. Whether it removed one."""
+    target = Path(folder).expanduser()
+    if not (target / MARKER).is_file():
+        return False
+    _set_aside(target)
+    return True
+
+
+def _set_aside(target: Path) -> None:
+    """Rename `target` (if any) out of the way in one step, then delete it."""
+    if target.exists():
+        old = target.with_name(f".{target.name}-old-{uuid.uuid4().hex[:8]}")
+        os.replace(target, old)
+        shutil.rmtree(old, ignore_errors=True)

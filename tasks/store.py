@@ -210,6 +210,25 @@ class _Entry:
 
 
 # -- atomic writes ------------------------------------------------------------------------------
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (os.umask can only
+    be read by setting it, which would race with other threads creating files)."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def plain_mode(path: str | os.PathLike, folder: bool = False) -> None:
+    """Give `path` (made by mkstemp/mkdtemp, which make it private to its owner) the mode a
+    plain open() or mkdir() would have: on a shared folder, other users' workers read it."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_file(fs, path: str) -> Iterator[str]:
     """A local file to write; when the block ends without an error it becomes `path` on `fs`
@@ -229,6 +248,7 @@ def atomic_file(fs, path: str) -> Iterator[str]:
     try:
         yield tmp
         if local:
+            plain_mode(tmp)
             _fsync(tmp)
             os.replace(tmp, path)
             _fsync_dir(folder)
@@ -1099,6 +1119,7 @@ def _create_local(path: str, data: bytes) -> bool:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        plain_mode(tmp)
         try:
             os.link(tmp, path)
         except FileExistsError:

@@ -308,7 +308,7 @@ def damaged_copy(model: Path, folder: Path, keep_bytes: int | None) -> Path:
     "unknown model", "bad pattern", "unknown method", "bad sds option", "unreachable store",
     "no credentials", "encoder model", "truncated weights", "empty weights", "exclude all",
     "override matching nothing", "unknown device", "cuda without a gpu", "infinite sds option",
-    "one-shot target mix above 1"])
+    "one-shot target mix above 1", "unknown dtype"])
 def test_bad_input_exits_nonzero_with_one_line_and_commits_nothing(
         case, tiny_model, corpus, tmp_path, s3_server, monkeypatch, capfd, clean_environ):
     from flows.cli import main
@@ -347,6 +347,9 @@ def test_bad_input_exits_nonzero_with_one_line_and_commits_nothing(
     elif case == "one-shot target mix above 1":
         args += ["--method", "admm", "--oneshot-target-mix", "1.5"]
         expected_text = "oneshot_target_mix: Input should be less than or equal to 1"
+    elif case == "unknown dtype":
+        args += ["--dtype", "bogus"]
+        expected_text = "dtype: 'bogus' is not a dtype; choose one of auto, float32"
     elif case == "bad pattern":
         args += ["--pattern", "60"]
         expected_text = "outside (0, 1)"
@@ -534,6 +537,20 @@ def test_a_real_option_that_is_not_a_finite_number_is_refused_naming_it(value, c
     assert "finite" in line or "valid number" in line
 
 
+def test_a_grid_file_reads_patterns_and_switches_as_written(tmp_path, clean_environ):
+    """Unquoted, `2:4` is the number 124 to YAML 1.1 (base 60) and `off` is false: the grid
+    file is read with YAML 1.2's scalars, so they mean what they say."""
+    from flows.cli import build_parser, sweep_config
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("patterns: [2:4, 4:8, 50%, 0.5]\nsds: [yes, false]\ngpu_limit: off\n"
+                    "seed: 3\nsds_options: {lr: 1e-2, epochs: 7}\n")
+    config = sweep_config(build_parser().parse_args(["sweep", "--grid", str(grid)]))
+    assert config.patterns == ["2:4", "4:8", "50%", "0.5"]
+    assert config.sds == [True, False] and config.gpu_limit is None and config.seed == 3
+    assert config.sds_options.lr == 0.01 and config.sds_options.epochs == 7
+
+
 def test_command_line_options_override_the_grid_file(tmp_path, clean_environ):
     from flows.cli import build_parser, sweep_config
 
@@ -686,3 +703,214 @@ def test_a_run_is_offline_unless_its_configuration_may_need_the_hub():
                   SweepConfig(models=["demo", "facebook/opt-125m"])):
         assert uses_hub(needs), needs
     assert uses_hub(RunConfig(), online=True)
+
+
+def test_the_configuration_accepts_exactly_the_dtypes_the_model_loader_accepts():
+    from sds.models import _DTYPES
+    from tasks.config import DTYPES, RunConfig
+
+    assert set(DTYPES) == set(_DTYPES)
+    assert [RunConfig(dtype=d).dtype for d in _DTYPES] == list(_DTYPES)
+
+
+def test_the_help_of_a_no_flag_says_what_the_flag_does():
+    """`--no-export` and the like turn a field off: their help is the description's "(off:
+    ...)" part, not the description of the field turned on."""
+    import argparse
+
+    from flows.cli import build_parser
+    from tasks.config import RunConfig, SweepConfig
+
+    commands = next(a for a in build_parser()._actions
+                    if isinstance(a, argparse._SubParsersAction)).choices
+    checked = set()
+    for command, kind in (("run", RunConfig), ("sweep", SweepConfig)):
+        for action in commands[command]._actions:
+            field = kind.model_fields.get(action.dest)
+            if field is None or field.default is not True:
+                continue
+            assert action.option_strings == [f"--no-{action.dest.replace('_', '-')}"]
+            _on, off, when_off = field.description.partition(" (off: ")
+            assert off, f"{action.dest}: the description does not say what off means"
+            assert action.help == when_off.removesuffix(")")
+            checked.add(action.dest)
+    assert checked == {"verify", "sds", "export"}
+
+
+def _files(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): _sha256(p) for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("case", ["out holds the model as out/model", "out is the model folder",
+                                  "out lies inside the model folder",
+                                  "a sweep's out holds one of its models"])
+def test_an_out_overlapping_a_model_folder_exits_2_and_leaves_the_model_alone(
+        case, tiny_model, corpus, tmp_path, monkeypatch, capfd, clean_environ):
+    from flows.cli import main
+
+    model = tmp_path / "x" / "model"
+    shutil.copytree(tiny_model, model)
+    before = _files(model)
+    out = {"out holds the model as out/model": model.parent, "out is the model folder": model,
+           "out lies inside the model folder": model / "results",
+           "a sweep's out holds one of its models": tmp_path}[case]
+    args = cli_args(model, corpus, tmp_path / "store", out)
+    if case.startswith("a sweep"):
+        args[0] = "sweep"
+        at = args.index("--model")
+        args[at : at + 2] = ["--models", f"{tiny_model},{model}"]
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # never reached
+    capfd.readouterr()
+    assert main(args) == 2
+    assert f"overlaps the model folder {model.resolve()}" in _one_line_error(capfd.readouterr().err)
+    assert _files(model) == before
+    assert not list((tmp_path / "store").rglob("meta.json"))
+
+
+def test_an_out_that_holds_a_model_folder_elsewhere_is_accepted_for_a_run(tiny_model, tmp_path):
+    """A run writes only `results.json`, `sds.log` and `model/` into --out: a model folder at
+    `<out>/models/opt` is left alone, so `sds run --model models/opt --out .` is fine."""
+    from flows.cli import check_out_apart
+    from sds.errors import ConfigError
+
+    model = tmp_path / "models" / "opt"
+    shutil.copytree(tiny_model, model)
+    check_out_apart(str(tmp_path), str(model))
+    with pytest.raises(ConfigError, match="overlaps the model folder"):
+        check_out_apart(str(tmp_path), str(model), sweep=True)
+
+
+@pytest.mark.parametrize("empty", ["--models none", "--methods none", "--patterns none",
+                                   "sds: [] in the grid file"])
+def test_a_sweep_with_an_empty_grid_dimension_exits_2_before_anything_runs(
+        empty, tmp_path, monkeypatch, capfd, clean_environ):
+    from flows.cli import main
+
+    args = ["sweep", "--nsamples", "4", "--seqlen", "32", "--tasks", "none", "--eval", "wiki",
+            "--store", str(tmp_path / "store"), "--out", str(tmp_path / "out")]
+    if empty.startswith("sds"):
+        grid = tmp_path / "grid.yaml"
+        grid.write_text(yaml.safe_dump({"sds": []}))
+        args += ["--grid", str(grid)]
+        field = "sds"
+    else:
+        args += empty.split()
+        field = empty.split()[0].removeprefix("--")
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # never reached
+    capfd.readouterr()
+    assert main(args) == 2
+    assert f"{field}: is empty" in _one_line_error(capfd.readouterr().err)
+    assert not (tmp_path / "store").exists() and not (tmp_path / "out").exists()
+
+
+def test_a_sweep_over_two_model_folders_of_one_name_keeps_the_results_of_each(
+        prefect_api, tiny_model, corpus, tmp_path, monkeypatch, capfd, clean_environ):
+    from flows import report
+    from flows.cli import main
+
+    a, b = tmp_path / "a" / "opt", tmp_path / "b" / "opt"
+    for folder in (a, b):
+        shutil.copytree(tiny_model, folder)
+    out = tmp_path / "sweep"
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api)
+    code = main(["sweep", "--models", f"{a},{b}", "--methods", "magnitude", "--no-sds",
+                 "--calib", str(corpus["calib"]), "--eval", str(corpus["heldout"]), "--tasks",
+                 "none", "--nsamples", "4", "--seqlen", "32", "--gpu-limit", "none",
+                 "--store", str(tmp_path / "store"), "--out", str(out)])
+    assert code == 0, capfd.readouterr().err
+    names = [run["name"] for run in json.loads((out / "sweep.json").read_text())["runs"]]
+    assert len(set(names)) == 2
+    results = [json.loads((out / name / "results.json").read_text()) for name in names]
+    assert {Path(r["model"]) for r in results} == {a.resolve(), b.resolve()}
+    # a name that no other point of the sweep has stays as it is
+    assert report.run_names([results[0]["config"]]) == [report.run_name(results[0])]
+
+
+@pytest.fixture(scope="module")
+def stored_run(prefect_api, tiny_model, corpus, tmp_path_factory) -> Path:
+    """A store holding every stage of the tiny SDS run (`cli_args`, `--gpu-limit none`), so
+    that `sds run` answers it from the store in a moment, whatever its --out."""
+    from flows.pipeline import pipeline
+
+    store = tmp_path_factory.mktemp("stored-run") / "store"
+    pipeline(tiny_params(tiny_model, corpus, store))
+    return store
+
+
+@pytest.mark.parametrize("damage", ["weights deleted", "weights cut short"])
+def test_a_damaged_model_folder_in_out_is_written_again(
+        damage, stored_run, tiny_model, corpus, tmp_path, capfd, clean_environ):
+    from flows.cli import main
+
+    out = tmp_path / "out"
+    args = cli_args(tiny_model, corpus, stored_run, out) + ["--gpu-limit", "none"]
+    assert main(args) == 0
+    weights = out / "model" / "model.safetensors"
+    exported = _sha256(weights)
+    if damage == "weights deleted":
+        weights.unlink()
+    else:
+        with open(weights, "r+b") as f:
+            f.truncate(weights.stat().st_size // 2)
+    assert main(args) == 0
+    assert "found in the store" in capfd.readouterr().err
+    assert _sha256(weights) == exported
+
+
+def test_outputs_get_the_modes_a_plain_mkdir_and_open_give(
+        stored_run, tiny_model, corpus, tmp_path, capfd, clean_environ):
+    """Not private to their writer (mkdtemp's 0700, mkstemp's 0600): on a shared folder the
+    others read them as they would any file this user made."""
+    from flows.cli import main
+
+    out = tmp_path / "out"
+    previous = os.umask(0o002)
+    try:
+        (tmp_path / "plain").mkdir()
+        (tmp_path / "plain" / "file").write_text("")
+        code = main(cli_args(tiny_model, corpus, stored_run, out) + ["--gpu-limit", "none"])
+    finally:
+        os.umask(previous)
+    assert code == 0, capfd.readouterr().err
+
+    def mode(path: Path) -> int:
+        return path.stat().st_mode & 0o777
+
+    assert mode(out / "model") == mode(tmp_path / "plain")
+    files = [out / "results.json", *(out / "model").iterdir()]
+    assert {f.name: mode(f) for f in files} == {f.name: mode(tmp_path / "plain" / "file")
+                                                for f in files}
+
+
+def test_a_run_without_export_removes_the_model_folder_an_earlier_run_exported(
+        stored_run, tiny_model, corpus, tmp_path, capfd, clean_environ):
+    from flows.cli import main
+
+    out = tmp_path / "out"
+    args = cli_args(tiny_model, corpus, stored_run, out) + ["--gpu-limit", "none"]
+    assert main(args) == 0 and (out / "model").is_dir()
+    assert main(args + ["--no-sds", "--no-export"]) == 0
+    assert json.loads((out / "results.json").read_text())["model_dir"] is None
+    assert sorted(p.name for p in out.iterdir()) == ["results.json", "sds.log"]
+    # a folder that sds did not write there is not its to remove
+    (out / "model").mkdir()
+    (out / "model" / "notes.txt").write_text("mine")
+    assert main(args + ["--no-export"]) == 0
+    assert (out / "model" / "notes.txt").read_text() == "mine"
+
+
+def test_a_tilde_in_out_puts_every_output_in_the_home_folder(
+        stored_run, tiny_model, corpus, tmp_path, monkeypatch, capfd, clean_environ):
+    from flows.cli import main
+
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    args = cli_args(tiny_model, corpus, stored_run, "~/out") + ["--gpu-limit", "none",
+                                                                "--no-export"]
+    assert main(args) == 0, capfd.readouterr().err
+    assert sorted(p.name for p in (home / "out").iterdir()) == ["results.json", "sds.log"]
+    assert list(cwd.iterdir()) == []
+    assert f"results  {home / 'out' / 'results.json'}" in capfd.readouterr().out

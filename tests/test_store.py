@@ -175,6 +175,28 @@ def test_local_save_leaves_nothing_outside_its_root(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o002], ids=["umask 022", "umask 002"])
+def test_local_files_get_the_mode_a_plain_open_gives_under_the_umask(tmp_path, umask):
+    """Artifacts, pins and created records on a shared folder are readable by whoever a plain
+    open() would let read them, not private to the writer (mkstemp's 0600)."""
+    store = ArtifactStore(tmp_path / "store")
+    previous = os.umask(umask)
+    try:
+        with open(tmp_path / "plain", "w"):
+            pass
+        key = key_for()
+        store.save("oneshot", key, some_tensors(), {})
+        store.pin([key], {"owner": uuid.uuid4().hex}, 60)
+        assert store.create("records/first.json", b"{}")
+    finally:
+        os.umask(previous)
+    plain = (tmp_path / "plain").stat().st_mode & 0o777
+    files = [p for p in (tmp_path / "store").rglob("*") if p.is_file()]
+    assert len(files) == 4
+    assert {str(p.relative_to(tmp_path)): p.stat().st_mode & 0o777 for p in files} == {
+        str(p.relative_to(tmp_path)): plain for p in files}
+
+
 # -- keys ---------------------------------------------------------------------------------------
 def test_same_inputs_give_the_same_key_and_any_change_a_different_one():
     up = [key_for("calibration")]
