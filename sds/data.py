@@ -412,6 +412,19 @@ def _text_field(item: Any, path: Path, where: str) -> str:
                     "{\"text\": \"...\"} per line")
 
 
+def check_source(source: str, role: str) -> None:
+    """Refuse, without reading it, a `role` ("calibration" or "evaluation") source that
+    `load_calibration` or `load_eval_tokens` would refuse by its name: an unknown name, a file
+    that does not exist or is of an unsupported kind. (Empty text is found when it is read.)"""
+    name = str(source).strip()
+    if role == "calibration":
+        known, accepted = ("c4", "wikitext2", "demo"), CALIBRATION_SOURCES
+    else:
+        known, accepted = ("wikitext2", "c4", "ptb", *DEMO_CORPORA), EVAL_SOURCES
+    if name not in known:
+        _local_path(name, accepted=accepted, kind=f"{role} source")
+
+
 def _local_path(name: str, accepted: str, kind: str) -> Path:
     path = Path(name).expanduser()
     suffixes = [s.lower() for s in path.suffixes]

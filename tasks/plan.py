@@ -180,14 +180,17 @@ def model_identity(model: str, revision: str | None, dtype: str) -> dict:
 
 def _check_model(c: RunConfig, model: str, seqlen: int | None, data: list[str]):
     """The checks that need the model's code or the data's source, which import torch and
-    transformers: the device, the hub when `data` (the calibration and evaluation sources) names
-    hub data, the model's config (a causal LM whose weight files are readable) and the window
-    length against its context. Returns the model's config and the window length (`seqlen`
-    None: the model's default)."""
-    from sds.data import check_hub, resolve_seqlen
+    transformers: the device, the data's names (`data`: the calibration source, then the
+    evaluation sources; a missing file fails here, not after the pruning stages), the hub when
+    `data` names hub data, the model's config (a causal LM whose weight files are readable) and
+    the window length against its context. Returns the model's config and the window length
+    (`seqlen` None: the model's default)."""
+    from sds.data import check_hub, check_source, resolve_seqlen
     from sds.models import check_causal_lm, check_device, check_weight_files, load_config
 
     check_device(c.device)
+    for i, source in enumerate(data):
+        check_source(source, "calibration" if i == 0 else "evaluation")
     hub_data = [d for d in data if d in HUB_SOURCES]
     if hub_data:  # unreachable: fail now, not after datasets' retries inside a stage
         check_hub(", ".join(hub_data), "use a local .txt/.jsonl file or the demo corpus "

@@ -308,7 +308,7 @@ def damaged_copy(model: Path, folder: Path, keep_bytes: int | None) -> Path:
     "unknown model", "bad pattern", "unknown method", "bad sds option", "unreachable store",
     "no credentials", "encoder model", "truncated weights", "empty weights", "exclude all",
     "override matching nothing", "unknown device", "cuda without a gpu", "infinite sds option",
-    "one-shot target mix above 1", "unknown dtype"])
+    "one-shot target mix above 1", "unknown dtype", "missing eval file", "unknown calib"])
 def test_bad_input_exits_nonzero_with_one_line_and_commits_nothing(
         case, tiny_model, corpus, tmp_path, s3_server, monkeypatch, capfd, clean_environ):
     from flows.cli import main
@@ -350,6 +350,12 @@ def test_bad_input_exits_nonzero_with_one_line_and_commits_nothing(
     elif case == "unknown dtype":
         args += ["--dtype", "bogus"]
         expected_text = "dtype: 'bogus' is not a dtype; choose one of auto, float32"
+    elif case == "missing eval file":
+        args[args.index("--eval") + 1] = str(tmp_path / "missing.txt")
+        expected_text = "evaluation source file"
+    elif case == "unknown calib":
+        args[args.index("--calib") + 1] = "c5"
+        expected_text = "unknown calibration source 'c5'"
     elif case == "bad pattern":
         args += ["--pattern", "60"]
         expected_text = "outside (0, 1)"
