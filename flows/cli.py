@@ -170,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve the demo deployments locally (needs a Prefect "
                            "server: PREFECT_API_URL)")
     serve.add_argument("--name", action="append", default=[], help="serve only this one")
-    serve.add_argument("--limit", type=int, help="flow runs at the same time")
+    serve.add_argument("--limit", type=_at_least_one, help="flow runs at the same time "
+                       "(default: no limit)")
     _output(serve)
     serve.set_defaults(handler=cmd_serve)
     return parser
@@ -816,6 +817,17 @@ def _size(n: float) -> str:
 
 
 # -- serve --------------------------------------------------------------------------------------
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1; leave "
+                                         "--limit out for no limit")
+    return value
+
+
 def cmd_serve(args, console) -> int:
     from flows.serve import serve
 

@@ -73,11 +73,13 @@ def _expand_user(value: str | None) -> str | None:
     return os.path.expanduser(value) if value else value
 
 
+
 Names = Annotated[list[str], BeforeValidator(_names), AfterValidator(_unique)]
 OptionalName = Annotated[str | None, BeforeValidator(_optional_name)]
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 Dtype = Annotated[str, AfterValidator(_dtype)]
-OutFolder = Annotated[str | None, AfterValidator(_expand_user)]
+# a none word ('', none, off) means no output files at all
+OutFolder = Annotated[str | None, BeforeValidator(_optional_name), AfterValidator(_expand_user)]
 
 
 class Options(BaseModel):
@@ -148,7 +150,8 @@ class RunConfig(Options):
     overrides: dict[str, str] = Field({}, description="REGEX -> pattern for matching layers")
     sds: bool = Field(True, description="SDS on top of the one-shot pruning (off: one-shot "
                       "pruning only)")
-    out: OutFolder = Field("./sds-out", description="results.json and the model folder go here")
+    out: OutFolder = Field("./sds-out", description="results.json and the model folder go here "
+                           "(none: no files, the results table only)")
     export: bool = Field(True, description="write the final model folder (off: no model "
                          "folder, only results.json; an earlier run's model folder there is "
                          "removed)")
@@ -163,7 +166,7 @@ class SweepConfig(Options):
     patterns: Names = Field(["2:4"], description="sparsity patterns")
     sds: list[bool] = Field([True], description="SDS on top of each point ([true, false]: "
                             "both)")
-    out: OutFolder = Field("./sds-sweep", description="results go here")
+    out: OutFolder = Field("./sds-sweep", description="results go here (none: no files)")
     export: bool = Field(False, description="write each point's model folder (without it, "
                          "one that an earlier sweep wrote there is removed)")
     pool: OptionalName = Field(None, description="Prefect work pool: run each point as its own "

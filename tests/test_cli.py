@@ -557,6 +557,25 @@ def test_a_grid_file_reads_patterns_and_switches_as_written(tmp_path, clean_envi
     assert config.sds_options.lr == 0.01 and config.sds_options.epochs == 7
 
 
+@pytest.mark.parametrize("word", ["none", "off", ""])
+def test_out_none_means_no_output_files_not_a_folder_named_none(word, clean_environ):
+    from flows.cli import _config, build_parser, sweep_config
+    from tasks.config import RunConfig
+
+    assert _config(RunConfig, build_parser().parse_args(["run", "--out", word])).out is None
+    assert sweep_config(build_parser().parse_args(["sweep", "--out", word])).out is None
+
+
+@pytest.mark.parametrize("limit", ["-1", "0", "two"])
+def test_serve_refuses_a_limit_below_one(limit, capfd, clean_environ):
+    from flows.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "--limit", limit])
+    assert exited.value.code == 2
+    assert "at least 1" in capfd.readouterr().err
+
+
 def test_command_line_options_override_the_grid_file(tmp_path, clean_environ):
     from flows.cli import build_parser, sweep_config
 
