@@ -499,7 +499,7 @@ def check_out_apart(out: str, model: str | None, sweep: bool = False) -> None:
     if not folder.is_dir():
         return  # a hub id
     folder, target = folder.resolve(), Path(out).expanduser().resolve()
-    replaced = target if sweep else target / "model"
+    replaced = target if sweep else (target / "model").resolve()  # a link: where it leads
     if target.is_relative_to(folder) or folder.is_relative_to(replaced):
         raise ConfigError(f"--out {out} overlaps the model folder {folder}: the run would "
                           f"write into it or replace it; choose an --out outside it"
@@ -563,9 +563,15 @@ def cmd_run(args, console) -> int:
         refs = None if args.flow_run else committed_references(plan)
         if refs is not None:
             _check_destinations(config)
+    results = None
     if refs is not None:
-        results = _answer_from_store(config, plan, refs, console, log)
-    else:
+        from tasks.common import pinned
+
+        with pinned([plan]):  # `sds store gc` meanwhile leaves them be
+            refs = committed_references(plan)  # still all there, now that they are pinned
+            if refs is not None:
+                results = _answer_from_store(config, plan, refs, console, log)
+    if results is None:
         args.api = embedded_api()  # boots while the inputs are checked
         _check(config, [config], console)
         from flows.pipeline import pipeline

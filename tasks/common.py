@@ -43,7 +43,7 @@ from sds.errors import (
 )
 
 from .plan import Plan, StageSpec
-from .store import ArtifactStore
+from .store import ArtifactStore, pid_namespace
 
 log = logging.getLogger("sds.tasks")
 
@@ -258,7 +258,8 @@ WAIT_POLL_SECONDS = 1.0  # how often a run waiting for another's artifact looks 
 
 def _owner() -> dict:
     """Who holds a lease or a pin: a fresh id, and the host and process (see `expired`)."""
-    return {"owner": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid()}
+    return {"owner": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(),
+            "pidns": pid_namespace()}
 
 
 class _Renewal:
@@ -359,7 +360,7 @@ def pinned(plans: list[Plan], logger=log, seconds: float = LEASE_SECONDS) -> Ite
             store = ArtifactStore(root)
             name = store.pin(keys, owner, seconds)
             renewal = _Renewal(root, seconds,
-                               lambda s, name=name: s.renew_pin(name, seconds) or True,
+                               lambda s, keys=keys: bool(s.pin(keys, owner, seconds)),
                                logger, f"the pin of this run's artifacts in {root}")
             held.append((store, name, renewal))
         yield

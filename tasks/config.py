@@ -186,7 +186,7 @@ class SweepConfig(Options):
     @field_validator("sds", mode="before")
     @classmethod
     def _sds(cls, value: Any) -> Any:
-        return [value] if isinstance(value, bool) else value
+        return [value] if isinstance(value, bool | str) else value  # one value: `sds: yes`
 
     @field_validator("models", "methods", "patterns", "sds")
     @classmethod

@@ -529,7 +529,8 @@ class ArtifactStore:
     # garbage collection during a long sweep leaves it the calibration it will read next.
     def pin(self, keys: Iterable[str], owner: dict, seconds: float) -> str:
         """Pin `keys` for `seconds` on behalf of `owner` ({"owner": 32 hex characters, ...}, as
-        for a lease); returns the pin's name for `renew_pin` and `unpin`."""
+        for a lease); returns the pin's name for `unpin`. Pinning the same keys for the same
+        owner again extends the pin (and writes it again if it went missing)."""
         name = f".pins/{owner['owner']}.json"
         if not _PIN_RE.fullmatch(name.rsplit("/", 1)[-1]):
             raise ConfigError(f"a pin's owner must be 32 hex characters, got {owner['owner']!r}")
@@ -537,17 +538,6 @@ class ArtifactStore:
         path = f"{self._base}/{name}"
         self._put(path, json.dumps(record).encode(), f"writing the pin {self._uri(path)}")
         return name
-
-    def renew_pin(self, name: str, seconds: float) -> None:
-        """Extend the pin `name` (written again if it went missing meanwhile)."""
-        path = f"{self._base}/{name}"
-        raw = self._if_present(f"reading the pin {self._uri(path)}",
-                               lambda: self.fs.cat_file(path))
-        record = _json_or_none(raw) if raw is not None else None
-        if not isinstance(record, dict):
-            raise StoreError(f"the pin {self._uri(path)} is gone or damaged; it cannot be renewed")
-        self._put(path, json.dumps({**record, **_expiry(seconds)}).encode(),
-                  f"renewing the pin {self._uri(path)}")
 
     def unpin(self, name: str) -> None:
         path = f"{self._base}/{name}"
@@ -565,6 +555,9 @@ class ArtifactStore:
             return []
         with self._guard(f"reading the pins under {self._uri(folder)}"):
             raw = self.fs.cat(paths, on_error="return")
+        for path, blob in raw.items():  # a pin that cannot be read must not count as none
+            if isinstance(blob, Exception) and not isinstance(blob, FileNotFoundError):
+                raise self._error(f"reading the pin {self._uri(path)}", blob)
         records = (_json_or_none(b) if isinstance(b, bytes) else None for b in raw.values())
         return [r for r in records if isinstance(r, dict) and isinstance(r.get("keys"), list)
                 and not expired(r)]
@@ -683,7 +676,13 @@ class ArtifactStore:
                     busy.append(e.ref)
                 continue
             chosen.append(e.ref)
-        if not dry_run:
+        if not dry_run and chosen:
+            # a run may have pinned its keys while the store was scanned: look once more
+            again = _with_upstream(self.in_use(), metas)
+            for ref in [r for r in chosen if r.key in again]:
+                chosen.remove(ref)
+                if busy is not None:
+                    busy.append(ref)
             for ref in chosen:
                 self.discard(ref.stage, ref.key)
         return chosen
@@ -971,14 +970,28 @@ def _expiry(seconds: float) -> dict:
     return {"expires": until.timestamp(), "until": until.isoformat(timespec="seconds")}
 
 
+@functools.cache
+def pid_namespace() -> str | None:
+    """Which process ids this process sees: the boot and the pid namespace (containers that
+    share a host name need not share process ids). None where /proc does not say."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        return f"{boot}:{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return None
+
+
 def expired(lease: Mapping) -> bool:
-    """Whether a lease may be taken over: past its expiry, or held by a process of this host
-    that is gone (a killed run's lease need not be waited out on its own machine)."""
+    """Whether a lease (or a pin) may be taken over: past its expiry, or held by a process of
+    this host and pid namespace that is gone (a killed run's lease need not be waited out on
+    its own machine). A holder that recorded no namespace is waited out."""
     expires = lease.get("expires")
     if not isinstance(expires, int | float) or expires <= datetime.now(UTC).timestamp():
         return True
     pid = lease.get("pid")
-    if lease.get("host") == socket.gethostname() and isinstance(pid, int) and pid > 0:
+    here = lease.get("host") == socket.gethostname() and lease.get("pidns") == pid_namespace()
+    if here and pid_namespace() is not None and isinstance(pid, int) and pid > 0:
         try:
             os.kill(pid, 0)
         except ProcessLookupError:

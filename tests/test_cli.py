@@ -213,6 +213,9 @@ def test_a_fully_cached_rerun_is_answered_from_the_store_without_prefect(
     assert "all 7 stages were found in the store" in done.stderr
     assert "no flow run was started" in done.stderr and "--flow-run" in done.stderr
     assert [r for r in s3_requests if '"GET ' in r and TENSORS in r] == []
+    # it pinned its artifacts while it answered (a gc meanwhile leaves them), and unpinned
+    assert [r for r in s3_requests if '"PUT ' in r and "/.pins/" in r]
+    assert ArtifactStore(root).pins() == []
     assert [r for r in s3_requests if '"GET ' in r and "meta.json" in r]
     fast = json.loads((out / "results.json").read_text())
     assert fast["answered_from_store"] is True and fast["flow_run"] == {"id": "", "name": ""}
@@ -790,6 +793,18 @@ def test_an_out_overlapping_a_model_folder_exits_2_and_leaves_the_model_alone(
     assert f"overlaps the model folder {model.resolve()}" in _one_line_error(capfd.readouterr().err)
     assert _files(model) == before
     assert not list((tmp_path / "store").rglob("meta.json"))
+
+
+def test_an_out_whose_model_is_a_link_to_the_model_folder_is_refused(tiny_model, tmp_path):
+    from flows.cli import check_out_apart
+    from sds.errors import ConfigError
+
+    model = tmp_path / "models" / "opt"
+    shutil.copytree(tiny_model, model)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "model").symlink_to(model)  # exporting would replace what it leads to
+    with pytest.raises(ConfigError, match="overlaps the model folder"):
+        check_out_apart(str(tmp_path / "out"), str(model))
 
 
 def test_an_out_that_holds_a_model_folder_elsewhere_is_accepted_for_a_run(tiny_model, tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.store import ArtifactStore, artifact_key, expired
+from tasks.store import ArtifactStore, artifact_key, expired, pid_namespace
 from tests.test_pipeline_fixtures import REPO, cli_args, server_env, tiny_params
 
 pytest_plugins = ["tests.test_pipeline_fixtures"]
@@ -126,6 +126,43 @@ def test_what_runs_in_progress_pinned_or_lease_is_never_removed(root):
                                      ("redense", redense), ("second", old))}
 
 
+def test_a_pin_that_cannot_be_read_stops_a_collection_instead_of_counting_as_none(
+        tmp_path, monkeypatch):
+    import uuid
+
+    import torch
+
+    from sds.errors import StoreError
+
+    store = ArtifactStore(str(tmp_path / "store"))
+    store.save("oneshot", KEY, {"w": torch.ones(2)}, {})
+    store.pin([KEY], {"owner": uuid.uuid4().hex, "host": "elsewhere", "pid": 1}, 60)
+    cat = store.fs.cat
+
+    def failing(paths, **kw):  # the storage refuses to read the pins (permissions, a 503)
+        out = cat(paths, **kw)
+        return {p: PermissionError(p) if "/.pins/" in p else v for p, v in out.items()}
+
+    monkeypatch.setattr(store.fs, "cat", failing)
+    with pytest.raises(StoreError, match="reading the pin"):
+        store.remove(keep=[])
+    assert store.exists("oneshot", KEY)
+
+
+def test_a_pin_is_written_again_when_it_went_missing(tiny_model, corpus, tmp_path):
+    from tasks.common import pinned
+    from tasks.plan import plan_pipeline
+
+    plan = plan_pipeline(tiny_params(tiny_model, corpus, tmp_path / "store"))
+    store = ArtifactStore(plan.store)
+    with pinned([plan], seconds=0.3):
+        (tmp_path / "store" / ".pins").joinpath(
+            store.fs.ls(f"{tmp_path}/store/.pins", detail=False)[0].rsplit("/", 1)[-1]).unlink()
+        assert store.pins() == []
+        time.sleep(0.4)  # renewed every third of its time
+        assert len(store.pins()) == 1
+
+
 def test_a_run_pins_its_keys_while_it_runs_and_unpins_them_after(tiny_model, corpus, tmp_path):
     from tasks.common import pinned
     from tasks.plan import plan_pipeline
@@ -152,10 +189,14 @@ def test_a_lease_of_a_process_of_this_host_that_is_gone_has_expired():
     done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)
     gone = int(done.stdout)
-    lease = {"owner": "x", "host": socket.gethostname(), "expires": 2e9 * 10}
+    lease = {"owner": "x", "host": socket.gethostname(), "pidns": pid_namespace(),
+             "expires": 2e9 * 10}
     assert expired({**lease, "pid": gone})
     assert not expired({**lease, "pid": os.getpid()})
     assert not expired({**lease, "host": "elsewhere", "pid": gone})
+    # same host name, other pid namespace (a container sharing the name): waited out
+    assert not expired({**lease, "pidns": "another boot or container", "pid": gone})
+    assert not expired({key: v for key, v in lease.items() if key != "pidns"} | {"pid": gone})
 
 
 def test_a_stale_lease_is_taken_over_by_a_run(prefect_api, tiny_model, corpus, tmp_path):
