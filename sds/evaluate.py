@@ -268,6 +268,20 @@ def _check_task_file(path: Path) -> bool:
     return spaced
 
 
+def check_tasks(names: Sequence[str]) -> None:
+    """Refuse, before any work, zero-shot task names that are neither demo tasks nor lm-eval's
+    built-in tasks, groups or tags (indexing those takes seconds, once per process)."""
+    others = [n for n in names if n not in DEMO_TASKS]
+    if not others:
+        return
+    with _preserved_rng():
+        known = set(_builtin_task_manager().all_tasks)
+    for name in others:
+        if name not in known:
+            raise ConfigError(f"unknown zero-shot task {name!r}: not an lm-eval task or a demo "
+                              f"task; presets: {', '.join(sorted(TASK_PRESETS))}")
+
+
 @functools.lru_cache(maxsize=1)
 def _builtin_task_manager():
     """lm-eval's index of its ~14,700 built-in tasks (seconds to build: built once)."""

@@ -325,6 +325,10 @@ def check_inputs(c: RunConfig, plan: Plan) -> None:
     # the rules must select layers of this model. A committed one-shot artifact of this key
     # proves they do (the key hashes the rules and the model's identity): a rerun skips
     # building the model's skeleton, which imports its modelling code.
+    if s["tasks"] and any(label.startswith("evaluate") for label in missing):
+        from sds.evaluate import check_tasks
+
+        check_tasks(s["tasks"])  # a typo fails now, not after the pruning stages
     if "oneshot" in missing:
         from sds.models import prunable_layers, skeleton
 

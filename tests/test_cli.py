@@ -311,7 +311,8 @@ def damaged_copy(model: Path, folder: Path, keep_bytes: int | None) -> Path:
     "unknown model", "bad pattern", "unknown method", "bad sds option", "unreachable store",
     "no credentials", "encoder model", "truncated weights", "empty weights", "exclude all",
     "override matching nothing", "unknown device", "cuda without a gpu", "infinite sds option",
-    "one-shot target mix above 1", "unknown dtype", "missing eval file", "unknown calib"])
+    "one-shot target mix above 1", "unknown dtype", "missing eval file", "unknown calib",
+    "unknown task"])
 def test_bad_input_exits_nonzero_with_one_line_and_commits_nothing(
         case, tiny_model, corpus, tmp_path, s3_server, monkeypatch, capfd, clean_environ):
     from flows.cli import main
@@ -359,6 +360,9 @@ def test_bad_input_exits_nonzero_with_one_line_and_commits_nothing(
     elif case == "unknown calib":
         args[args.index("--calib") + 1] = "c5"
         expected_text = "unknown calibration source 'c5'"
+    elif case == "unknown task":
+        args[args.index("--tasks") + 1] = "demo,hellaswagg"
+        expected_text = "unknown zero-shot task 'hellaswagg'"
     elif case == "bad pattern":
         args += ["--pattern", "60"]
         expected_text = "outside (0, 1)"
