@@ -795,9 +795,12 @@ def cmd_store(args, console) -> int:
     refs = store.remove(None, older_than=age, keep=sorted(keep), incomplete=True,
                         dry_run=args.dry_run, busy=busy)
     strays = store.remove_strays(None, older_than=age, dry_run=args.dry_run)
+    ended = store.remove_stale(older_than=age, dry_run=args.dry_run)
     _print_removed(args.dry_run, [f"{r.stage}/{r.key}" for r in refs], strays,
                    f"; kept {len(present)} named by results and their upstream"
-                   + _busy_note(busy))
+                   + _busy_note(busy)
+                   + (f"; {len(ended)} pin and lease file(s) of ended runs"
+                      f"{' would go' if args.dry_run else ' removed'}" if ended else ""))
     return 0
 
 

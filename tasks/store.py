@@ -585,6 +585,56 @@ class ArtifactStore:
                         keys.update(k for k in upstream if isinstance(k, str))
         return keys
 
+    def remove_stale(self, *, older_than: timedelta | None = None,
+                     dry_run: bool = False) -> list[str]:
+        """Delete the pins and lease files that ended more than `older_than` ago (any that
+        ended, if None): those of runs that ended without removing them (a crash) and released
+        leases of stages that were never computed again. Unreadable ones go by their age. A run
+        that takes a lease meanwhile makes a file this call did not list, which stays. Returns
+        the URIs."""
+        self._not_a_file()
+        cutoff = _cutoff(older_than)
+        now = datetime.now(UTC).timestamp()
+        limit = now if cutoff is None else min(cutoff, now)
+        found: dict = {}
+        for sub in (".pins", ".leases"):
+            folder = f"{self._base}/{sub}"
+            found.update(self._if_present(f"listing {self._uri(folder)}",
+                                          lambda folder=folder: self.fs.find(folder, detail=True),
+                                          {}))
+        pins = [p for p in found if _PIN_RE.fullmatch(p.rsplit("/", 1)[-1])]
+        leases: dict[str, list[str]] = {}  # a lease folder: its generation files
+        for path in found:
+            if _LEASE_RE.fullmatch(path.rsplit("/", 1)[-1]) and "/.leases/" in path:
+                leases.setdefault(path.rsplit("/", 1)[0], []).append(path)
+        # a pin, or a lease folder's highest generation (the lease), decides
+        deciding = pins + [max(files, key=lambda p: int(p.rsplit("/", 1)[-1][:-5]))
+                           for files in leases.values()]
+        raw = {}
+        if deciding:
+            with self._guard(f"reading the pins and leases under {self._uri(self._base)}"):
+                raw = self.fs.cat(deciding, on_error="return")
+        stale = []
+        for path in deciding:
+            record = _json_or_none(raw[path]) if isinstance(raw.get(path), bytes) else None
+            if isinstance(record, dict) and isinstance(record.get("expires"), int | float):
+                ended = record["expires"] if expired(record) else None
+            else:
+                ended = _mtime(found[path])
+            if ended is not None and ended <= limit:
+                stale += [path] if path in pins else leases[path.rsplit("/", 1)[0]]
+        if not dry_run:
+            for path in stale:
+                with self._guard(f"removing {self._uri(path)}"), \
+                        contextlib.suppress(FileNotFoundError):
+                    self.fs.rm_file(path)
+            if self.local:  # a lease folder, and its stage's, once empty
+                for folder in {p.rsplit("/", 1)[0] for p in stale if "/.leases/" in p}:
+                    with contextlib.suppress(OSError):
+                        os.rmdir(folder)
+                        os.rmdir(os.path.dirname(folder))
+        return sorted(self._uri(p) for p in stale)
+
     def needed(self) -> set[str]:
         """`in_use`, with everything upstream of those keys: what `remove` never takes."""
         keys = self.in_use()

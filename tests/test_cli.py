@@ -471,6 +471,14 @@ def test_store_rm_and_gc_leave_what_a_run_in_progress_pinned(tmp_path, capfd, cl
     store.unpin(pin)
     assert main(["store", "rm", "--store", str(store.root), f"oneshot/{keys[1]}"]) == 0
     assert {m["key"] for m in store.list()} == {keys[0], keys[2]}
+    # a crashed run's pin protects nothing, and gc takes it away
+    store.pin(keys, {"owner": uuid.uuid4().hex, "host": "elsewhere", "pid": 1}, -1)
+    capfd.readouterr()
+    assert main(["store", "gc", "--store", str(store.root), "--keep", str(results),
+                 "--older-than", "0s"]) == 0
+    out = capfd.readouterr().out
+    assert "removed 1 artifact(s)" in out and "1 pin and lease file(s) of ended runs" in out
+    assert not list((tmp_path / "store" / ".pins").iterdir())
 
 
 @pytest.mark.parametrize("content", ["[1, 2]", '{"keys": ["a"]}', '{"keys": {"x": null}}',

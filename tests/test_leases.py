@@ -126,6 +126,29 @@ def test_what_runs_in_progress_pinned_or_lease_is_never_removed(root):
                                      ("redense", redense), ("second", old))}
 
 
+def test_pins_and_leases_of_ended_runs_are_collected_and_live_ones_stay(root):
+    import uuid
+    from datetime import timedelta
+
+    store = ArtifactStore(root)
+    other = artifact_key("redense", 1, {"id": "m"}, {}, [])
+    live_pin = {"owner": uuid.uuid4().hex, "host": "elsewhere", "pid": 1}
+    store.pin([KEY], live_pin, 60)
+    store.pin([KEY], {"owner": uuid.uuid4().hex, "host": "elsewhere", "pid": 1}, -1)  # ended
+    assert store.take_lease("oneshot", KEY, _owner("a"), 60)[0] == 0  # a stage computing
+    generation, _ = store.take_lease("redense", other, _owner("b"), 60)
+    store.release_lease("redense", other, generation)  # failed: an expired marker stays
+
+    # the released lease ended long ago; the pin a second ago, so an hour's margin keeps it
+    assert store.remove_stale(older_than=timedelta(hours=1), dry_run=True) == [
+        f"{store.root}/.leases/redense/{other}/0.json"]
+    assert len(store.remove_stale()) == 2
+    assert store.remove_stale() == []
+    assert [p["owner"] for p in store.pins()] == [live_pin["owner"]]
+    assert not expired(store.lease("oneshot", KEY)) and store.lease("redense", other) is None
+    assert store.take_lease("redense", other, _owner("c"), 60)[0] == 0
+
+
 def test_a_pin_that_cannot_be_read_stops_a_collection_instead_of_counting_as_none(
         tmp_path, monkeypatch):
     import uuid
