@@ -6,8 +6,9 @@ code (which seeds the global `random` module the same way).
 
 - document protocol (C4, and local corpora whose long documents hold enough text): draw a random
   document until one tokenizes to more than `seqlen` tokens, then take a random window of it;
-- stream protocol (WikiText-2, and short local corpora): join the documents with "\\n\\n",
-  tokenize once, take random windows of the token stream.
+- stream protocol (WikiText-2, and short local corpora): join the documents (WikiText-2's
+  training lines with " ", as the reference code does; a local corpus's documents with
+  "\\n\\n"), tokenize once, take random windows of the token stream.
 
 Evaluation text is tokenized once and returned as `[1, N]`; `sds.evaluate.perplexity` cuts it into
 `N // seqlen` non-overlapping windows.
@@ -207,10 +208,10 @@ def load_calibration(
 
     if name == "wikitext2":
         data = _hub_dataset(WIKITEXT_DATASET, WIKITEXT_CONFIG, split="train", hint=_CALIB_HINT)
-        texts = list(data["text"])
-        ids = torch.tensor(_encode(tokenizer, "\n\n".join(texts)), dtype=torch.int64)
+        texts = list(data["text"])  # the reference joins the training lines with " "
+        ids = torch.tensor(_encode(tokenizer, " ".join(texts)), dtype=torch.int64)
         record.update(source="wikitext2", dataset=WIKITEXT_DATASET, config=WIKITEXT_CONFIG,
-                      split="train", protocol="stream", joiner="\n\n",
+                      split="train", protocol="stream", joiner=" ",
                       documents_read=len(texts), tokens_total=ids.numel())
         windows, stats = _stream_windows(ids, nsamples, seqlen, rng,
                                          what=f"{WIKITEXT_DATASET} {WIKITEXT_CONFIG} train")
@@ -236,11 +237,16 @@ def _local_calibration(tokenizer, path: Path, nsamples: int, seqlen: int,
                   documents_read=len(documents))
     encoded = _encode_many(tokenizer, documents)
     long_tokens = sum(len(ids) for ids in encoded if len(ids) > seqlen)
+    long_documents = sum(len(ids) > seqlen for ids in encoded)
     needed = nsamples * seqlen
     if long_tokens >= needed:
         record.update(protocol="documents", long_document_tokens=long_tokens)
+        # every document is tokenized already, so rejection sampling can afford the draws that
+        # rare long documents need (20 times the expected number)
+        expected_draws = nsamples * len(encoded) / long_documents
         windows, stats = _document_windows(len(encoded), encoded.__getitem__, nsamples, seqlen,
-                                           rng, what=str(path))
+                                           rng, what=str(path),
+                                           max_draws=int(20 * expected_draws))
     else:
         ids = torch.tensor(_encode(tokenizer, "\n\n".join(documents)), dtype=torch.int64)
         record.update(protocol="stream", joiner="\n\n", tokens_total=ids.numel(),
@@ -257,12 +263,14 @@ def _document_windows(
     seqlen: int,
     rng: random.Random,
     what: str,
+    max_draws: int = 0,
 ) -> tuple[torch.Tensor, dict]:
     """SparseGPT's C4 sampler: per sample, draw documents until one has more than seqlen tokens,
-    then a random window of it. Returns (windows [nsamples, seqlen], statistics)."""
+    then a random window of it. Returns (windows [nsamples, seqlen], statistics). It gives up
+    after `max_draws` draws (at least 10,000 and 100 per sample)."""
     if n_documents == 0:
         raise DataError(f"{what} holds no documents; {_CALIB_HINT}")
-    max_draws = max(10_000, 100 * nsamples)
+    max_draws = max(10_000, 100 * nsamples, max_draws)
     draws, windows, starts = 0, [], []
     for _ in range(nsamples):
         while True:
@@ -366,10 +374,10 @@ def read_documents(path: str | Path) -> list[str]:
                           "(optionally .gz)")
     try:
         if compressed:
-            with gzip.open(path, "rt", encoding="utf-8") as f:
+            with gzip.open(path, "rt", encoding="utf-8-sig") as f:  # a byte-order mark goes
                 text = f.read()
         else:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise DataError(f"corpus file {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -385,7 +393,7 @@ def read_documents(path: str | Path) -> list[str]:
         documents = [_text_field(item, path, f"entry {n + 1}") for n, item in enumerate(items)]
     else:
         documents = [_text_field(item, path, f"line {n}")
-                     for n, item in jsonl_records(text.splitlines(), path)]
+                     for n, item in jsonl_records(text.split("\n"), path)]  # not U+2028
     documents = [d for d in documents if d.strip()]
     if not documents:
         raise DataError(f"corpus file {path} holds no text")

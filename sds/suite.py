@@ -1,7 +1,8 @@
 """The evaluation suite: every number measured on one model state, under flat metric names.
 
     ppl/<source>        perplexity on an evaluation corpus (sds.data.load_eval_tokens; a
-                        local file goes by its name without suffixes)
+                        local file goes by its name without suffixes, and a short hash of its
+                        path where another source goes by that name: `source_labels`)
     acc/<task>          zero-shot accuracy (sds.evaluate.zero_shot)
     acc_norm/<task>     length-normalised zero-shot accuracy, where the task reports it
 
@@ -11,6 +12,7 @@ metrics line up name by name.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,13 +43,27 @@ def as_list(value: str | Sequence[str] | None) -> list[str]:
 
 def source_label(source: str) -> str:
     """The name a corpus goes by in metric names: 'wiki', 'wikitext2', or a file's stem."""
-    if "/" not in source and "\\" not in source and not source.endswith(
-            (".txt", ".json", ".jsonl", ".gz")):
+    if not _is_file(source):
         return source
     name = Path(source).name
     for suffix in (".gz", ".txt", ".jsonl", ".json"):
         name = name.removesuffix(suffix)
     return name or source
+
+
+def source_labels(sources: Sequence[str]) -> list[str]:
+    """`source_label` of each source, unique: files whose label another source also has (`wiki`
+    and `data/wiki.txt`, or `a/test.txt` and `b/test.txt`) get a short hash of their path
+    appended, so that no perplexity overwrites another under one metric name."""
+    labels = [source_label(s) for s in sources]
+    return [f"{label}-{hashlib.sha256(source.encode()).hexdigest()[:6]}"
+            if labels.count(label) > 1 and _is_file(source) else label
+            for source, label in zip(sources, labels)]
+
+
+def _is_file(source: str) -> bool:
+    return ("/" in source or "\\" in source
+            or source.endswith((".txt", ".json", ".jsonl", ".gz")))
 
 
 def evaluate_model(
@@ -77,11 +93,11 @@ def evaluate_model(
     t0 = time.perf_counter()
     metrics: dict[str, float | None] = {}
     details: dict[str, dict] = {}
-    for source in sources:
+    for source, label in zip(sources, source_labels(sources)):
         max_tokens = C4_EVAL_WINDOWS * seqlen if source == "c4" else None
         ids, record = load_eval_tokens(tokenizer, source, max_tokens=max_tokens)  # [1, N]
         result = perplexity(model, ids, seqlen, device=device)
-        name = f"ppl/{source_label(source)}"
+        name = f"ppl/{label}"
         metrics[name] = result["ppl"]
         details[name] = {**result, "data": record}
     if task_names:

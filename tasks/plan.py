@@ -39,7 +39,7 @@ HUB_SOURCES = ("c4", "wikitext2", "ptb")
 
 
 # Bump a stage's version when its code changes what it produces: every key changes with it.
-STAGE_VERSIONS = {"calibration": 1, "oneshot": 6, "redense": 4, "second": 7, "evaluate": 1}
+STAGE_VERSIONS = {"calibration": 2, "oneshot": 6, "redense": 4, "second": 7, "evaluate": 2}
 
 
 class ModelRef(BaseModel):

@@ -313,6 +313,56 @@ def test_c4_calibration_follows_the_sparsegpt_sampler_on_the_first_shard(tokeniz
     assert rec["documents_total"] == 40 and 1 <= rec["documents_read"] <= rec["draws"]
 
 
+def test_wikitext2_calibration_follows_the_reference_sampler(fake_hub):
+    """Wanda's and SparseGPT's get_wikitext2: the training lines joined with " " (the test
+    split's "\n\n" is for evaluation), tokenized once, `random.randint(0, N − seqlen − 1)` per
+    window after seeding. The demo tokenizer has newline tokens, so the joiner shows."""
+    from transformers import AutoTokenizer
+
+    from sds.demo import demo_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_model_path("opt"))
+    calls, tables = fake_hub
+    lines = make_documents(300, 1, 6, seed=21)
+    tables["Salesforce/wikitext", "train"] = {"text": lines}
+    ids = tokenizer(" ".join(lines))["input_ids"]
+    assert ids != tokenizer("\n\n".join(lines))["input_ids"]
+    random.seed(0)
+    starts = [random.randint(0, len(ids) - 16 - 1) for _ in range(4)]
+    calib = load_calibration(tokenizer, "wikitext2", nsamples=4, seqlen=16, seed=0)
+    assert calib.input_ids.tolist() == [ids[i:i + 16] for i in starts]
+    assert calib.record["joiner"] == " " and calls[0]["split"] == "train"
+
+
+def test_a_local_corpus_whose_long_documents_are_rare_still_calibrates(tokenizer, tmp_path):
+    """One document of 300 words among 20,000 one-word records: the document protocol applies
+    (it holds the tokens), and the rejection sampler gets the draws it needs."""
+    long = make_documents(1, 300, 300, seed=31)[0]
+    records = make_documents(20_000, 1, 1, seed=32) + [long]
+    path = tmp_path / "rare.jsonl"
+    path.write_text("\n".join(json.dumps({"text": t}) for t in records))
+    calib = load_calibration(tokenizer, str(path), nsamples=4, seqlen=16, seed=0)
+    assert calib.record["protocol"] == "documents" and calib.record["draws"] > 10_000
+    long_ids = ids_of(tokenizer, long)
+    assert all(is_contiguous_slice(row, long_ids) for row in calib.input_ids.tolist())
+
+
+def test_local_text_is_read_as_written(tmp_path):
+    """A byte-order mark is not text, and U+2028 inside a JSON string is not a line break
+    (json.dumps leaves it unescaped without ensure_ascii)."""
+    docs = ["first line\u2028same document", "second\u0085document"]
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"text": d}, ensure_ascii=False) for d in docs),
+                     encoding="utf-8")
+    assert sds.data.read_documents(jsonl) == docs
+    marked = tmp_path / "marked.txt"
+    marked.write_bytes("\ufeffhello world\n\nsecond".encode())
+    assert sds.data.read_documents(marked) == ["hello world", "second"]
+    gz = tmp_path / "marked.jsonl.gz"
+    gz.write_bytes(gzip.compress("\ufeff".encode() + jsonl.read_bytes()))
+    assert sds.data.read_documents(gz) == docs
+
+
 def test_c4_without_long_documents_gives_up_with_a_clear_error(tokenizer, fake_hub):
     _, tables = fake_hub
     tables["allenai/c4", "train"] = {"text": make_documents(5, 3, 8, seed=15)}

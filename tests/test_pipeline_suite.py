@@ -6,7 +6,7 @@ import pytest
 
 from sds.errors import ConfigError, ModelError
 from sds.models import load_config, load_model, load_tokenizer
-from sds.suite import as_list, evaluate_model, source_label
+from sds.suite import as_list, evaluate_model, source_label, source_labels
 
 # fixtures: tiny_model, corpus
 pytest_plugins = ["tests.test_pipeline_fixtures"]
@@ -27,6 +27,26 @@ def test_suite_measures_perplexity_under_flat_names(tiny_model, corpus):
     assert set(result["metrics"]) == {"ppl/heldout"}
     assert result["metrics"]["ppl/heldout"] > 1
     assert result["details"]["ppl/heldout"]["windows"] >= 1
+
+
+def test_sources_of_one_name_keep_a_metric_each(tiny_model, corpus, tmp_path):
+    """`wiki` and `x/wiki.txt`, or two files named test.txt: each perplexity under its own
+    name, equal to that source's perplexity measured alone."""
+    assert source_labels(["wiki", "news", "/data/heldout.txt"]) == ["wiki", "news", "heldout"]
+    labels = source_labels(["wiki", "/x/wiki.txt", "/a/test.txt", "/b/test.txt"])
+    assert labels[0] == "wiki" and len(set(labels)) == 4
+    assert all(label.startswith(("wiki-", "test-")) for label in labels[1:])
+
+    model, tokenizer = load_model(str(tiny_model))
+    other = tmp_path / "other" / corpus["heldout"].name
+    other.parent.mkdir()
+    other.write_text(corpus["calib"].read_text())  # same name, other text
+    sources = [str(corpus["heldout"]), str(other)]
+    both = evaluate_model(model, tokenizer, sources=sources, seqlen=32)["metrics"]
+    assert len(both) == 2
+    for source, label in zip(sources, source_labels(sources)):
+        alone = evaluate_model(model, tokenizer, sources=[source], seqlen=32)["metrics"]
+        assert both[f"ppl/{label}"] == next(iter(alone.values()))
 
 
 def test_suite_needs_something_to_evaluate(tiny_model):
