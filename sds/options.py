@@ -175,11 +175,26 @@ class SDSConfig:
         other solver, reuses a finished step 2."""
         return {name: getattr(self, name) for name in REDENSE_OPTIONS[self.solver]}
 
+    def second_dict(self) -> dict:
+        """The options step 3 (second pruning) reads with this solver (SECOND_OPTIONS; without
+        the adjustment, `adjust_epochs` = 0, only what the plain second pruning reads): a step-3
+        result's key holds these, so changing step 2 alone, or an option of the other solver,
+        reuses a finished step 3 where its re-dense input is the same."""
+        names = SECOND_OPTIONS[self.solver] if self.adjust_epochs else _SECOND_PLAIN
+        return {name: getattr(self, name) for name in names}
+
 
 # the SDSConfig fields `sds.reconstruct.redense` reads, per solver; the others belong to the
 # other solver or to step 3
 _REDENSE_COMMON = ("data", "solver", "epochs", "l1", "l2", "normalize", "reg_scale")
 REDENSE_OPTIONS = {"admm": (*_REDENSE_COMMON, "tol"), "pgd": (*_REDENSE_COMMON, "lr", "optimizer")}
+# the SDSConfig fields `sds.reconstruct.second_prune` reads, per solver (`normalize` scales the
+# errors its records report)
+_SECOND_PLAIN = ("adjust_epochs", "sequential")
+_SECOND_COMMON = (*_SECOND_PLAIN, "target_mix", "solver", "early_exit", "normalize")
+SECOND_OPTIONS = {"admm": (*_SECOND_COMMON, "adjust_tol", "cg_iters", "cg_tol", "rho",
+                           "rho_growth", "rho_every", "ramp_iters"),
+                  "pgd": (*_SECOND_COMMON, "adjust_lr")}
 
 
 # -- pruning methods ----------------------------------------------------------------------------

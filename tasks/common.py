@@ -175,6 +175,20 @@ def progress(logger, spec: StageSpec, message: str, *args, **event) -> None:
 
 
 # -- finished blocks ----------------------------------------------------------------------------
+def compute_setup(device) -> dict:
+    """What, besides a stage's inputs, decides the last bits of its tensors: the device kind
+    (and GPU model), the torch build and its CPU threads."""
+    import torch
+
+    from sds.models import default_device
+
+    dev = torch.device(device) if device else default_device()
+    setup = {"device": dev.type, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    if dev.type == "cuda":
+        setup["gpu"] = torch.cuda.get_device_name(dev)
+    return setup
+
+
 class BlockCommits:
     """The finished blocks of a pruning stage (a walk over the blocks), committed to the store
     one by one, so that a rerun of a killed stage starts at its first unfinished block.
@@ -198,6 +212,7 @@ class BlockCommits:
         for name in names:
             self.layers[int(name[len(prefix) + 1:].split(".")[0])][name] = modules[name]
         self.state = None  # the walk's Resume
+        self.setup = compute_setup(spec.run.device)
         self.artifact_id = None
         try:
             self.artifact_id = create_progress_artifact(
@@ -206,12 +221,20 @@ class BlockCommits:
             logger.debug("no progress artifact: %s", exc)
 
     def resume(self):
-        """The walk's `Resume`: the committed blocks from block 0 on, with their records."""
+        """The walk's `Resume`: the committed blocks from block 0 on, with their records. Only
+        blocks computed on this setup (`compute_setup`) count: the same key computed on
+        another device or torch build differs in its last bits, and a resumed stage must end
+        as an uninterrupted one would."""
         from sds.layerwise import LayerRecord, Resume, WalkReport
 
         weights, report = {}, WalkReport()
         for tensors, record in self.store.parts(self.spec.stage, self.spec.key):
             b = record["block"]
+            if record.get("setup") != self.setup:
+                progress(self.logger, self.spec, "the committed blocks from block %d on were "
+                         "computed on another setup (%s); computing them again", b + 1,
+                         record.get("setup"), event="resume-elsewhere")
+                break
             if record.get("blocks") != self.total or b >= self.total or \
                     sorted(tensors) != sorted(self.layers[b]):
                 break
@@ -240,7 +263,8 @@ class BlockCommits:
                    for n, m in self.layers[block].items()}
         records = [asdict(r) for r in self.state.report.layers if r.block == block]
         self.store.save_part(self.spec.stage, self.spec.key, block, tensors,
-                             {"blocks": blocks, "seconds": seconds, "layers": records})
+                             {"blocks": blocks, "seconds": seconds, "layers": records,
+                              "setup": self.setup})
         done = block + 1
         progress(self.logger, self.spec, "block %d/%d done in %.1f s", done, blocks, seconds,
                  event="block", block=done, blocks=blocks)

@@ -63,9 +63,10 @@ def _unique(values: list) -> list:
 
 
 def _dtype(value: str) -> str:
+    """The dtype under its one spelling (fp32 is float32, ...): the keys hash it."""
     if value not in DTYPES:
         raise ValueError(f"{value!r} is not a dtype; choose one of {', '.join(DTYPES)}")
-    return value
+    return {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(value, value)
 
 
 def _expand_user(value: str | None) -> str | None:

@@ -160,13 +160,17 @@ def _folder_hash(path: Path) -> str:
 
 
 @functools.cache
-def model_identity(model: str, revision: str | None, dtype: str) -> dict:
+def model_identity(model: str, revision: str | None, dtype: str,
+                   trust_remote_code: bool = False) -> dict:
     """What makes a base model unique, for the keys: a local folder's content hash, or the hub
-    id and the commit the revision resolves to (once per process)."""
+    id and the commit the revision resolves to (once per process; the stages then load that
+    commit, not the branch). `trust_remote_code` runs the model's own code where it has some,
+    another model: it is in the identity when on."""
+    extra = {"trust_remote_code": True} if trust_remote_code else {}
     local = Path(model).expanduser()
     if local.is_dir():
         return {"kind": "local", "name": local.name, "sha256": _folder_hash(local),
-                "dtype": dtype}
+                "dtype": dtype, **extra}
     try:
         from huggingface_hub import HfApi
 
@@ -175,7 +179,7 @@ def model_identity(model: str, revision: str | None, dtype: str) -> dict:
         from sds.models import offline_hint
 
         raise HubUnreachableError(offline_hint(model)) from e
-    return {"kind": "hub", "id": model, "revision": info.sha, "dtype": dtype}
+    return {"kind": "hub", "id": model, "revision": info.sha, "dtype": dtype, **extra}
 
 
 def _check_model(c: RunConfig, model: str, seqlen: int | None, data: list[str]):
@@ -251,7 +255,7 @@ def _plan(c: RunConfig) -> Plan:
     model_config = None
     if seqlen is None or not (local / "config.json").is_file():
         model_config, seqlen = _check_model(c, model, seqlen, [calib, *sources])
-    identity = model_identity(model, c.revision, c.dtype)
+    identity = model_identity(model, c.revision, c.dtype, c.trust_remote_code)
     store = ArtifactStore(c.store)  # validates the URL; contacts nothing
     store_root = store.root
 
@@ -266,7 +270,9 @@ def _plan(c: RunConfig) -> Plan:
         "identity": identity,
     }
     plan = Plan(settings, model_config=model_config)
-    model_ref = ModelRef(path=model, revision=c.revision, dtype=c.dtype,
+    # a hub model is loaded at the commit its key hashes, even if its branch moves meanwhile
+    revision = identity["revision"] if identity["kind"] == "hub" else c.revision
+    model_ref = ModelRef(path=model, revision=revision, dtype=c.dtype,
                          trust_remote_code=c.trust_remote_code, identity=identity)
     run = RunOptions(device=c.device, verify=c.verify, gpu_limit=c.gpu_limit)
 
@@ -283,23 +289,27 @@ def _plan(c: RunConfig) -> Plan:
 
     # each step keys on exactly the options its result depends on: the one-shot step on its
     # method's (sds.options.METHOD_OPTIONS); re-dense on the SDS options step 2 reads
-    # (sds.options.REDENSE_OPTIONS); the second pruning on all of them and on percdamp, which
-    # dampens the Gram matrix of its solver whatever the method
+    # (sds.options.REDENSE_OPTIONS); the second pruning on those step 3 reads
+    # (sds.options.SECOND_OPTIONS) and on percdamp, which dampens the Gram matrix of its solver
+    # whatever the method
     prune_config = {"method": c.method, "rules": rules.describe(), **method_config(c)}
     add("oneshot", "oneshot", prune_config, {"calibration": calib_key})
     if c.sds:
         add("redense", "redense", {"rules": rules.describe(),
                                    "sds": c.sds_options.redense_dict()},
             {"calibration": calib_key, "oneshot": plan.specs["oneshot"].key})
-        add("second", "second", {**prune_config, "percdamp": c.percdamp, "sds": sds_options},
+        add("second", "second", {**prune_config, "percdamp": c.percdamp,
+                                 "sds": c.sds_options.second_dict()},
             {"calibration": calib_key, "redense": plan.specs["redense"].key})
 
     if sources or task_names:
         eval_config = {
             "sources": [_data_identity(s, "eval") for s in sources],
             "source_names": sources, "seqlen": seqlen, "tasks": _task_identity(task_names),
-            "task_names": task_names, "limit": limit, "batch_size": c.batch_size,
+            "task_names": task_names,
         }
+        if task_names:  # what only the zero-shot tasks read
+            eval_config.update(limit=limit, batch_size=c.batch_size)
         add("evaluate-dense", "evaluate", eval_config, {})
         add("evaluate-oneshot", "evaluate", eval_config, {"oneshot": plan.specs["oneshot"].key})
         if c.sds:

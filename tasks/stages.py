@@ -161,8 +161,8 @@ def _evaluate(spec, store, clock, logger):
         with clock("compute"):
             result = evaluate_model(
                 model, tokenizer, sources=config["source_names"], seqlen=config["seqlen"],
-                tasks=config["task_names"], limit=config["limit"],
-                batch_size=config["batch_size"],
+                tasks=config["task_names"], limit=config.get("limit"),
+                batch_size=config.get("batch_size", 8),
                 device=spec.run.device or default_device())
     for name, value in result["metrics"].items():
         logger.info("%s: %s = %s", spec.title, name, value)

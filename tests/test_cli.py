@@ -750,7 +750,55 @@ def test_the_configuration_accepts_exactly_the_dtypes_the_model_loader_accepts()
     from tasks.config import DTYPES, RunConfig
 
     assert set(DTYPES) == set(_DTYPES)
-    assert [RunConfig(dtype=d).dtype for d in _DTYPES] == list(_DTYPES)
+    # one spelling per dtype, so that fp32 and float32 give the same keys
+    for d, torch_dtype in _DTYPES.items():
+        canonical = RunConfig(dtype=d).dtype
+        assert _DTYPES[canonical] == torch_dtype and canonical in ("auto", "float32",
+                                                                  "bfloat16", "float16")
+
+
+def test_keys_hash_what_changes_a_result_and_nothing_else(tiny_model, corpus, tmp_path):
+    """dtype spellings, SDS options that step 3 does not read, and the zero-shot options
+    without tasks leave the keys; trust_remote_code changes every key."""
+    from tasks.plan import plan_pipeline
+
+    def keys(**changes):
+        return plan_pipeline(tiny_params(tiny_model, corpus, tmp_path / "store", **changes),
+                             check=False).keys()
+
+    first = keys()
+    assert keys(dtype="fp32") == keys(dtype="float32")
+    assert keys(sds_options={"epochs": 5, "adjust_epochs": 5, "lr": 0.5}) == keys(
+        sds_options={"epochs": 5, "adjust_epochs": 5})  # lr: the pgd solver's
+    assert keys(limit=7, batch_size=2) == first  # no zero-shot tasks here
+    remote = keys(trust_remote_code=True)
+    assert all(remote[label] != first[label] for label in first)
+
+
+def test_a_hub_model_is_loaded_at_the_commit_its_keys_hash(corpus, tmp_path, monkeypatch):
+    """The keys hash the commit a branch resolves to at planning; the stages load that commit,
+    so a branch that moves during a long run cannot put new weights under the old key."""
+    import types
+
+    import huggingface_hub
+
+    import tasks.plan
+    from tasks.plan import plan_pipeline
+    from tests.test_pipeline_fixtures import tiny_params
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+
+    class Hub:
+        def model_info(self, model, revision=None):
+            assert model == "org/moving-branch" and revision == "main"
+            return types.SimpleNamespace(sha=commit)
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Hub)
+    monkeypatch.setattr(tasks.plan, "_check_model", lambda *args: (None, 32))
+    plan = plan_pipeline(tiny_params("org/moving-branch", corpus, tmp_path / "store",
+                                     revision="main"), check=False)
+    for spec in plan.specs.values():
+        assert spec.model.identity["revision"] == commit and spec.model.revision == commit
 
 
 def test_the_help_of_a_no_flag_says_what_the_flag_does():

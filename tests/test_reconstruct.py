@@ -4,7 +4,7 @@ import torch
 import sds
 from sds.errors import ConfigError
 from sds.layerwise import Needs, walk
-from sds.models import prunable_layers, weight_matrix
+from sds.models import prunable_layers, set_weight_matrix, weight_matrix
 from sds.patterns import LayerRules, Pattern
 from sds.reconstruct import (
     Quadratic,
@@ -103,6 +103,19 @@ def test_adjustment_decreases_error_and_keeps_the_pattern():
     assert ((W == 0).reshape(16, 16, 4).sum(-1) >= 2).all()
 
 
+def _redensed(config: SDSConfig):
+    """A tiny LLaMA after Wanda 2:4 and step 2 with `config`, the same on every call: (model,
+    ids, rules, its dense weights)."""
+    torch.manual_seed(0)
+    model = tiny_llama(layers=2)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    rules = LayerRules.build("2:4")
+    dense = dense_weights(model, rules)
+    sds.oneshot(model, ids, "wanda", rules, progress=False)
+    redense(model, ids, dense, rules, config, progress=False)
+    return model, ids, rules, dense
+
+
 @pytest.mark.parametrize("solver", ["admm", "pgd"])
 def test_re_dense_reads_only_its_own_options(solver):
     """Step 2's cache key holds only REDENSE_OPTIONS: changing every other SDSConfig field must
@@ -120,16 +133,40 @@ def test_re_dense_reads_only_its_own_options(solver):
     assert set(changed) == {f.name for f in fields(SDSConfig)} - set(REDENSE_OPTIONS[solver])
     results = []
     for config in (base, replace(base, **changed), replace(base, l1=5.0)):
-        torch.manual_seed(0)
-        model = tiny_llama(layers=2)
-        ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
-        rules = LayerRules.build("2:4")
-        dense = dense_weights(model, rules)
-        sds.oneshot(model, ids, "wanda", rules, progress=False)
-        redense(model, ids, dense, rules, config, progress=False)
+        model, ids, rules, dense = _redensed(config)
         results.append({n: weight_matrix(m).clone() for n, m in prunable_layers(model).items()})
     assert all(torch.equal(results[0][n], results[1][n]) for n in results[0])
     assert not all(torch.equal(results[0][n], results[2][n]) for n in results[0])  # λ1 counts
+
+
+@pytest.mark.parametrize("solver,adjust_epochs", [("admm", 7), ("pgd", 7), ("admm", 0)])
+def test_the_second_pruning_reads_only_its_own_options(solver, adjust_epochs):
+    """Step 3's cache key holds only `second_dict()` (SECOND_OPTIONS, or without the adjustment
+    what the plain second pruning reads): changing every other SDSConfig field must leave its
+    records and weights bit-identical, from the same re-dense weights and records."""
+    from dataclasses import fields, replace
+
+    base = SDSConfig(solver=solver, epochs=5, adjust_epochs=adjust_epochs)
+    every = {"adjust_tol": 0.05, "adjust_lr": 0.3, "cg_iters": 3, "cg_tol": 0.1, "rho": 0.5,
+             "rho_growth": 2.0, "rho_every": 1, "ramp_iters": 4, "early_exit": False,
+             "target_mix": 1.0, "tol": 0.05, "lr": 0.5, "optimizer": "adam", "epochs": 9,
+             "l1": 3.0, "l2": 0.0, "data": "distill", "reg_scale": "dense",
+             "normalize": "tokens", "solver": "pgd" if solver == "admm" else "admm"}
+    changed = {k: v for k, v in every.items() if k not in base.second_dict()}
+    if adjust_epochs:
+        assert set(changed) | set(base.second_dict()) == {f.name for f in fields(SDSConfig)}
+    model, ids, rules, dense = _redensed(base)
+    start = {n: weight_matrix(m).clone() for n, m in prunable_layers(model).items()}
+    results, records = [], []
+    for config in (base, replace(base, **changed), replace(base, sequential=False)):
+        for n, m in prunable_layers(model).items():
+            set_weight_matrix(m, start[n])
+        report = second_prune(model, ids, dense, "wanda", rules, config, progress=False)
+        results.append({n: weight_matrix(m).clone() for n, m in prunable_layers(model).items()})
+        records.append([(r.name, r.rel_error, r.extra) for r in report.layers])
+    assert all(torch.equal(results[0][n], results[1][n]) for n in results[0])
+    assert [r[:2] for r in records[0]] == [r[:2] for r in records[1]]
+    assert not all(torch.equal(results[0][n], results[2][n]) for n in results[0])
 
 
 def test_redense_statistics_come_from_the_pruned_model(monkeypatch):

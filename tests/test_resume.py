@@ -87,6 +87,36 @@ def test_a_run_killed_inside_the_one_shot_stage_resumes_at_its_first_unfinished_
           f"uninterrupted: {whole_seconds:.1f} s")
 
 
+def test_blocks_committed_on_another_setup_are_computed_again(tiny_model, corpus, tmp_path):
+    """A stage resumes from blocks computed on this setup only (device, torch build, threads):
+    the same key on another device differs in its last bits, and a resumed stage must end as an
+    uninterrupted run here would."""
+    import logging
+
+    from sds.models import prunable_layers, weight_matrix
+    from tasks.common import BlockCommits, compute_setup, load_base
+    from tasks.plan import plan_pipeline
+    from tests.test_pipeline_fixtures import tiny_params
+
+    spec = plan_pipeline(tiny_params(tiny_model, corpus, tmp_path / "store"),
+                         check=False).specs["oneshot"]
+    store = ArtifactStore(spec.store)
+    model, _ = load_base(spec)
+    layers = prunable_layers(model)
+    blocks = BlockCommits(spec, store, logging.getLogger("test"), model, list(layers))
+    first = {n: weight_matrix(m) for n, m in layers.items() if ".layers.0." in n}
+    assert blocks.setup == compute_setup(None) and blocks.setup["threads"] >= 1
+
+    def commit(setup):
+        store.save_part(spec.stage, spec.key, 0, first,
+                        {"blocks": blocks.total, "seconds": 0.1, "layers": [], "setup": setup})
+
+    commit(blocks.setup)
+    assert blocks.resume().start == 1
+    commit({**blocks.setup, "device": "cuda", "gpu": "another machine's"})
+    assert blocks.resume().start == 0
+
+
 def test_a_damaged_block_is_computed_again_with_the_ones_after_it(tmp_path):
     """`parts` yields the committed blocks from block 0 up to the first damaged one."""
     store = ArtifactStore(tmp_path / "store")
