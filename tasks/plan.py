@@ -13,6 +13,7 @@ WikiText-2 perplexity.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 from dataclasses import asdict, dataclass, field
@@ -93,6 +94,9 @@ class Plan:
     specs: dict[str, StageSpec] = field(default_factory=dict)
     checked: bool = False  # the checks that need the model and the data have passed
     model_config: Any = field(default=None, repr=False)  # when planning needed it already
+    # the local files the keys hashed (model folder, data files), and their sizes and times then
+    input_paths: list = field(default_factory=list)
+    inputs: tuple = ()
 
     @property
     def store(self) -> str:
@@ -208,16 +212,33 @@ def _check_model(c: RunConfig, model: str, seqlen: int | None, data: list[str]):
 _plans: dict[str, Plan] = {}
 
 
+def _file_stats(paths: list[str]) -> tuple:
+    """(name, size, modification time) of every file of `paths` (files or folders): cheap to
+    take, and it changes when one of them is edited, so a plan made earlier in this process is
+    made again (a notebook that edits its data between runs gets new keys)."""
+    stats = []
+    for p in paths:
+        path = Path(p)
+        for f in sorted(path.rglob("*")) if path.is_dir() else [path]:
+            with contextlib.suppress(OSError):
+                if f.is_file():
+                    st = f.stat()
+                    stats.append((str(f), st.st_size, st.st_mtime_ns))
+    return tuple(stats)
+
+
 def plan_pipeline(config: RunConfig, check: bool = True) -> Plan:
     """Compute the spec (and artifact key) of every stage and, with `check`, validate what needs
-    the model and the data (`check_inputs`). Planned once per process and configuration: the
-    command line plans before it starts Prefect (so bad input fails at once), and the flow finds
-    the same plan. `check=False` computes the keys only, without torch or transformers, for a
-    caller that first looks whether the store holds every stage already."""
+    the model and the data (`check_inputs`). Planned once per process and configuration while
+    its local files (model folder, data files) are unchanged: the command line plans before it
+    starts Prefect (so bad input fails at once), and the flow finds the same plan.
+    `check=False` computes the keys only, without torch or transformers, for a caller that
+    first looks whether the store holds every stage already."""
     text = config.model_dump_json()
-    if text not in _plans:
-        _plans[text] = _plan(config)
-    plan = _plans[text]
+    plan = _plans.get(text)
+    if plan is None or _file_stats(plan.input_paths) != plan.inputs:
+        model_identity.cache_clear()  # a model folder that changed has another identity
+        plan = _plans[text] = _plan(config)
     if check and not plan.checked:
         check_inputs(config, plan)
         plan.checked = True
@@ -269,7 +290,9 @@ def _plan(c: RunConfig) -> Plan:
         "store": store_root, "device": c.device, "verify": c.verify, "gpu_limit": c.gpu_limit,
         "identity": identity,
     }
-    plan = Plan(settings, model_config=model_config)
+    local_inputs = [p for p in (model, calib, *sources) if Path(p).is_absolute()]
+    plan = Plan(settings, model_config=model_config, input_paths=local_inputs,
+                inputs=_file_stats(local_inputs))
     # a hub model is loaded at the commit its key hashes, even if its branch moves meanwhile
     revision = identity["revision"] if identity["kind"] == "hub" else c.revision
     model_ref = ModelRef(path=model, revision=revision, dtype=c.dtype,

@@ -775,6 +775,28 @@ def test_keys_hash_what_changes_a_result_and_nothing_else(tiny_model, corpus, tm
     assert all(remote[label] != first[label] for label in first)
 
 
+def test_a_plan_is_made_again_when_its_local_inputs_change(tiny_model, corpus, tmp_path):
+    """Plans are kept per process and configuration, but not past an edit of the model folder
+    or a data file: a notebook that edits them between runs gets new keys."""
+    from tasks.plan import plan_pipeline
+    from tests.test_pipeline_fixtures import tiny_params
+
+    model, calib = tmp_path / "model", tmp_path / "calib.txt"
+    shutil.copytree(tiny_model, model)
+    shutil.copy(corpus["calib"], calib)
+    config = tiny_params(model, {**corpus, "calib": calib}, tmp_path / "store")
+    first = plan_pipeline(config, check=False)
+    assert plan_pipeline(config, check=False) is first  # nothing changed: the same plan
+    with open(calib, "a") as f:
+        f.write("\n\nOne more document.\n")
+    second = plan_pipeline(config, check=False).keys()
+    assert second["calibration"] != first.keys()["calibration"]
+    settings = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**settings, "note": "edited"}))
+    third = plan_pipeline(config, check=False).keys()
+    assert all(third[label] != second[label] for label in third)
+
+
 def test_a_hub_model_is_loaded_at_the_commit_its_keys_hash(corpus, tmp_path, monkeypatch):
     """The keys hash the commit a branch resolves to at planning; the stages load that commit,
     so a branch that moves during a long run cannot put new weights under the old key."""
