@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, HubUnreachableError, ModelError
+from .options import DTYPE_NAMES
 
 log = logging.getLogger("sds")
 
@@ -176,9 +177,8 @@ def check_device(device: str | torch.device | None) -> None:
 
 
 # -- loading and identity -------------------------------------------------------------------------
-_DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32,
-           "float16": torch.float16, "fp16": torch.float16,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+_DTYPES = {name: "auto" if canonical == "auto" else getattr(torch, canonical)
+           for name, canonical in DTYPE_NAMES.items()}
 
 
 def offline_hint(name: str) -> str:

@@ -79,6 +79,10 @@ def check_target_mix(value, name: str = "target_mix") -> None:
                           "pruned model's own inputs, 1 the dense model's outputs")
 
 
+# the dtype spellings the model loader accepts, each to its one name (the keys hash that)
+DTYPE_NAMES = {"auto": "auto", "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16",
+               "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}
+
 DATA_VARIANTS = ("sd", "dense", "distill")
 SOLVERS = ("admm", "pgd")
 OPTIMIZERS = ("prox", "adam")

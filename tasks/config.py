@@ -33,14 +33,12 @@ from pydantic import (
 )
 
 from sds.errors import ConfigError
-from sds.options import SDSConfig
+from sds.options import DTYPE_NAMES, SDSConfig
 
 from .store import DEFAULT_ROOT
 
 GPU_LIMIT = "sds-gpu"  # name of the Prefect global concurrency limit compute stages hold
 NONE_WORDS = ("", "none", "off")
-# the spellings sds.models.load_model accepts (it imports torch, so they are repeated here)
-DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 
 
 def _names(value: Any) -> Any:
@@ -64,9 +62,9 @@ def _unique(values: list) -> list:
 
 def _dtype(value: str) -> str:
     """The dtype under its one spelling (fp32 is float32, ...): the keys hash it."""
-    if value not in DTYPES:
-        raise ValueError(f"{value!r} is not a dtype; choose one of {', '.join(DTYPES)}")
-    return {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(value, value)
+    if value not in DTYPE_NAMES:
+        raise ValueError(f"{value!r} is not a dtype; choose one of {', '.join(DTYPE_NAMES)}")
+    return DTYPE_NAMES[value]
 
 
 def _expand_user(value: str | None) -> str | None:

@@ -551,14 +551,11 @@ class ArtifactStore:
         names = self._if_present(f"listing {self._uri(folder)}",
                                  lambda: self.fs.ls(folder, detail=False), [])
         paths = [n for n in names if _PIN_RE.fullmatch(n.rsplit("/", 1)[-1])]
-        if not paths:
-            return []
-        with self._guard(f"reading the pins under {self._uri(folder)}"):
-            raw = self.fs.cat(paths, on_error="return")
+        raw = self._cat(paths, f"reading the pins under {self._uri(folder)}")
         for path, blob in raw.items():  # a pin that cannot be read must not count as none
             if isinstance(blob, Exception) and not isinstance(blob, FileNotFoundError):
                 raise self._error(f"reading the pin {self._uri(path)}", blob)
-        records = (_json_or_none(b) if isinstance(b, bytes) else None for b in raw.values())
+        records = (_json_or_none_of(b) for b in raw.values())
         return [r for r in records if isinstance(r, dict) and isinstance(r.get("keys"), list)
                 and not expired(r)]
 
@@ -567,22 +564,12 @@ class ArtifactStore:
         upstream keys they record."""
         self._not_a_file()
         keys = {k for pin in self.pins() for k in pin["keys"] if isinstance(k, str)}
-        folder = f"{self._base}/.leases"
-        found = self._if_present(f"listing {self._uri(folder)}",
-                                 lambda: self.fs.find(folder), [])
-        leased = set()
-        for path in found:
-            parts = path.rsplit("/", 3)[-3:]
-            if len(parts) == 3 and _LEASE_RE.fullmatch(parts[2]):
-                leased.add((parts[0], parts[1]))
-        for stage, key in leased:
-            if _STAGE_RE.fullmatch(stage) and _KEY_RE.fullmatch(key):
-                lease = self._lease(stage, key)[1]
-                if lease is not None and not expired(lease):
-                    keys.add(key)
-                    upstream = lease.get("upstream")
-                    if isinstance(upstream, list):
-                        keys.update(k for k in upstream if isinstance(k, str))
+        for folder, (_files, latest) in self._leases().items():
+            if isinstance(latest, dict) and not expired(latest):
+                keys.add(folder.rsplit("/", 1)[-1])
+                upstream = latest.get("upstream")
+                if isinstance(upstream, list):
+                    keys.update(k for k in upstream if isinstance(k, str))
         return keys
 
     def remove_stale(self, *, older_than: timedelta | None = None,
@@ -596,44 +583,58 @@ class ArtifactStore:
         cutoff = _cutoff(older_than)
         now = datetime.now(UTC).timestamp()
         limit = now if cutoff is None else min(cutoff, now)
-        found: dict = {}
-        for sub in (".pins", ".leases"):
-            folder = f"{self._base}/{sub}"
-            found.update(self._if_present(f"listing {self._uri(folder)}",
-                                          lambda folder=folder: self.fs.find(folder, detail=True),
-                                          {}))
-        pins = [p for p in found if _PIN_RE.fullmatch(p.rsplit("/", 1)[-1])]
-        leases: dict[str, list[str]] = {}  # a lease folder: its generation files
-        for path in found:
-            if _LEASE_RE.fullmatch(path.rsplit("/", 1)[-1]) and "/.leases/" in path:
-                leases.setdefault(path.rsplit("/", 1)[0], []).append(path)
-        # a pin, or a lease folder's highest generation (the lease), decides
-        deciding = pins + [max(files, key=lambda p: int(p.rsplit("/", 1)[-1][:-5]))
-                           for files in leases.values()]
-        raw = {}
-        if deciding:
-            with self._guard(f"reading the pins and leases under {self._uri(self._base)}"):
-                raw = self.fs.cat(deciding, on_error="return")
-        stale = []
-        for path in deciding:
-            record = _json_or_none(raw[path]) if isinstance(raw.get(path), bytes) else None
+
+        def ended(record, info) -> bool:
             if isinstance(record, dict) and isinstance(record.get("expires"), int | float):
-                ended = record["expires"] if expired(record) else None
-            else:
-                ended = _mtime(found[path])
-            if ended is not None and ended <= limit:
-                stale += [path] if path in pins else leases[path.rsplit("/", 1)[0]]
+                return expired(record) and record["expires"] <= limit
+            modified = _mtime(info)  # unreadable: its age
+            return modified is not None and modified <= limit
+
+        folder = f"{self._base}/.pins"
+        pins = {p: i for p, i in self._if_present(
+            f"listing {self._uri(folder)}", lambda: self.fs.find(folder, detail=True),
+            {}).items() if _PIN_RE.fullmatch(p.rsplit("/", 1)[-1])}
+        raw = self._cat(list(pins), f"reading the pins under {self._uri(folder)}")
+        stale = [p for p, info in pins.items() if ended(_json_or_none_of(raw.get(p)), info)]
+        for files, latest in self._leases().values():
+            newest = max(files, key=_generation)
+            if ended(latest, files[newest]):
+                stale += list(files)
         if not dry_run:
             for path in stale:
                 with self._guard(f"removing {self._uri(path)}"), \
                         contextlib.suppress(FileNotFoundError):
                     self.fs.rm_file(path)
             if self.local:  # a lease folder, and its stage's, once empty
-                for folder in {p.rsplit("/", 1)[0] for p in stale if "/.leases/" in p}:
+                for lease_folder in {p.rsplit("/", 1)[0] for p in stale if "/.leases/" in p}:
                     with contextlib.suppress(OSError):
-                        os.rmdir(folder)
-                        os.rmdir(os.path.dirname(folder))
+                        os.rmdir(lease_folder)
+                        os.rmdir(os.path.dirname(lease_folder))
         return sorted(self._uri(p) for p in stale)
+
+    def _leases(self) -> dict[str, tuple[dict, Any]]:
+        """Every lease folder `.leases/<stage>/<key>`: ({generation file: listing info}, the
+        parsed highest generation, the lease, or None when unreadable), in one listing and one
+        batched read."""
+        folder = f"{self._base}/.leases"
+        found = self._if_present(f"listing {self._uri(folder)}",
+                                 lambda: self.fs.find(folder, detail=True), {})
+        folders: dict[str, dict] = {}
+        for path, info in found.items():
+            parts = path.rsplit("/", 3)[-3:]
+            if (len(parts) == 3 and _LEASE_RE.fullmatch(parts[2])
+                    and _STAGE_RE.fullmatch(parts[0]) and _KEY_RE.fullmatch(parts[1])):
+                folders.setdefault(path.rsplit("/", 1)[0], {})[path] = info
+        newest = {f: max(files, key=_generation) for f, files in folders.items()}
+        raw = self._cat(list(newest.values()), f"reading the leases under {self._uri(folder)}")
+        return {f: (files, _json_or_none_of(raw.get(newest[f]))) for f, files in folders.items()}
+
+    def _cat(self, paths: list[str], action: str) -> dict:
+        """{path: bytes or the exception reading it} of many files in one call."""
+        if not paths:
+            return {}
+        with self._guard(action):
+            return self.fs.cat(paths, on_error="return")
 
     def needed(self) -> set[str]:
         """`in_use`, with everything upstream of those keys: what `remove` never takes."""
@@ -1145,6 +1146,16 @@ def _cutoff(older_than: timedelta | None) -> float | None:
     if not (isinstance(older_than, timedelta) and older_than >= timedelta(0)):
         raise ConfigError(f"older_than {older_than!r} must be a non-negative timedelta")
     return (datetime.now(UTC) - older_than).timestamp()
+
+
+def _generation(path: str) -> int:
+    """The generation n of a lease file `.../<n>.json`."""
+    return int(path.rsplit("/", 1)[-1].removesuffix(".json"))
+
+
+def _json_or_none_of(raw: Any) -> Any:
+    """The parsed JSON of what `fs.cat` returned for a file, or None (an error, not JSON)."""
+    return _json_or_none(raw) if isinstance(raw, bytes) else None
 
 
 def _json_or_none(raw: bytes) -> Any:
