@@ -844,8 +844,11 @@ def cmd_serve(args, console) -> int:
         console.print("[yellow]PREFECT_API_URL is not set: the deployments are served by a "
                       "temporary server that stops with this command. Start one with `prefect "
                       "server start` and export PREFECT_API_URL to see them in the UI.[/]")
+    args.interruption.note = ("stopped: the served deployments' schedules are paused; "
+                              "`sds serve` resumes them")
     serve(args.name or None, args.limit or None)
-    return 0
+    # Prefect's serve returns once a signal stopped it: exit as any interrupted command does
+    raise KeyboardInterrupt
 
 
 # -- interruption -------------------------------------------------------------------------------
@@ -867,6 +870,7 @@ class Interruption:
 
     def __init__(self, console):
         self.console, self.code = console, None
+        self.note = "finished stages are in the store; run the same command again to resume"
         self.previous: dict = {}
         self.lock = threading.Lock()
         try:
@@ -911,8 +915,7 @@ class Interruption:
     def stop(self) -> None:
         """Say so, end the child processes, and exit now (no waiting for stage threads)."""
         with contextlib.suppress(Exception):
-            self.console.print("[red]interrupted[/]: finished stages are in the store; run the "
-                               "same command again to resume")
+            self.console.print(f"[red]interrupted[/]: {self.note}", highlight=False)
         _end_children()
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):
@@ -984,7 +987,7 @@ def main(argv: list[str] | None = None) -> int:
     # the terminal's stderr, kept even while the flow's own stderr goes to a log file
     console = Console(file=os.fdopen(os.dup(2), "w", buffering=1, closefd=True),
                       force_terminal=sys.stderr.isatty() or None)
-    interruption = Interruption(console)
+    args.interruption = interruption = Interruption(console)
     try:
         return args.handler(args, console)
     except BrokenPipeError:  # the reader left early, e.g. `sds store ls | head`

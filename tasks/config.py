@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 from typing import Annotated, Any
 
 from pydantic import (
@@ -34,6 +35,7 @@ from pydantic import (
 
 from sds.errors import ConfigError
 from sds.options import DTYPE_NAMES, SDSConfig
+from sds.patterns import Pattern
 
 from .store import DEFAULT_ROOT
 
@@ -67,6 +69,18 @@ def _dtype(value: str) -> str:
     return DTYPE_NAMES[value]
 
 
+def _device(value: str | None) -> str | None:
+    """A device name's form, checked without torch (a run answered from the store never
+    imports it): cpu, cuda, cuda:N or mps. Whether this machine has it is checked when a stage
+    has to compute (`sds.models.check_device`)."""
+    if value is None:
+        return None
+    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", value.strip()):
+        raise ValueError(f"{value!r} is not a device name; use cpu, cuda or cuda:N (or leave "
+                         "it out: cuda when available, else cpu)")
+    return value.strip()
+
+
 def _expand_user(value: str | None) -> str | None:
     """`~` expanded once, here, so every output (results, model, log) goes to one folder."""
     return os.path.expanduser(value) if value else value
@@ -77,6 +91,7 @@ Names = Annotated[list[str], BeforeValidator(_names), AfterValidator(_unique)]
 OptionalName = Annotated[str | None, BeforeValidator(_optional_name)]
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 Dtype = Annotated[str, AfterValidator(_dtype)]
+Device = Annotated[str | None, BeforeValidator(_optional_name), AfterValidator(_device)]
 # a none word ('', none, off) means no output files at all
 OutFolder = Annotated[str | None, BeforeValidator(_optional_name), AfterValidator(_expand_user)]
 
@@ -119,7 +134,7 @@ class Options(BaseModel):
     # model, device and storage
     dtype: Dtype = Field("auto", description="auto, float32 (fp32), bfloat16 (bf16), float16 "
                          "(fp16)")
-    device: str | None = Field(None, description="compute device, e.g. cuda, cuda:1, cpu "
+    device: Device = Field(None, description="compute device, e.g. cuda, cuda:1, cpu "
                                "(default: cuda when available)")
     store: str = Field(DEFAULT_ROOT, description="artifact store: a folder or a URL such as "
                        "s3://bucket/prefix")
@@ -193,6 +208,21 @@ class SweepConfig(Options):
         if not value:
             raise ValueError("is empty, so the grid has no point; give at least one value")
         return value
+
+    @field_validator("patterns")
+    @classmethod
+    def _one_spelling(cls, value: list[str]) -> list[str]:
+        """One point per pattern: `0.5` and `50%` (or `2:4` and ` 2:4`) are the same pattern,
+        kept under its first spelling. A spelling that does not parse is left for the planner,
+        which names the accepted forms."""
+        seen: dict = {}
+        for spec in value:
+            try:
+                key = Pattern.parse(spec)
+            except ConfigError:
+                key = spec
+            seen.setdefault(key, spec)
+        return list(seen.values())
 
     def points(self) -> list[RunConfig]:
         shared = self.model_dump(exclude={"models", "methods", "patterns", "sds", "out",

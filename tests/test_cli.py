@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -339,7 +340,7 @@ def test_bad_input_exits_nonzero_with_one_line_and_commits_nothing(
         expected_text = "override 'mlp\\\\.down_proj'=50% matches no pruned layer"
     elif case == "unknown device":
         args += ["--device", "foo"]
-        expected_text = "device 'foo' is not a device name"
+        expected_text = "device: 'foo' is not a device name"
     elif case == "cuda without a gpu":
         if torch.cuda.is_available():
             pytest.skip("this machine has a GPU")
@@ -564,12 +565,37 @@ def test_a_grid_file_reads_patterns_and_switches_as_written(tmp_path, clean_envi
     from flows.cli import build_parser, sweep_config
 
     grid = tmp_path / "grid.yaml"
-    grid.write_text("patterns: [2:4, 4:8, 50%, 0.5]\nsds: [yes, false]\ngpu_limit: off\n"
+    grid.write_text("patterns: [2:4, 4:8, 50%, 0.25]\nsds: [yes, false]\ngpu_limit: off\n"
                     "seed: 3\nsds_options: {lr: 1e-2, epochs: 7}\n")
     config = sweep_config(build_parser().parse_args(["sweep", "--grid", str(grid)]))
-    assert config.patterns == ["2:4", "4:8", "50%", "0.5"]
+    assert config.patterns == ["2:4", "4:8", "50%", "0.25"]
     assert config.sds == [True, False] and config.gpu_limit is None and config.seed == 3
     assert config.sds_options.lr == 0.01 and config.sds_options.epochs == 7
+
+
+@pytest.mark.parametrize("device", ["cdua", "gpu", "cuda:x", "cuda:-1", "cpu:0:1"])
+def test_a_misspelt_device_is_refused_by_the_configuration(device, clean_environ):
+    """The form is checked with the options, without torch, so a run answered from the store
+    (which never imports torch) refuses a typo too, as a computing run does."""
+    from sds.errors import ConfigError
+    from tasks.config import RunConfig, SweepConfig, build
+
+    for kind in (RunConfig, SweepConfig):
+        with pytest.raises(ConfigError, match=f"device: '{re.escape(device)}' is not a device"):
+            build(kind, {"device": device})
+    assert [RunConfig(device=d).device for d in ("cpu", " cuda:1", "mps", "none", None)] == [
+        "cpu", "cuda:1", "mps", None, None]
+
+
+def test_a_pattern_spelled_twice_is_one_point_of_the_grid(clean_environ):
+    """`0.5` and `50%` are one pattern: a grid listing both runs it once, under the first
+    spelling (before, twice under one run name). A spelling that does not parse is kept for the
+    planner's error."""
+    from tasks.config import SweepConfig
+
+    config = SweepConfig(patterns=["0.5", "2:4", "50%", "4:8", "2:4", "0.50", "3:x"])
+    assert config.patterns == ["0.5", "2:4", "4:8", "3:x"]
+    assert [p.pattern for p in SweepConfig(patterns=["50%", "0.5"]).points()] == ["50%"]
 
 
 @pytest.mark.parametrize("word", ["none", "off", ""])

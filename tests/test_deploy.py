@@ -133,6 +133,9 @@ def test_served_deployment_runs_when_triggered_through_the_api(prefect_api, tiny
             serve.wait(timeout=20)
         except subprocess.TimeoutExpired:
             serve.kill()
+    # stopped by Ctrl-C: exit 130, as every interrupted command, and say what stopping did
+    assert serve.returncode == 130, log.read_text()[-3000:]
+    assert "schedules are paused" in log.read_text()
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["pattern"] == "4:8"
     assert set(results["metrics"]) == {"dense", "oneshot", "sds"}
