@@ -107,7 +107,7 @@ def _outs() -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     from tasks.config import RunConfig, SweepConfig
-    from tasks.store import DEFAULT_ROOT
+    from tasks.store import DEFAULT_ROOT, default_store
 
     parser = argparse.ArgumentParser(
         prog="sds", description="Sparse-Dense-Sparse pruning of language models, as a cached "
@@ -161,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="only artifacts older than this (default 1h). What runs in progress "
                     "need is always kept, at any age")
     for p in (ls, rm, gc):
-        p.add_argument("--store", default=DEFAULT_ROOT, help="folder or s3://bucket/prefix")
+        p.add_argument("--store", default=default_store(), help="folder or s3://bucket/prefix "
+                       f"(default: $SDS_STORE if set, else {DEFAULT_ROOT})")
         _output(p)
     for p in (rm, gc):
         p.add_argument("--dry-run", action="store_true", help="only say what would go")

@@ -17,7 +17,8 @@ from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture, wait
 from prefect.runtime import flow_run
 
-from sds.errors import UpstreamLostError
+from sds.errors import ConfigError, UpstreamLostError
+from sds.patterns import Pattern
 from tasks import stages
 from tasks.common import ensure_gpu_limit, pinned
 from tasks.config import RunConfig
@@ -25,6 +26,8 @@ from tasks.plan import Plan, StageSpec, plan_pipeline
 from tasks.store import ArtifactStore
 
 from . import report
+
+POINT_TAG = "sds-sweep-point"  # a sweep's point on a work pool: it keeps the name it was given
 
 
 class StageRunner:
@@ -103,9 +106,18 @@ def current_run() -> dict:
 
 
 def _run_name() -> str:
+    """The flow run's name: a sweep's point keeps the name the sweep gave it (unique within the
+    sweep, `report.run_names`, and its results folder's); any other run is named after its
+    configuration, the pattern in its one spelling."""
+    if POINT_TAG in (flow_run.get_tags() or ()) and flow_run.get_name():
+        return flow_run.get_name()
     config = RunConfig.model_validate(flow_run.get_parameters().get("config") or {})
+    try:
+        pattern = str(Pattern.parse(config.pattern))
+    except ConfigError:  # the plan refuses it, with the accepted forms
+        pattern = config.pattern
     return report.run_name({"model": config.model or "demo", "method": config.method,
-                            "pattern": config.pattern, "sds": config.sds})
+                            "pattern": pattern, "sds": config.sds})
 
 
 @flow(name="pipeline", flow_run_name=_run_name,

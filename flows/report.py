@@ -97,15 +97,23 @@ def finish(plan, refs: dict[str, dict], out: str | os.PathLike | None, export,
     ref, folder)` (None: no model folder, and a model folder an earlier run exported there is
     removed, so that none stands beside results saying `model_dir: null`), the results record,
     `<out>/results.json`."""
+    from tasks.common import host_lock
     from tasks.export import remove_model
 
-    model_dir = None
-    if out and export is not None:
-        model_dir = export(plan.specs[plan.final], refs[plan.final], str(Path(out) / "model"))
-    elif out:
-        remove_model(Path(out) / "model")
-    results = build_results(plan, refs, started, time.perf_counter() - t0, model_dir, flow_run)
-    if out:
+    if not out:
+        return build_results(plan, refs, started, time.perf_counter() - t0, None, flow_run)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    # runs that finish into one folder at once (two triggers of one deployment) take turns, so
+    # the folder ends with one run's model and that run's results
+    with host_lock(out):
+        model_dir = None
+        if export is not None:
+            model_dir = export(plan.specs[plan.final], refs[plan.final],
+                               str(Path(out) / "model"))
+        else:
+            remove_model(Path(out) / "model")
+        results = build_results(plan, refs, started, time.perf_counter() - t0, model_dir,
+                                flow_run)
         write_json(results, Path(out) / "results.json")
     return results
 

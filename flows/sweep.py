@@ -30,13 +30,14 @@ from tasks.plan import Plan, local_path, plan_pipeline
 from tasks.store import ArtifactStore
 
 from . import report
-from .pipeline import current_run, run_plans
+from .pipeline import POINT_TAG, current_run, run_plans
 
 REPO = Path(__file__).resolve().parents[1]  # the checkout whose flow code the workers run
 ENTRYPOINT = "flows/pipeline.py:pipeline"
 POLL_SECONDS = 2.0
 PROGRESS_SECONDS = 60.0  # how often the wait for the points on a pool is logged
 CANCEL_GRACE_SECONDS = 120.0  # how long cancelled points may take to confirm
+READ_CHUNK = 200  # flow runs per read: the server refuses a larger limit (its default limit)
 
 
 @flow(name="sweep", description="A grid of models x methods x patterns; shared stages once.")
@@ -159,13 +160,18 @@ def run_on_pool(pool: str, points: list, plans: list[Plan], wait_minutes: float 
     name = deploy_points(pool)
     names = report.run_names([plan.settings for plan in plans])
     children = [run_deployment(name, parameters={"config": _for_workers(point, plan)},
-                               flow_run_name=run_name, timeout=0, as_subflow=True)
+                               flow_run_name=run_name, tags=[POINT_TAG], timeout=0,
+                               as_subflow=True)
                 for point, plan, run_name in zip(points, plans, names)]
     get_run_logger().info("%d points submitted to the work pool %s (%s)", len(children), pool,
                           name)
     finished = wait_for_flow_runs([c.id for c in children], pool, wait_minutes)
     outcomes: list[dict | Exception] = []
-    for plan, run in zip(plans, finished):
+    for plan, run, child in zip(plans, finished, children):
+        if run is None:
+            outcomes.append(PointError(f"flow run {child.name!r} ({child.id}) was deleted "
+                                       "before it finished"))
+            continue
         if run.state is None or not run.state.is_completed():
             state = run.state.name if run.state else "unknown"
             message = " ".join(str(run.state.message or "").split()) if run.state else ""
@@ -176,15 +182,15 @@ def run_on_pool(pool: str, points: list, plans: list[Plan], wait_minutes: float 
             outcomes.append(stored_refs(plan, computed_by(run.id)))
         except Exception as exc:  # noqa: BLE001 - reported as this point's failure
             outcomes.append(exc)
-    return outcomes, [{"id": str(run.id), "name": run.name} for run in finished]
+    return outcomes, [{"id": str(child.id), "name": child.name} for child in children]
 
 
 def wait_for_flow_runs(ids: list, pool: str = "", wait_minutes: float | None = None) -> list:
-    """The flow runs `ids`, once every one of them is in a final state. Every PROGRESS_SECONDS
-    the log says how many finished and how many no worker has taken yet. After `wait_minutes`
-    the runs not in a final state are cancelled (a running one through its worker), and the
-    wait goes on until they are, or CANCEL_GRACE_SECONDS have passed (a dead worker never
-    confirms)."""
+    """The flow runs `ids`, once every one of them is in a final state, or None for a run that
+    was deleted meanwhile (e.g. from the UI). Every PROGRESS_SECONDS the log says how many
+    finished and how many no worker has taken yet. After `wait_minutes` the runs not in a final
+    state are cancelled (a running one through its worker), and the wait goes on until they
+    are, or CANCEL_GRACE_SECONDS have passed (a dead worker never confirms)."""
     from prefect import get_run_logger
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -195,13 +201,14 @@ def wait_for_flow_runs(ids: list, pool: str = "", wait_minutes: float | None = N
     cancelled = 0.0  # when the wait gave up
     with get_client(sync_client=True) as client:
         while True:
-            runs = {r.id: r for r in client.read_flow_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)), limit=len(ids))}
+            runs = {r.id: r for start in range(0, len(ids), READ_CHUNK)
+                    for r in client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                        id=FlowRunFilterId(any_=ids[start:start + READ_CHUNK])),
+                        limit=READ_CHUNK)}
             waiting = [r for r in runs.values() if not (r.state and r.state.is_final())]
             now = time.monotonic()
-            if len(runs) == len(ids) and (not waiting or (cancelled and now - cancelled
-                                                          > CANCEL_GRACE_SECONDS)):
-                return [runs[i] for i in ids]
+            if not waiting or (cancelled and now - cancelled > CANCEL_GRACE_SECONDS):
+                return [runs.get(i) for i in ids]  # None: deleted
             if now - last_report >= PROGRESS_SECONDS:
                 last_report = now
                 queued = sum(1 for r in waiting if r.state and (r.state.is_scheduled()

@@ -26,6 +26,7 @@ import errno
 import logging
 import os
 import socket
+import tempfile
 import threading
 import time
 import uuid
@@ -122,15 +123,55 @@ def retry_transient(task, task_run, state) -> bool:
 
 # -- the GPU slot -------------------------------------------------------------------------------
 _local_slot = threading.Lock()  # one compute stage at a time in this process
+GPU_LOCK_DIR = tempfile.gettempdir()  # where the per-GPU lock files of this machine are
+
+
+@contextlib.contextmanager
+def host_lock(path: str | os.PathLike) -> Iterator[None]:
+    """An exclusive lock shared by every process (and thread) of this machine: `flock` on
+    `path`, a file (created if absent) or a folder. Released when the block ends or the
+    process dies. Where flock is missing (Windows) or the file cannot be opened, no lock, with
+    a warning."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY | (0 if os.path.isdir(path) else os.O_CREAT), 0o666)
+    except OSError as exc:
+        log.warning("cannot open the lock %s (%s); going on without it", path, exc)
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _gpu_lock_path(device: str | None) -> str | None:
+    """The lock file of the CUDA device a stage computes on (None: not a GPU)."""
+    import torch
+
+    from sds.models import default_device
+
+    dev = torch.device(device) if device else default_device()
+    if dev.type != "cuda":
+        return None
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    return os.path.join(GPU_LOCK_DIR, f"sds-gpu{index}.lock")
 
 
 @contextlib.contextmanager
 def gpu_slot(spec: StageSpec) -> Iterator[None]:
-    """Hold the compute device: a process-wide lock, plus a slot of the Prefect global
-    concurrency limit `spec.run.gpu_limit` (skipped when None; non-strict, so a missing limit
-    only warns)."""
+    """Hold the compute device: a process-wide lock; on a GPU, a lock of that GPU shared by the
+    machine's processes (two flow runs a worker started at once, which a global limit sized to
+    the whole pool would both let in); then a slot of the Prefect global concurrency limit
+    `spec.run.gpu_limit` (skipped when None; non-strict, so a missing limit only warns)."""
     name = spec.run.gpu_limit
-    with _local_slot:
+    gpu = _gpu_lock_path(spec.run.device)
+    with _local_slot, host_lock(gpu) if gpu else contextlib.nullcontext():
         if not name:
             yield
             return

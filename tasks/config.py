@@ -37,7 +37,7 @@ from sds.errors import ConfigError
 from sds.options import DTYPE_NAMES, SDSConfig
 from sds.patterns import Pattern
 
-from .store import DEFAULT_ROOT
+from .store import DEFAULT_ROOT, default_store
 
 GPU_LIMIT = "sds-gpu"  # name of the Prefect global concurrency limit compute stages hold
 NONE_WORDS = ("", "none", "off")
@@ -136,8 +136,9 @@ class Options(BaseModel):
                          "(fp16)")
     device: Device = Field(None, description="compute device, e.g. cuda, cuda:1, cpu "
                                "(default: cuda when available)")
-    store: str = Field(DEFAULT_ROOT, description="artifact store: a folder or a URL such as "
-                       "s3://bucket/prefix")
+    store: str = Field(default_factory=default_store, description="artifact store: a folder "
+                       "or a URL such as s3://bucket/prefix (default: $SDS_STORE if set, else "
+                       f"{DEFAULT_ROOT})")
     verify: bool = Field(True, description="hash stored tensors when a stage reads them "
                          "(off: trust stored tensors by their recorded size, without hashing "
                          "them)")

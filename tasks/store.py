@@ -61,6 +61,14 @@ from sds.errors import ConfigError, CorruptArtifactError, SDSError, StoreError, 
 log = logging.getLogger(__name__)
 
 DEFAULT_ROOT = "./sds-store"
+STORE_VARIABLE = "SDS_STORE"  # the machine's default store, e.g. a work pool's shared bucket
+
+
+def default_store() -> str:
+    """The store a run uses when none is given: $SDS_STORE, else DEFAULT_ROOT. Read when a
+    configuration is made, on the machine that runs it: a worker whose environment names the
+    shared store runs a triggered configuration that leaves `store` out against that store."""
+    return os.environ.get(STORE_VARIABLE, "").strip() or DEFAULT_ROOT
 TENSORS = "tensors.safetensors"
 META = "meta.json"
 FORMAT = 1  # layout of meta.json; bump when its meaning changes

@@ -27,7 +27,7 @@ WORKERS = ("worker-a", "worker-b")
 def _sweep_args(model: Path, corpus: dict[str, Path], store: str, out: Path) -> list[str]:
     """A 2 x 2 grid (two methods x two patterns) of the tiny model: seconds per point."""
     return ["sweep", "--models", str(model), "--methods", "sparsegpt,wanda", "--patterns",
-            "2:4,50%", "--calib", str(corpus["calib"]), "--eval", str(corpus["heldout"]),
+            "2:4,0.5", "--calib", str(corpus["calib"]), "--eval", str(corpus["heldout"]),
             "--tasks", "none", "--nsamples", "4", "--seqlen", "32", "--epochs", "5",
             "--adjust-epochs", "5", "--gpu-limit", "none", "--store", store, "--out", str(out)]
 
@@ -107,6 +107,10 @@ def test_a_sweep_fans_out_over_two_workers_and_computes_each_artifact_once(
     # each point was its own flow run, and both workers ran points
     run_ids = {r["flow_run"]["id"] for r in fanned.values()}
     assert len(run_ids) == 4 and "" not in run_ids
+    # under the name the sweep gave it, its folder's (`0.5` is 50pct, in its one spelling)
+    assert all(r["flow_run"]["name"] == name for name, r in fanned.items()), list(fanned)
+    assert sorted(n.split("-sparsegpt-")[-1] for n in fanned if "-sparsegpt-" in n) == [
+        "2-4-sds", "50pct-sds"], list(fanned)
     # a flow run's own log lines go to its worker's output: "View at .../flow-run/<id>"
     ran = {name: set(re.findall(r"/flow-run/([0-9a-f-]{36})", logs[name].read_text()))
            for name in WORKERS}
@@ -240,3 +244,48 @@ def test_a_point_sent_to_a_worker_names_every_local_path_absolutely(tmp_path, mo
     # the demo model is sent as it is
     demo = SweepConfig(store="./runs", methods=["wanda"]).points()[0]
     assert _for_workers(demo, plan)["model"] == demo.model
+
+
+def test_the_wait_for_points_reads_any_number_of_runs_and_fails_a_deleted_one(prefect_api):
+    """The server reads at most 200 flow runs per request: a sweep of 203 points reads them in
+    chunks. A point whose flow run was deleted (from the UI) fails instead of being awaited
+    forever."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.states import Completed
+
+    from flows.sweep import wait_for_flow_runs
+
+    @flow(name="sds-test-point")
+    def point():
+        return None
+
+    with get_client(sync_client=True) as client:
+        ids = [client.create_flow_run(point, state=Completed()).id for _ in range(203)]
+        client.delete_flow_run(ids[7])
+
+    runs = flow(name="sds-test-wait")(lambda: wait_for_flow_runs(ids))()
+    assert len(runs) == 203 and runs[7] is None
+    assert [r.id for r in runs if r is not None] == ids[:7] + ids[8:]
+    assert all(r.state.is_completed() for r in runs if r is not None)
+
+
+def test_a_pipeline_run_keeps_the_name_a_sweep_gave_it(monkeypatch):
+    """The engine names every pipeline flow run with `_run_name`: a sweep's point (tagged)
+    keeps the sweep's name; any other run is named after its configuration, the pattern in
+    its one spelling."""
+    from types import SimpleNamespace
+
+    from flows import pipeline
+
+    def runtime(tags, name, config):
+        return SimpleNamespace(get_tags=lambda: tags, get_name=lambda: name,
+                               get_parameters=lambda: {"config": config})
+
+    monkeypatch.setattr(pipeline, "flow_run", runtime(
+        [pipeline.POINT_TAG], "opt-sparsegpt-50pct-sds-1a2b3c", {"pattern": "0.5"}))
+    assert pipeline._run_name() == "opt-sparsegpt-50pct-sds-1a2b3c"
+    monkeypatch.setattr(pipeline, "flow_run", runtime([], "brave-otter", {"pattern": "0.5"}))
+    assert pipeline._run_name() == "demo-sparsegpt-50pct-sds"
+    monkeypatch.setattr(pipeline, "flow_run", runtime([], "brave-otter", {"pattern": "2:4"}))
+    assert pipeline._run_name() == "demo-sparsegpt-2-4-sds"

@@ -322,3 +322,95 @@ def test_the_one_shot_stage_runs_with_the_one_shot_options(prefect_api, tiny_mod
     assert calls == [{"sequential": True, "target_mix": 0.5}]
     assert result["config"]["oneshot_sequential"] is True
     assert result["config"]["oneshot_target_mix"] == 0.5
+
+
+# -- what the processes of one machine share ----------------------------------------------------
+def _locked_elsewhere(path) -> bool:
+    """Whether another holder has the `host_lock` of `path` (a non-blocking try from a new file
+    description, as another process would make)."""
+    import fcntl
+    import os
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def test_the_machine_lock_makes_holders_take_turns(tmp_path):
+    import threading
+
+    from tasks.common import host_lock
+
+    path, order = tmp_path / "gpu.lock", []
+    with host_lock(path):
+        assert _locked_elsewhere(path)
+        other = threading.Thread(target=lambda: host_lock_once(path, order))
+        other.start()
+        other.join(0.3)
+        assert other.is_alive() and order == []  # waits for this holder
+        order.append("first")
+    other.join(10)
+    assert order == ["first", "second"] and not _locked_elsewhere(path)
+
+
+def host_lock_once(path, order: list) -> None:
+    from tasks.common import host_lock
+
+    with host_lock(path):
+        order.append("second")
+
+
+@pytest.mark.parametrize("device, lock", [("cuda:1", "sds-gpu1.lock"), ("cpu", None)])
+def test_a_compute_stage_holds_the_lock_of_its_gpu(device, lock, tiny_model, corpus, tmp_path,
+                                                  monkeypatch):
+    """Two flow runs that one worker started at once on a one-GPU machine take turns on it,
+    whatever the global limit lets in: the stage holds a lock file of that GPU. (No GPU is
+    needed: only the lock is taken.)"""
+    from tasks import common
+    from tasks.plan import plan_pipeline
+
+    monkeypatch.setattr(common, "GPU_LOCK_DIR", str(tmp_path))
+    config = tiny_params(tiny_model, corpus, tmp_path / "store", None)
+    spec = plan_pipeline(config.model_copy(update={"device": device, "gpu_limit": None}),
+                         check=False).specs["oneshot"]
+    with common.gpu_slot(spec):
+        held = [p.name for p in tmp_path.glob("*.lock") if _locked_elsewhere(p)]
+    assert held == ([lock] if lock else [])
+    assert not any(_locked_elsewhere(p) for p in tmp_path.glob("*.lock"))
+
+
+def test_runs_finishing_into_one_folder_take_turns(tmp_path, monkeypatch):
+    """`report.finish` writes the model and results.json holding the folder's lock, so two
+    runs finishing into one `out` at once leave one run's model beside that run's results."""
+    from types import SimpleNamespace
+
+    from flows import report
+
+    monkeypatch.setattr(report, "build_results", lambda *a: {"model_dir": a[4]})
+    out, seen = tmp_path / "out", []
+
+    def export(spec, ref, folder):
+        seen.append(_locked_elsewhere(out))
+        return folder
+
+    plan = SimpleNamespace(specs={"second": None}, final="second")
+    results = report.finish(plan, {"second": None}, str(out), export, None, 0.0, None)
+    assert seen == [True] and not _locked_elsewhere(out)
+    assert json.loads((out / "results.json").read_text()) == results == {
+        "model_dir": str(out / "model")}
+
+
+def test_the_default_store_is_the_machines_sds_store(monkeypatch):
+    from tasks.config import RunConfig, SweepConfig
+
+    monkeypatch.delenv("SDS_STORE", raising=False)
+    assert RunConfig().store == "./sds-store"
+    monkeypatch.setenv("SDS_STORE", "s3://shared/store")
+    assert RunConfig().store == SweepConfig().store == "s3://shared/store"
+    assert RunConfig.model_validate({"pattern": "4:8"}).store == "s3://shared/store"
+    assert RunConfig(store="elsewhere").store == "elsewhere"
