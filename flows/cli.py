@@ -549,6 +549,7 @@ def cmd_run(args, console) -> int:
     stage (unless --flow-run). Prefect is imported, and its embedded API started, only for the
     flow. The plan (and with it every check that needs the model or the data) is made here,
     before Prefect starts, and the flow finds it made."""
+    from sds.errors import UpstreamLostError
     from tasks.common import committed_references
     from tasks.config import RunConfig
     from tasks.plan import plan_pipeline
@@ -571,7 +572,11 @@ def cmd_run(args, console) -> int:
         with pinned([plan]):  # `sds store gc` meanwhile leaves them be
             refs = committed_references(plan)  # still all there, now that they are pinned
             if refs is not None:
-                results = _answer_from_store(config, plan, refs, console, log)
+                try:
+                    results = _answer_from_store(config, plan, refs, console, log)
+                except UpstreamLostError as exc:  # the final weights were damaged: discarded
+                    console.print(f"[yellow]{one_line(exc)}[/]; the flow computes it again",
+                                  highlight=False, soft_wrap=True)
     if results is None:
         args.api = embedded_api()  # boots while the inputs are checked
         _check(config, [config], console)

@@ -101,6 +101,19 @@ def _run_once(plans: list[Plan]) -> list[dict | Exception]:
     return outcomes
 
 
+def finish(plan: Plan, refs: dict, out, export, started, t0: float, run: dict) -> dict:
+    """`report.finish`; where the export finds the final artifact damaged (and discards it),
+    the plan's stages run once more, which computes it again, and the export follows."""
+    try:
+        return report.finish(plan, refs, out, export, started, t0, run)
+    except UpstreamLostError as exc:
+        get_run_logger().warning("%s; computing it again", exc)
+    (refs,) = run_plans([plan])
+    if isinstance(refs, Exception):
+        raise refs
+    return report.finish(plan, refs, out, export, started, t0, run)
+
+
 def current_run() -> dict:
     return {"id": str(flow_run.get_id() or ""), "name": flow_run.get_name() or ""}
 
@@ -138,8 +151,8 @@ def pipeline(config: RunConfig = RunConfig()) -> dict:  # noqa: B008 - a frozen 
         (refs,) = run_plans([plan])
         if isinstance(refs, Exception):
             raise refs
-        results = report.finish(plan, refs, config.out,
-                                stages.export_model if config.export else None, started, t0,
-                                current_run())
+        results = finish(plan, refs, config.out,
+                         stages.export_model if config.export else None, started, t0,
+                         current_run())
     report.publish(results)
     return results

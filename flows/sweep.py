@@ -30,7 +30,7 @@ from tasks.plan import Plan, local_path, plan_pipeline
 from tasks.store import ArtifactStore
 
 from . import report
-from .pipeline import POINT_TAG, current_run, run_plans
+from .pipeline import POINT_TAG, current_run, finish, run_plans
 
 REPO = Path(__file__).resolve().parents[1]  # the checkout whose flow code the workers run
 ENTRYPOINT = "flows/pipeline.py:pipeline"
@@ -77,8 +77,8 @@ def write_results(config: SweepConfig, plans: list[Plan], outcomes: list[dict | 
         try:
             if isinstance(refs, Exception):
                 raise refs
-            results = report.finish(plan, refs, Path(out) / name if out else None,
-                                    stages.export_model if export else None, started, t0, run)
+            results = finish(plan, refs, Path(out) / name if out else None,
+                             stages.export_model if export else None, started, t0, run)
             points.append({"name": name, "results": results})
         except Exception as exc:  # noqa: BLE001 - one failed point must not hide the others
             message = " ".join(str(exc).split()) or type(exc).__name__

@@ -540,9 +540,14 @@ def load_upstream(store: ArtifactStore, spec: StageSpec, stage: str) -> dict:
     UpstreamLostError (a store fault, not retried): the flow then recomputes it once, and a
     later run would too.
     """
-    key = spec.upstream[stage]
+    return load_or_discard(store, stage, spec.upstream[stage], spec.run.verify)
+
+
+def load_or_discard(store: ArtifactStore, stage: str, key: str, verify: bool) -> dict:
+    """The tensors of a committed artifact that a stage or the export reads; a damaged or
+    vanished one is discarded, with UpstreamLostError (see `load_upstream`)."""
     try:
-        tensors, _meta = store.load(stage, key, verify=spec.run.verify)
+        tensors, _meta = store.load(stage, key, verify=verify)
     except CorruptArtifactError as exc:
         store.discard(stage, key)
         raise UpstreamLostError(f"{exc}; it was discarded: run again to recompute it") from exc

@@ -14,7 +14,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from .common import load_base
+from .common import load_base, load_or_discard
 from .plan import StageSpec
 from .store import ArtifactStore, plain_mode
 
@@ -35,7 +35,9 @@ def write_model(spec: StageSpec, final: dict, folder: str) -> str:
         return str(target)
     from sds.models import load_layer_state
 
-    tensors, _meta = ArtifactStore(spec.store).load(spec.stage, spec.key)
+    # hashed while read unless the run trusts sizes; a damaged artifact is discarded
+    # (UpstreamLostError), and the flow computes it again
+    tensors = load_or_discard(ArtifactStore(spec.store), spec.stage, spec.key, spec.run.verify)
     model, tokenizer = load_base(spec)
     load_layer_state(model, tensors)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -272,6 +272,56 @@ def test_a_rerun_with_one_stage_missing_or_damaged_runs_the_flow_for_that_stage_
     assert "all 7 stages were found in the store" in capfd.readouterr().err
 
 
+@pytest.mark.parametrize("how", ["answered from the store", "--flow-run"])
+def test_damaged_final_weights_are_discarded_and_computed_again(
+        how, prefect_api, tiny_model, corpus, tmp_path, monkeypatch, capfd, clean_environ):
+    """Only the export reads the final stage's tensors on a fully cached run: when their hash
+    is wrong (a flipped byte, same size), the export discards them and the run computes them
+    again (the same bytes) and exports, instead of failing every rerun."""
+    from flows.cli import main
+    from flows.pipeline import pipeline
+    from tasks.store import TENSORS
+
+    store, out = tmp_path / "store", tmp_path / "out"
+    first = pipeline(tiny_params(tiny_model, corpus, store, out))
+    shutil.rmtree(out / "model")  # so that the rerun exports, reading the final tensors
+    tensors = Path(first["artifacts"]["second"]) / TENSORS
+    data = bytearray(tensors.read_bytes())
+    data[-3] ^= 0xFF
+    tensors.write_bytes(bytes(data))
+    args = cli_args(tiny_model, corpus, store, out) + ["--gpu-limit", "none"]
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api)
+    capfd.readouterr()
+    assert main(args + ([how] if how.startswith("--") else [])) == 0
+    err = capfd.readouterr().err
+    again = json.loads((out / "results.json").read_text())
+    assert again["timings"]["computed"] == ["second"], err
+    assert again["stages"]["second"]["sha256"] == first["stages"]["second"]["sha256"]
+    assert again["metrics"] == first["metrics"]
+    ArtifactStore(store).load("second", first["keys"]["second"])  # whole again
+    assert again["model_dir"] and (out / "model" / "model.safetensors").is_file()
+
+
+def test_the_export_trusts_sizes_when_the_run_does(tiny_model, corpus, tmp_path, monkeypatch):
+    """--no-verify: the export reads the final tensors without hashing them, as stages do."""
+    from tasks.export import write_model
+    from tasks.plan import plan_pipeline
+
+    seen = []
+
+    def load(self, stage, key, verify=True):
+        seen.append(verify)
+        raise SystemExit  # the read is all this test needs
+
+    monkeypatch.setattr(ArtifactStore, "load", load)
+    for verify in (True, False):
+        plan = plan_pipeline(tiny_params(tiny_model, corpus, tmp_path / "store", None,
+                                         verify=verify), check=False)
+        with pytest.raises(SystemExit):
+            write_model(plan.specs[plan.final], {"sha256": "x"}, str(tmp_path / "model"))
+    assert seen == [True, False]
+
+
 def _one_line_error(text: str) -> str:
     lines = [line for line in text.strip().splitlines() if line.strip()]
     assert len(lines) == 1, text
