@@ -43,15 +43,16 @@ def _peak_rss_mib() -> float:
 
 
 def _timed(device, fn):
+    """(fn(), seconds, peak GPU MiB or None), synchronised with `device` (cuda:N included)."""
     if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     out = fn()
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
-    gpu = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
+    gpu = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     return out, seconds, gpu
 
 

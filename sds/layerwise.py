@@ -34,7 +34,14 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, DataError, NumericalError
-from .models import block_linears, default_device, find_blocks, set_weight_matrix, weight_matrix
+from .models import (
+    block_linears,
+    default_device,
+    find_blocks,
+    in_layout,
+    set_weight_matrix,
+    weight_matrix,
+)
 
 log = logging.getLogger("sds")
 
@@ -561,24 +568,35 @@ def _as_stored(module: nn.Module, W: torch.Tensor) -> torch.Tensor:
 
 
 class _RefWeights:
-    """Context manager that swaps the reference weights into a block's layers and back."""
+    """Context manager that swaps the reference weights into a block's layers and back.
+
+    The reference weights are put in each layer's own layout, dtype and device once, when the
+    block is on its compute device; entering and leaving swap the parameters' tensors, without
+    copying (the walk enters once per sample and pass: on a 7B model a copy of a block's
+    weights from the host each time would cost seconds per block)."""
 
     def __init__(self, layers: dict[str, nn.Module], reference: dict[str, torch.Tensor]):
         self.layers = {n: m for n, m in layers.items() if n in reference}
-        self.reference = reference
+        self.swapped = {n: _in_layout(m, reference[n]) for n, m in self.layers.items()}
         self.saved: dict[str, torch.Tensor] = {}
 
     def __enter__(self):
         for n, m in self.layers.items():
-            self.saved[n] = weight_matrix(m).clone()
-            set_weight_matrix(m, self.reference[n])
+            self.saved[n] = m.weight.data
+            m.weight.data = self.swapped[n]
         return self
 
     def __exit__(self, *exc):
         for n, m in self.layers.items():
-            set_weight_matrix(m, self.saved[n])
+            m.weight.data = self.saved[n]
         self.saved.clear()
         return False
+
+
+def _in_layout(module: nn.Module, W: torch.Tensor) -> torch.Tensor:
+    """W: [out, in] in a tensor of its own laid out as the module's weight (shape, strides,
+    dtype, device): what `set_weight_matrix` would write there."""
+    return torch.empty_like(module.weight.data).copy_(in_layout(module, W))
 
 
 class _SettledOutputs:
@@ -873,6 +891,9 @@ def _activation_device(hidden: list[torch.Tensor], device: torch.device, streams
         return device
     need = (2 * streams + kept) * sum(h.numel() * h.element_size() for h in hidden)
     free, _total = torch.cuda.mem_get_info(device)
+    # memory this process's allocator holds but does not use is free to it too (an earlier
+    # evaluation's, say), though the driver counts it as taken
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     if need < 0.5 * free:
         return device
     log.info("calibration activations (%.1f GiB) stay on the CPU", need / 2**30)

@@ -119,11 +119,17 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
 
 def set_weight_matrix(module: nn.Module, W: torch.Tensor) -> None:
     """Write W: [out, in] into the module in its own layout, dtype and device."""
+    module.weight.data.copy_(in_layout(module, W))
+
+
+def in_layout(module: nn.Module, W: torch.Tensor) -> torch.Tensor:
+    """W: [out, in] in the module's weight layout (transposed for Conv1D), dtype and device
+    (possibly a view of W)."""
     target = module.weight.data
     W = W.t() if (Conv1D and isinstance(module, Conv1D)) else W
     if tuple(W.shape) != tuple(target.shape):
         raise ConfigError(f"weight shape {tuple(W.shape)} does not fit {tuple(target.shape)}")
-    target.copy_(W.to(device=target.device, dtype=target.dtype))
+    return W.to(device=target.device, dtype=target.dtype)
 
 
 def layer_state(model: nn.Module, names) -> dict[str, torch.Tensor]:

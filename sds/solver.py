@@ -183,7 +183,16 @@ def _lowest(score: torch.Tensor, s: float, per_row: bool) -> torch.Tensor:
         return torch.zeros_like(score, dtype=torch.bool)
     if per_row:
         return score <= torch.kthvalue(score, k, dim=1, keepdim=True).values
-    return score <= torch.kthvalue(score.flatten(), k).values
+    return score <= _kth_smallest(score.flatten(), k)
+
+
+def _kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th smallest entry of a 1-D tensor (1-based). On a GPU by sorting: CUDA's kthvalue
+    handles each slice in one thread block, so one slice of millions of entries (a whole
+    layer's threshold, every ADMM iteration) would run on a single multiprocessor."""
+    if values.is_cuda:
+        return values.sort().values[k - 1]
+    return torch.kthvalue(values, k).values
 
 
 def _ramp(k: int, s0: float, s: float, iters: int) -> float:

@@ -672,3 +672,31 @@ def test_a_resume_without_the_weights_of_a_finished_block_is_refused():
     ids = torch.randint(0, 128, (2, 16))
     with pytest.raises(ConfigError, match="lacks the finished weights of model.layers.0"):
         walk(model, ids, lambda group: {}, progress=False, resume=Resume(1, {}))
+
+
+def test_reference_weights_are_swapped_in_without_a_copy_per_entry():
+    """A step 3 walk enters the reference weights once per sample and pass: they are laid out
+    on the block's device once, and each entry swaps the parameters' tensors (no copy from the
+    host per sample); leaving restores the layer's own tensor, unchanged."""
+    from transformers.pytorch_utils import Conv1D
+
+    from sds.layerwise import _RefWeights
+
+    torch.manual_seed(0)
+    layers = {"lin": torch.nn.Linear(6, 4), "conv": Conv1D(4, 6)}  # Conv1D holds W as [in, out]
+    reference = {n: torch.randn(4, 6) for n in layers}
+    own = {n: m.weight.data for n, m in layers.items()}
+    before = {n: weight_matrix(m).clone() for n, m in layers.items()}
+    swap = _RefWeights(layers, reference)
+    pointers = []
+    for _ in range(3):
+        with swap:
+            pointers.append({n: m.weight.data_ptr() for n, m in layers.items()})
+            for n, m in layers.items():
+                assert torch.equal(weight_matrix(m), reference[n])
+                assert m.weight.data.is_contiguous() and m.weight.shape == own[n].shape
+        for n, m in layers.items():
+            assert m.weight.data_ptr() == own[n].data_ptr()
+            assert torch.equal(weight_matrix(m), before[n])
+    assert pointers[0] == pointers[1] == pointers[2]  # the same tensors every time
+    assert all(p != own[n].data_ptr() for n, p in pointers[0].items())
