@@ -510,12 +510,18 @@ def check_out_apart(out: str, model: str | None, sweep: bool = False) -> None:
 def _check(config, points: list, console) -> None:
     """What comes before the flow: the plan of every point (bad input fails here, before any
     stage), the store and the output folder."""
+    from sds.options import few_tokens_warning
     from tasks.plan import plan_pipeline
 
+    warnings = set()
     with console.status("checking the inputs"):
         for point in points:
-            plan_pipeline(point)
+            s = plan_pipeline(point).settings
+            if s["sds"]:
+                warnings.add(few_tokens_warning(s["nsamples"] * s["seqlen"]))
         _check_destinations(config)
+    for warning in sorted(w for w in warnings if w):
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
 
 
 def _log_file(config, args) -> Path | None:

@@ -93,6 +93,22 @@ REG_SCALES = ("dense", "mean", "sum")
 _DEFAULT = SolverOptions()
 
 
+# Below this many calibration tokens step 3 fits each layer to too few tokens and SDS can end
+# worse than the one-shot pruning it started from (demo models, SparseGPT 2:4: -120% to -10%
+# of the gap at 128-256 tokens, +12% to +17% at 512, +27% to +40% at 1024, +40% to +56% at
+# the default 4096; BENCHMARKS.md, "SDS defaults").
+SDS_MIN_TOKENS = 1024
+
+
+def few_tokens_warning(tokens: int) -> str | None:
+    """The warning for SDS on `tokens` calibration tokens, or None when they are enough."""
+    if tokens >= SDS_MIN_TOKENS:
+        return None
+    return (f"SDS with {tokens} calibration tokens: step 3 fits every layer to this few "
+            f"tokens and can end worse than the one-shot pruning; give at least "
+            f"{SDS_MIN_TOKENS} (nsamples x seqlen; the demo default is 32 x 128)")
+
+
 @dataclass(frozen=True)
 class SDSConfig:
     """Options of steps 2 and 3. The paper publishes epochs, lr, λ1, λ2 and nothing else;

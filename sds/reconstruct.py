@@ -37,16 +37,19 @@ magnitude at every iteration.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
-from .layerwise import LayerGroup, Needs, walk
+from .layerwise import LayerGroup, Needs, calibration_ids, walk
 from .models import prunable_layers, weight_matrix
-from .options import SDSConfig
+from .options import SDSConfig, few_tokens_warning
 from .patterns import LayerRules, Pattern
 from .pruners import GroupFactors, PruneOptions, method_spec, pruning_transform, scaled_gram
 from .solver import ScaledGram, mixed_targets, redense_solve, solve_layers
+
+log = logging.getLogger("sds")
 
 
 # -- the quadratic objective ------------------------------------------------------------------
@@ -243,6 +246,9 @@ def second_prune(model, calibration, dense: dict[str, torch.Tensor], method: str
     tr((W* − W) H (W* − W)ᵀ) / ν for the target weight W* (`mixed_target`): the error less the
     part no weight on these inputs can fit, up to terms of the order of the solver's damping."""
     options = config.solver_options()
+    warning = few_tokens_warning(int(calibration_ids(calibration).numel()))
+    if warning:
+        log.warning(warning)
     per_row = method_spec(method).per_row  # the adjustment keeps the base method's grouping
     # the base method, as in step 1
     prune = pruning_transform(method, rules, PruneOptions(blocksize, percdamp))

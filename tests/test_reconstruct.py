@@ -421,3 +421,23 @@ def test_step_3_fits_the_mixed_targets_of_inputs_recorded_independently(monkeypa
         torch.testing.assert_close(seen[name].double(), W_star, rtol=1e-3,
                                    atol=1e-3 * W_d.abs().max())
         assert not torch.allclose(seen[name].double(), W_d, atol=1e-2)  # the mix moved it
+
+
+@pytest.mark.parametrize("shape, warned", [((4, 32), True), ((16, 64), False)])
+def test_step_3_on_too_few_calibration_tokens_warns(shape, warned, caplog):
+    """Below SDS_MIN_TOKENS step 3 can leave the model worse than one-shot pruning (measured
+    on the demo models): the second pruning says so, naming the token count and the fix."""
+    from sds.options import SDS_MIN_TOKENS
+
+    model = tiny_llama(layers=1)
+    ids = torch.randint(0, 128, shape)
+    with caplog.at_level("WARNING", logger="sds"):
+        second_prune(model, ids, dense_weights(model, LayerRules.build("2:4")), "wanda",
+                     LayerRules.build("2:4"), SDSConfig(adjust_epochs=5), progress=False)
+    messages = [r.getMessage() for r in caplog.records if "calibration tokens" in r.getMessage()]
+    tokens = shape[0] * shape[1]
+    assert (tokens < SDS_MIN_TOKENS) == warned
+    assert messages == ([f"SDS with {tokens} calibration tokens: step 3 fits every layer to "
+                         "this few tokens and can end worse than the one-shot pruning; give at "
+                         f"least {SDS_MIN_TOKENS} (nsamples x seqlen; the demo default is 32 x "
+                         "128)"] if warned else [])
