@@ -96,7 +96,7 @@ _DEFAULT = SolverOptions()
 # Below this many calibration tokens step 3 fits each layer to too few tokens and SDS can end
 # worse than the one-shot pruning it started from (demo models, SparseGPT 2:4: -120% to -10%
 # of the gap at 128-256 tokens, +12% to +17% at 512, +27% to +40% at 1024, +40% to +56% at
-# the default 4096; BENCHMARKS.md, "SDS defaults").
+# the default 4096; BENCHMARKS.md, "Calibration size").
 SDS_MIN_TOKENS = 1024
 
 
