@@ -135,10 +135,14 @@ def deploy_points(pool: str) -> str:
 def _for_workers(point, plan: Plan) -> dict:
     """A point's configuration as a worker must read it. A worker runs in its own checkout, so
     every local path is sent as the absolute path this sweep planned with (`local_path`): the
-    store (which no key hashes), a model folder, calibration and evaluation files. The worker's
-    plan then has the sweep's keys. Names (the demo, corpus names, hub ids) are sent as they
-    are."""
+    store (which no key hashes), a model folder, calibration and evaluation files. A hub model
+    is sent at the commit its revision resolved to when the sweep planned, so a branch that
+    moves before a worker plans changes neither the weights nor the keys. The worker's plan
+    then has the sweep's keys. Names (the demo, corpus names, hub ids) are sent as they are."""
     update = {"store": plan.store}
+    identity = plan.settings["identity"]
+    if identity["kind"] == "hub":
+        update["revision"] = identity["revision"]
     if point.model and point.model != "demo":
         update["model"] = local_path(point.model, "model")
     if point.calib:

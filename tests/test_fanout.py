@@ -289,3 +289,44 @@ def test_a_pipeline_run_keeps_the_name_a_sweep_gave_it(monkeypatch):
     assert pipeline._run_name() == "demo-sparsegpt-50pct-sds"
     monkeypatch.setattr(pipeline, "flow_run", runtime([], "brave-otter", {"pattern": "2:4"}))
     assert pipeline._run_name() == "demo-sparsegpt-2-4-sds"
+
+
+def test_a_point_sent_to_a_worker_pins_the_hub_commit_the_sweep_planned(corpus, tmp_path,
+                                                                      monkeypatch):
+    """A branch that moves between the sweep's planning and a worker's would give the worker
+    other weights and other keys (and the sweep could not find the point's artifacts): the
+    worker is sent the commit, and plans the sweep's keys."""
+    import types
+
+    import huggingface_hub
+
+    import tasks.plan
+    from flows.sweep import _for_workers
+    from tasks.config import RunConfig
+    from tasks.plan import model_identity, plan_pipeline
+    from tests.test_pipeline_fixtures import tiny_options
+
+    heads = {"main": "a" * 40}
+
+    class Hub:
+        def model_info(self, model, revision=None):
+            return types.SimpleNamespace(sha=heads.get(revision, revision))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Hub)
+    monkeypatch.setattr(tasks.plan, "_check_model", lambda *args: (None, 32))
+    def fresh_process():  # a worker plans in a process of its own: nothing planned before
+        monkeypatch.setattr(tasks.plan, "_plans", {})
+        model_identity.cache_clear()
+
+    fresh_process()
+    point = RunConfig(**tiny_options("org/model", corpus, tmp_path / "store", revision="main"))
+    planned = plan_pipeline(point, check=False)
+    heads["main"] = "b" * 40  # the branch moves before a worker plans
+    sent = _for_workers(point, planned)
+    assert sent["revision"] == "a" * 40 and sent["model"] == "org/model"
+    fresh_process()
+    assert plan_pipeline(RunConfig(**sent), check=False).keys() == planned.keys()
+    fresh_process()
+    moved = plan_pipeline(point, check=False).keys()  # what the branch would have given
+    assert all(moved[label] != key for label, key in planned.keys().items())
+    fresh_process()
