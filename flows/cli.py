@@ -858,6 +858,9 @@ def cmd_serve(args, console) -> int:
                       "server start` and export PREFECT_API_URL to see them in the UI.[/]")
     args.interruption.note = ("stopped: the served deployments' schedules are paused; "
                               "`sds serve` resumes them")
+    # Prefect's runner pauses the schedules once interrupted: give it the time to, unless a
+    # second Ctrl-C comes first
+    args.interruption.grace = SERVE_GRACE_SECONDS
     serve(args.name or None, args.limit or None)
     # Prefect's serve returns once a signal stopped it: exit as any interrupted command does
     raise KeyboardInterrupt
@@ -865,6 +868,7 @@ def cmd_serve(args, console) -> int:
 
 # -- interruption -------------------------------------------------------------------------------
 GRACE_SECONDS = 3.0  # after Ctrl-C / SIGTERM, how long Prefect gets to record the crash
+SERVE_GRACE_SECONDS = 30.0  # ... and for `sds serve`, to pause the deployments' schedules
 
 
 class Interruption:
@@ -883,6 +887,7 @@ class Interruption:
     def __init__(self, console):
         self.console, self.code = console, None
         self.note = "finished stages are in the store; run the same command again to resume"
+        self.grace = GRACE_SECONDS  # seconds from the first signal to the exit
         self.previous: dict = {}
         self.lock = threading.Lock()
         try:
@@ -917,7 +922,7 @@ class Interruption:
             first, self.code = self.code is None, self.code or 128 + signum
         if not first:
             self.stop()
-        threading.Timer(GRACE_SECONDS, self.stop).start()
+        threading.Timer(self.grace, self.stop).start()
 
     def handle(self, signum, frame) -> None:
         if not hasattr(self, "previous_fd"):  # no watcher counts the signals

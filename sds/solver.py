@@ -293,15 +293,11 @@ def _solve(W_t, gram, pattern, per_row, W0, options, trace, segments=None):
         return torch.cat([prune_mask(V_l, pattern, per_row, dead, s_l)
                           for V_l, s_l in zip(V.split(segments), s_layers)])
 
-    layer_of_row = None if len(segments) == 1 else torch.repeat_interleave(
-        torch.arange(len(segments), device=T.device), torch.tensor(segments, device=T.device))
-
     def converged(D, Z):  # ‖D‖ ≤ tol ‖Z‖ for every layer (D = W − Z)
-        if layer_of_row is None:
-            return bool(D.norm() <= options.admm_tol * Z.norm().clamp_min(1e-30))
-        d2, z2 = (torch.zeros(len(segments), device=T.device).index_add_(
-            0, layer_of_row, X.square().sum(1)) for X in (D, Z))
-        return bool((d2.sqrt() <= options.admm_tol * z2.sqrt().clamp_min(1e-30)).all())
+        # per layer in a fixed order (not index_add_, whose float atomics on a GPU could stop
+        # two runs of the same problem at different iterations)
+        d, z = (torch.stack([x.norm() for x in X.split(segments)]) for X in (D, Z))
+        return bool((d <= options.admm_tol * z.clamp_min(1e-30)).all())
 
     mask = prune_mask(V0, pattern, per_row, dead)
     best = V0 * ~mask  # the plain projection of the start: feasible
