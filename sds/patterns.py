@@ -57,6 +57,15 @@ class Pattern:
             return cls(ratio=float(spec))
         if not isinstance(spec, str):
             raise ConfigError(f"sparsity pattern {spec!r} is not a string; {_ACCEPTED}")
+        try:
+            return cls._parse_text(spec)
+        except ConfigError as e:
+            if repr(spec) in str(e):
+                raise
+            raise ConfigError(f"sparsity pattern {spec!r}: {e}") from None  # name what was given
+
+    @classmethod
+    def _parse_text(cls, spec: str) -> Pattern:
         text = spec.strip()
         nm = re.fullmatch(r"(\d+)\s*:\s*(\d+)", text)
         if nm:

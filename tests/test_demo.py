@@ -178,3 +178,21 @@ def test_build_report_keeps_the_best_validation_state_of_each_model():
         if r["stopped_early"]:
             after = [c for c in curve if c["step"] > best["step"]]
             assert len(after) == r["train"]["patience"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_committed_weights_are_the_best_validation_state(family):
+    """Measured again, the committed model's validation perplexity is the curve's best (to
+    the report's two decimals), not that of the training's last state."""
+    build = _load_build_script()
+    r = json.loads((DEMO_DIR / "build_report.json").read_text())["models"][family]
+    valid_docs = []
+    for corpus in build.CORPORA:
+        valid_docs += build.validation_split(build.read_split(corpus, "train"))[1]
+    windows = build.eval_windows(build.load_tokenizer(), valid_docs, r["train"]["seqlen"])
+    model = AutoModelForCausalLM.from_pretrained(demo_model_path(family),
+                                                 dtype=torch.float32).eval()
+    measured = round(build.perplexity(model, windows), 2)
+    best = min(r["curve"], key=lambda c: c["valid_ppl"])
+    assert measured == best["valid_ppl"]
+    assert measured != r["curve"][-1]["valid_ppl"]  # the last state's is another value here

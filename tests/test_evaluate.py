@@ -6,7 +6,6 @@ import math
 import random
 import re
 import sys
-import time
 import types
 from pathlib import Path
 
@@ -104,11 +103,12 @@ def test_max_windows_evaluates_the_first_windows_only(model, stream):
     assert capped["ppl"] == pytest.approx(full["ppl"], rel=1e-6)
 
 
-def test_perplexity_leaves_the_model_mode_as_it_was(model, stream):
-    model.train()
+@pytest.mark.parametrize("training", [True, False])
+def test_perplexity_leaves_the_model_mode_as_it_was(model, stream, training):
+    model.train(training)
     try:
         perplexity(model, stream, 24, max_windows=1)
-        assert model.training
+        assert [m.training for m in model.modules()] == [training] * len(list(model.modules()))
     finally:
         model.eval()
 
@@ -293,10 +293,8 @@ def test_builtin_task_offline_raises_hub_unreachable_naming_it(model, tokenizer,
 
     piqa = TaskManager(include_path=str(LM_EVAL_TASKS / "piqa"), include_defaults=False)
     monkeypatch.setattr(sds.evaluate, "_builtin_task_manager", lambda: piqa)
-    start = time.monotonic()
     with pytest.raises(HubUnreachableError, match=r"(?s)'piqa'.*demo"):
         zero_shot(model, tokenizer, ["piqa"])
-    assert time.monotonic() - start < 5
 
 
 def test_preset_task_names_exist_in_lm_eval():

@@ -73,11 +73,31 @@ def test_layers_reading_one_input_share_one_group_and_gram_matrix():
     ids = torch.randint(0, 128, (2, 16))
     seen = []
 
+    inputs = {}
+
+    def keep(name):
+        def hook(_m, args):
+            inputs.setdefault(name, []).append(args[0].detach().reshape(-1, args[0].shape[-1]))
+        return hook
+
+    modules = dict(model.named_modules())
+    handles = [modules[n].register_forward_pre_hook(keep(n)) for n in prunable_layers(model)]
+    with torch.no_grad():
+        for row in ids:
+            model(row.unsqueeze(0))
+    for h in handles:
+        h.remove()
+
     def record(group):
         seen.append([n.split(".")[-1] for n in group.names])
-        # H is XᵀX of the group's input: symmetric PSD with trace = Σ‖x‖²
-        H = group.stats.H
-        assert torch.allclose(H, H.T)
+        # H is XᵀX of the group's input: symmetric PSD with trace = Σ‖x‖², every layer of the
+        # group reading those same inputs
+        H, X = group.stats.H, torch.cat(inputs[group.names[0]])
+        for name in group.names[1:]:
+            assert torch.equal(torch.cat(inputs[name]), X)
+        assert torch.equal(H, H.T)
+        assert torch.linalg.eigvalsh(H.double()).min() >= -1e-6 * H.diagonal().max()
+        assert H.trace().item() == pytest.approx(X.square().sum().item(), rel=1e-5)
         assert group.stats.tokens == 2 * 16
         return {}
 

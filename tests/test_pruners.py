@@ -55,6 +55,10 @@ def test_every_pruner_satisfies_its_pattern_exactly(spec):
     if spec.endswith("%"):  # unstructured: exact count per layer / per row
         assert (magnitude(W, None, spec) == 0).sum() == W.numel() // 2
         assert ((wanda(W, H, spec) == 0).sum(1) == W.shape[1] // 2).all()
+    # no pruner zeroes more than its pattern asks (W has no zero of its own)
+    assert (W != 0).all()
+    for pruned in (magnitude(W, None, spec), wanda(W, H, spec), sparsegpt(W, H, spec)):
+        assert (pruned == 0).sum() == W.numel() // 2
 
 
 @pytest.mark.parametrize("spec", PATTERNS)
