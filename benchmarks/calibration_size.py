@@ -84,6 +84,8 @@ def main(argv=None) -> None:
     p.add_argument("--models", nargs="+", default=["opt", "llama"])
     p.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
     a = p.parse_args(argv)
+    command = ("python benchmarks/calibration_size.py "
+               + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     torch.set_num_threads(1)
     results = {m: measure(m, SIZES) for m in a.models}
     text = table(results)
@@ -91,7 +93,7 @@ def main(argv=None) -> None:
     if a.write:
         body = "\n".join([
             "## Calibration size", "",
-            "Command: `python benchmarks/calibration_size.py --write`", "",
+            f"Command: `{command}`", "",
             f"SDS over SparseGPT 2:4 on the demo models, by calibration size (demo calibration "
             f"text, seed 0). Each cell: the share of the one-shot gap SDS recovers on the first "
             f"{WINDOWS} held-out windows of {SEQLEN} tokens (wiki / news); negative: SDS ended "

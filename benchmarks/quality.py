@@ -303,6 +303,7 @@ def main(argv=None):
                             for p, f in zip(parts, args.merge)]
         for part in parts[1:]:
             results["models"].update(part["models"])
+        results["command"] = command  # this file's: the merge of the parts
     else:
         results = run(args)
         results["command"] = command

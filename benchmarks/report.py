@@ -9,12 +9,23 @@ HEADER = ("# Benchmarks\n\nEvery table below was produced by the command written
           "machine it names.\n")
 
 
+# What people write about a script's tables, in the same section: kept when the script
+# rewrites the section (between these two lines, after the script's output)
+NOTES_START = "<!-- notes: kept when the script rewrites this section -->"
+NOTES_END = "<!-- /notes -->"
+_NOTES = re.compile(rf"^{re.escape(NOTES_START)}\n.*?^{re.escape(NOTES_END)}\n", re.M | re.S)
+
+
 def replace_section(path: Path, title: str, body: str) -> None:
     """Replace (or append) the section `## {title}` of the file with `body` (which starts with
-    its own `## {title}` line)."""
+    its own `## {title}` line). The old section's notes block (`NOTES_START` … `NOTES_END`)
+    follows the new body, unless the body brings its own."""
     text = path.read_text() if path.exists() else HEADER
     pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.M | re.S)
+    old = pattern.search(text)
+    notes = _NOTES.search(old.group(0)) if old else None
     body = body.rstrip() + "\n\n"
-    text = pattern.sub(lambda _m: body, text) if pattern.search(text) else (
-        text.rstrip() + "\n\n" + body)
+    if notes and not _NOTES.search(body):
+        body += notes.group(0) + "\n"
+    text = pattern.sub(lambda _m: body, text) if old else text.rstrip() + "\n\n" + body
     path.write_text(text)
