@@ -39,3 +39,22 @@ def test_sparsegpt_matches_the_published_loop_on_a_random_layer():
         ours = sparsegpt(W, H, spec, blocksize=32, factor=factor)
         assert torch.equal(ours == 0, ref == 0)
         assert ((ours - ref).norm() / ref.norm()).item() < 1e-5
+
+
+def test_a_section_rewrite_keeps_the_notes_people_wrote():
+    """A benchmark script replaces its section's tables; the notes block written beside them
+    stays (after the new body), and the other sections are untouched."""
+    import tempfile
+    from pathlib import Path
+
+    from benchmarks.report import NOTES_END, NOTES_START, replace_section
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "B.md"
+        notes = f"{NOTES_START}\nWhy the numbers are what they are.\n{NOTES_END}\n"
+        path.write_text(f"# B\n\n## One\n\n| a |\n|---|\n| 1 |\n\n{notes}\n## Two\n\nkept\n")
+        replace_section(path, "One", "## One\n\n| a |\n|---|\n| 2 |\n")
+        assert path.read_text() == (f"# B\n\n## One\n\n| a |\n|---|\n| 2 |\n\n{notes}\n"
+                                    "## Two\n\nkept\n")
+        replace_section(path, "Three", "## Three\n\nnew\n")  # a new section: appended
+        assert path.read_text().endswith("## Two\n\nkept\n\n## Three\n\nnew\n\n")
