@@ -78,7 +78,8 @@ def gaps(model_results: dict, method: str) -> list[float]:
 
 
 def markdown(results: dict, command: str) -> str:
-    lines = ["## SDS defaults", "", f"Command: `{command}`", "",
+    commands = [*results.get("parts", []), command]
+    lines = ["## SDS defaults", "", "Commands:", "", "```", *commands, "```", "",
              "Each row runs, per model, `python benchmarks/quality.py --models MODEL "
              + " ".join(QUALITY) + " OPTIONS`. Each cell is the fraction of the one-shot gap "
              "that SDS recovers on held-out wiki / news text (`(ppl_oneshot − ppl_sds) / "
