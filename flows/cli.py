@@ -168,8 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dry-run", action="store_true", help="only say what would go")
     store.set_defaults(handler=cmd_store)
 
-    serve = sub.add_parser("serve", help="serve the demo deployments locally (needs a Prefect "
-                           "server: PREFECT_API_URL)")
+    serve = sub.add_parser("serve", help="serve the demo deployments locally until Ctrl-C "
+                           "(on the server PREFECT_API_URL names; without it, a temporary one)")
     serve.add_argument("--name", action="append", default=[], help="serve only this one")
     serve.add_argument("--limit", type=_at_least_one, help="flow runs at the same time "
                        "(default: no limit)")
@@ -768,7 +768,11 @@ def cmd_store(args, console) -> int:
             stage, sep, key = item.partition("/")
             if not sep:
                 raise ConfigError(f"{item!r} is not STAGE/KEY (see `sds store ls`)")
-            refs.append(store.ref(stage, key))
+            ref = store.ref(stage, key)
+            if not (ref in store.incomplete(stage) or store.exists(stage, key)):
+                raise ConfigError(f"there is no artifact {item} in {store.root} (see `sds "
+                                  "store ls`); nothing was removed")
+            refs.append(ref)
         if args.stage is not None:
             check_stage(args.stage)
         removed, busy = [], []

@@ -23,10 +23,16 @@ _EXPORTS = {
     "admm": "pruners",
 }
 
+# the submodules, also reachable after a plain `import sds` (sds.data, sds.evaluate, ...)
+_SUBMODULES = ("api", "data", "demo", "errors", "evaluate", "layerwise", "models", "options",
+               "patterns", "pruners", "reconstruct", "solver", "suite")
+
 __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)  # binds sds.<name> on import
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'sds' has no attribute {name!r}")
@@ -36,4 +42,4 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    return sorted(set(globals()) | set(__all__) | set(_SUBMODULES))

@@ -164,8 +164,8 @@ def check_device(device: str | torch.device | None) -> None:
     try:
         d = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ConfigError(f"device {device!r} is not a device name; use cpu, cuda or cuda:N "
-                          "(or leave it out: cuda when available, else cpu)") from None
+        raise ConfigError(f"device {device!r} is not a device name; use cpu, cuda, cuda:N or "
+                          "mps (or leave it out: cuda when available, else cpu)") from None
     if d.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:

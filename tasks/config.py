@@ -76,8 +76,8 @@ def _device(value: str | None) -> str | None:
     if value is None:
         return None
     if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", value.strip()):
-        raise ValueError(f"{value!r} is not a device name; use cpu, cuda or cuda:N (or leave "
-                         "it out: cuda when available, else cpu)")
+        raise ValueError(f"{value!r} is not a device name; use cpu, cuda, cuda:N or mps (or "
+                         "leave it out: cuda when available, else cpu)")
     return value.strip()
 
 

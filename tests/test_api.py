@@ -104,3 +104,20 @@ def test_the_options_and_errors_import_without_torch():
     assert sds.prune is sds.api.prune  # the lazy names are the defining modules' objects
     with pytest.raises(AttributeError):
         sds.no_such_name  # noqa: B018
+
+
+def test_every_submodule_is_reachable_after_a_plain_import():
+    """`import sds` then `sds.data.load_calibration(...)`, as the README writes it, in a fresh
+    interpreter (nothing imported before), still without importing torch up front."""
+    import subprocess
+    import sys
+
+    code = ("import sys, sds; assert 'torch' not in sys.modules; "
+            "print(sds.data.load_calibration.__name__, sds.evaluate.perplexity.__name__, "
+            "sds.demo.demo_model_path.__name__, sds.solver.solve.__name__, "
+            "sds.pruners.METHODS is not None, sds.layerwise.walk.__name__)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["load_calibration", "perplexity", "demo_model_path", "solve",
+                                   "True", "walk"]

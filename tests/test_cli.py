@@ -494,10 +494,13 @@ def test_store_rm_checks_every_argument_before_it_removes_anything(tmp_path, cap
     store, _broken = _store_of_six_and_one_broken(tmp_path / "store")
     before = store.list()
     first = f"oneshot/{before[0]['key']}"
+    absent = "0123456789abcdef0123456789abcdef"
     for bad in (["--stage", "oneshot", "--older-than", "7days"], ["oneshot/not-a-key"],
-                ["--stage", "Not A Stage"]):
+                ["--stage", "Not A Stage"], [f"oneshot/{absent}"], [f"nostage/{absent}"]):
         assert main(["store", "rm", "--store", str(store.root), first, *bad]) == 2
-        assert _one_line_error(capfd.readouterr().err)
+        line = _one_line_error(capfd.readouterr().err)
+        if absent in bad[0]:  # well formed, but not in the store: a typo, named
+            assert f"there is no artifact {bad[0]} in" in line and "nothing was removed" in line
     assert store.list() == before
     (tmp_path / "file").write_text("not a store")
     assert main(["store", "rm", "--store", str(tmp_path / "file"), first]) == 3
