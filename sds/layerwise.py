@@ -196,6 +196,8 @@ def _to(obj, device, copy: bool = False):
 
 
 def _same(a, b) -> bool:
+    if a is b:  # most models pass every block the same objects
+        return True
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
         return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
     if isinstance(a, tuple | list) and isinstance(b, tuple | list):
@@ -204,15 +206,36 @@ def _same(a, b) -> bool:
         return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         return False
-    return a is b or (type(a) is type(b) and a == b)
+    return type(a) is type(b) and a == b
+
+
+_NO_CACHE = ("cache", "past_key_values", "past_key_value", "layer_past")
+
+
+def _split_call(args, kwargs):
+    """A block's call as (hidden states, (the other args, kwargs without a cache))."""
+    if args:
+        h, rest = args[0], args[1:]
+    else:
+        kwargs = dict(kwargs)
+        h, rest = kwargs.pop("hidden_states"), ()
+    kwargs = {k: (None if k in _NO_CACHE else v) for k, v in kwargs.items()}
+    kwargs.pop("use_cache", None)
+    return h, (tuple(rest), kwargs)
 
 
 def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor, device) -> tuple[list, list]:
-    """Run each sample up to block 0: (hidden states per sample, (args, kwargs) per sample).
+    """Each sample's hidden states entering block 0, and what the model passes each block:
+    (hidden per sample, extras[block][sample] = (args, kwargs)).
 
     input_ids: [nsamples, seqlen]. Whatever the model passes besides the hidden states
-    (attention mask, position ids, rotary embeddings, cache positions...) is kept as is; samples
-    whose extra arguments equal the first sample's share them.
+    (attention mask, position ids, rotary embeddings, cache positions...) is kept as is, per
+    block: models that alternate sliding-window and full attention (Gemma 2 and 3, Qwen2 with
+    `layer_types`) pass their blocks other masks and other rotary embeddings. The blocks do not
+    compute here: each is stood in for by a recorder that returns its input unchanged (in the
+    block's own output form), so one pass costs what the model does around its blocks. Equal
+    arguments share one object (a block's with the block before it, a sample's with the first
+    sample's).
     """
     prefix, blocks = find_blocks(model)
     block_ids = {id(p) for p in blocks.parameters()}
@@ -221,48 +244,90 @@ def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor, device) -> t
     block0_home = next(blocks[0].parameters()).device
     buffers = [(m, n, b) for m in model.modules() for n, b in m.named_buffers(recurse=False)
                if not any(b is bb for bb in blocks.buffers())]
-    hidden, extras = [], []
+    hidden: list[torch.Tensor] = []
+    extras: list[list] = [[] for _ in blocks]
+    form: list = []  # how block 0 returns its hidden states: a tensor, or a tuple of len n
 
-    def hook(_module, args, kwargs):
-        if args:
-            h, rest = args[0], args[1:]
-        else:
-            kwargs = dict(kwargs)
-            h, rest = kwargs.pop("hidden_states"), ()
-        kwargs = {k: (None if k in ("cache", "past_key_values", "past_key_value", "layer_past")
-                      else v) for k, v in kwargs.items()}
-        kwargs.pop("use_cache", None)
-        hidden.append(h.detach())
-        extra = (tuple(rest), kwargs)
-        if extras and _same(extra, extras[0]):
-            extra = extras[0]
-        extras.append(extra)
+    def first_hook(_module, args, kwargs):  # the first sample's inputs of block 0, once
+        form.append(_split_call(args, kwargs))
         raise _Captured
+
+    def recorder(b):
+        def record(args, kwargs):
+            h, extra = _split_call(args, kwargs)
+            if b == 0:
+                hidden.append(h.detach())
+            i = len(extras[b])
+            if b > 0 and _same(extra, extras[b - 1][i]):
+                extra = extras[b - 1][i]
+            elif i > 0 and _same(extra, extras[b][0]):
+                extra = extras[b][0]
+            extras[b].append(extra)
+            if b == len(blocks) - 1:
+                raise _Captured
+            return h if form[0] is None else (h, *form[0])
+        return record
+
+    def run(i: int) -> None:
+        try:
+            model(input_ids=input_ids[i : i + 1].to(device), use_cache=False)
+        except _Captured:
+            return
+        raise DataError("the model finished a forward pass without calling its blocks; it is "
+                        "not a supported transformer")
 
     for p in moved:
         p.data = p.data.to(device)
     for m, n, b in buffers:
         m._buffers[n] = b.to(device)
     blocks[0].to(device)
-    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    handle = blocks[0].register_forward_pre_hook(first_hook, with_kwargs=True)
     try:
         with torch.no_grad():
+            run(0)
+            handle.remove()
+            h, (args, kwargs) = form.pop()
+            out = blocks[0](h, *args, **kwargs)  # once: the form of a block's output
+            form.append(None if isinstance(out, torch.Tensor) else tuple(out[1:]))
+            originals = list(blocks)
+            for b, block in enumerate(originals):
+                blocks[b] = _StandIn(block, recorder(b))
             for i in range(input_ids.shape[0]):
-                try:
-                    model(input_ids=input_ids[i : i + 1].to(device), use_cache=False)
-                except _Captured:
-                    pass
-                else:
-                    raise DataError("the model finished a forward pass without calling its first "
-                                    "block; it is not a supported transformer")
+                run(i)
+                missing = [b for b in range(len(blocks)) if len(extras[b]) <= i]
+                if missing:
+                    raise DataError(f"the model's forward pass did not call block {missing[0]}"
+                                    f" of {prefix}; it is not a supported transformer")
     finally:
         handle.remove()
+        for b, block in enumerate(blocks):
+            if isinstance(block, _StandIn):
+                blocks[b] = block.block
         blocks[0].to(block0_home)
         for p, home in zip(moved, homes):
             p.data = p.data.to(home)
         for m, n, b in buffers:
             m._buffers[n] = b
     return hidden, extras
+
+
+class _StandIn(nn.Module):
+    """A block's stand-in while `capture_block_inputs` records what the model passes it: its
+    forward calls `record(args, kwargs)` instead of computing, no hook of the block fires, and
+    other attributes (e.g. `attention_type`, which the model's loop reads) are the block's."""
+
+    def __init__(self, block: nn.Module, record):
+        super().__init__()
+        self.__dict__["block"], self.__dict__["record"] = block, record  # not submodules
+
+    def forward(self, *args, **kwargs):
+        return self.record(args, kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["block"], name)
 
 
 def _groups_by_input(block: nn.Module, layers: dict[str, nn.Module], hidden, extra) -> list[list]:
@@ -368,7 +433,7 @@ def walk(
     device = torch.device(device) if device is not None else default_device()
     t_start = time.perf_counter()
     prefix, blocks = find_blocks(model)
-    hidden, extras = capture_block_inputs(model, input_ids, device)
+    hidden, block_extras = capture_block_inputs(model, input_ids, device)
     streams = 2 if reference is not None else 1
     store = _activation_device(hidden, device, streams, kept=streams if needs.sequential else 0)
     hidden = [h.to(store) for h in hidden]
@@ -385,6 +450,7 @@ def walk(
     bar = _progress(len(blocks), progress)
     for b, block in enumerate(blocks):
         t0 = time.perf_counter()
+        extras = block_extras[b]  # per sample: what the model passes this block
         home = next(block.parameters()).device
         block.to(device)
         all_layers = {f"{prefix}.{b}.{n}": m for n, m in block_linears(block).items()}

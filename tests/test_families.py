@@ -140,3 +140,59 @@ def test_sds_shortcuts_change_nothing_in_any_family(family, one_pass, monkeypatc
     second_prune(slow, ids, dense, "sparsegpt", rules, config, progress=False)
     for (name, p), (_, q) in zip(fast.named_parameters(), slow.named_parameters()):
         assert torch.equal(p, q), name
+
+
+def _alternating(family):
+    """Models whose blocks get other arguments from block to block: a sliding-window block
+    (window 8, shorter than the 32-token samples) then a full-attention one; Gemma 3's full
+    blocks also get rotary embeddings of another base."""
+    kw = dict(intermediate_size=128, num_key_value_heads=2, head_dim=16,
+              max_position_embeddings=64, sliding_window=8, **SMALL)
+    if family == "gemma2":
+        return tf.Gemma2ForCausalLM(tf.Gemma2Config(**kw))
+    if family == "gemma3":
+        return tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(
+            layer_types=["sliding_attention", "full_attention"], **kw))
+    if family == "qwen2":
+        return tf.Qwen2ForCausalLM(tf.Qwen2Config(
+            use_sliding_window=True, max_window_layers=1,
+            layer_types=["sliding_attention", "full_attention"], **kw))
+    raise AssertionError(family)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "qwen2"])
+def test_each_block_gets_the_arguments_the_model_gives_it(family):
+    """A walk runs each block with what the model passes that block (its own attention mask
+    and rotary embeddings), not block 0's: with a transform that changes nothing, the walk's
+    outputs of the last block equal a plain forward pass's, and its statistics those of the
+    layers' recorded inputs."""
+    from sds.layerwise import Needs, walk
+
+    torch.manual_seed(0)
+    model = _alternating(family).eval()
+    ids = torch.randint(0, 128, (2, 32))
+    _, blocks = find_blocks(model)
+    plain, inputs = [], {}
+    layers = prunable_layers(model)
+    hooks = [blocks[-1].register_forward_hook(
+        lambda _m, _i, out: plain.append(out[0] if isinstance(out, tuple) else out))]
+    hooks += [m.register_forward_pre_hook(lambda _m, args, n=n: inputs.setdefault(n, []).append(
+        args[0].reshape(-1, args[0].shape[-1]))) for n, m in layers.items()]
+    with torch.no_grad():
+        for row in ids:
+            model(row.unsqueeze(0))
+    for h in hooks:
+        h.remove()
+    grams = {}
+
+    def record(group):
+        grams[group.names[0]] = group.stats.H.clone()
+        return {}
+
+    record.needs = Needs(gram="full")
+    report = walk(model, ids, record, progress=False, keep_outputs=True)
+    for walked, reference in zip(report.outputs, plain):
+        torch.testing.assert_close(walked, reference, rtol=1e-5, atol=1e-5)
+    for name, H in grams.items():
+        X = torch.cat(inputs[name])
+        torch.testing.assert_close(H, X.T @ X, rtol=1e-4, atol=1e-4)
