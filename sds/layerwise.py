@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 
@@ -39,8 +40,10 @@ from .models import (
     default_device,
     find_blocks,
     in_layout,
+    prunable_layers,
     set_weight_matrix,
     weight_matrix,
+    weights_outside_layers,
 )
 
 log = logging.getLogger("sds")
@@ -430,6 +433,7 @@ def walk(
                           "cannot declare reference or sequential statistics, and it needs "
                           "propagate='transformed' and no resume")
     reference = needs.reference if needs.reference_stats else None  # weights of a second stream
+    _warn_weights_left_dense(model)
     device = torch.device(device) if device is not None else default_device()
     t_start = time.perf_counter()
     prefix, blocks = find_blocks(model)
@@ -552,6 +556,26 @@ def walk(
     if keep_outputs:
         report.outputs = [h.cpu() for h in hidden]
     return report
+
+
+_warned = weakref.WeakSet()  # models told once that part of their blocks' weights stays dense
+
+
+def _warn_weights_left_dense(model: nn.Module) -> None:
+    """Say so when weight matrices outside linear layers (the experts of a mixture of experts,
+    kept as 3-D parameters) hold 1% or more of the blocks' weights: no method prunes them, and
+    the report's sparsity covers the linear layers only."""
+    if model in _warned:
+        return
+    _warned.add(model)
+    outside = weights_outside_layers(model)
+    total = sum(outside.values()) + sum(
+        weight_matrix(m).numel() for m in prunable_layers(model).values())
+    if outside and sum(outside.values()) >= 0.01 * total:
+        name = max(outside, key=outside.get)
+        log.warning("%.0f%% of the blocks' weights are not in linear layers (e.g. %s, %d such "
+                    "matrices) and stay dense: only nn.Linear/Conv1D layers are pruned",
+                    100 * sum(outside.values()) / total, name, len(outside))
 
 
 def _transform_group(transform, b, names, layers, st, needs, report, device) -> dict:

@@ -45,8 +45,9 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     if best is None:
         raise ModelError(
             f"cannot find transformer blocks in {type(model).__name__}: looked for an "
-            "nn.ModuleList of identical blocks containing nn.Linear or Conv1D layers. "
-            "Supported: OPT, LLaMA-style (Llama, Mistral, Qwen2), GPT-2, GPT-NeoX, BERT-style"
+            "nn.ModuleList of identical blocks containing nn.Linear or Conv1D layers (models "
+            "that mix block kinds, such as Jamba, are not supported). Tested: OPT, LLaMA-style "
+            "(Llama, Mistral, Qwen2, Gemma 2 and 3), GPT-2, GPT-NeoX, Phi-3, BERT-style"
         )
     return best
 
@@ -54,6 +55,16 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 def block_linears(block: nn.Module) -> dict[str, nn.Module]:
     """Linear layers of one block, by name relative to the block, in forward-definition order."""
     return {n: m for n, m in block.named_modules() if isinstance(m, LINEAR_TYPES)}
+
+
+def weights_outside_layers(model: nn.Module) -> dict[str, int]:
+    """{name: numel} of the blocks' weight matrices (parameters of 2 or more dimensions) that
+    no prunable layer holds, so no method prunes them: the experts of mixture-of-experts models
+    that keep them as 3-D parameters (transformers 5), routers held as plain parameters."""
+    prefix, blocks = find_blocks(model)
+    held = {id(m.weight) for block in blocks for m in block_linears(block).values()}
+    return {f"{prefix}.{i}.{n}": p.numel() for i, block in enumerate(blocks)
+            for n, p in block.named_parameters() if p.dim() >= 2 and id(p) not in held}
 
 
 def prunable_layers(model: nn.Module, rules=None) -> dict[str, nn.Module]:

@@ -196,3 +196,24 @@ def test_each_block_gets_the_arguments_the_model_gives_it(family):
     for name, H in grams.items():
         X = torch.cat(inputs[name])
         torch.testing.assert_close(H, X.T @ X, rtol=1e-4, atol=1e-4)
+
+
+def test_weights_outside_linear_layers_are_named_in_a_warning(caplog):
+    """A mixture of experts keeps its experts as 3-D parameters (transformers 5): no method
+    prunes them, which the walk says once per model, naming one; a plain model says nothing."""
+    ids = torch.randint(0, 128, (2, 32))
+    moe = tf.MixtralForCausalLM(tf.MixtralConfig(
+        intermediate_size=128, num_key_value_heads=2, num_local_experts=4,
+        num_experts_per_tok=2, max_position_embeddings=64, **SMALL)).eval()
+    experts = [n for n, p in moe.named_parameters() if p.dim() == 3]
+    assert experts
+    with caplog.at_level("WARNING", logger="sds"):
+        sds.prune(moe, ids, "wanda", "2:4", sds=True, progress=False)
+    warned = [r.getMessage() for r in caplog.records if "not in linear layers" in r.getMessage()]
+    assert len(warned) == 1 and "stay dense" in warned[0]
+    assert any(name.removesuffix(".weight") in warned[0] or name in warned[0]
+               for name in experts)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="sds"):
+        sds.oneshot(_build("llama").eval(), ids, "wanda", "2:4", progress=False)
+    assert not [r for r in caplog.records if "not in linear layers" in r.getMessage()]
