@@ -211,6 +211,21 @@ def configure_environment(verbose: bool) -> None:
             logging.getLogger(name).setLevel(logging.ERROR)
 
 
+# Starts `python ARGS...` (argv[2:]) bound to the process argv[1]: on Linux the kernel sends it
+# SIGTERM when that process dies, also by SIGKILL (the OOM killer), when no atexit runs; if
+# it died before the binding took, the server does not start. Elsewhere, a plain start.
+_BOUND_TO_PARENT = """
+import ctypes, os, signal, sys
+try:
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+except (AttributeError, OSError):
+    pass
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(0)
+os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
+"""
+
+
 class EmbeddedAPI:
     """Prefect's API for the length of this command, when no PREFECT_API_URL is set: the server
     Prefect's ephemeral mode would start (uvicorn serving prefect.server's app in a subprocess,
@@ -228,9 +243,10 @@ class EmbeddedAPI:
         env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
                "PREFECT__SERVER_FINAL": "1"}  # as Prefect starts its ephemeral server
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
-             "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan",
-             "on"], env=env, stdin=subprocess.DEVNULL)
+            [sys.executable, "-c", _BOUND_TO_PARENT, str(os.getpid()), "-m", "uvicorn",
+             "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
+             "--port", str(port), "--log-level", "error", "--lifespan", "on"],
+            env=env, stdin=subprocess.DEVNULL)
         atexit.register(self.stop)
         EmbeddedAPI.started.append(self)
         os.environ["PREFECT_API_URL"] = self.url  # for Prefect, imported after this

@@ -103,12 +103,21 @@ def load_base(spec: StageSpec):
 DETERMINISTIC = (ConfigError, DataError, ModelError, NumericalError)
 
 
+# faults that another try seconds later meets again: no space, no permission, a file where a
+# folder is (or the reverse)
+PERMANENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS,
+                    errno.ENOTDIR, errno.EISDIR)
+
+
 def is_transient(exc: BaseException) -> bool:
-    """Storage and network faults are worth another try; bad input and bad math are not."""
+    """Storage and network faults are worth another try; bad input and bad math are not, and
+    neither is a store fault whose cause is permanent (`PERMANENT_ERRNOS`)."""
     if isinstance(exc, (*DETERMINISTIC, UpstreamLostError, StoreFullError)):
         return False  # a lost upstream artifact or free space is not back seconds later
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return False
+    for cause in (exc, exc.__cause__, exc.__context__):
+        if isinstance(cause, PermissionError | NotADirectoryError | IsADirectoryError) or (
+                isinstance(cause, OSError) and cause.errno in PERMANENT_ERRNOS):
+            return False
     return isinstance(exc, StoreError | OSError | ConnectionError | TimeoutError)
 
 

@@ -41,6 +41,7 @@ def write_model(spec: StageSpec, final: dict, folder: str) -> str:
     model, tokenizer = load_base(spec)
     load_layer_state(model, tensors)
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(target)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         model.save_pretrained(staging)
@@ -57,6 +58,15 @@ def write_model(spec: StageSpec, final: dict, folder: str) -> str:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return str(target)
+
+
+def _remove_leftovers(target: Path) -> None:
+    """Remove the staging and set-aside folders (`.<name>-*`) that an export killed midway
+    left beside `target` (a 7B model's are gigabytes). Exports into one folder take turns
+    (`report.finish` holds its lock), so none of them is another export's work in progress."""
+    for path in target.parent.glob(f".{target.name}-*"):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _holds(target: Path, marker: dict) -> bool:

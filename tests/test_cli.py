@@ -285,6 +285,11 @@ def test_damaged_final_weights_are_discarded_and_computed_again(
     store, out = tmp_path / "store", tmp_path / "out"
     first = pipeline(tiny_params(tiny_model, corpus, store, out))
     shutil.rmtree(out / "model")  # so that the rerun exports, reading the final tensors
+    # what an export killed midway leaves: its staging folder and a set-aside old model
+    for leftover in (".model-k1ll3d", ".model-old-0a1b2c3d"):
+        (out / leftover).mkdir()
+        (out / leftover / "model.safetensors").write_bytes(b"partial")
+    (out / ".model-notes.txt").write_text("a file of the user's: stays")
     tensors = Path(first["artifacts"]["second"]) / TENSORS
     data = bytearray(tensors.read_bytes())
     data[-3] ^= 0xFF
@@ -302,6 +307,8 @@ def test_damaged_final_weights_are_discarded_and_computed_again(
     assert again["metrics"] == first["metrics"]
     ArtifactStore(store).load("second", first["keys"]["second"])  # whole again
     assert again["model_dir"] and (out / "model" / "model.safetensors").is_file()
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [
+        ".model-notes.txt"]  # the killed export's folders are gone
 
 
 def test_the_export_trusts_sizes_when_the_run_does(tiny_model, corpus, tmp_path, monkeypatch):
@@ -1116,3 +1123,30 @@ def test_a_tilde_in_out_puts_every_output_in_the_home_folder(
     assert sorted(p.name for p in (home / "out").iterdir()) == ["results.json", "sds.log"]
     assert list(cwd.iterdir()) == []
     assert f"results  {home / 'out' / 'results.json'}" in capfd.readouterr().out
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc")
+def test_the_embedded_api_ends_with_a_command_killed_by_sigkill(tmp_path):
+    """SIGKILL (the OOM killer) runs no exit handler: the embedded API server is bound to the
+    command by the kernel, so it ends with it instead of running on, orphaned."""
+    home = tmp_path / "prefect-home"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PYTHONPATH": str(REPO)}
+    env.pop("PREFECT_API_URL", None)
+    code = ("import time; from flows.cli import EmbeddedAPI; api = EmbeddedAPI(); api.wait(); "
+            "print(api.process.pid, flush=True); time.sleep(300)")
+    command = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=REPO,
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        server = int(command.stdout.readline())
+        assert server in _processes_of(home)
+        command.kill()
+        command.wait()
+        deadline = time.monotonic() + 30
+        while server in _processes_of(home) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _processes_of(home) == []
+    finally:
+        if command.poll() is None:
+            command.kill()
+        for pid in _processes_of(home):
+            os.kill(pid, signal.SIGKILL)

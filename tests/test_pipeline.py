@@ -170,6 +170,24 @@ def test_only_transient_errors_are_retried():
                 UpstreamLostError("gone"), StoreFullError("no space left"), full):
         assert not is_transient(exc)
 
+    # a store fault with a permanent cause (permissions, a file where a folder should be)
+    # meets the same fault seconds later: not retried; a dropped connection is
+    def store_error(cause):
+        try:
+            try:
+                raise cause
+            except OSError as e:
+                raise StoreError("storage operation failed") from e
+        except StoreError as e:
+            return e
+
+    for cause in (PermissionError(errno.EACCES, "Permission denied"),
+                  OSError(errno.EROFS, "Read-only file system"),
+                  NotADirectoryError(errno.ENOTDIR, "Not a directory"),
+                  IsADirectoryError(errno.EISDIR, "Is a directory")):
+        assert not is_transient(store_error(cause)) and not is_transient(cause)
+    assert is_transient(store_error(ConnectionResetError(errno.ECONNRESET, "reset")))
+
 
 # -- runs ---------------------------------------------------------------------------------------
 def test_pipeline_on_s3_then_a_second_run_skips_every_stage(prefect_api, tiny_model, corpus,
