@@ -387,6 +387,7 @@ class ArtifactStore:
             "created": datetime.now(UTC).isoformat(timespec="milliseconds"),
             "versions": _versions(),
         }
+        record["meta_sha256"] = _meta_digest(record)
         self._write_meta(folder, record)
         log.debug("saved %s (%d tensors, %d bytes)", ref.uri, len(tensors), size)
         return ref
@@ -1129,7 +1130,18 @@ def _parse_meta(raw: bytes, stage: str, key: str) -> dict | str:
         return "its meta.json has no valid byte count"
     if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
         return "its meta.json has no valid tensor_names"
+    # the record's own checksum: an evaluation's whole result is its meta.json (its tensors
+    # file is empty), so a changed number must not pass; records from before it carry none
+    if "meta_sha256" in meta and meta["meta_sha256"] != _meta_digest(meta):
+        return "its meta.json does not match its checksum (meta_sha256)"
     return meta
+
+
+def _meta_digest(record: dict) -> str:
+    """sha256 of a commit record's fields but `meta_sha256`, as canonical JSON."""
+    fields = {k: v for k, v in record.items() if k != "meta_sha256"}
+    text = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _with_upstream(keys: set[str], metas: Mapping[str, dict]) -> set[str]:

@@ -381,6 +381,24 @@ def test_a_meta_copied_from_another_key_is_not_trusted(store):
         store.load_meta("oneshot", two)
 
 
+def test_a_meta_whose_numbers_changed_is_not_trusted(store):
+    """An evaluation's result is its meta.json alone (no tensors): a changed number in it, the
+    JSON still valid, fails the record's own checksum. A record written before the checksum
+    (none in it) still reads."""
+    key = key_for()
+    store.save("evaluate", key, {}, {"metrics": {"ppl/wiki": 183.47}})
+    behind = Behind(store)
+    good = behind.read("evaluate", key, "meta.json")
+    behind.write("evaluate", key, "meta.json", good.replace(b"183.47", b"103.47"))
+    assert not store.exists("evaluate", key)
+    with pytest.raises(CorruptArtifactError, match="checksum"):
+        store.load_meta("evaluate", key)
+    legacy = json.loads(good)
+    del legacy["meta_sha256"]
+    behind.write("evaluate", key, "meta.json", json.dumps(legacy).encode())
+    assert store.load_meta("evaluate", key)["metrics"] == {"ppl/wiki": 183.47}
+
+
 def test_a_never_saved_artifact_does_not_exist(store):
     assert not store.exists("oneshot", key_for())
     with pytest.raises(CorruptArtifactError):
