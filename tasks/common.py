@@ -83,6 +83,7 @@ def committed_references(plan: Plan) -> dict[str, dict] | None:
     whole plan is committed; None at the first stage that is not. This module imports no
     Prefect, so a caller can decide that a run has nothing to compute before importing it."""
     store = ArtifactStore(plan.store)
+    store.check_root()  # a file where the store should be: said as such
     refs = {}
     for label, spec in plan.specs.items():
         if (ref := cached_reference(store, spec)) is None:
@@ -532,6 +533,7 @@ def _compute(spec: StageSpec, compute: Compute, store: ArtifactStore, logger,
     if store.exists(spec.stage, spec.key):
         progress(logger, spec, "artifact %s was committed meanwhile by another run; keeping it",
                  spec.key, event="cached")
+        store.drop_parts(spec.stage, spec.key)  # the blocks this run finished are not needed
         return reference(store, spec, store.load_meta(spec.stage, spec.key), computed=False)
     store.save(spec.stage, spec.key, tensors, meta)
     store.drop_parts(spec.stage, spec.key)  # the finished blocks are in the artifact now

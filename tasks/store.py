@@ -849,6 +849,10 @@ class ArtifactStore:
         return [self._uri(p) for p in paths]
 
     # -- internals ------------------------------------------------------------------------------
+    def check_root(self) -> None:
+        """Raise StoreError when the store root is a file, not a folder (reads only)."""
+        self._not_a_file()
+
     def _not_a_file(self) -> None:
         with self._guard(f"reading {self.root}"):
             if self.fs.isfile(self._base):

@@ -608,6 +608,10 @@ def test_store_ls_on_a_regular_file_is_a_store_error(tmp_path, capfd, clean_envi
     (tmp_path / "store").write_text("not a store")
     assert main(["store", "ls", "--store", str(tmp_path / "store")]) == 3
     assert "not a folder" in _one_line_error(capfd.readouterr().err)
+    # `sds run` says the same before it looks for the run's stages in the store
+    assert main(["run", "--store", str(tmp_path / "store"), "--out", "none"]) == 3
+    assert "store root" in (line := _one_line_error(capfd.readouterr().err))
+    assert "is a file, not a folder" in line
 
 
 @pytest.mark.parametrize("value", ["inf", "-inf", "nan", "ten"])

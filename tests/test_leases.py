@@ -303,7 +303,8 @@ def test_a_run_keeps_the_artifact_another_run_committed_while_it_computed(
     store.save(spec.stage, spec.key, {"x": torch.zeros(2)}, {"by": "the run that took over"})
     before = store.load_meta(spec.stage, spec.key)
 
-    def compute(*_args):
+    def compute(*_args):  # finishing blocks as it goes, after the other run's commit
+        store.save_part(spec.stage, spec.key, 0, {"x": torch.ones(2)}, {"setup": {}})
         return {"x": torch.ones(2)}, {"by": "the stalled run"}
 
     # its lease was taken over while it computed (lost), or it took over the expired lease of
@@ -314,3 +315,4 @@ def test_a_run_keeps_the_artifact_another_run_committed_while_it_computed(
     assert store.load_meta(spec.stage, spec.key) == before
     tensors, meta = store.load(spec.stage, spec.key)
     assert torch.equal(tensors["x"], torch.zeros(2)) and meta["by"] == "the run that took over"
+    assert list(store.parts(spec.stage, spec.key)) == []  # its finished blocks left no strays
