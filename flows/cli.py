@@ -211,19 +211,24 @@ def configure_environment(verbose: bool) -> None:
             logging.getLogger(name).setLevel(logging.ERROR)
 
 
-# Starts `python ARGS...` (argv[2:]) bound to the process argv[1]: on Linux the kernel sends it
-# SIGTERM when that process dies, also by SIGKILL (the OOM killer), when no atexit runs; if
-# it died before the binding took, the server does not start. Elsewhere, a plain start.
+# Linux: starts `python ARGS...` (argv[2:]) bound to the process argv[1], so that the kernel
+# sends it SIGTERM when that process dies, also by SIGKILL (the OOM killer), when no atexit
+# runs; if it died before the binding took, the server does not start. The binding follows the
+# starting thread, so it is used from the main thread only (`_bound`).
 _BOUND_TO_PARENT = """
 import ctypes, os, signal, sys
-try:
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-except (AttributeError, OSError):
-    pass
+ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 if os.getppid() != int(sys.argv[1]):
     sys.exit(0)
 os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
 """
+
+
+def _bound(command: list[str]) -> list[str]:
+    """`command` (a python command line) bound to this process where Linux allows it."""
+    if sys.platform.startswith("linux") and threading.current_thread() is threading.main_thread():
+        return [sys.executable, "-c", _BOUND_TO_PARENT, str(os.getpid()), *command[1:]]
+    return command
 
 
 class EmbeddedAPI:
@@ -243,9 +248,9 @@ class EmbeddedAPI:
         env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
                "PREFECT__SERVER_FINAL": "1"}  # as Prefect starts its ephemeral server
         self.process = subprocess.Popen(
-            [sys.executable, "-c", _BOUND_TO_PARENT, str(os.getpid()), "-m", "uvicorn",
-             "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
-             "--port", str(port), "--log-level", "error", "--lifespan", "on"],
+            _bound([sys.executable, "-m", "uvicorn", "--factory",
+                    "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port",
+                    str(port), "--log-level", "error", "--lifespan", "on"]),
             env=env, stdin=subprocess.DEVNULL)
         atexit.register(self.stop)
         EmbeddedAPI.started.append(self)
@@ -497,7 +502,7 @@ def _check_destinations(config) -> None:
     local model folder of the run or sweep."""
     from tasks.store import ArtifactStore
 
-    ArtifactStore(config.store).check()
+    ArtifactStore(config.store_root()).check()
     if config.out:
         sweep = hasattr(config, "models")
         for model in config.models if sweep else [config.model]:
@@ -785,7 +790,8 @@ def cmd_store(args, console) -> int:
             if not sep:
                 raise ConfigError(f"{item!r} is not STAGE/KEY (see `sds store ls`)")
             ref = store.ref(stage, key)
-            if not (ref in store.incomplete(stage) or store.exists(stage, key)):
+            store.check_root()
+            if not (store.exists(stage, key) or ref in store.incomplete(stage)):
                 raise ConfigError(f"there is no artifact {item} in {store.root} (see `sds "
                                   "store ls`); nothing was removed")
             refs.append(ref)

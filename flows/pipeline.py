@@ -101,12 +101,16 @@ def _run_once(plans: list[Plan]) -> list[dict | Exception]:
     return outcomes
 
 
-def finish(plan: Plan, refs: dict, out, export, started, t0: float, run: dict) -> dict:
+def finish(plan: Plan, refs: dict, out, export, started, t0: float, run: dict,
+           repair: bool = True) -> dict:
     """`report.finish`; where the export finds the final artifact damaged (and discards it),
-    the plan's stages run once more, which computes it again, and the export follows."""
+    the plan's stages run once more, which computes it again, and the export follows. Without
+    `repair` (a sweep whose points run on a pool, not on its own machine) the error stands."""
     try:
         return report.finish(plan, refs, out, export, started, t0, run)
     except UpstreamLostError as exc:
+        if not repair:
+            raise
         get_run_logger().warning("%s; computing it again", exc)
     (refs,) = run_plans([plan])
     if isinstance(refs, Exception):

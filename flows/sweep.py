@@ -78,7 +78,8 @@ def write_results(config: SweepConfig, plans: list[Plan], outcomes: list[dict | 
             if isinstance(refs, Exception):
                 raise refs
             results = finish(plan, refs, Path(out) / name if out else None,
-                             stages.export_model if export else None, started, t0, run)
+                             stages.export_model if export else None, started, t0, run,
+                             repair=not config.pool)
             points.append({"name": name, "results": results})
         except Exception as exc:  # noqa: BLE001 - one failed point must not hide the others
             message = " ".join(str(exc).split()) or type(exc).__name__

@@ -154,7 +154,10 @@ def host_lock(path: str | os.PathLike) -> Iterator[None]:
         yield
         return
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:  # e.g. NFS, which locks only files open for writing
+            log.warning("cannot lock %s (%s); going on without the lock", path, exc)
         yield
     finally:
         os.close(fd)  # releases the lock
@@ -170,7 +173,11 @@ def _gpu_lock_path(device: str | None) -> str | None:
     if dev.type != "cuda":
         return None
     index = dev.index if dev.index is not None else torch.cuda.current_device()
-    return os.path.join(GPU_LOCK_DIR, f"sds-gpu{index}.lock")
+    try:  # the physical GPU: processes with other CUDA_VISIBLE_DEVICES see other indices
+        name = f"sds-gpu-{torch.cuda.get_device_properties(index).uuid}.lock"
+    except Exception:  # noqa: BLE001 - no CUDA here or no uuid: the index
+        name = f"sds-gpu{index}.lock"
+    return os.path.join(GPU_LOCK_DIR, name)
 
 
 @contextlib.contextmanager

@@ -75,7 +75,7 @@ def _device(value: str | None) -> str | None:
     has to compute (`sds.models.check_device`)."""
     if value is None:
         return None
-    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", value.strip()):
+    if not re.fullmatch(r"(cpu|mps|cuda)(:\d+)?", value.strip()):
         raise ValueError(f"{value!r} is not a device name; use cpu, cuda, cuda:N or mps (or "
                          "leave it out: cuda when available, else cpu)")
     return value.strip()
@@ -136,9 +136,9 @@ class Options(BaseModel):
                          "(fp16)")
     device: Device = Field(None, description="compute device, e.g. cuda, cuda:1, cpu "
                                "(default: cuda when available)")
-    store: str = Field(default_factory=default_store, description="artifact store: a folder "
-                       "or a URL such as s3://bucket/prefix (default: $SDS_STORE if set, else "
-                       f"{DEFAULT_ROOT})")
+    store: OptionalName = Field(None, description="artifact store: a folder or a URL such as "
+                                "s3://bucket/prefix (default: $SDS_STORE if set, else "
+                                f"{DEFAULT_ROOT}, on the machine that runs it)")
     verify: bool = Field(True, description="hash stored tensors when a stage reads them "
                          "(off: trust stored tensors by their recorded size, without hashing "
                          "them)")
@@ -149,6 +149,12 @@ class Options(BaseModel):
     @classmethod
     def _sds_options(cls, value: Any) -> Any:
         return {} if value is None else value
+
+    def store_root(self) -> str:
+        """The store this configuration runs against: `store`, else the default of the machine
+        that runs it (`$SDS_STORE`, else ./sds-store), read here and not when the
+        configuration was made (a deployment's form is made on the deploying machine)."""
+        return self.store or default_store()
 
 
 class RunConfig(Options):

@@ -277,7 +277,7 @@ def _plan(c: RunConfig) -> Plan:
     if seqlen is None or not (local / "config.json").is_file():
         model_config, seqlen = _check_model(c, model, seqlen, [calib, *sources])
     identity = model_identity(model, c.revision, c.dtype, c.trust_remote_code)
-    store = ArtifactStore(c.store)  # validates the URL; contacts nothing
+    store = ArtifactStore(c.store_root())  # validates the URL; contacts nothing
     store_root = store.root
 
     settings = {

@@ -1142,9 +1142,10 @@ def _parse_meta(raw: bytes, stage: str, key: str) -> dict | str:
 
 
 def _meta_digest(record: dict) -> str:
-    """sha256 of a commit record's fields but `meta_sha256`, as canonical JSON."""
-    fields = {k: v for k, v in record.items() if k != "meta_sha256"}
-    text = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    """sha256 of a commit record's fields but `meta_sha256`, as canonical JSON of what reading
+    the record back gives (keys that JSON turns into strings, e.g. ints, hash as read)."""
+    fields = json.loads(json.dumps({k: v for k, v in record.items() if k != "meta_sha256"}))
+    text = json.dumps(fields, sort_keys=True, separators=(",", ":"))  # ASCII: any string
     return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -639,7 +639,7 @@ def test_a_grid_file_reads_patterns_and_switches_as_written(tmp_path, clean_envi
     assert config.sds_options.lr == 0.01 and config.sds_options.epochs == 7
 
 
-@pytest.mark.parametrize("device", ["cdua", "gpu", "cuda:x", "cuda:-1", "cpu:0:1"])
+@pytest.mark.parametrize("device", ["cdua", "gpu", "cuda:x", "cuda:-1", "cpu:0:1", "mps:"])
 def test_a_misspelt_device_is_refused_by_the_configuration(device, clean_environ):
     """The form is checked with the options, without torch, so a run answered from the store
     (which never imports torch) refuses a typo too, as a computing run does."""
@@ -649,8 +649,9 @@ def test_a_misspelt_device_is_refused_by_the_configuration(device, clean_environ
     for kind in (RunConfig, SweepConfig):
         with pytest.raises(ConfigError, match=f"device: '{re.escape(device)}' is not a device"):
             build(kind, {"device": device})
-    assert [RunConfig(device=d).device for d in ("cpu", " cuda:1", "mps", "none", None)] == [
-        "cpu", "cuda:1", "mps", None, None]
+    assert [RunConfig(device=d).device for d in ("cpu", " cuda:1", "mps", "cpu:0", "none",
+                                                 None)] == ["cpu", "cuda:1", "mps", "cpu:0",
+                                                            None, None]
 
 
 def test_a_pattern_spelled_twice_is_one_point_of_the_grid(clean_environ):
@@ -1154,3 +1155,21 @@ def test_the_embedded_api_ends_with_a_command_killed_by_sigkill(tmp_path):
             command.kill()
         for pid in _processes_of(home):
             os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the binding is Linux's")
+def test_the_server_is_bound_to_the_command_only_from_its_main_thread():
+    """PR_SET_PDEATHSIG follows the thread that started the child: from another thread, which
+    may end before the command does, the server starts unbound."""
+    import threading
+
+    from flows.cli import _bound
+
+    command = [sys.executable, "-m", "uvicorn", "--version"]
+    bound = _bound(command)
+    assert bound[:2] == [sys.executable, "-c"] and bound[-3:] == command[1:]
+    found = []
+    other = threading.Thread(target=lambda: found.append(_bound(command)))
+    other.start()
+    other.join()
+    assert found == [command]

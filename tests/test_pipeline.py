@@ -402,6 +402,52 @@ def test_a_compute_stage_holds_the_lock_of_its_gpu(device, lock, tiny_model, cor
     assert not any(_locked_elsewhere(p) for p in tmp_path.glob("*.lock"))
 
 
+def test_the_gpu_lock_is_named_after_the_physical_gpu(monkeypatch, tmp_path):
+    """Workers with other CUDA_VISIBLE_DEVICES number one GPU differently: the lock file is
+    named after the GPU's uuid where CUDA gives one."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from tasks import common
+
+    monkeypatch.setattr(common, "GPU_LOCK_DIR", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: SimpleNamespace(uuid=f"GPU-uuid-of-{i}"))
+    assert common._gpu_lock_path("cuda:1") == str(tmp_path / "sds-gpu-GPU-uuid-of-1.lock")
+    assert common._gpu_lock_path("cpu") is None
+
+
+def test_a_lock_the_file_system_refuses_warns_and_goes_on(tmp_path, monkeypatch, caplog):
+    import fcntl
+
+    from tasks.common import host_lock
+
+    def refuse(fd, op):
+        raise OSError(9, "Bad file descriptor")
+
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    ran = []
+    with caplog.at_level("WARNING"), host_lock(tmp_path):
+        ran.append(True)
+    assert ran and "going on without the lock" in caplog.text
+
+
+def test_a_pool_sweep_does_not_recompute_on_its_own_machine(monkeypatch):
+    """The export found the final weights damaged: a run (or a sweep in one process) computes
+    them again; a sweep whose points run on a pool fails that point instead of computing on
+    the machine that only coordinates."""
+    from flows import pipeline
+
+    def damaged(*_args):
+        raise UpstreamLostError("artifact second/... is corrupt; it was discarded")
+
+    monkeypatch.setattr(pipeline.report, "finish", damaged)
+    monkeypatch.setattr(pipeline, "run_plans", lambda plans: pytest.fail("computed locally"))
+    with pytest.raises(UpstreamLostError):
+        pipeline.finish(None, {}, None, None, None, 0.0, {}, repair=False)
+
+
 def test_runs_finishing_into_one_folder_take_turns(tmp_path, monkeypatch):
     """`report.finish` writes the model and results.json holding the folder's lock, so two
     runs finishing into one `out` at once leave one run's model beside that run's results."""
@@ -427,8 +473,10 @@ def test_the_default_store_is_the_machines_sds_store(monkeypatch):
     from tasks.config import RunConfig, SweepConfig
 
     monkeypatch.delenv("SDS_STORE", raising=False)
-    assert RunConfig().store == "./sds-store"
-    monkeypatch.setenv("SDS_STORE", "s3://shared/store")
-    assert RunConfig().store == SweepConfig().store == "s3://shared/store"
-    assert RunConfig.model_validate({"pattern": "4:8"}).store == "s3://shared/store"
-    assert RunConfig(store="elsewhere").store == "elsewhere"
+    made_here = RunConfig.model_validate({"pattern": "4:8"})  # e.g. a deployment's form
+    assert made_here.store_root() == "./sds-store"
+    monkeypatch.setenv("SDS_STORE", "s3://shared/store")  # the machine that runs it
+    assert made_here.store_root() == SweepConfig().store_root() == "s3://shared/store"
+    assert RunConfig(store="elsewhere").store_root() == "elsewhere"
+    # nothing of the deploying machine's store is in the flows' parameter schema
+    assert RunConfig().model_dump()["store"] is None

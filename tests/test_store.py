@@ -399,6 +399,17 @@ def test_a_meta_whose_numbers_changed_is_not_trusted(store):
     assert store.load_meta("evaluate", key)["metrics"] == {"ppl/wiki": 183.47}
 
 
+def test_a_meta_reads_back_as_written_whatever_it_holds(store):
+    """The checksum is taken over the record as it reads back: int keys (JSON strings them),
+    a path with an undecodable byte (a lone surrogate), NaN and non-ASCII text all commit."""
+    record = {"by_block": {2: "a", 10: "b"}, "model": "/data/mod\udcffel", "loss": float("nan"),
+              "note": "données", "nested": {"x": [1, 2.5, None]}}
+    for i, (name, value) in enumerate(record.items()):
+        key = key_for(sparsity=i / 10)
+        store.save("evaluate", key, {}, {name: value})
+        assert store.exists("evaluate", key), name
+
+
 def test_a_never_saved_artifact_does_not_exist(store):
     assert not store.exists("oneshot", key_for())
     with pytest.raises(CorruptArtifactError):
