@@ -28,7 +28,7 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.report import replace_section  # noqa: E402
+from benchmarks.report import command_line, replace_section  # noqa: E402
 from sds.api import prune  # noqa: E402
 from sds.data import load_calibration, load_eval_tokens  # noqa: E402
 from sds.demo import CORPORA, demo_model_path  # noqa: E402
@@ -84,8 +84,7 @@ def main(argv=None) -> None:
     p.add_argument("--models", nargs="+", default=["opt", "llama"])
     p.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
     a = p.parse_args(argv)
-    command = ("python benchmarks/calibration_size.py "
-               + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    command = command_line(__file__, argv)
     torch.set_num_threads(1)
     results = {m: measure(m, SIZES) for m in a.models}
     text = table(results)

@@ -226,8 +226,9 @@ def main(argv=None):
             lines.append(f"| {row} | re-dense J | solver | {si['iterations']} ADMM | "
                          f"{si['eig_seconds'] + si['seconds']:.2f} (eigh "
                          f"{si['eig_seconds']:.2f}) | {si['objective_end']:.5f} |")
-    command = "python benchmarks/convergence.py " + " ".join(
-        argv if argv is not None else sys.argv[1:])
+    from benchmarks.report import command_line
+
+    command = command_line(__file__, argv)
     rel_png = Path(a.out).resolve().relative_to(ROOT) if Path(a.out).resolve().is_relative_to(
         ROOT) else Path(a.out)
     section = "\n".join([

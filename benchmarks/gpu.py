@@ -151,7 +151,9 @@ def main(argv=None) -> dict:
     shape = SMALL if args.small else LLAMA2_7B
     result = run(shape, args.blocks, getattr(torch, args.dtype), device, args.pattern,
                  SDSConfig())
-    command = "python benchmarks/gpu.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    from benchmarks.report import command_line
+
+    command = command_line(__file__, argv)
     section = markdown(result, command.replace(" --write", "").strip())
     print(section)
     if args.json:

@@ -59,8 +59,9 @@ def main(argv=None):
     assert cached["from_store"] and not recorded["from_store"]
     rows = [("cold", cold), ("fully cached", cached),
             ("fully cached, `--flow-run`", recorded)]
-    command = "python benchmarks/pipeline.py " + " ".join(argv if argv is not None
-                                                          else sys.argv[1:])
+    from benchmarks.report import command_line
+
+    command = command_line(__file__, argv)
     lines = ["## Pipeline", "", f"Command: `{command.strip()}`", "",
              "`sds run` with no options (demo OPT model, SparseGPT 2:4 + SDS, demo calibration, "
              "wiki/news perplexity and the demo zero-shot tasks, local store, Prefect's embedded "

@@ -293,9 +293,9 @@ def main(argv=None):
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "quality.json"))
     p.add_argument("--write", action="store_true", help="update BENCHMARKS.md and --json")
     args = p.parse_args(argv)
-    command = "python benchmarks/quality.py " + " ".join(argv if argv is not None
-                                                         else sys.argv[1:])
-    command = command.strip()
+    from benchmarks.report import command_line
+
+    command = command_line(__file__, argv)
     if args.merge:
         parts = [json.loads(Path(f).read_text()) for f in args.merge]
         results = parts[0]

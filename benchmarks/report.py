@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 HEADER = ("# Benchmarks\n\nEvery table below was produced by the command written above it, on the "
@@ -14,6 +15,13 @@ HEADER = ("# Benchmarks\n\nEvery table below was produced by the command written
 NOTES_START = "<!-- notes: kept when the script rewrites this section -->"
 NOTES_END = "<!-- /notes -->"
 _NOTES = re.compile(rf"^{re.escape(NOTES_START)}\n.*?^{re.escape(NOTES_END)}\n", re.M | re.S)
+
+
+def command_line(script: str, argv: list[str] | None) -> str:
+    """`python benchmarks/<script> ARGS` as the benchmark was run (argv None: this process's)."""
+    name = Path(script).name
+    return " ".join(["python", f"benchmarks/{name}", *(argv if argv is not None
+                                                       else sys.argv[1:])])
 
 
 def replace_section(path: Path, title: str, body: str) -> None:

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import quality  # noqa: E402
-from benchmarks.report import replace_section  # noqa: E402
+from benchmarks.report import command_line, replace_section  # noqa: E402
 
 QUALITY = ["--patterns", "2:4", "--methods", "wanda", "sparsegpt", "--no-zero-shot",
            "--no-wikitext2", "--nsamples", "64", "--seqlen", "256"]
@@ -103,8 +103,7 @@ def main(argv=None) -> None:
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "sds_defaults.json"))
     p.add_argument("--write", action="store_true", help="update BENCHMARKS.md and --json")
     args = p.parse_args(argv)
-    command = ("python benchmarks/sds_defaults.py "
-               + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    command = command_line(__file__, argv)
     if args.merge:
         parts = [json.loads(Path(f).read_text()) for f in args.merge]
         results = {"rows": parts[0]["rows"]}

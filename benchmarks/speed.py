@@ -239,7 +239,9 @@ def main(argv=None):
         for n, first, total, ratio in ratio_by_tokens(a.ratio_samples, a.model_seqlen, device):
             lines.append(f"| {n}x{a.model_seqlen} | {first:.2f} | {total:.2f} | {ratio:.1f}x |")
             print(lines[-1], flush=True)
-    command = "python benchmarks/speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    from benchmarks.report import command_line
+
+    command = command_line(__file__, argv)
     section = "\n".join(["## Speed", "", f"Command: `{command.strip()}`", "", *lines, ""])
     print(section)
     if a.write:

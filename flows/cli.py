@@ -785,12 +785,13 @@ def cmd_store(args, console) -> int:
                               "--incomplete")
         age = parse_age(args.older_than)  # every argument is checked before anything goes
         refs = []
+        if args.artifacts:
+            store.check_root()  # a file where the store should be: said as such, once
         for item in args.artifacts:
             stage, sep, key = item.partition("/")
             if not sep:
                 raise ConfigError(f"{item!r} is not STAGE/KEY (see `sds store ls`)")
             ref = store.ref(stage, key)
-            store.check_root()
             if not (store.exists(stage, key) or ref in store.incomplete(stage)):
                 raise ConfigError(f"there is no artifact {item} in {store.root} (see `sds "
                                   "store ls`); nothing was removed")
