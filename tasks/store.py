@@ -79,6 +79,12 @@ _KEY_RE = re.compile(rf"[0-9a-f]{{{KEY_LENGTH}}}")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _LEASE_RE = re.compile(r"([0-9]{1,9})\.json")
 _PIN_RE = re.compile(r"[0-9a-f]{32}\.json")
+# what a write killed half-way leaves beside the pins and leases (`atomic_file`,
+# `_create_local`) or at the root (`check`'s probe)
+_LEFTOVER_RE = re.compile(r"\.sds-(.*\.tmp|check-[0-9a-f]{32})")
+# such a file is collected only once it is this old, whatever `older_than` says: a live
+# writer's temporary exists for milliseconds, and removing it would fail that write
+LEFTOVER_MIN_AGE = timedelta(minutes=10)
 _PART_RE = re.compile(r"block-[0-9]{5}\.(safetensors|json)")
 _RESERVED = frozenset(
     {"format", "stage", "key", "sha256", "bytes", "tensor_names", "created", "versions"}
@@ -609,6 +615,7 @@ class ArtifactStore:
             newest = max(files, key=_generation)
             if ended(latest, files[newest]):
                 stale += list(files)
+        stale += self._leftovers(min(limit, (datetime.now(UTC) - LEFTOVER_MIN_AGE).timestamp()))
         if not dry_run:
             for path in stale:
                 with self._guard(f"removing {self._uri(path)}"), \
@@ -620,6 +627,24 @@ class ArtifactStore:
                         os.rmdir(lease_folder)
                         os.rmdir(os.path.dirname(lease_folder))
         return sorted(self._uri(p) for p in stale)
+
+    def _leftovers(self, limit: float) -> list[str]:
+        """Temporary files of killed writes (`_LEFTOVER_RE`) under `.pins`, `.leases` and at
+        the root, last modified at or before `limit` (POSIX seconds)."""
+        found = {}
+        for folder in (f"{self._base}/.pins", f"{self._base}/.leases"):
+            found.update(self._if_present(f"listing {self._uri(folder)}",
+                                          lambda f=folder: self.fs.find(f, detail=True), {}))
+        top = self._if_present(f"listing {self.root}",
+                               lambda: self.fs.ls(self._base, detail=True), [])
+        found.update({info["name"]: info for info in top})
+        old = []
+        for path, info in found.items():
+            modified = _mtime(info)
+            if (_LEFTOVER_RE.fullmatch(path.rsplit("/", 1)[-1]) and modified is not None
+                    and modified <= limit and info.get("type", "file") == "file"):
+                old.append(path)
+        return old
 
     def _leases(self) -> dict[str, tuple[dict, Any]]:
         """Every lease folder `.leases/<stage>/<key>`: ({generation file: listing info}, the

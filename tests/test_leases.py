@@ -149,6 +149,44 @@ def test_pins_and_leases_of_ended_runs_are_collected_and_live_ones_stay(root):
     assert store.take_lease("redense", other, _owner("c"), 60)[0] == 0
 
 
+def test_temporary_files_of_killed_writes_are_collected_once_old(tmp_path):
+    import os
+    import uuid
+    from datetime import timedelta
+
+    from tasks.store import LEFTOVER_MIN_AGE
+
+    store = ArtifactStore(str(tmp_path / "store"))
+    store.pin([KEY], {"owner": uuid.uuid4().hex, "host": "elsewhere", "pid": 1}, 60)  # live
+    store.take_lease("oneshot", KEY, _owner("a"), 60)
+    root = tmp_path / "store"
+    lease_folder = root / ".leases" / "oneshot" / KEY
+    old = [root / ".pins" / ".sds-abc123.tmp", lease_folder / ".sds-def456.tmp",
+           root / f".sds-check-{uuid.uuid4().hex}"]
+    young = root / ".pins" / ".sds-young.tmp"
+    unrelated = root / ".pins" / "notes.txt"  # not ours: never removed
+    long_ago = time.time() - LEFTOVER_MIN_AGE.total_seconds() - 60
+    for path in [*old, young, unrelated]:
+        path.write_bytes(b"partial")
+        if path is not young:
+            os.utime(path, (long_ago, long_ago))
+
+    # older_than=0 still spares a temporary younger than LEFTOVER_MIN_AGE (a live write's)
+    assert sorted(store.remove_stale(older_than=timedelta(0), dry_run=True)) == sorted(
+        str(p) for p in old)
+    assert all(p.exists() for p in old)  # a dry run removes nothing
+    assert sorted(store.remove_stale(older_than=timedelta(0))) == sorted(str(p) for p in old)
+    assert not any(p.exists() for p in old)
+    assert young.exists() and unrelated.exists()
+    # the live pin and lease are untouched
+    assert len(store.pins()) == 1 and not expired(store.lease("oneshot", KEY))
+    # an hour's margin spares what is younger than an hour
+    path = root / ".pins" / ".sds-later.tmp"
+    path.write_bytes(b"partial")
+    os.utime(path, (long_ago, long_ago))
+    assert store.remove_stale(older_than=timedelta(hours=1)) == []
+
+
 def test_a_pin_that_cannot_be_read_stops_a_collection_instead_of_counting_as_none(
         tmp_path, monkeypatch):
     import uuid
