@@ -497,9 +497,13 @@ def _offline(config, args) -> None:
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
-def _check_destinations(config) -> None:
+def _check_destinations(config, settings: list[dict]) -> None:
     """The store can be written and read, and the output folder written, apart from every
-    local model folder of the run or sweep."""
+    local model folder of the run or sweep; the model folders the export would replace
+    (`<out>/model`, a sweep's `<out>/<run>/model`) are absent or sds's own (`settings`: the
+    points' plan settings, for the sweep's run names)."""
+    from flows.report import run_names
+    from tasks.export import check_replaceable
     from tasks.store import ArtifactStore
 
     ArtifactStore(config.store_root()).check()
@@ -508,6 +512,10 @@ def _check_destinations(config) -> None:
         for model in config.models if sweep else [config.model]:
             check_out_apart(config.out, model, sweep)
         check_out(config.out)
+        if config.export:
+            out = Path(config.out)
+            for folder in [out / name for name in run_names(settings)] if sweep else [out]:
+                check_replaceable(folder / "model")
 
 
 def check_out_apart(out: str, model: str | None, sweep: bool = False) -> None:
@@ -534,13 +542,13 @@ def _check(config, points: list, console) -> None:
     from sds.options import few_tokens_warning
     from tasks.plan import plan_pipeline
 
-    warnings = set()
+    warnings, settings = set(), []
     with console.status("checking the inputs"):
         for point in points:
-            s = plan_pipeline(point).settings
+            settings.append(s := plan_pipeline(point).settings)
             if s["sds"]:
                 warnings.add(few_tokens_warning(s["nsamples"] * s["seqlen"]))
-        _check_destinations(config)
+        _check_destinations(config, settings)
     for warning in sorted(w for w in warnings if w):
         console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
 
@@ -591,7 +599,7 @@ def cmd_run(args, console) -> int:
         plan = plan_pipeline(config, check=False)
         refs = None if args.flow_run else committed_references(plan)
         if refs is not None:
-            _check_destinations(config)
+            _check_destinations(config, [plan.settings])
     results = None
     if refs is not None:
         from tasks.common import pinned

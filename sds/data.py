@@ -25,8 +25,8 @@ import gzip
 import hashlib
 import importlib
 import json
+import math
 import operator
-import os
 import random
 import re
 import socket
@@ -40,6 +40,7 @@ from urllib.parse import urlsplit
 import torch
 
 from .errors import ConfigError, DataError, HubUnreachableError
+from .options import hub_offline
 
 DEFAULT_SEQLEN = 2048
 
@@ -71,6 +72,19 @@ _EVAL_HINT = (
     "evaluate on a local file instead (--eval path/to/text.txt, or a .jsonl with a \"text\" "
     "field per line) or on the held-out demo text (--eval wiki)"
 )
+
+# What each hub source reads, by role: `datasets.load_dataset` arguments
+HUB_DATA = {
+    ("calibration", "c4"): {"path": C4_DATASET, "data_files": {"train": C4_TRAIN_FILE},
+                            "split": "train"},
+    ("calibration", "wikitext2"): {"path": WIKITEXT_DATASET, "name": WIKITEXT_CONFIG,
+                                   "split": "train"},
+    ("evaluation", "wikitext2"): {"path": WIKITEXT_DATASET, "name": WIKITEXT_CONFIG,
+                                  "split": "test"},
+    ("evaluation", "c4"): {"path": C4_DATASET, "data_files": {"validation": C4_VALIDATION_FILE},
+                           "split": "validation"},
+    ("evaluation", "ptb"): {"path": PTB_DATASET, "name": PTB_CONFIG, "split": "test"},
+}
 
 # Attributes under which model configs store their number of positions, most specific first.
 _POSITION_ATTRS = (
@@ -189,16 +203,15 @@ def load_calibration(
     name = str(source).strip()
 
     if name == "c4":
-        data = _hub_dataset(
-            C4_DATASET, data_files={"train": C4_TRAIN_FILE}, split="train", hint=_CALIB_HINT
-        )
+        data = _hub_dataset(**HUB_DATA["calibration", "c4"], hint=_CALIB_HINT)
         record.update(source="c4", dataset=C4_DATASET, data_files=C4_TRAIN_FILE, split="train",
                       protocol="documents", documents_total=len(data))
-        cache: dict[int, list[int]] = {}
+        cache: dict[int, list[int]] = {}  # only long documents keep their tokens
 
         def document_ids(i: int) -> list[int]:
             if i not in cache:
-                cache[i] = _encode(tokenizer, data[i]["text"])
+                ids = _encode(tokenizer, data[i]["text"])
+                cache[i] = ids if len(ids) > seqlen else []
             return cache[i]
 
         windows, stats = _document_windows(len(data), document_ids, nsamples, seqlen, rng,
@@ -207,7 +220,7 @@ def load_calibration(
         return Calibration(windows, record)
 
     if name == "wikitext2":
-        data = _hub_dataset(WIKITEXT_DATASET, WIKITEXT_CONFIG, split="train", hint=_CALIB_HINT)
+        data = _hub_dataset(**HUB_DATA["calibration", "wikitext2"], hint=_CALIB_HINT)
         texts = list(data["text"])  # the reference joins the training lines with " "
         ids = torch.tensor(_encode(tokenizer, " ".join(texts)), dtype=torch.int64)
         record.update(source="wikitext2", dataset=WIKITEXT_DATASET, config=WIKITEXT_CONFIG,
@@ -256,6 +269,10 @@ def _local_calibration(tokenizer, path: Path, nsamples: int, seqlen: int,
     return Calibration(windows, record)
 
 
+# how far past its check `_document_windows` may go, as a multiple of the draws checked
+DRAWS_BEYOND = 10
+
+
 def _document_windows(
     n_documents: int,
     document_ids: Callable[[int], Sequence[int]],
@@ -266,8 +283,12 @@ def _document_windows(
     max_draws: int = 0,
 ) -> tuple[torch.Tensor, dict]:
     """SparseGPT's C4 sampler: per sample, draw documents until one has more than seqlen tokens,
-    then a random window of it. Returns (windows [nsamples, seqlen], statistics). It gives up
-    after `max_draws` draws (at least 10,000 and 100 per sample)."""
+    then a random window of it. Returns (windows [nsamples, seqlen], statistics).
+
+    The reference draws for as long as it takes. This one checks after `max_draws` draws (at
+    least 10,000 and 100 per sample): it gives up when no long document came up, or when the
+    rate at which they came up would need more than `DRAWS_BEYOND` times that many draws in
+    all; otherwise it goes on (long documents rare but not hopeless: C4 at seqlen 4096)."""
     if n_documents == 0:
         raise DataError(f"{what} holds no documents; {_CALIB_HINT}")
     max_draws = max(10_000, 100 * nsamples, max_draws)
@@ -276,11 +297,15 @@ def _document_windows(
         while True:
             draws += 1
             if draws > max_draws:
-                raise DataError(
-                    f"{what}: after {max_draws} random documents only {len(windows)} of "
-                    f"{nsamples} were longer than seqlen={seqlen} tokens; lower seqlen or "
-                    "nsamples, or use a corpus with longer documents"
-                )
+                needed = draws * nsamples / len(windows) if windows else math.inf
+                if needed > DRAWS_BEYOND * max_draws:
+                    rate = (f" (at this rate about {needed:,.0f} draws would be needed)"
+                            if windows else "")
+                    raise DataError(
+                        f"{what}: after {draws - 1} random documents only {len(windows)} of "
+                        f"{nsamples} were longer than seqlen={seqlen} tokens{rate}; lower "
+                        "seqlen or nsamples, or use a corpus with longer documents"
+                    )
             i = rng.randint(0, n_documents - 1)
             ids = document_ids(i)
             if len(ids) > seqlen:
@@ -323,18 +348,17 @@ def load_eval_tokens(tokenizer, source: str, max_tokens: int | None = None
     record: dict[str, Any] = {**_tokenizer_record(tokenizer)}
 
     if name == "wikitext2":
-        data = _hub_dataset(WIKITEXT_DATASET, WIKITEXT_CONFIG, split="test", hint=_EVAL_HINT)
+        data = _hub_dataset(**HUB_DATA["evaluation", "wikitext2"], hint=_EVAL_HINT)
         texts, joiner = list(data["text"]), "\n\n"
         record.update(source="wikitext2", dataset=WIKITEXT_DATASET, config=WIKITEXT_CONFIG,
                       split="test")
     elif name == "c4":
-        data = _hub_dataset(C4_DATASET, data_files={"validation": C4_VALIDATION_FILE},
-                            split="validation", hint=_EVAL_HINT)
+        data = _hub_dataset(**HUB_DATA["evaluation", "c4"], hint=_EVAL_HINT)
         texts, joiner = list(data[:C4_EVAL_DOCUMENTS]["text"]), " "
         record.update(source="c4", dataset=C4_DATASET, data_files=C4_VALIDATION_FILE,
                       split="validation", first_documents=C4_EVAL_DOCUMENTS)
     elif name == "ptb":
-        data = _hub_dataset(PTB_DATASET, PTB_CONFIG, split="test", hint=_EVAL_HINT)
+        data = _hub_dataset(**HUB_DATA["evaluation", "ptb"], hint=_EVAL_HINT)
         texts, joiner = list(data["sentence"]), " "
         record.update(source="ptb", dataset=PTB_DATASET, config=PTB_CONFIG, split="test")
     elif name in DEMO_CORPORA:
@@ -524,23 +548,10 @@ def hub_unreachable(exc: BaseException) -> bool:
 HUB_PROBE_SECONDS = 3.0
 
 
-def _offline_mode() -> bool:
-    """HF_HUB_OFFLINE or HF_DATASETS_OFFLINE set, now or when huggingface_hub was imported."""
-    import huggingface_hub.constants as hub
-
-    on = ("1", "on", "yes", "true")
-    return hub.HF_HUB_OFFLINE or any(
-        os.environ.get(v, "").strip().lower() in on for v in ("HF_HUB_OFFLINE",
-                                                             "HF_DATASETS_OFFLINE"))
-
-
 def check_hub(what: str, hint: str) -> None:
-    """Raise HubUnreachableError at once when the hub cannot be reached: in offline mode, or
-    when a TCP connection to it (or to the HTTPS proxy) fails within HUB_PROBE_SECONDS. Without
-    this, `datasets` retries for 25-50 s before it gives up."""
-    if _offline_mode():
-        raise HubUnreachableError(f"cannot load {what}: offline mode is on (HF_HUB_OFFLINE / "
-                                  f"HF_DATASETS_OFFLINE); {hint}")
+    """Raise HubUnreachableError at once when a TCP connection to the hub (or to the HTTPS
+    proxy) fails within HUB_PROBE_SECONDS. Without this, `datasets` retries for 25-50 s before
+    it gives up. (In offline mode nothing is contacted: see `check_hub_data`.)"""
     import huggingface_hub.constants as hub
 
     target = urlsplit(urllib.request.getproxies().get("https") or hub.ENDPOINT)
@@ -550,20 +561,48 @@ def check_hub(what: str, hint: str) -> None:
     except OSError as exc:
         raise HubUnreachableError(
             f"cannot load {what}: the Hugging Face hub is unreachable ({host}:{port}: "
-            f"{exc}); {hint}") from exc
+            f"{exc}); {hint}; or, if it is in the local Hugging Face cache, set "
+            "HF_HUB_OFFLINE=1 to read it from there") from exc
+
+
+def check_hub_data(source: str, role: str) -> None:
+    """Fail now, not inside a stage, when the hub `source` ("c4", "wikitext2", "ptb") cannot
+    be had in `role` ("calibration" or "evaluation"): in offline mode (HF_HUB_OFFLINE /
+    HF_DATASETS_OFFLINE) by loading it from the local Hugging Face cache (memory-mapped: quick
+    once cached), else by probing the hub."""
+    spec = HUB_DATA[role, source]
+    hint = _CALIB_HINT if role == "calibration" else _EVAL_HINT
+    if hub_offline():
+        _hub_dataset(**spec, hint=hint)
+    else:
+        check_hub(_hub_what(**spec), hint)
+
+
+def _hub_what(path: str, name: str | None = None, data_files: dict | None = None,
+              **_) -> str:
+    return f"{path}" + (f" ({name})" if name else "") + (
+        f" [{', '.join(data_files.values())}]" if data_files else "")
 
 
 def _hub_dataset(path: str, name: str | None = None, *, split: str, hint: str,
                  data_files: dict | None = None):
-    """`datasets.load_dataset(...)`, with hub and loading failures turned into DataError."""
+    """`datasets.load_dataset(...)`, with hub and loading failures turned into DataError. In
+    offline mode `datasets` reads its local cache only (and fails at once without it);
+    otherwise the hub is probed first."""
     import datasets
 
-    what = f"{path}" + (f" ({name})" if name else "") + (
-        f" [{', '.join(data_files.values())}]" if data_files else "")
-    check_hub(what, hint)
+    what = _hub_what(path, name, data_files)
+    offline = hub_offline()
+    if not offline:
+        check_hub(what, hint)
     try:
         return datasets.load_dataset(path, name, data_files=data_files, split=split)
     except Exception as exc:
+        if offline and (hub_unreachable(exc) or isinstance(exc, ConnectionError)):
+            raise HubUnreachableError(
+                f"cannot load {what}: offline mode is on (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) "
+                f"and it is not in the local Hugging Face cache ({exc}); {hint}; or load it "
+                "once with the hub reachable") from exc
         if hub_unreachable(exc):
             raise HubUnreachableError(
                 f"cannot load {what}: the Hugging Face hub is unreachable ({exc}); {hint}"

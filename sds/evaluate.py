@@ -207,8 +207,11 @@ def write_local_tasks(dest_dir: str | Path, jsonl_files: dict[str, str | Path]) 
     folder, to pass as `include_path`.
 
     Each JSONL line: {"context": str, "choices": [str, ...], "label": int}. The task scores
-    " " + choice after the context, or the choice as it is when every choice of the file already
-    starts with whitespace (acc and acc_norm, like the built-in multiple-choice tasks).
+    " " + choice after the context, or the choice as it is where the examples already hold
+    the space (every context ends with whitespace, or every choice starts with it; lm-eval
+    moves a context's trailing space into the choice, so adding one would score two), with
+    acc and acc_norm like the built-in multiple-choice tasks. A file that holds the space in
+    some examples and not in others is refused.
     Data paths are written absolute: lm-eval resolves relative ones against the working directory.
     """
     import yaml
@@ -245,10 +248,11 @@ def write_local_tasks(dest_dir: str | Path, jsonl_files: dict[str, str | Path]) 
 
 def _check_task_file(path: Path) -> bool:
     """Fail early, with the line number, on what lm-eval would reject obscurely. Returns
-    whether every choice starts with whitespace."""
+    whether the examples hold the space between context and choices (each context ends with
+    whitespace, or each of its choices starts with it)."""
     if not path.is_file():
         raise DataError(f"task data file {path} does not exist")
-    lines, spaced = 0, True
+    lines, first = 0, {}  # first line with the space held (True) and without (False)
     with open(path, encoding="utf-8") as f:
         for n, doc in jsonl_records(f, path):
             ok = (isinstance(doc, dict) and isinstance(doc.get("context"), str)
@@ -262,10 +266,17 @@ def _check_task_file(path: Path) -> bool:
                     '{"context": str, "choices": [str, str, ...], "label": index of the answer}'
                 )
             lines += 1
-            spaced = spaced and all(c[:1].isspace() for c in doc["choices"])
+            held = doc["context"][-1:].isspace() or all(c[:1].isspace() for c in doc["choices"])
+            first.setdefault(held, n)
     if lines == 0:
         raise DataError(f"task data file {path} holds no examples")
-    return spaced
+    if len(first) == 2:
+        raise DataError(
+            f"{path} line {first[True]} holds the space between context and choices (a context "
+            f"ending with a space, or choices starting with one) and line {first[False]} does "
+            "not; write every example one way (e.g. choices \" yes\", \" no\" after a context "
+            "without a trailing space)")
+    return next(iter(first))
 
 
 def check_tasks(names: Sequence[str]) -> None:

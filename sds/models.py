@@ -199,9 +199,17 @@ _DTYPES = {name: "auto" if canonical == "auto" else getattr(torch, canonical)
 
 
 def offline_hint(name: str) -> str:
-    return (f"cannot reach the Hugging Face hub to load {name!r}; check the network (and "
-            "HF_HUB_OFFLINE), or pass a local model folder (e.g. `--model path/to/model`), "
-            "or run without --model to use the offline demo model")
+    """What to do when hub model `name` cannot be loaded, in offline mode or not."""
+    from .options import hub_offline
+
+    other = ("or pass a local model folder (e.g. `--model path/to/model`), or run without "
+             "--model to use the offline demo model")
+    if hub_offline():
+        return (f"cannot load {name!r}: offline mode is on (HF_HUB_OFFLINE) and it is not in "
+                f"the local Hugging Face cache (at that revision); load it once with the hub "
+                f"reachable, {other}")
+    return (f"cannot reach the Hugging Face hub to load {name!r}; check the network, or set "
+            f"HF_HUB_OFFLINE=1 to load it from the local Hugging Face cache, {other}")
 
 
 def load_model(name_or_path: str, dtype: str = "auto", revision: str | None = None,

@@ -33,6 +33,7 @@ def write_model(spec: StageSpec, final: dict, folder: str) -> str:
               "sha256": final.get("sha256")}
     if _holds(target, marker):
         return str(target)
+    check_replaceable(target)
     from sds.models import load_layer_state
 
     # hashed while read unless the run trusts sizes; a damaged artifact is discarded
@@ -58,6 +59,20 @@ def write_model(spec: StageSpec, final: dict, folder: str) -> str:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return str(target)
+
+
+def check_replaceable(folder: str | os.PathLike) -> None:
+    """Refuse (ConfigError) to replace `folder` unless it is absent or a model folder that sds
+    wrote (it holds the marker): a folder of the user's that happens to be `<out>/model`
+    stays as it is."""
+    from sds.errors import ConfigError
+
+    target = Path(folder).expanduser()
+    if (target.exists() or target.is_symlink()) and not (target / MARKER).is_file():
+        raise ConfigError(
+            f"{target} exists and sds did not write it (it has no {MARKER}); the run would "
+            "replace it with the pruned model, so nothing was changed: choose another --out, "
+            "or move that folder away")
 
 
 def _remove_leftovers(target: Path) -> None:
@@ -101,7 +116,10 @@ def remove_model(folder: str | os.PathLike) -> bool:
 
 def _set_aside(target: Path) -> None:
     """Rename `target` (if any) out of the way in one step, then delete it."""
-    if target.exists():
+    if target.exists() or target.is_symlink():
         old = target.with_name(f".{target.name}-old-{uuid.uuid4().hex[:8]}")
         os.replace(target, old)
-        shutil.rmtree(old, ignore_errors=True)
+        if old.is_symlink():  # the link goes; what it leads to is not ours to delete
+            old.unlink()
+        else:
+            shutil.rmtree(old, ignore_errors=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,8 +115,9 @@ class Plan:
 def local_path(source: str, role: str) -> str:
     """`source` as a plan names it: a local model folder (`role` "model") or data file ("calib",
     "eval") as its absolute path, anything else (the demo corpora, hub datasets and models)
-    unchanged. The keys hash the path as named, so the same folder or file planned from another
-    working directory, or by a worker in its own checkout, keeps its keys."""
+    unchanged. A model folder's keys hash its content only (`model_identity`); a data file's
+    hash its content and its absolute path, so the same file planned from another working
+    directory keeps its keys, and workers need it at the same path."""
     path = Path(source).expanduser()
     if role == "model":
         local = path.is_dir()
@@ -151,11 +153,18 @@ def _task_identity(names: list[str]) -> list:
     return out
 
 
+def _model_files(path: Path) -> list[Path]:
+    """The files of a model folder that loading it can read: those at its top level, except
+    hidden ones (`hf download --local-dir` keeps timestamps under `.cache/`, and `.git`,
+    Trainer checkpoints in subfolders and the like are not the model)."""
+    return sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
 def _folder_hash(path: Path) -> str:
-    """sha256 over the relative names and bytes of every file in a model folder."""
+    """sha256 over the names and bytes of a model folder's files (`_model_files`)."""
     digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        digest.update(str(file.relative_to(path)).encode())
+    for file in _model_files(path):
+        digest.update(file.name.encode())
         digest.update(b"\0")
         with open(file, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -166,24 +175,38 @@ def _folder_hash(path: Path) -> str:
 @functools.cache
 def model_identity(model: str, revision: str | None, dtype: str,
                    trust_remote_code: bool = False) -> dict:
-    """What makes a base model unique, for the keys: a local folder's content hash, or the hub
-    id and the commit the revision resolves to (once per process; the stages then load that
-    commit, not the branch). `trust_remote_code` runs the model's own code where it has some,
-    another model: it is in the identity when on."""
+    """What makes a base model unique, for the keys: a local folder's content (not its name or
+    place: copies share their artifacts), or the hub id and the commit the revision resolves to
+    (once per process; the stages then load that commit, not the branch). `trust_remote_code`
+    runs the model's own code where it has some, another model: it is in the identity when
+    on."""
     extra = {"trust_remote_code": True} if trust_remote_code else {}
     local = Path(model).expanduser()
     if local.is_dir():
-        return {"kind": "local", "name": local.name, "sha256": _folder_hash(local),
-                "dtype": dtype, **extra}
+        return {"kind": "local", "sha256": _folder_hash(local), "dtype": dtype, **extra}
+    return {"kind": "hub", "id": model, "revision": _hub_commit(model, revision),
+            "dtype": dtype, **extra}
+
+
+def _hub_commit(model: str, revision: str | None) -> str:
+    """The commit that `revision` (None: the default branch) of hub model `model` names: asked
+    of the hub or, in offline mode, read from the local Hugging Face cache."""
+    from sds.models import offline_hint
+    from sds.options import hub_offline
+
+    if hub_offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(model, "config.json", revision=revision)
+        if isinstance(found, str):  # <cache>/models--org--name/snapshots/<commit>/config.json
+            return Path(found).parent.name
+        raise HubUnreachableError(offline_hint(model))
     try:
         from huggingface_hub import HfApi
 
-        info = HfApi().model_info(model, revision=revision)
+        return HfApi().model_info(model, revision=revision).sha
     except Exception as e:  # noqa: BLE001 - any hub failure means the same to the user
-        from sds.models import offline_hint
-
         raise HubUnreachableError(offline_hint(model)) from e
-    return {"kind": "hub", "id": model, "revision": info.sha, "dtype": dtype, **extra}
 
 
 def _check_model(c: RunConfig, model: str, seqlen: int | None, data: list[str]):
@@ -193,16 +216,15 @@ def _check_model(c: RunConfig, model: str, seqlen: int | None, data: list[str]):
     `data` names hub data, the model's config (a causal LM whose weight files are readable) and
     the window length against its context. Returns the model's config and the window length
     (`seqlen` None: the model's default)."""
-    from sds.data import check_hub, check_source, resolve_seqlen
+    from sds.data import check_hub_data, check_source, resolve_seqlen
     from sds.models import check_causal_lm, check_device, check_weight_files, load_config
 
     check_device(c.device)
     for i, source in enumerate(data):
-        check_source(source, "calibration" if i == 0 else "evaluation")
-    hub_data = [d for d in data if d in HUB_SOURCES]
-    if hub_data:  # unreachable: fail now, not after datasets' retries inside a stage
-        check_hub(", ".join(hub_data), "use a local .txt/.jsonl file or the demo corpus "
-                  "(calib 'demo', eval 'wiki') instead")
+        role = "calibration" if i == 0 else "evaluation"
+        check_source(source, role)
+        if source in HUB_SOURCES:  # fail now, not after the stages before the one reading it
+            check_hub_data(source, role)
     model_config = load_config(model, c.revision, c.trust_remote_code)  # fails fast
     check_causal_lm(model_config, model)
     check_weight_files(model)
@@ -213,17 +235,19 @@ _plans: dict[str, Plan] = {}
 
 
 def _file_stats(paths: list[str]) -> tuple:
-    """(name, size, modification time) of every file of `paths` (files or folders): cheap to
-    take, and it changes when one of them is edited, so a plan made earlier in this process is
-    made again (a notebook that edits its data between runs gets new keys)."""
+    """(name, inode, size, modification and change times) of every file of `paths` (files, or
+    model folders as `_model_files` reads them): cheap to take, and it changes when one of them
+    is edited, so a plan made earlier in this process is made again (a notebook that edits its
+    data between runs gets new keys)."""
     stats = []
     for p in paths:
         path = Path(p)
-        for f in sorted(path.rglob("*")) if path.is_dir() else [path]:
-            with contextlib.suppress(OSError):
-                if f.is_file():
-                    st = f.stat()
-                    stats.append((str(f), st.st_size, st.st_mtime_ns))
+        with contextlib.suppress(OSError):
+            for f in _model_files(path) if path.is_dir() else [path]:
+                with contextlib.suppress(OSError):
+                    st = f.stat()  # ctime too: tools that copy or restore may keep the mtime
+                    stats.append((str(f), st.st_ino, st.st_size, st.st_mtime_ns,
+                                  st.st_ctime_ns))
     return tuple(stats)
 
 
@@ -234,7 +258,8 @@ def plan_pipeline(config: RunConfig, check: bool = True) -> Plan:
     starts Prefect (so bad input fails at once), and the flow finds the same plan.
     `check=False` computes the keys only, without torch or transformers, for a caller that
     first looks whether the store holds every stage already."""
-    text = config.model_dump_json()
+    # relative paths in the configuration name other files from another working directory
+    text = f"{config.model_dump_json()}\0{os.getcwd()}"
     plan = _plans.get(text)
     if plan is None or _file_stats(plan.input_paths) != plan.inputs:
         model_identity.cache_clear()  # a model folder that changed has another identity

@@ -895,6 +895,7 @@ def test_a_hub_model_is_loaded_at_the_commit_its_keys_hash(corpus, tmp_path, mon
     import types
 
     import huggingface_hub
+    import huggingface_hub.constants
 
     import tasks.plan
     from tasks.plan import plan_pipeline
@@ -907,12 +908,135 @@ def test_a_hub_model_is_loaded_at_the_commit_its_keys_hash(corpus, tmp_path, mon
             assert model == "org/moving-branch" and revision == "main"
             return types.SimpleNamespace(sha=commit)
 
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):  # the hub is "reachable"
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub, "HfApi", Hub)
     monkeypatch.setattr(tasks.plan, "_check_model", lambda *args: (None, 32))
     plan = plan_pipeline(tiny_params("org/moving-branch", corpus, tmp_path / "store",
                                      revision="main"), check=False)
     for spec in plan.specs.values():
         assert spec.model.identity["revision"] == commit and spec.model.revision == commit
+
+
+def _hub_cache(tmp_path, model_folder, repo_id: str, commit: str) -> Path:
+    """A Hugging Face hub cache holding `model_folder` as `repo_id` at `commit`, on branch
+    main, laid out as the hub client leaves it."""
+    cache = tmp_path / "hub-cache"
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(model_folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return cache
+
+
+def test_offline_a_hub_model_is_planned_at_the_commit_of_the_local_cache(
+        corpus, tmp_path, monkeypatch, tiny_model):
+    import huggingface_hub
+    import huggingface_hub.constants
+
+    import tasks.plan
+    from sds.errors import HubUnreachableError
+    from tasks.plan import plan_pipeline
+
+    commit = "89abcdef" * 5
+    cache = _hub_cache(tmp_path, tiny_model, "org/cached", commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+    monkeypatch.setattr(tasks.plan, "_check_model", lambda *args: (None, 32))
+    for revision in (None, "main", commit):
+        tasks.plan.model_identity.cache_clear()
+        plan = plan_pipeline(tiny_params("org/cached", corpus, tmp_path / "store",
+                                         revision=revision), check=False)
+        assert {spec.model.revision for spec in plan.specs.values()} == {commit}
+    tasks.plan.model_identity.cache_clear()
+    for missing in (("org/cached", "other-branch"), ("org/absent", None)):
+        with pytest.raises(HubUnreachableError, match="offline mode is on .*local Hugging Face "
+                                                      "cache"):
+            plan_pipeline(tiny_params(missing[0], corpus, tmp_path / "store",
+                                      revision=missing[1]), check=False)
+
+
+@pytest.mark.slow
+def test_offline_a_hub_model_in_the_local_cache_runs_as_its_folder_does(
+        prefect_api, tiny_model, corpus, tmp_path):
+    """HF_HUB_OFFLINE=1 and the model in the Hugging Face cache (as a download leaves it): the
+    run needs no hub and gives the numbers of the same model as a local folder."""
+    commit = "0123abcd" * 5
+    cache = _hub_cache(tmp_path, tiny_model, "org/cached", commit)
+    env = server_env(tmp_path, HF_HUB_CACHE=str(cache))
+    results = {}
+    for name, model in (("hub", "org/cached"), ("folder", str(tiny_model))):
+        out = tmp_path / f"out-{name}"
+        args = cli_args(tiny_model, corpus, tmp_path / "store", out)
+        args[args.index("--model") + 1] = model
+        done = sds_command(args, env)
+        assert done.returncode == 0, done.stderr
+        results[name] = json.loads((out / "results.json").read_text())
+    identity = results["hub"]["config"]["identity"]
+    assert identity["kind"] == "hub" and identity["revision"] == commit
+    assert results["hub"]["metrics"] == results["folder"]["metrics"]
+
+
+def test_a_model_folder_keys_on_the_files_loading_reads(corpus, tmp_path, tiny_model,
+                                                       monkeypatch):
+    """A copy under another name shares the keys; download bookkeeping (`.cache/`), other
+    hidden files and subfolders (Trainer checkpoints) change nothing; a changed byte of a model
+    file changes every key, also within one process when the edit keeps the file's size and
+    modification time (its change time moves)."""
+    import tasks.plan
+    from tasks.plan import plan_pipeline
+
+    monkeypatch.setattr(tasks.plan, "_plans", {})
+
+    def keys(model):
+        return plan_pipeline(tiny_params(model, corpus, tmp_path / "store"), check=False).keys()
+
+    base = keys(tiny_model)
+    copy = tmp_path / "another-name"
+    shutil.copytree(tiny_model, copy)
+    assert keys(copy) == base
+    (copy / ".cache" / "huggingface" / "download").mkdir(parents=True)
+    (copy / ".cache" / "huggingface" / "download" / "model.safetensors.metadata").write_text(
+        f"{'a' * 40}\n{'e' * 64}\n{time.time()}\n")
+    (copy / ".DS_Store").write_bytes(b"x")
+    (copy / "checkpoint-1").mkdir()
+    (copy / "checkpoint-1" / "model.safetensors").write_bytes(b"not read")
+    assert keys(copy) == base
+
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    stat = weights.stat()
+    data[-1] ^= 1  # the last byte of the last tensor: same size
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # as `cp -p` would leave it
+    assert weights.stat().st_mtime_ns == stat.st_mtime_ns
+    changed = keys(copy)
+    assert all(changed[label] != key for label, key in base.items())
+
+
+def test_relative_data_paths_are_planned_from_the_working_directory(tmp_path, tiny_model,
+                                                                   monkeypatch):
+    """The same configuration naming `calib.txt` from two folders plans each folder's file."""
+    import tasks.plan
+    from tasks.config import RunConfig
+    from tasks.plan import plan_pipeline
+    from tests.test_pipeline_fixtures import tiny_options
+
+    monkeypatch.setattr(tasks.plan, "_plans", {})
+    planned = {}
+    for name, text in (("a", "one text of the first folder.\n" * 40),
+                       ("b", "another text of the second folder.\n" * 40)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "calib.txt").write_text(text)
+        monkeypatch.chdir(tmp_path / name)
+        options = tiny_options(str(tiny_model), {"calib": "calib.txt", "heldout": "calib.txt"},
+                               tmp_path / "store")
+        plan = plan_pipeline(RunConfig(**options), check=False)
+        planned[name] = (plan.specs["calibration"].config["source"], plan.keys())
+    assert planned["a"][0] == str(tmp_path / "a" / "calib.txt")
+    assert planned["b"][0] == str(tmp_path / "b" / "calib.txt")
+    assert planned["a"][1]["calibration"] != planned["b"][1]["calibration"]
 
 
 def test_the_help_of_a_no_flag_says_what_the_flag_does():
@@ -967,6 +1091,63 @@ def test_an_out_overlapping_a_model_folder_exits_2_and_leaves_the_model_alone(
     assert f"overlaps the model folder {model.resolve()}" in _one_line_error(capfd.readouterr().err)
     assert _files(model) == before
     assert not list((tmp_path / "store").rglob("meta.json"))
+
+
+@pytest.mark.parametrize("command", ["run", "sweep"])
+def test_a_folder_of_the_users_where_the_export_goes_stops_the_run_untouched(
+        command, tiny_model, corpus, tmp_path, monkeypatch, capfd, clean_environ):
+    """`sds run --out .` in a project with its own `model/` folder: the export would replace
+    it, so the run stops before any stage (exit 2) and the folder keeps its files. A sweep
+    checks each point's `<out>/<run>/model`."""
+    from flows.cli import _config, build_parser, main
+    from flows.report import run_names
+    from tasks.config import SweepConfig
+    from tasks.plan import plan_pipeline
+
+    out = tmp_path / "project"
+    args = cli_args(tiny_model, corpus, tmp_path / "store", out)
+    folder = out / "model"
+    if command == "sweep":
+        args[0] = "sweep"
+        at = args.index("--model")
+        args[at] = "--models"
+        args.append("--export")  # a sweep writes model folders only when asked
+        sweep = _config(SweepConfig, build_parser().parse_args(args))
+        points = [plan_pipeline(p, check=False).settings for p in sweep.points()]
+        folder = out / run_names(points)[0] / "model"
+    folder.mkdir(parents=True)
+    (folder / "train.py").write_text("print('my code')\n")
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # never reached
+    capfd.readouterr()
+    assert main(args) == 2
+    error = _one_line_error(capfd.readouterr().err)
+    assert f"{folder} exists and sds did not write it" in error and "--out" in error
+    assert [p.name for p in folder.iterdir()] == ["train.py"]
+    assert not list((tmp_path / "store").rglob("meta.json"))
+
+
+def test_the_export_itself_replaces_only_folders_sds_wrote(tmp_path):
+    """The guard of `write_model` (a sweep point's folder made after the checks, or a caller
+    that skipped them): a folder or a link without the marker stays; one with it goes, and a
+    link goes without what it leads to."""
+    from sds.errors import ConfigError
+    from tasks.export import MARKER, _set_aside, check_replaceable
+
+    check_replaceable(tmp_path / "absent")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.md").write_text("keep")
+    with pytest.raises(ConfigError, match="sds did not write it"):
+        check_replaceable(mine)
+    link = tmp_path / "link"
+    link.symlink_to(mine)
+    with pytest.raises(ConfigError, match="sds did not write it"):
+        check_replaceable(link)
+    (mine / MARKER).write_text("{}")  # an earlier export's folder, reached through the link
+    check_replaceable(link)
+    _set_aside(link)
+    assert not link.exists() and not link.is_symlink() and (mine / "notes.md").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
 def test_an_out_whose_model_is_a_link_to_the_model_folder_is_refused(tiny_model, tmp_path):

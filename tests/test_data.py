@@ -240,9 +240,34 @@ def no_load_dataset(monkeypatch):
 
 
 @pytest.mark.parametrize("source", ["c4", "wikitext2"])
-def test_offline_mode_fails_before_datasets_is_asked(tokenizer, no_load_dataset, source):
+def test_offline_mode_reads_the_cache_without_probing_the_hub(tokenizer, monkeypatch, source):
+    """In offline mode `datasets` is asked (it reads its local cache, or fails at once), and the
+    hub is not probed; what it does not hold fails naming the offline mode and the cache."""
+    import datasets
+
     assert os.environ.get("HF_DATASETS_OFFLINE") == "1"
-    with pytest.raises(HubUnreachableError, match="offline mode is on"):
+
+    def no_probe(*args, **kwargs):
+        raise AssertionError("the hub was probed in offline mode")
+
+    monkeypatch.setattr(socket, "create_connection", no_probe)
+    calls = []
+
+    def cached(path, name=None, *, data_files=None, split=None):  # as a cache holding it
+        calls.append((path, name, data_files, split))
+        return datasets.Dataset.from_dict({"text": make_documents(40, 30, 50, seed=20)})
+
+    monkeypatch.setattr(datasets, "load_dataset", cached)
+    calib = load_calibration(tokenizer, source, nsamples=2, seqlen=16)
+    assert calib.input_ids.shape == (2, 16) and len(calls) == 1
+    assert calls[0][0] == sds.data.HUB_DATA["calibration", source]["path"]
+
+    def not_cached(*args, **kwargs):  # what datasets raises offline without the cache
+        raise ConnectionError(f"Couldn't reach '{args[0]}' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(datasets, "load_dataset", not_cached)
+    with pytest.raises(HubUnreachableError,
+                       match="offline mode is on .*not in the local Hugging Face cache.*demo"):
         load_calibration(tokenizer, source, nsamples=2, seqlen=16)
 
 
@@ -263,7 +288,8 @@ def test_an_unreachable_hub_without_offline_mode_fails_before_datasets_is_asked(
         raise failure
 
     monkeypatch.setattr(socket, "create_connection", create_connection)
-    with pytest.raises(HubUnreachableError, match="hub is unreachable .*--calib demo"):
+    with pytest.raises(HubUnreachableError,
+                       match="hub is unreachable .*--calib demo.*HF_HUB_OFFLINE=1"):
         load_calibration(tokenizer, "c4", nsamples=2, seqlen=16)
     assert probes == [(("huggingface.co", 443), sds.data.HUB_PROBE_SECONDS)]
 
@@ -365,6 +391,39 @@ def test_c4_without_long_documents_gives_up_with_a_clear_error(tokenizer, fake_h
     tables["allenai/c4", "train"] = {"text": make_documents(5, 3, 8, seed=15)}
     with pytest.raises(DataError, match=r"(?s)0 of 2.*seqlen=16"):
         load_calibration(tokenizer, "c4", nsamples=2, seqlen=16)
+
+
+def test_c4_with_rare_long_documents_draws_on_as_the_reference_does(tokenizer, fake_hub):
+    """One long document in 300: 2 samples need about 600 draws on average. With the check at
+    200 draws the sampler goes on while the long documents it found project a total within
+    DRAWS_BEYOND times that, and takes the reference's windows."""
+    _, tables = fake_hub
+    docs = make_documents(299, 3, 8, seed=17) + make_documents(1, 30, 50, seed=18)
+    random.Random(19).shuffle(docs)
+    tables["allenai/c4", "train"] = {"text": docs}
+    rng = random.Random(0)
+    expected, draws = [], 0
+    for _ in range(2):
+        while True:
+            draws += 1
+            ids = ids_of(tokenizer, docs[rng.randint(0, len(docs) - 1)])
+            if len(ids) > 16:
+                break
+        j = rng.randint(0, len(ids) - 16 - 1)
+        expected.append(ids[j:j + 16])
+    assert 200 < draws <= sds.data.DRAWS_BEYOND * 200  # past the check: the case at hand
+    ids, stats = sds.data._document_windows(
+        len(docs), lambda i: ids_of(tokenizer, docs[i]), 2, 16, random.Random(0), "c4",
+        max_draws=200)
+    assert ids.tolist() == expected and stats["draws"] == draws
+    # the floor of the check is 10,000 draws: through load_calibration too
+    calib = load_calibration(tokenizer, "c4", nsamples=2, seqlen=16, seed=0)
+    assert calib.input_ids.tolist() == expected
+    # a rate that would need more than DRAWS_BEYOND times the check stops at once, saying so
+    # (one long document in 5,000, 40 samples: about 200,000 draws, past 10 × 10,000)
+    with pytest.raises(DataError, match=r"only [1-9] of 40 .*about [0-9,]+ draws would be "):
+        sds.data._document_windows(5000, lambda i: list(range(20)) if i == 7 else [], 40, 16,
+                                   random.Random(0), "c4")
 
 
 def test_hub_eval_texts_follow_the_papers_protocols(tokenizer, fake_hub):

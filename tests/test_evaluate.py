@@ -173,16 +173,17 @@ def test_reference_of_another_shape_is_refused(model, stream):
 
 
 # -- zero-shot ----------------------------------------------------------------------------------
-def write_mc_jsonl(path, n, seed, spaced=False):
+def write_mc_jsonl(path, n, seed, spaced=False, trailing=False):
     """A multiple-choice task in the local schema, with choices of different lengths; `spaced`
-    choices carry their leading space (as the demo tasks do)."""
+    choices carry their leading space (as the demo tasks do), `trailing` contexts end with the
+    space instead ("Answer: ")."""
     rng = random.Random(seed)
     with open(path, "w", encoding="utf-8") as f:
         for _ in range(n):
             choices = [(" " if spaced else "") + sentence(rng, 1, 4)
                        for _ in range(rng.randint(2, 4))]
-            doc = {"context": sentence(rng, 4, 12), "choices": choices,
-                   "label": rng.randrange(len(choices))}
+            doc = {"context": sentence(rng, 4, 12) + (" " if trailing else ""),
+                   "choices": choices, "label": rng.randrange(len(choices))}
             f.write(json.dumps(doc) + "\n")
     return path
 
@@ -192,14 +193,18 @@ def independent_accuracy(model, tokenizer, path):
     as a causal LM harness does (context + continuation encoded whole, split after the context's
     tokens); acc: argmax == label, acc_norm: argmax of log-likelihood per character."""
     docs = [json.loads(line) for line in open(path, encoding="utf-8")]
-    spaced = all(c.startswith(" ") for d in docs for c in d["choices"])
+    held = all(d["context"].endswith(" ") or all(c.startswith(" ") for c in d["choices"])
+               for d in docs)  # the text holds the space between context and choice
     acc = acc_norm = 0
     for doc in docs:
-        context_ids = tokenizer(doc["context"])["input_ids"]
+        # the text scored is context + (space) + choice; a context's trailing space belongs to
+        # the choice's first token, as in the text the model was trained on
+        context = doc["context"].rstrip(" ")
+        context_ids = tokenizer(context)["input_ids"]
         scores = []
         for choice in doc["choices"]:
-            continuation = choice if spaced else " " + choice
-            whole = tokenizer(doc["context"] + continuation)["input_ids"]
+            continuation = doc["context"][len(context):] + (choice if held else " " + choice)
+            whole = tokenizer(context + continuation)["input_ids"]
             cont = whole[len(context_ids):]
             ids = torch.tensor([context_ids + cont])
             with torch.no_grad():
@@ -218,16 +223,18 @@ def zero_shot_run(model, tokenizer, tmp_path_factory):
     root = tmp_path_factory.mktemp("zero_shot")
     files = {
         "mc_local": write_mc_jsonl(root / "mc_local.jsonl", 12, seed=1),
+        "mc_trailing": write_mc_jsonl(root / "mc_trailing.jsonl", 12, seed=6, trailing=True),
         "demo_next_sentence": write_mc_jsonl(root / "next.jsonl", 10, seed=2),
         "demo_last_word": write_mc_jsonl(root / "last.jsonl", 10, seed=3, spaced=True),
     }
-    include = write_local_tasks(root / "tasks", {"mc_local": files["mc_local"]})
+    include = write_local_tasks(root / "tasks", {name: files[name]
+                                                 for name in ("mc_local", "mc_trailing")})
     demo = types.ModuleType("sds.demo")
     demo.task_data_path = lambda name: files[name]
     rng_before = (random.getstate(), torch.get_rng_state())
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(sys.modules, "sds.demo", demo)
-        results = zero_shot(model, tokenizer, ["mc_local", "demo"], batch_size=4,
+        results = zero_shot(model, tokenizer, ["mc_local", "mc_trailing", "demo"], batch_size=4,
                             include_path=include)
     rng_after = (random.getstate(), torch.get_rng_state())
     return results, files, rng_before, rng_after
@@ -235,7 +242,7 @@ def zero_shot_run(model, tokenizer, tmp_path_factory):
 
 def test_zero_shot_on_local_tasks_matches_independent_scoring(zero_shot_run, model, tokenizer):
     results, files, _, _ = zero_shot_run
-    assert set(results) == {"mc_local", "demo_next_sentence", "demo_last_word"}
+    assert set(results) == {"mc_local", "mc_trailing", "demo_next_sentence", "demo_last_word"}
     for task, path in files.items():
         acc, acc_norm = independent_accuracy(model, tokenizer, path)
         assert 0.0 <= results[task]["acc"] <= 1.0
@@ -264,14 +271,22 @@ def test_local_task_yaml_holds_absolute_data_paths(tmp_path, monkeypatch):
     assert [m["metric"] for m in config["metric_list"]] == ["acc", "acc_norm"]
 
 
-def test_choices_with_their_own_leading_space_get_no_extra_delimiter(tmp_path):
+def test_examples_that_hold_their_own_space_get_no_extra_delimiter(tmp_path):
+    """Choices with a leading space, or contexts with a trailing one ("Answer: "), hold the
+    space; a file that holds it in some examples only is refused, naming a line of each."""
     include = write_local_tasks(tmp_path / "tasks", {
         "plain": write_mc_jsonl(tmp_path / "plain.jsonl", 3, seed=5),
         "spaced": write_mc_jsonl(tmp_path / "spaced.jsonl", 3, seed=5, spaced=True),
+        "trailing": write_mc_jsonl(tmp_path / "trailing.jsonl", 3, seed=5, trailing=True),
     })
     delimiter = {name: yaml.safe_load((include / f"{name}.yaml").read_text())["target_delimiter"]
-                 for name in ("plain", "spaced")}
-    assert delimiter == {"plain": " ", "spaced": ""}
+                 for name in ("plain", "spaced", "trailing")}
+    assert delimiter == {"plain": " ", "spaced": "", "trailing": ""}
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text((tmp_path / "plain.jsonl").read_text()
+                     + (tmp_path / "trailing.jsonl").read_text())
+    with pytest.raises(DataError, match="line 4 holds the space .* line 1 does not"):
+        write_local_tasks(tmp_path / "tasks", {"mixed": mixed})
 
 
 def test_local_task_data_of_the_wrong_schema_is_refused(tmp_path):

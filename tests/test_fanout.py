@@ -299,6 +299,7 @@ def test_a_point_sent_to_a_worker_pins_the_hub_commit_the_sweep_planned(corpus, 
     import types
 
     import huggingface_hub
+    import huggingface_hub.constants
 
     import tasks.plan
     from flows.sweep import _for_workers
@@ -312,6 +313,9 @@ def test_a_point_sent_to_a_worker_pins_the_hub_commit_the_sweep_planned(corpus, 
         def model_info(self, model, revision=None):
             return types.SimpleNamespace(sha=heads.get(revision, revision))
 
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):  # the hub is "reachable"
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub, "HfApi", Hub)
     monkeypatch.setattr(tasks.plan, "_check_model", lambda *args: (None, 32))
     def fresh_process():  # a worker plans in a process of its own: nothing planned before
