@@ -37,11 +37,12 @@ class StageRunner:
     def __init__(self):
         self.futures: dict[tuple[str, str, str], PrefectFuture] = {}
 
-    def __call__(self, task, spec: StageSpec, **upstream: PrefectFuture) -> PrefectFuture:
+    def __call__(self, task, spec: StageSpec, wait_for: list[PrefectFuture] | None = None,
+                 **upstream: PrefectFuture) -> PrefectFuture:
         ident = (spec.store, spec.stage, spec.key)
         if ident not in self.futures:
             self.futures[ident] = task.with_options(task_run_name=spec.title).submit(
-                spec, **upstream)
+                spec, wait_for=wait_for, **upstream)
         return self.futures[ident]
 
 
@@ -49,8 +50,9 @@ def submit_stages(run: StageRunner, plan: Plan) -> dict[str, PrefectFuture]:
     """The diagram above, as task submissions. Returns the futures by stage label."""
     specs, f = plan.specs, {}
     f["calibration"] = calib = run(stages.calibration, specs["calibration"])
-    if "evaluate-dense" in specs:
-        f["evaluate-dense"] = run(stages.evaluate, specs["evaluate-dense"])
+    if "evaluate-dense" in specs:  # after the calibration: data that is too short (a quick
+        # stage's error) stops the run before an evaluation that can take hours
+        f["evaluate-dense"] = run(stages.evaluate, specs["evaluate-dense"], wait_for=[calib])
     f["oneshot"] = pruned = run(stages.oneshot, specs["oneshot"], calibration=calib)
     if "evaluate-oneshot" in specs:
         f["evaluate-oneshot"] = run(stages.evaluate, specs["evaluate-oneshot"], weights=pruned)

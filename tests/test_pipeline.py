@@ -246,6 +246,20 @@ def test_a_transient_store_error_is_retried_and_the_run_completes(prefect_api, t
     assert ArtifactStore(tmp_path / "store").exists("oneshot", results["keys"]["oneshot"])
 
 
+def test_calibration_data_too_short_stops_the_run_before_the_dense_evaluation(
+        prefect_api, tiny_model, corpus, tmp_path):
+    """The dense evaluation waits for the calibration: on a real model it takes as long as
+    the pruning, and a corpus too short for the windows asked is found in a second."""
+    from flows.pipeline import pipeline
+
+    params = tiny_params(tiny_model, corpus, tmp_path / "store", nsamples=4000)
+    state = pipeline(params, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(DataError, match="too few for nsamples=4000"):
+        state.result()
+    assert ArtifactStore(tmp_path / "store").list() == []  # the evaluation never ran
+
+
 def test_a_deterministic_error_fails_at_once_and_commits_nothing(prefect_api, tiny_model,
                                                                   corpus, tmp_path):
     from flows.pipeline import pipeline
