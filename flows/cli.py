@@ -744,13 +744,31 @@ def _keys_of_results(paths: list[str]) -> set[str]:
     return keys
 
 
+def _check_pipeline_stage(name: str) -> None:
+    """`--stage NAME` names one of the pipeline's stages (a typo would select nothing)."""
+    from sds.errors import ConfigError
+    from tasks.plan import STAGE_VERSIONS
+
+    if name not in STAGE_VERSIONS:
+        runs = (f" ({name} is a run of the evaluate stage: the stage is `evaluate`)"
+                if name.startswith("evaluate-") else "")
+        raise ConfigError(f"there is no stage {name!r}{runs}; the stages are "
+                          f"{', '.join(STAGE_VERSIONS)}")
+
+
 def cmd_store(args, console) -> int:
     from rich.table import Table
 
     from sds.errors import ConfigError
-    from tasks.store import ArtifactStore, check_stage
+    from tasks.store import ArtifactStore
 
     store = ArtifactStore(args.store)
+    if store.local and not Path(store.root).exists():
+        raise ConfigError(f"there is no store at {store.root}: nothing was stored there (check "
+                          "--store, or $SDS_STORE, which `sds run` uses when --store is not "
+                          "given)")
+    if getattr(args, "stage", None) is not None:
+        _check_pipeline_stage(args.stage)
     out = sys.stdout
     if args.store_command == "ls":
         metas = store.list(args.stage)
@@ -804,8 +822,6 @@ def cmd_store(args, console) -> int:
                 raise ConfigError(f"there is no artifact {item} in {store.root} (see `sds "
                                   "store ls`); nothing was removed")
             refs.append(ref)
-        if args.stage is not None:
-            check_stage(args.stage)
         removed, busy = [], []
         needed = store.needed() if refs else set()
         for ref in refs:

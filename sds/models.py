@@ -299,7 +299,16 @@ def load_config(name_or_path: str, revision: str | None = None, trust_remote_cod
 
 def load_tokenizer(name_or_path: str, revision: str | None = None,
                    trust_remote_code: bool = False):
-    """The model's tokenizer only (no weights), e.g. to cut calibration windows."""
+    """The model's tokenizer only (no weights), e.g. to cut calibration windows. A tokenizer
+    that turns text into no tokens is refused (ModelError): transformers makes an empty one
+    for a folder saved without its tokenizer, and every corpus would then look empty."""
     from transformers import AutoTokenizer
 
-    return _load_part(AutoTokenizer.from_pretrained, name_or_path, revision, trust_remote_code)
+    tokenizer = _load_part(AutoTokenizer.from_pretrained, name_or_path, revision,
+                           trust_remote_code)
+    if not tokenizer("The quick brown fox.", add_special_tokens=False)["input_ids"]:
+        raise ModelError(
+            f"{name_or_path!r} has no usable tokenizer (it turns text into no tokens): save the "
+            "tokenizer beside the model (tokenizer.save_pretrained(folder): tokenizer.json, "
+            "tokenizer_config.json, ...)")
+    return tokenizer

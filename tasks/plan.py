@@ -213,11 +213,17 @@ def _check_model(c: RunConfig, model: str, seqlen: int | None, data: list[str]):
     """The checks that need the model's code or the data's source, which import torch and
     transformers: the device, the data's names (`data`: the calibration source, then the
     evaluation sources; a missing file fails here, not after the pruning stages), the hub when
-    `data` names hub data, the model's config (a causal LM whose weight files are readable) and
-    the window length against its context. Returns the model's config and the window length
-    (`seqlen` None: the model's default)."""
+    `data` names hub data, the model's config (a causal LM whose weight files are readable), its
+    tokenizer (one that makes tokens) and the window length against its context. Returns the
+    model's config and the window length (`seqlen` None: the model's default)."""
     from sds.data import check_hub_data, check_source, resolve_seqlen
-    from sds.models import check_causal_lm, check_device, check_weight_files, load_config
+    from sds.models import (
+        check_causal_lm,
+        check_device,
+        check_weight_files,
+        load_config,
+        load_tokenizer,
+    )
 
     check_device(c.device)
     for i, source in enumerate(data):
@@ -228,6 +234,7 @@ def _check_model(c: RunConfig, model: str, seqlen: int | None, data: list[str]):
     model_config = load_config(model, c.revision, c.trust_remote_code)  # fails fast
     check_causal_lm(model_config, model)
     check_weight_files(model)
+    load_tokenizer(model, c.revision, c.trust_remote_code)  # a folder saved without one fails
     return model_config, resolve_seqlen(model_config, seqlen)
 
 

@@ -514,6 +514,36 @@ def test_store_rm_checks_every_argument_before_it_removes_anything(tmp_path, cap
     assert "not a folder" in _one_line_error(capfd.readouterr().err)
 
 
+@pytest.mark.parametrize("command", [["rm", "--stage", "onshot"],
+                                     ["rm", "--stage", "evaluate-dense", "--older-than", "7d"],
+                                     ["ls", "--stage", "secnd"]])
+def test_store_commands_refuse_a_stage_that_is_not_one(command, tmp_path, capfd,
+                                                       clean_environ):
+    """A well-formed typo would select nothing and exit 0 ("removed 0"); `ls` shows the
+    evaluate stage's runs as evaluate-dense and the like, which are not stages."""
+    from flows.cli import main
+
+    store, _broken = _store_of_six_and_one_broken(tmp_path / "store")
+    before = store.list()
+    assert main(["store", command[0], "--store", str(store.root), *command[1:]]) == 2
+    line = _one_line_error(capfd.readouterr().err)
+    assert f"there is no stage {command[2]!r}" in line
+    assert "calibration, oneshot, redense, second, evaluate" in line
+    if command[2] == "evaluate-dense":
+        assert "the stage is `evaluate`" in line
+    assert store.list() == before
+
+
+def test_store_commands_on_a_store_that_does_not_exist_say_so(tmp_path, capfd, clean_environ):
+    from flows.cli import main
+
+    for command in (["ls"], ["rm", "--incomplete"], ["gc", "--keep", str(tmp_path)]):
+        assert main(["store", *command, "--store", str(tmp_path / "typo")]) == 2
+        assert f"there is no store at {tmp_path / 'typo'}" in _one_line_error(
+            capfd.readouterr().err)
+    assert not (tmp_path / "typo").exists()
+
+
 def test_store_rm_and_gc_leave_what_a_run_in_progress_pinned(tmp_path, capfd, clean_environ):
     import uuid
 
@@ -1013,6 +1043,25 @@ def test_a_model_folder_keys_on_the_files_loading_reads(corpus, tmp_path, tiny_m
     assert weights.stat().st_mtime_ns == stat.st_mtime_ns
     changed = keys(copy)
     assert all(changed[label] != key for label, key in base.items())
+
+
+def test_a_model_folder_saved_without_its_tokenizer_is_refused_at_planning(
+        corpus, tmp_path, tiny_model, monkeypatch):
+    """transformers makes an empty tokenizer for such a folder, and the calibration would then
+    say the corpus is too short: the plan names the missing tokenizer instead."""
+    import tasks.plan
+    from sds.errors import ModelError
+    from tasks.plan import plan_pipeline
+
+    monkeypatch.setattr(tasks.plan, "_plans", {})
+    folder = tmp_path / "no-tokenizer"
+    folder.mkdir()
+    for f in tiny_model.iterdir():
+        if f.is_file() and not f.name.startswith(("tokenizer", "special_tokens", "vocab",
+                                                  "merges")):
+            shutil.copy(f, folder / f.name)
+    with pytest.raises(ModelError, match="has no usable tokenizer.*save_pretrained"):
+        plan_pipeline(tiny_params(folder, corpus, tmp_path / "store"))
 
 
 def test_relative_data_paths_are_planned_from_the_working_directory(tmp_path, tiny_model,
