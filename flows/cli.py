@@ -251,7 +251,10 @@ class EmbeddedAPI:
             _bound([sys.executable, "-m", "uvicorn", "--factory",
                     "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port",
                     str(port), "--log-level", "error", "--lifespan", "on"]),
-            env=env, stdin=subprocess.DEVNULL)
+            # a session of its own: a terminal's Ctrl-C reaches the command, which then still
+            # talks to its server (Prefect records the crash, `sds serve` pauses its
+            # schedules) and stops it on the way out
+            env=env, stdin=subprocess.DEVNULL, start_new_session=True)
         atexit.register(self.stop)
         EmbeddedAPI.started.append(self)
         os.environ["PREFECT_API_URL"] = self.url  # for Prefect, imported after this
@@ -903,10 +906,15 @@ def _at_least_one(text: str) -> int:
 def cmd_serve(args, console) -> int:
     from flows.serve import serve
 
-    if not os.environ.get("PREFECT_API_URL"):
+    api = embedded_api()
+    if api is not None:
         console.print("[yellow]PREFECT_API_URL is not set: the deployments are served by a "
                       "temporary server that stops with this command. Start one with `prefect "
                       "server start` and export PREFECT_API_URL to see them in the UI.[/]")
+        # ours, not Prefect's own temporary server: that one shares this command's process
+        # group, so a terminal's Ctrl-C would stop it before the schedules are paused
+        with console.status("starting Prefect's embedded API"):
+            api.wait()
     args.interruption.note = ("stopped: the served deployments' schedules are paused; "
                               "`sds serve` resumes them")
     # Prefect's runner pauses the schedules once interrupted: give it the time to, unless a
@@ -926,14 +934,14 @@ class Interruption:
     """Ctrl-C (SIGINT) and SIGTERM stop the command within seconds, exit 130 and 143.
 
     The signal raises KeyboardInterrupt in the main thread, so that Prefect records the crash.
-    But stage threads keep computing, and a terminal's Ctrl-C also reaches the embedded API
-    server, after which every call to it retries for a minute: so the command does not wait
-    for them. It stops its child processes (the embedded API) and exits at once, when the
-    KeyboardInterrupt reaches `main`, GRACE_SECONDS after the signal, or at a second signal,
-    whichever is first. Python runs signal handlers only when the main thread wakes up, which
-    can be minutes later when it waits on a stage; the signal's wake-up byte (set_wakeup_fd)
-    starts the countdown at once. Finished stages are committed; a save cut short leaves no
-    commit (`sds store gc` clears its files)."""
+    But stage threads keep computing, and a server the signal reached too (one the user
+    started in the same terminal) makes every call to it retry for a minute: so the command
+    does not wait for them. It stops its child processes (the embedded API) and exits at
+    once, when the KeyboardInterrupt reaches `main`, GRACE_SECONDS after the signal, or at a
+    second signal, whichever is first. Python runs signal handlers only when the main thread
+    wakes up, which can be minutes later when it waits on a stage; the signal's wake-up byte
+    (set_wakeup_fd) starts the countdown at once. Finished stages are committed; a save cut
+    short leaves no commit (`sds store gc` clears its files)."""
 
     def __init__(self, console):
         self.console, self.code = console, None

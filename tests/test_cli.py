@@ -853,6 +853,46 @@ def test_an_interrupted_run_stops_at_once_and_leaves_no_process(how, tmp_path):
     assert not list(store.glob("second/*/meta.json"))
 
 
+def _session(pid: int) -> int:
+    """The session id of a process (/proc/<pid>/stat, the sixth field)."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[3])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc")
+def test_ctrl_c_stops_sds_serve_without_waiting_out_its_grace(tmp_path):
+    """A terminal's Ctrl-C reaches the whole foreground group. The API server that `sds serve`
+    starts runs in a session of its own (not Prefect's own temporary server, in the command's
+    group), so it is still there while Prefect pauses the schedules: the command ends in
+    seconds, not after SERVE_GRACE_SECONDS of calls to a dead server."""
+    from flows.cli import SERVE_GRACE_SECONDS
+
+    home = tmp_path / "prefect-home"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PYTHONPATH": str(REPO)}
+    for name in ("PREFECT_API_URL", "PYTEST_CURRENT_TEST", "PYTEST_VERSION"):
+        env.pop(name, None)  # Prefect stops differently under a test runner
+    process = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve"], env=env, cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)  # its own group, as in a terminal
+    try:
+        for line in process.stdout:  # until Prefect says it serves
+            if "being served" in line:
+                break
+        time.sleep(5)  # the runner starts polling (a Ctrl-C before that stops less)
+        assert process.poll() is None, process.communicate()
+        servers = [pid for pid in _processes_of(home) if pid != process.pid]
+        assert servers and all(_session(pid) != _session(process.pid) for pid in servers)
+        os.killpg(process.pid, signal.SIGINT)
+        _out, err = process.communicate(timeout=SERVE_GRACE_SECONDS - 10)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == 130, err
+    assert "schedules are paused" in err
+    assert _processes_of(home) == []
+
+
 def test_a_run_is_offline_unless_its_configuration_may_need_the_hub():
     """The hub decision reads the one configuration, so a grid file's models count too."""
     from flows.cli import uses_hub
