@@ -207,7 +207,8 @@ def configure_environment(verbose: bool) -> None:
     if not verbose:
         env.setdefault("TRANSFORMERS_VERBOSITY", "error")
         env.setdefault("TQDM_DISABLE", "1")  # every library's progress bars
-        for name in ("lm_eval", "lm-eval", "datasets", "transformers", "accelerate", "httpx"):
+        for name in ("lm_eval", "lm-eval", "datasets", "transformers", "accelerate", "httpx",
+                     "huggingface_hub"):
             logging.getLogger(name).setLevel(logging.ERROR)
 
 
@@ -372,9 +373,11 @@ class TerminalProgress(logging.Handler):
         )
 
         super().__init__(logging.INFO)
+        # with a log, what libraries write to sys.stderr goes there, as what they write to
+        # file descriptor 2 does (rich would otherwise print it above the bars)
         self.progress = Progress(SpinnerColumn(), TextColumn("{task.description:<30}"),
                                  BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                                 console=console, transient=True)
+                                 console=console, transient=True, redirect_stderr=not to_log)
         self.bars: dict[str, int] = {}
         self.logger = logging.getLogger("prefect.task_runs")
         self.to_log = to_log

@@ -30,17 +30,15 @@ import operator
 import random
 import re
 import socket
-import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import torch
 
 from .errors import ConfigError, DataError, HubUnreachableError
-from .options import hub_offline
+from .hub import HUB_PROBE_SECONDS, check_hub, hub_offline  # noqa: F401 (re-exported)
 
 DEFAULT_SEQLEN = 2048
 
@@ -543,26 +541,6 @@ def hub_unreachable(exc: BaseException) -> bool:
             return True
         current = current.__cause__ or current.__context__
     return False
-
-
-HUB_PROBE_SECONDS = 3.0
-
-
-def check_hub(what: str, hint: str) -> None:
-    """Raise HubUnreachableError at once when a TCP connection to the hub (or to the HTTPS
-    proxy) fails within HUB_PROBE_SECONDS. Without this, `datasets` retries for 25-50 s before
-    it gives up. (In offline mode nothing is contacted: see `check_hub_data`.)"""
-    import huggingface_hub.constants as hub
-
-    target = urlsplit(urllib.request.getproxies().get("https") or hub.ENDPOINT)
-    host, port = target.hostname or "", target.port or (443 if target.scheme == "https" else 80)
-    try:
-        socket.create_connection((host, port), timeout=HUB_PROBE_SECONDS).close()
-    except OSError as exc:
-        raise HubUnreachableError(
-            f"cannot load {what}: the Hugging Face hub is unreachable ({host}:{port}: "
-            f"{exc}); {hint}; or, if it is in the local Hugging Face cache, set "
-            "HF_HUB_OFFLINE=1 to read it from there") from exc
 
 
 def check_hub_data(source: str, role: str) -> None:

@@ -200,7 +200,7 @@ _DTYPES = {name: "auto" if canonical == "auto" else getattr(torch, canonical)
 
 def offline_hint(name: str) -> str:
     """What to do when hub model `name` cannot be loaded, in offline mode or not."""
-    from .options import hub_offline
+    from .hub import hub_offline
 
     other = ("or pass a local model folder (e.g. `--model path/to/model`), or run without "
              "--model to use the offline demo model")

@@ -11,7 +11,6 @@ hashes. `sds.solver`, `sds.reconstruct` and `sds.evaluate` re-export what they u
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -266,15 +265,3 @@ def expand_tasks(tasks: str | Sequence[str]) -> list[str]:
                     names.append(name)
     return names
 
-
-def hub_offline() -> bool:
-    """Whether the Hugging Face offline mode is on (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE set,
-    now or when huggingface_hub was imported): hub models and datasets then come from the
-    local Hugging Face cache only."""
-    on = ("1", "on", "yes", "true")
-    if any(os.environ.get(v, "").strip().lower() in on
-           for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
-        return True
-    import huggingface_hub.constants as hub
-
-    return bool(hub.HF_HUB_OFFLINE)

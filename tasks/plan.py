@@ -38,6 +38,8 @@ PAPER_DEFAULTS = {"calib": "c4", "eval": ["wikitext2"], "tasks": [],
 DEMO_FILES = {"calib": {"demo": ("wiki", "calib")},
               "eval": {"wiki": ("wiki", "heldout"), "news": ("news", "heldout")}}
 HUB_SOURCES = ("c4", "wikitext2", "ptb")
+MODEL_HINT = ("pass a local model folder (e.g. `--model path/to/model`), or run without --model "
+              "to use the offline demo model")
 
 
 # Bump a stage's version when its code changes what it produces: every key changes with it.
@@ -191,8 +193,8 @@ def model_identity(model: str, revision: str | None, dtype: str,
 def _hub_commit(model: str, revision: str | None) -> str:
     """The commit that `revision` (None: the default branch) of hub model `model` names: asked
     of the hub or, in offline mode, read from the local Hugging Face cache."""
+    from sds.hub import check_hub, hub_offline
     from sds.models import offline_hint
-    from sds.options import hub_offline
 
     if hub_offline():
         from huggingface_hub import try_to_load_from_cache
@@ -201,6 +203,7 @@ def _hub_commit(model: str, revision: str | None) -> str:
         if isinstance(found, str):  # <cache>/models--org--name/snapshots/<commit>/config.json
             return Path(found).parent.name
         raise HubUnreachableError(offline_hint(model))
+    check_hub(f"model {model!r}", MODEL_HINT)  # seconds, not the hub client's retries
     try:
         from huggingface_hub import HfApi
 
@@ -217,6 +220,7 @@ def _check_model(c: RunConfig, model: str, seqlen: int | None, data: list[str]):
     tokenizer (one that makes tokens) and the window length against its context. Returns the
     model's config and the window length (`seqlen` None: the model's default)."""
     from sds.data import check_hub_data, check_source, resolve_seqlen
+    from sds.hub import check_hub, hub_offline
     from sds.models import (
         check_causal_lm,
         check_device,
@@ -226,6 +230,8 @@ def _check_model(c: RunConfig, model: str, seqlen: int | None, data: list[str]):
     )
 
     check_device(c.device)
+    if not Path(model).expanduser().is_dir() and not hub_offline():
+        check_hub(f"model {model!r}", MODEL_HINT)  # seconds, not the hub client's retries
     for i, source in enumerate(data):
         role = "calibration" if i == 0 else "evaluation"
         check_source(source, role)

@@ -853,6 +853,24 @@ def test_an_interrupted_run_stops_at_once_and_leaves_no_process(how, tmp_path):
     assert not list(store.glob("second/*/meta.json"))
 
 
+def test_progress_bars_leave_library_output_to_the_log_in_a_terminal(tmp_path):
+    """In a terminal rich's bars would take sys.stderr over and print what libraries write
+    there (lm-eval's bars) on the terminal; with a log, sys.stderr stays the log's."""
+    import io
+
+    from rich.console import Console
+
+    from flows.cli import TerminalProgress
+
+    terminal = Console(file=io.StringIO(), force_terminal=True)
+    before = sys.stderr
+    with TerminalProgress(terminal, to_log=True):
+        assert sys.stderr is before
+    with TerminalProgress(terminal, to_log=False):  # --verbose: shown above the bars
+        assert sys.stderr is not before
+    assert sys.stderr is before
+
+
 def _session(pid: int) -> int:
     """The session id of a process (/proc/<pid>/stat, the sixth field)."""
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[3])
@@ -982,11 +1000,46 @@ def test_a_hub_model_is_loaded_at_the_commit_its_keys_hash(corpus, tmp_path, mon
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub, "HfApi", Hub)
+    monkeypatch.setattr("sds.hub.check_hub", lambda what, hint: None)  # reachable
     monkeypatch.setattr(tasks.plan, "_check_model", lambda *args: (None, 32))
     plan = plan_pipeline(tiny_params("org/moving-branch", corpus, tmp_path / "store",
                                      revision="main"), check=False)
     for spec in plan.specs.values():
         assert spec.model.identity["revision"] == commit and spec.model.revision == commit
+
+
+def test_an_unreachable_hub_fails_the_plan_of_a_hub_model_in_seconds(
+        corpus, tmp_path, monkeypatch):
+    """Without the offline mode the hub client retries for about 25 s, printing a line per
+    try: the plan probes the hub first and says in one line what to do."""
+    import socket
+
+    import huggingface_hub
+    import huggingface_hub.constants
+
+    import tasks.plan
+    from sds.errors import HubUnreachableError
+    from tasks.plan import plan_pipeline
+
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+
+    def unreachable(address, timeout=None, *args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    def asked(*args, **kwargs):
+        raise AssertionError("the hub client was asked")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    monkeypatch.setattr(huggingface_hub, "HfApi", asked)
+    monkeypatch.setattr(tasks.plan, "_plans", {})
+    for check in (False, True):
+        tasks.plan.model_identity.cache_clear()
+        with pytest.raises(HubUnreachableError,
+                           match="model 'org/model'.*unreachable.*--model path/to/model.*"
+                                 "HF_HUB_OFFLINE=1"):
+            plan_pipeline(tiny_params("org/model", corpus, tmp_path / "store"), check=check)
 
 
 def _hub_cache(tmp_path, model_folder, repo_id: str, commit: str) -> Path:

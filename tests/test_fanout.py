@@ -317,6 +317,7 @@ def test_a_point_sent_to_a_worker_pins_the_hub_commit_the_sweep_planned(corpus, 
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub, "HfApi", Hub)
+    monkeypatch.setattr("sds.hub.check_hub", lambda what, hint: None)  # reachable
     monkeypatch.setattr(tasks.plan, "_check_model", lambda *args: (None, 32))
     def fresh_process():  # a worker plans in a process of its own: nothing planned before
         monkeypatch.setattr(tasks.plan, "_plans", {})
