@@ -49,7 +49,7 @@ def _add_options(parser: argparse.ArgumentParser, kind) -> None:
     validated by the configuration, not here."""
     import dataclasses
 
-    from sds.options import SDSConfig
+    from sds.options import SDS_OPTION_HELP, SDSConfig
 
     group = parser.add_argument_group(f"options ({kind.__name__} in tasks/config.py)")
     for name, field in kind.model_fields.items():
@@ -66,10 +66,13 @@ def _add_options(parser: argparse.ArgumentParser, kind) -> None:
         if field.default is True:  # the flag is --no-NAME: say what turning it off does
             help_text = _when_off(name, help_text)
         _add_option(group, name, field.default, help_text)
-    group = parser.add_argument_group("SDS options (SDSConfig in sds/options.py)")
+    group = parser.add_argument_group("SDS options (SDSConfig in sds/options.py; a grid file "
+                                      "holds them under sds_options:)")
     for f in dataclasses.fields(SDSConfig):
+        text = SDS_OPTION_HELP[f.name].replace("%", "%%")
         _add_option(group, f"sds_options.{f.name}", f.default,
-                    f"turn off {f.name}" if f.default is True else f"default {f.default}")
+                    f"turn off (on by default: {text})" if f.default is True
+                    else f"{text} (default {f.default})")
 
 
 def _when_off(name: str, description: str) -> str:
@@ -354,7 +357,19 @@ def _config(kind, args, base: dict | None = None, where: str = "command line"):
     values.update(given)
     if getattr(args, "api", None) is not None or not os.environ.get("PREFECT_API_URL"):
         values.setdefault("gpu_limit", None)
-    return build(kind, values, where)
+    config = build(kind, values, where)
+    if "sds_options" in given and getattr(config, "sds", None) is False:
+        from sds.errors import ConfigError
+
+        names = ", ".join(sorted(_flag(f"sds_options.{n}") for n in given["sds_options"]))
+        raise ConfigError(f"{names}: SDS options, but --no-sds turns SDS off (they would be "
+                          "ignored); drop them, or drop --no-sds")
+    return config
+
+
+def _flag(dest: str) -> str:
+    """The command-line flag of a configuration field (`sds_options.l1`: --lambda1)."""
+    return FLAGS.get(dest, ["--" + dest.rpartition(".")[2].replace("_", "-")])[0]
 
 
 class TerminalProgress(logging.Handler):

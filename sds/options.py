@@ -109,6 +109,36 @@ def few_tokens_warning(tokens: int) -> str | None:
             f"{SDS_MIN_TOKENS} (nsamples x seqlen; the demo default is 32 x 128)")
 
 
+# One line per SDSConfig option, for the command line's help (the comments in the class say
+# more)
+SDS_OPTION_HELP = {
+    "data": "step 2's data: sd (inputs in the pruned model, the paper's), dense (in the dense "
+            "model), distill (dense outputs from pruned inputs)",
+    "solver": "admm (the layer solver) or pgd (the paper's gradient steps)",
+    "epochs": "step 2 iterations: a cap for admm, the count for pgd; 0 skips step 2",
+    "tol": "step 2 (admm): stop at this relative residual or decrease of the objective",
+    "lr": "step 2 (pgd): step size",
+    "l1": "λ1, the L1 weight of step 2",
+    "l2": "λ2, the L2 weight of step 2",
+    "optimizer": "step 2 (pgd): prox or adam",
+    "normalize": "ν, step 2's loss scale: target (‖W_dense X‖²) or tokens",
+    "reg_scale": "how λ1, λ2 are scaled: mean (per weight), dense (to the dense weights' "
+                 "norms) or sum",
+    "adjust_epochs": "step 3 ADMM iterations (a cap; pgd: the count); 0 skips the adjustment",
+    "adjust_tol": "step 3 ADMM: stop at ‖W − Z‖/‖Z‖ below this",
+    "adjust_lr": "step 3 (pgd): step size",
+    "cg_iters": "step 3 conjugate-gradient iterations (a cap)",
+    "cg_tol": "step 3 conjugate gradient: relative residual per row to stop at",
+    "rho": "step 3 ADMM: ρ at the start",
+    "rho_growth": "step 3 ADMM: ρ is multiplied by this every rho_every iterations",
+    "rho_every": "step 3 ADMM: iterations between two growths of ρ",
+    "ramp_iters": "step 3 ADMM: iterations over which the mask tightens to the pattern",
+    "early_exit": "keep the plain second pruning where adjusting does not lower the error",
+    "sequential": "step 3 statistics group by group, after the groups before were adjusted",
+    "target_mix": "step 3 targets W_dense((1 − α)X + α X_dense): α in [0, 1]",
+}
+
+
 @dataclass(frozen=True)
 class SDSConfig:
     """Options of steps 2 and 3. The paper publishes epochs, lr, λ1, λ2 and nothing else;

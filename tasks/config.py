@@ -121,7 +121,9 @@ class Options(BaseModel):
 
     # pruning
     blocksize: PositiveInt = Field(128, description="SparseGPT block size")
-    percdamp: Finite = Field(0.01, ge=0, description="SparseGPT dampening")
+    percdamp: Finite = Field(0.01, ge=0, description="dampening of the Gram matrix, a "
+                             "fraction of its mean diagonal: SparseGPT's, and the layer "
+                             "solver's (admm, SDS step 3)")
     oneshot_sequential: bool = Field(False, description="one-shot wanda, sparsegpt, admm: "
                                      "each group's statistics after the groups before it in "
                                      "the block are pruned")

@@ -1205,6 +1205,39 @@ def test_the_help_of_a_no_flag_says_what_the_flag_does():
     assert checked == {"verify", "sds", "export"}
 
 
+def test_sds_options_with_no_sds_are_refused_not_ignored(tiny_model, corpus, tmp_path, capfd,
+                                                        clean_environ):
+    from flows.cli import main
+
+    args = cli_args(tiny_model, corpus, tmp_path / "store", tmp_path / "out")  # --epochs ...
+    assert main(args + ["--no-sds", "--l1", "0"]) == 2
+    line = _one_line_error(capfd.readouterr().err)
+    assert "--adjust-epochs, --epochs, --lambda1: SDS options, but --no-sds" in line
+    assert not (tmp_path / "store").exists()
+
+
+def test_every_sds_option_says_what_it_does_in_the_help():
+    """The SDS options' help is their one-line description and default, not the default
+    alone; a new SDSConfig field without a description fails here."""
+    import argparse
+    import dataclasses
+
+    from flows.cli import build_parser
+    from sds.options import SDS_OPTION_HELP, SDSConfig
+
+    run = next(a for a in build_parser()._actions
+               if isinstance(a, argparse._SubParsersAction)).choices["run"]
+    helps = {a.dest.removeprefix("sds_options."): a.help for a in run._actions
+             if a.dest.startswith("sds_options.")}
+    fields = {f.name: f.default for f in dataclasses.fields(SDSConfig)}
+    assert set(helps) == set(fields) == set(SDS_OPTION_HELP)
+    for name, default in fields.items():
+        text = SDS_OPTION_HELP[name].replace("%", "%%")
+        assert helps[name] == (f"turn off (on by default: {text})" if default is True
+                               else f"{text} (default {default})")
+    assert "`--epochs`" not in run.format_help() and "0 skips step 2" in run.format_help()
+
+
 def _files(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): _sha256(p) for p in folder.rglob("*") if p.is_file()}
 
@@ -1426,7 +1459,9 @@ def test_a_run_without_export_removes_the_model_folder_an_earlier_run_exported(
     out = tmp_path / "out"
     args = cli_args(tiny_model, corpus, stored_run, out) + ["--gpu-limit", "none"]
     assert main(args) == 0 and (out / "model").is_dir()
-    assert main(args + ["--no-sds", "--no-export"]) == 0
+    no_sds = [a for i, a in enumerate(args) if not (  # without the SDS options
+        a in ("--epochs", "--adjust-epochs") or args[i - 1] in ("--epochs", "--adjust-epochs"))]
+    assert main(no_sds + ["--no-sds", "--no-export"]) == 0
     assert json.loads((out / "results.json").read_text())["model_dir"] is None
     assert sorted(p.name for p in out.iterdir()) == ["results.json", "sds.log"]
     # a folder that sds did not write there is not its to remove
