@@ -247,16 +247,37 @@ def build(kind: type[Options], values: dict, where: str = "options") -> Options:
     try:
         return kind.model_validate(values)
     except ValidationError as exc:
-        raise ConfigError(f"{where}: {describe(exc)}") from None
+        raise ConfigError(f"{where}: {describe(exc, kind)}") from None
 
 
-def describe(exc: ValidationError) -> str:
-    """The first problem of a validation failure, in one line: the option and what is wrong."""
+def describe(exc: ValidationError, kind: type[Options] | None = None) -> str:
+    """The first problem of a validation failure, in one line: the option and what is wrong
+    (an unknown option of `kind` with a hint: an SDS option out of `sds_options`, a near
+    spelling)."""
     error = exc.errors(include_url=False)[0]
     where = ".".join(str(p) for p in error["loc"]) or "options"
     cause = error.get("ctx", {}).get("error")
     text = str(cause) if isinstance(cause, Exception) else error["msg"]
-    if error["type"] == "extra_forbidden":
-        text = "unknown option"
+    if error["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+        text = "unknown option" + _unknown_hint(error["loc"], kind)
     text = " ".join(text.split())
     return f"{where}: {text}" if error["loc"] else text  # a rule across options names them
+
+
+def _unknown_hint(loc: tuple, kind: type[Options] | None) -> str:
+    """For an unknown option of `kind` at `loc`: where it belongs, or what it may stand for."""
+    import dataclasses
+    import difflib
+
+    sds_fields = [f.name for f in dataclasses.fields(SDSConfig)]
+    name = str(loc[-1])
+    if kind is None or len(loc) > 2:
+        return ""
+    if len(loc) == 2:  # inside sds_options
+        known = sds_fields if loc[0] == "sds_options" else []
+    elif "sds_options" in kind.model_fields and name in sds_fields:
+        return f" (an SDS option: put it under sds_options:, e.g. sds_options: {{{name}: ...}})"
+    else:
+        known = list(kind.model_fields)
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+    return f" (did you mean {close[0]}?)" if close else ""

@@ -739,9 +739,15 @@ def test_a_grid_file_with_an_unknown_option_is_refused(tmp_path, clean_environ):
     from sds.errors import ConfigError
 
     grid = tmp_path / "grid.yaml"
-    grid.write_text(yaml.safe_dump({"methods": ["wanda"], "epochs": 5}))
-    with pytest.raises(ConfigError, match="epochs: unknown option"):
-        sweep_config(build_parser().parse_args(["sweep", "--grid", str(grid)]))
+    for fields, hint in (({"methods": ["wanda"], "epochs": 5},
+                          "epochs: unknown option (an SDS option: put it under sds_options:"),
+                         ({"method": "wanda"}, "method: unknown option (did you mean methods?)"),
+                         ({"sds_options": {"epoch": 5}},
+                          "sds_options.epoch: unknown option (did you mean epochs?)"),
+                         ({"zzz": 1}, "zzz: unknown option$")):
+        grid.write_text(yaml.safe_dump(fields))
+        with pytest.raises(ConfigError, match=re.escape(hint).replace(r"\$", "$")):
+            sweep_config(build_parser().parse_args(["sweep", "--grid", str(grid)]))
 
 
 @pytest.mark.parametrize("case", ["a file", "unwritable"])
