@@ -557,19 +557,24 @@ def check_out_apart(out: str, model: str | None, sweep: bool = False) -> None:
                           + ("" if sweep else " whose model/ is not this folder"))
 
 
-def _check(config, points: list, console) -> None:
+def _check(config, points: list, console, warn: bool = True) -> None:
     """What comes before the flow: the plan of every point (bad input fails here, before any
-    stage), the store and the output folder."""
-    from sds.options import few_tokens_warning
+    stage), the store and the output folder; then the warnings (unless said already)."""
     from tasks.plan import plan_pipeline
 
-    warnings, settings = set(), []
     with console.status("checking the inputs"):
-        for point in points:
-            settings.append(s := plan_pipeline(point).settings)
-            if s["sds"]:
-                warnings.add(few_tokens_warning(s["nsamples"] * s["seqlen"]))
+        settings = [plan_pipeline(point).settings for point in points]
         _check_destinations(config, settings)
+    if warn:
+        _warn(settings, console)
+
+
+def _warn(settings: list[dict], console) -> None:
+    """Warnings about the points' settings (SDS on too few calibration tokens), once each;
+    also for a run answered from the store, whose numbers they explain."""
+    from sds.options import few_tokens_warning
+
+    warnings = {few_tokens_warning(s["nsamples"] * s["seqlen"]) for s in settings if s["sds"]}
     for warning in sorted(w for w in warnings if w):
         console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
 
@@ -621,6 +626,8 @@ def cmd_run(args, console) -> int:
         refs = None if args.flow_run else committed_references(plan)
         if refs is not None:
             _check_destinations(config, [plan.settings])
+    if refs is not None:
+        _warn([plan.settings], console)
     results = None
     if refs is not None:
         from tasks.common import pinned
@@ -635,14 +642,20 @@ def cmd_run(args, console) -> int:
                                   highlight=False, soft_wrap=True)
     if results is None:
         args.api = embedded_api()  # boots while the inputs are checked
-        _check(config, [config], console)
+        _check(config, [config], console, warn=refs is None)  # else said above
         from flows.pipeline import pipeline
 
         results = _run_flow(pipeline, config, console, args.api, log)
     out = sys.stdout
+    model = "demo" if results["config"].get("demo") else Path(results["model"]).name
     title = (f"{results['method']} {results['pattern']}{' + SDS' if results['sds'] else ''} "
-             f"on {Path(results['model']).name}")
-    _stdout_console().print(_metrics_table(title, [results]))
+             f"on {model}")
+    from flows.report import table_rows
+
+    if table_rows(results):
+        _stdout_console().print(_metrics_table(title, [results]))
+    else:
+        print(f"{title}: nothing was evaluated (--eval none --tasks none)", file=sys.stdout)
     t = results["timings"]
     lines = [f"results  {Path(config.out) / 'results.json'}"] if config.out else []
     if results.get("model_dir"):

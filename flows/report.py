@@ -148,16 +148,23 @@ def _model_of(settings: dict) -> str:
     return f"{settings['model']}@{settings.get('revision') or ''}"
 
 
-def _fmt(value, digits: int = 4) -> str:
+def _decimals(value: float) -> int:
+    """Decimals shown for a number of this size: perplexities with one, accuracies with three,
+    so a column's values line up (177.0 beside 169.7, not 177 beside 169.7)."""
+    size = abs(value)
+    return 1 if size >= 100 else 2 if size >= 1 else 3
+
+
+def _fmt(value) -> str:
     if value is None:
         return "–"
     if isinstance(value, float):
-        return f"{value:.{digits}g}" if abs(value) < 1e4 else f"{value:.0f}"
+        return f"{value:.{_decimals(value)}f}"
     return str(value)
 
 
 def signed(value) -> str:
-    return "–" if value is None else f"{value + 0.0:+.3g}"  # + 0.0: no "-0"
+    return "–" if value is None else f"{value + 0.0:+.{_decimals(value)}f}"  # + 0.0: no "-0"
 
 
 def percent(value) -> str:
@@ -222,7 +229,7 @@ def markdown(results: dict) -> str:
     lines += ["## Stages", "", "| stage | key | computed | seconds |", "|---|---|---|---|"]
     for label, st in results["stages"].items():
         lines.append(f"| {label} | `{st['key']}` | {'yes' if st['computed'] else 'cached'} | "
-                     f"{_fmt(st['seconds'].get('work'), 3)} |")
+                     f"{_fmt(st['seconds'].get('work'))} |")
     lines += ["", f"Wall time {t['wall']:.1f} s; stages computed in this run "
               f"{t['stage_seconds']:.1f} s; orchestration overhead {t['overhead']:.1f} s.", ""]
     if results.get("model_dir"):

@@ -213,6 +213,8 @@ def test_a_fully_cached_rerun_is_answered_from_the_store_without_prefect(
     assert imported == "imported []"
     assert "all 7 stages were found in the store" in done.stderr
     assert "no flow run was started" in done.stderr and "--flow-run" in done.stderr
+    # the warning that explains SDS on 4 x 32 tokens comes with the answer too, once
+    assert " ".join(done.stderr.split()).count("warning: SDS with 128 calibration tokens") == 1
     assert [r for r in s3_requests if '"GET ' in r and TENSORS in r] == []
     # it pinned its artifacts while it answered (a gc meanwhile leaves them), and unpinned
     assert [r for r in s3_requests if '"PUT ' in r and "/.pins/" in r]
@@ -473,6 +475,22 @@ def _store_of_six_and_one_broken(root) -> tuple[ArtifactStore, str]:
     store.save("oneshot", broken, some_tensors(), {})
     os.remove(root / "oneshot" / broken / "meta.json")
     return store, broken
+
+
+def test_a_run_that_evaluates_nothing_says_so_instead_of_an_empty_table(
+        prefect_api, tmp_path, monkeypatch, capfd, clean_environ):
+    """The demo, named as such, with no evaluation: one line, not an empty table."""
+    from flows.cli import main
+
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api)
+    args = ["run", "--method", "magnitude", "--no-sds", "--eval", "none", "--tasks", "none",
+            "--nsamples", "4", "--seqlen", "32", "--store", str(tmp_path / "store"),
+            "--out", str(tmp_path / "out"), "--gpu-limit", "none"]
+    capfd.readouterr()
+    assert main(args) == 0
+    out = capfd.readouterr().out
+    assert "magnitude 2:4 on demo: nothing was evaluated (--eval none --tasks none)" in out
+    assert "metric" not in out
 
 
 def test_store_rm_incomplete_removes_only_the_interrupted_save(tmp_path, capfd, clean_environ):
