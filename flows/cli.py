@@ -645,7 +645,11 @@ def cmd_run(args, console) -> int:
         _check(config, [config], console, warn=refs is None)  # else said above
         from flows.pipeline import pipeline
 
-        results = _run_flow(pipeline, config, console, args.api, log)
+        try:
+            results = _run_flow(pipeline, config, console, args.api, log)
+        except Exception:
+            _note_earlier_results(config, console)
+            raise
     out = sys.stdout
     model = "demo" if results["config"].get("demo") else Path(results["model"]).name
     title = (f"{results['method']} {results['pattern']}{' + SDS' if results['sds'] else ''} "
@@ -668,6 +672,15 @@ def cmd_run(args, console) -> int:
                  f"({len(t['computed'])} of {len(results['stages'])})")
     print("\n".join(lines), file=out)
     return 0
+
+
+def _note_earlier_results(config, console) -> None:
+    """After a failed run: say that a results.json in --out is an earlier run's (this one
+    wrote none), beside this run's log."""
+    path = Path(config.out) / "results.json" if config.out else None
+    if path is not None and path.is_file():
+        console.print(f"[yellow]note:[/] {path} is an earlier run's; this run wrote no "
+                      "results", highlight=False, soft_wrap=True)
 
 
 def _grid_loader():

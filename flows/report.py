@@ -19,6 +19,7 @@ direction, and the fraction of the dense-to-one-shot gap it recovers,
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -106,6 +107,10 @@ def finish(plan, refs: dict[str, dict], out: str | os.PathLike | None, export,
     # runs that finish into one folder at once (two triggers of one deployment) take turns, so
     # the folder ends with one run's model and that run's results
     with host_lock(out):
+        # an earlier run's results go first: killed while the model folder changes, this run
+        # leaves no results.json beside a model that is not the one it names
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(Path(out) / "results.json")
         model_dir = None
         if export is not None:
             model_dir = export(plan.specs[plan.final], refs[plan.final],

@@ -1020,9 +1020,15 @@ class ArtifactStore:
                   "the network, then retry"
         elif no_space(exc):
             cause, fix = "no space left on the device", "free some space, or use another root"
+        elif isinstance(exc, OSError) and exc.errno in (errno.ENOTDIR, errno.EISDIR):
+            cause = f"a part of {self.root} is a file where a folder should be, or the reverse"
+            fix = "choose another store root"
+        elif isinstance(exc, OSError) and exc.errno == errno.EROFS:
+            cause, fix = "the file system is read-only", "choose another store root"
         else:
             cause = "the storage operation failed"
-            fix = "retry; if it keeps failing, run ArtifactStore(root).check() to diagnose"
+            fix = (f"retry; if it keeps failing, check that {self.root} can be listed, read "
+                   "and written (`sds store ls --store ROOT` lists it)")
         detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
         return _redact(f"{action}: {cause} ({detail}); {fix}")
 

@@ -493,6 +493,46 @@ def test_a_run_that_evaluates_nothing_says_so_instead_of_an_empty_table(
     assert "metric" not in out
 
 
+def test_a_failed_run_says_the_results_in_its_out_folder_are_an_earlier_runs(
+        prefect_api, tiny_model, corpus, tmp_path, monkeypatch, capfd, clean_environ):
+    from flows.cli import main
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text('{"metrics": {}}')  # an earlier run's
+    args = cli_args(tiny_model, corpus, tmp_path / "store", out) + [
+        "--gpu-limit", "none", "--nsamples", "4000"]  # more windows than the corpus holds
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api)
+    capfd.readouterr()
+    assert main(args) == 2
+    err = " ".join(capfd.readouterr().err.split())
+    assert f"note: {out / 'results.json'} is an earlier run's; this run wrote no results" in err
+    assert (out / "results.json").read_text() == '{"metrics": {}}'
+
+
+def test_finishing_removes_the_earlier_results_before_the_model_folder_changes(tmp_path):
+    """Killed while the export replaces the model folder, a run leaves no results.json that
+    would name the earlier model beside the new one."""
+    from datetime import UTC, datetime
+
+    from flows import report
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text('{"metrics": {}}')
+
+    def killed(spec, ref, folder):
+        assert not (out / "results.json").exists()  # gone before the folder changes
+        raise KeyboardInterrupt
+
+    class Plan:
+        final, specs = "second", {"second": None}
+
+    with pytest.raises(KeyboardInterrupt):
+        report.finish(Plan(), {"second": {}}, out, killed, datetime.now(UTC), 0.0, None)
+    assert not (out / "results.json").exists()
+
+
 def test_store_rm_incomplete_removes_only_the_interrupted_save(tmp_path, capfd, clean_environ):
     from flows.cli import main
 

@@ -664,6 +664,15 @@ def test_a_local_root_that_is_a_file_is_reported(tmp_path):
             op()
 
 
+def test_a_local_root_under_a_file_is_reported_with_its_cause(tmp_path):
+    """`--store afile/sub`: no retry would help, and the message says what is wrong."""
+    (tmp_path / "afile").write_text("not a folder")
+    with pytest.raises(StoreError, match="is a file where a folder should be.*choose another "
+                                         "store root") as info:
+        ArtifactStore(tmp_path / "afile" / "sub").check()
+    assert "retry" not in str(info.value) and "ArtifactStore" not in str(info.value)
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
 def test_a_read_only_local_root_is_reported(tmp_path):
     root = tmp_path / "store"
