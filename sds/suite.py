@@ -76,12 +76,14 @@ def evaluate_model(
     limit: int | float | None = None,
     batch_size: int = 8,
     device: str | torch.device | None = None,
+    on_part=None,
 ) -> dict:
     """Run the suite on `model` (moved to `device` when given).
 
     Returns {"metrics": {"ppl/<source>": float, "acc/<task>": float, "acc_norm/<task>": float},
     "details": {name: full record}, "seconds": float}. `limit` caps the examples per zero-shot
-    task (None: all).
+    task (None: all). `on_part(done, parts, name)`, when given, is called after each part:
+    each corpus's perplexity, then the zero-shot tasks (one part).
     """
     sources = as_list(sources)
     task_names = expand_tasks(as_list(tasks))
@@ -93,13 +95,16 @@ def evaluate_model(
     t0 = time.perf_counter()
     metrics: dict[str, float | None] = {}
     details: dict[str, dict] = {}
-    for source, label in zip(sources, source_labels(sources)):
+    parts = len(sources) + bool(task_names)
+    for done, (source, label) in enumerate(zip(sources, source_labels(sources)), 1):
         max_tokens = C4_EVAL_WINDOWS * seqlen if source == "c4" else None
         ids, record = load_eval_tokens(tokenizer, source, max_tokens=max_tokens)  # [1, N]
         result = perplexity(model, ids, seqlen, device=device)
         name = f"ppl/{label}"
         metrics[name] = result["ppl"]
         details[name] = {**result, "data": record}
+        if on_part is not None:
+            on_part(done, parts, name)
     if task_names:
         results = zero_shot(model, tokenizer, task_names, batch_size=batch_size, limit=limit)
         for task, entry in results.items():
@@ -107,4 +112,6 @@ def evaluate_model(
             if entry.get("acc_norm") is not None:
                 metrics[f"acc_norm/{task}"] = entry["acc_norm"]
             details[f"zero_shot/{task}"] = entry
+        if on_part is not None:
+            on_part(parts, parts, "zero-shot tasks")
     return {"metrics": metrics, "details": details, "seconds": time.perf_counter() - t0}

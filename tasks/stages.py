@@ -16,7 +16,15 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
-from .common import BlockCommits, gpu_slot, load_base, load_upstream, retry_transient, run_stage
+from .common import (
+    BlockCommits,
+    gpu_slot,
+    load_base,
+    load_upstream,
+    progress,
+    retry_transient,
+    run_stage,
+)
 from .export import write_model
 from .plan import StageSpec
 
@@ -158,12 +166,16 @@ def _evaluate(spec, store, clock, logger):
             model, tokenizer = load_base(spec)
             if tensors is not None:
                 load_layer_state(model, tensors)
+        def part_done(done: int, parts: int, name: str) -> None:  # the bar: parts, not 0/?
+            progress(logger, spec, "%s evaluated (%d/%d)", name, done, parts, event="block",
+                     block=done, blocks=parts)
+
         with clock("compute"):
             result = evaluate_model(
                 model, tokenizer, sources=config["source_names"], seqlen=config["seqlen"],
                 tasks=config["task_names"], limit=config.get("limit"),
                 batch_size=config.get("batch_size", 8),
-                device=spec.run.device or default_device())
+                device=spec.run.device or default_device(), on_part=part_done)
     for name, value in result["metrics"].items():
         logger.info("%s: %s = %s", spec.title, name, value)
     return {}, {"metrics": result["metrics"], "details": result["details"]}

@@ -260,6 +260,34 @@ def test_calibration_data_too_short_stops_the_run_before_the_dense_evaluation(
     assert ArtifactStore(tmp_path / "store").list() == []  # the evaluation never ran
 
 
+def test_evaluations_report_their_progress_by_part(prefect_api, tiny_model, corpus, tmp_path):
+    """An evaluation's bar moves per corpus (and per zero-shot run), not "0/?" until done."""
+    import logging
+
+    from flows.pipeline import pipeline
+
+    events = []
+
+    class Events(logging.Handler):
+        def emit(self, record):
+            event = getattr(record, "sds", None)
+            if isinstance(event, dict) and event.get("event") == "block":
+                events.append((event["title"], event["block"], event["blocks"]))
+
+    handler = Events()
+    logger = logging.getLogger("prefect.task_runs")
+    logger.addHandler(handler)
+    try:
+        pipeline(tiny_params(tiny_model, corpus, tmp_path / "store", sds=False,
+                             eval=[str(corpus["heldout"]), str(corpus["calib"])]))
+    finally:
+        logger.removeHandler(handler)
+    evaluations = sorted(e for e in events if e[0].startswith("evaluate"))
+    assert len({title for title, _, _ in evaluations}) == 2  # dense and one-shot
+    assert [(block, blocks) for _title, block, blocks in evaluations] == [
+        (1, 2), (2, 2), (1, 2), (2, 2)]  # two corpora each
+
+
 def test_a_deterministic_error_fails_at_once_and_commits_nothing(prefect_api, tiny_model,
                                                                   corpus, tmp_path):
     from flows.pipeline import pipeline

@@ -42,8 +42,11 @@ def test_sources_of_one_name_keep_a_metric_each(tiny_model, corpus, tmp_path):
     other.parent.mkdir()
     other.write_text(corpus["calib"].read_text())  # same name, other text
     sources = [str(corpus["heldout"]), str(other)]
-    both = evaluate_model(model, tokenizer, sources=sources, seqlen=32)["metrics"]
+    parts = []
+    both = evaluate_model(model, tokenizer, sources=sources, seqlen=32,
+                          on_part=lambda *part: parts.append(part))["metrics"]
     assert len(both) == 2
+    assert parts == [(k, 2, f"ppl/{label}") for k, label in enumerate(source_labels(sources), 1)]
     for source, label in zip(sources, source_labels(sources)):
         alone = evaluate_model(model, tokenizer, sources=[source], seqlen=32)["metrics"]
         assert both[f"ppl/{label}"] == next(iter(alone.values()))
