@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -79,8 +80,10 @@ def _remove_leftovers(target: Path) -> None:
     """Remove the staging and set-aside folders (`.<name>-*`) that an export killed midway
     left beside `target` (a 7B model's are gigabytes). Exports into one folder take turns
     (`report.finish` holds its lock), so none of them is another export's work in progress."""
+    # the names `write_model` gives them: mkdtemp's 8 characters, or `_set_aside`'s old-<hex>
+    ours = re.compile(rf"\.{re.escape(target.name)}-(old-[0-9a-f]{{8}}|[a-z0-9_]{{8}})")
     for path in target.parent.glob(f".{target.name}-*"):
-        if path.is_dir() and not path.is_symlink():
+        if ours.fullmatch(path.name) and path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
 
 

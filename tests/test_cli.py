@@ -288,10 +288,11 @@ def test_damaged_final_weights_are_discarded_and_computed_again(
     first = pipeline(tiny_params(tiny_model, corpus, store, out))
     shutil.rmtree(out / "model")  # so that the rerun exports, reading the final tensors
     # what an export killed midway leaves: its staging folder and a set-aside old model
-    for leftover in (".model-k1ll3d", ".model-old-0a1b2c3d"):
+    for leftover in (".model-k1ll3d_x", ".model-old-0a1b2c3d"):
         (out / leftover).mkdir()
         (out / leftover / "model.safetensors").write_bytes(b"partial")
     (out / ".model-notes.txt").write_text("a file of the user's: stays")
+    (out / ".model-backup").mkdir()  # a folder of the user's, not named as sds names them
     tensors = Path(first["artifacts"]["second"]) / TENSORS
     data = bytearray(tensors.read_bytes())
     data[-3] ^= 0xFF
@@ -310,7 +311,7 @@ def test_damaged_final_weights_are_discarded_and_computed_again(
     ArtifactStore(store).load("second", first["keys"]["second"])  # whole again
     assert again["model_dir"] and (out / "model" / "model.safetensors").is_file()
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [
-        ".model-notes.txt"]  # the killed export's folders are gone
+        ".model-backup", ".model-notes.txt"]  # the killed export's folders are gone
 
 
 def test_the_export_trusts_sizes_when_the_run_does(tiny_model, corpus, tmp_path, monkeypatch):
