@@ -201,6 +201,7 @@ def configure_environment(verbose: bool) -> None:
     if not env.get("PREFECT_API_URL"):
         env.setdefault("PREFECT_SERVER_EPHEMERAL_ENABLED", "true")
     env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    env.setdefault("DO_NOT_TRACK", "1")  # the client's side of it (and its notice on a terminal)
     env.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "INFO" if verbose else "CRITICAL")
     env.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "sds")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -976,6 +976,20 @@ def test_ctrl_c_stops_sds_serve_without_waiting_out_its_grace(tmp_path):
     assert _processes_of(home) == []
 
 
+def test_the_command_turns_prefect_analytics_off_on_both_sides_unless_told_otherwise(
+        monkeypatch, clean_environ):
+    from flows.cli import configure_environment
+
+    for name in ("PREFECT_SERVER_ANALYTICS_ENABLED", "DO_NOT_TRACK"):
+        monkeypatch.delenv(name, raising=False)
+    configure_environment(verbose=False)
+    assert os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
+    assert os.environ["DO_NOT_TRACK"] == "1"
+    monkeypatch.setenv("DO_NOT_TRACK", "0")  # a user's own choice wins
+    configure_environment(verbose=False)
+    assert os.environ["DO_NOT_TRACK"] == "0"
+
+
 def test_a_run_is_offline_unless_its_configuration_may_need_the_hub():
     """The hub decision reads the one configuration, so a grid file's models count too."""
     from flows.cli import uses_hub
