@@ -73,6 +73,16 @@ def oneshot(model: nn.Module, calibration, method: str = "sparsegpt",
                 progress=progress, on_block=on_block, resume=resume)
 
 
+def _obeys(W, pattern) -> bool:
+    """Whether W: [out, in] already obeys `pattern` (at most N non-zeros in every M along the
+    input dimension; or at least the pattern's share of zeros)."""
+    if pattern.is_nm:
+        if W.shape[1] % pattern.m:
+            return False
+        return bool(((W != 0).reshape(-1, pattern.m).sum(1) <= pattern.n).all())
+    return (W == 0).float().mean().item() >= pattern.sparsity - 1e-6
+
+
 def _rules(pattern, overrides, exclude) -> LayerRules:
     if not isinstance(pattern, LayerRules):
         return LayerRules.build(pattern, overrides, exclude)
@@ -111,6 +121,9 @@ def prune(model: nn.Module, calibration, method: str = "sparsegpt", pattern="2:4
     if sds_config is not None and not sds:
         raise ConfigError("sds_config is given but sds=False; pass sds=True to run the SDS "
                           "steps, or leave sds_config out")
+    if sds_config is not None and not isinstance(sds_config, SDSConfig):
+        raise ConfigError(f"sds_config must be an SDSConfig, got {type(sds_config).__name__}; "
+                          "e.g. SDSConfig(epochs=100)")
     report = PruneReport(method=method, rules=rules.describe())
     kw = {"device": device, "progress": progress}
 
@@ -122,6 +135,10 @@ def prune(model: nn.Module, calibration, method: str = "sparsegpt", pattern="2:4
 
     config = (sds_config or SDSConfig()) if sds else None
     dense = dense_weights(model, rules) if sds else None  # before step 1 changes them
+    if dense and all(_obeys(W, rules.pattern_for(n)) for n, W in dense.items()):
+        log.warning("every layer to prune already obeys its pattern (is the model pruned?): "
+                    "SDS takes the model's weights as the dense ones it reconstructs, so it "
+                    "can only reproduce them; start from the dense model")
     if sds and config.data == "sd":  # steps 1 and 2 in one walk
         transform = _oneshot_transform(model, method, rules, PruneOptions(blocksize, percdamp))
         first = timed("oneshot", lambda: walk(

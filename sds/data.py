@@ -176,6 +176,12 @@ def as_int(name: str, value: Any, minimum: int | None = None) -> int:
 
 
 # -- calibration --------------------------------------------------------------------------------
+def _check_tokenizer(tokenizer) -> None:
+    if isinstance(tokenizer, str | Path) or not callable(tokenizer):
+        raise ConfigError(f"tokenizer must be a tokenizer object, got {tokenizer!r}; load one "
+                          "with transformers.AutoTokenizer.from_pretrained(name)")
+
+
 def load_calibration(
     tokenizer,
     source: str = "c4",
@@ -184,6 +190,7 @@ def load_calibration(
     seed: int = 0,
 ) -> Calibration:
     """`nsamples` random windows of `seqlen` tokens from `source` (see the module docstring)."""
+    _check_tokenizer(tokenizer)
     nsamples = as_int("nsamples", nsamples, minimum=1)
     seqlen = as_int("seqlen", seqlen, minimum=2)
     seed = as_int("seed", seed)
@@ -338,6 +345,7 @@ def load_eval_tokens(tokenizer, source: str, max_tokens: int | None = None
 
     `max_tokens` keeps the first tokens only (the C4 protocol keeps 256·seqlen).
     """
+    _check_tokenizer(tokenizer)
     if max_tokens is not None:
         max_tokens = as_int("max_tokens", max_tokens, minimum=1)
     if not isinstance(source, str | Path) or not str(source).strip():

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from .data import as_int, hub_unreachable, jsonl_records, max_positions
 from .errors import ConfigError, DataError, HubUnreachableError, ModelError, NumericalError
+from .models import check_device, check_token_ids, eval_mode
 from .options import TASK_PRESETS, expand_tasks  # noqa: F401 (re-exported)
 
 log = logging.getLogger("sds")
@@ -49,15 +50,23 @@ def _model_device(model: torch.nn.Module) -> torch.device:
         return torch.device("cpu")
 
 
+def _device_of(model: torch.nn.Module, device) -> torch.device:
+    """Where the batches go: `device` (checked, and the model must be there), or the model's."""
+    check_device(device)
+    held = _model_device(model)
+    if device is None:
+        return held
+    device = torch.device(device)
+    if (held.type, held.index or 0) != (device.type, device.index or 0):
+        raise ConfigError(f"the model is on {held}, not on device {device}: move it there "
+                          "first (model.to(device)), or leave device out")
+    return device
+
+
 @contextlib.contextmanager
 def _eval_mode(model: torch.nn.Module):
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        yield
 
 
 # -- perplexity ---------------------------------------------------------------------------------
@@ -98,7 +107,8 @@ def perplexity(
     if max_windows is not None:
         n_windows = min(n_windows, as_int("max_windows", max_windows, minimum=1))
     windows = input_ids[0, : n_windows * seqlen].reshape(n_windows, seqlen)  # [n, seqlen]
-    device = torch.device(device) if device is not None else _model_device(model)
+    check_token_ids(model, windows, "evaluation text")
+    device = _device_of(model, device)
 
     from tqdm.auto import tqdm
 
@@ -142,7 +152,7 @@ def final_hidden_states(
     if input_ids.dim() != 2:
         raise ConfigError(f"input_ids must be [n, seqlen], got {tuple(input_ids.shape)}")
     batch_size = as_int("batch_size", batch_size, minimum=1)
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = _device_of(model, device)
     base = getattr(model, "base_model", None)
     if base is None:
         base = model

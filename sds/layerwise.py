@@ -37,7 +37,10 @@ from torch import nn
 from .errors import ConfigError, DataError, NumericalError
 from .models import (
     block_linears,
+    check_device,
+    check_token_ids,
     default_device,
+    eval_mode,
     find_blocks,
     in_layout,
     prunable_layers,
@@ -361,14 +364,25 @@ def _groups_by_input(block: nn.Module, layers: dict[str, nn.Module], hidden, ext
 
 
 def calibration_ids(calibration) -> torch.Tensor:
-    """Accept a `sds.data.Calibration`, or a LongTensor [nsamples, seqlen]."""
+    """Accept a `sds.data.Calibration`, or integer token ids [nsamples, seqlen] (also as a
+    tokenizer's output without padding). Returns them as int64."""
     ids = getattr(calibration, "input_ids", calibration)
     if not isinstance(ids, torch.Tensor):
-        raise DataError(f"calibration must be a Calibration or a [nsamples, seqlen] token tensor, "
-                        f"got {type(calibration).__name__}")
+        raise DataError(
+            f"calibration must be a Calibration or a [nsamples, seqlen] token tensor, got "
+            f"{type(calibration).__name__}; make one with sds.data.load_calibration(tokenizer, "
+            "source, nsamples, seqlen) (texts, a file or the demo corpus)")
     if ids.dim() != 2 or ids.numel() == 0:
         raise DataError(f"calibration is empty or not [nsamples, seqlen] (shape "
                         f"{tuple(ids.shape)}); load at least one sample")
+    if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+        raise DataError(f"calibration token ids must be integers, got {ids.dtype} (a float "
+                        "tensor is not token ids)")
+    mask = getattr(calibration, "attention_mask", None)
+    if isinstance(mask, torch.Tensor) and bool((mask == 0).any()):
+        raise DataError(f"the calibration's attention_mask marks {int((mask == 0).sum())} of "
+                        f"{mask.numel()} tokens as padding, which every statistic would count: "
+                        "give full windows of one length (sds.data.load_calibration cuts them)")
     return ids.long()
 
 
@@ -379,7 +393,7 @@ def check_seqlen(model: nn.Module, ids: torch.Tensor) -> None:
     limit = max_positions(model.config) if hasattr(model, "config") else None
     if limit is not None and ids.shape[1] > limit:
         raise ConfigError(f"calibration seqlen {ids.shape[1]} exceeds the model's "
-                          f"{limit} positions; use --seqlen {limit} or less")
+                          f"{limit} positions; use windows of {limit} tokens or fewer")
 
 
 def walk(
@@ -434,128 +448,132 @@ def walk(
                           "propagate='transformed' and no resume")
     reference = needs.reference if needs.reference_stats else None  # weights of a second stream
     _warn_weights_left_dense(model)
-    device = torch.device(device) if device is not None else default_device()
-    t_start = time.perf_counter()
-    prefix, blocks = find_blocks(model)
-    hidden, block_extras = capture_block_inputs(model, input_ids, device)
-    streams = 2 if reference is not None else 1
-    store = _activation_device(hidden, device, streams, kept=streams if needs.sequential else 0)
-    hidden = [h.to(store) for h in hidden]
-    ref_hidden = [h.clone() for h in hidden] if reference is not None else None
-    resume = resume or Resume()
-    if not 0 <= resume.start <= len(blocks):
-        raise ConfigError(f"resume.start {resume.start} is not a block of this model "
-                          f"(0 to {len(blocks)})")
-    report = resume.report
-    report.device, report.tokens = str(device), int(input_ids.numel())
-    if then is not None:
-        report.then = WalkReport(device=str(device), tokens=int(input_ids.numel()))
+    check_device(device)
+    check_token_ids(model, input_ids, "calibration")
+    # statistics without dropout (a model made from its config, or being fine-tuned, trains)
+    with eval_mode(model):
+        device = torch.device(device) if device is not None else default_device()
+        t_start = time.perf_counter()
+        prefix, blocks = find_blocks(model)
+        hidden, block_extras = capture_block_inputs(model, input_ids, device)
+        streams = 2 if reference is not None else 1
+        store = _activation_device(hidden, device, streams, kept=streams if needs.sequential else 0)
+        hidden = [h.to(store) for h in hidden]
+        ref_hidden = [h.clone() for h in hidden] if reference is not None else None
+        resume = resume or Resume()
+        if not 0 <= resume.start <= len(blocks):
+            raise ConfigError(f"resume.start {resume.start} is not a block of this model "
+                              f"(0 to {len(blocks)})")
+        report = resume.report
+        report.device, report.tokens = str(device), int(input_ids.numel())
+        if then is not None:
+            report.then = WalkReport(device=str(device), tokens=int(input_ids.numel()))
 
-    bar = _progress(len(blocks), progress)
-    for b, block in enumerate(blocks):
-        t0 = time.perf_counter()
-        extras = block_extras[b]  # per sample: what the model passes this block
-        home = next(block.parameters()).device
-        block.to(device)
-        all_layers = {f"{prefix}.{b}.{n}": m for n, m in block_linears(block).items()}
-        layers = {n: m for n, m in all_layers.items() if select(n)}
-        if b < resume.start:  # finished: its weights, and its outputs for the next block
-            _replay(block, layers, resume.weights, propagate, hidden, ref_hidden, extras,
-                    device, store, _RefWeights(layers, reference) if reference is not None
-                    else None)
-            block.to(home)
-            bar.update(1)
-            continue
-        extra0 = _to(extras[0], device)
-        groups = _groups_by_input(block, layers, hidden[0].to(device), extra0) if layers else []
-        ref_block = _RefWeights(layers, reference) if reference is not None else None
+        bar = _progress(len(blocks), progress)
+        for b, block in enumerate(blocks):
+            t0 = time.perf_counter()
+            extras = block_extras[b]  # per sample: what the model passes this block
+            home = next(block.parameters()).device
+            block.to(device)
+            all_layers = {f"{prefix}.{b}.{n}": m for n, m in block_linears(block).items()}
+            layers = {n: m for n, m in all_layers.items() if select(n)}
+            if b < resume.start:  # finished: its weights, and its outputs for the next block
+                _replay(block, layers, resume.weights, propagate, hidden, ref_hidden, extras,
+                        device, store, _RefWeights(layers, reference) if reference is not None
+                        else None)
+                block.to(home)
+                bar.update(1)
+                continue
+            extra0 = _to(extras[0], device)
+            groups = _groups_by_input(block, layers, hidden[0].to(device), extra0) if layers else []
+            ref_block = _RefWeights(layers, reference) if reference is not None else None
 
-        # the statistics pass runs every sample through the block as it is now: its outputs are
-        # the next block's inputs when propagating the untransformed block, and the reference
-        # stream's when the transform cannot change that stream (untransformed propagation, or
-        # every selected layer swapped for its reference weights)
-        keep = propagate == "original"
-        ref_fixed = keep or (reference is not None and set(layers) <= set(reference))
-        ref_inputs = None  # per group, the reference stream's inputs of every sample
-        settled = ref_settled = None
-        if needs.sequential:  # each group's statistics once the groups before it are done
-            settled = _SettledOutputs.of(block, f"{prefix}.{b}.", groups, device, store)
-            stats, outputs, ref_outputs = [None] * len(groups), None, None
-            if ref_block is not None and ref_fixed and _ref_inputs_fit(groups, layers,
-                                                                       ref_hidden):
-                ref_inputs, ref_outputs = _reference_inputs(block, groups, layers, ref_hidden,
-                                                            extras, device, ref_block, store)
-            elif ref_block is not None:  # a pass per group, as the stream above
-                ref_settled = _SettledOutputs.of(block, f"{prefix}.{b}.", groups, device, store)
-        else:
-            stats, outputs, ref_outputs = _collect(block, groups, layers, hidden, ref_hidden,
-                                                   extras, device, ref_block, needs, keep,
-                                                   ref_fixed, store)
-        pending: dict[str, torch.Tensor] = {}  # new weights, written after propagation
-        for k, (names, st) in enumerate(zip(groups, stats)):
-            if st is None:
-                (st,), _, _ = _collect(block, [names], layers, hidden, ref_hidden, extras,
-                                       device, ref_block, needs, store=store, stop=True,
-                                       ref_inputs=None if ref_inputs is None else ref_inputs[k],
-                                       settled=settled, ref_settled=ref_settled)
-                if ref_inputs is not None:
-                    ref_inputs[k] = None  # read: free it
-            new = _transform_group(transform, b, names, layers, st, needs, report, device)
-            if propagate == "original":
-                pending.update(new)
+            # the statistics pass runs every sample through the block as it is now: its outputs are
+            # the next block's inputs when propagating the untransformed block, and the reference
+            # stream's when the transform cannot change that stream (untransformed propagation, or
+            # every selected layer swapped for its reference weights)
+            keep = propagate == "original"
+            ref_fixed = keep or (reference is not None and set(layers) <= set(reference))
+            ref_inputs = None  # per group, the reference stream's inputs of every sample
+            settled = ref_settled = None
+            if needs.sequential:  # each group's statistics once the groups before it are done
+                settled = _SettledOutputs.of(block, f"{prefix}.{b}.", groups, device, store)
+                stats, outputs, ref_outputs = [None] * len(groups), None, None
+                if ref_block is not None and ref_fixed and _ref_inputs_fit(groups, layers,
+                                                                           ref_hidden):
+                    ref_inputs, ref_outputs = _reference_inputs(block, groups, layers, ref_hidden,
+                                                                extras, device, ref_block, store)
+                elif ref_block is not None:  # a pass per group, as the stream above
+                    ref_settled = _SettledOutputs.of(block, f"{prefix}.{b}.", groups, device, store)
             else:
-                for name, W_new in new.items():
-                    set_weight_matrix(layers[name], W_new)
-            del st
-            for kept in (settled, ref_settled):
-                if kept is not None:
-                    kept.done = k
-        del stats, ref_inputs
-
-        t_then = time.perf_counter()
-        then_stats = None
-        with torch.no_grad():  # propagate: this block's outputs are the next block's inputs
-            if outputs is not None:
-                hidden[:] = outputs
-            elif then is not None and groups:  # ... and the statistics of `then`, on the way
-                then_stats, outputs, _ = _collect(block, groups, layers, hidden, None, extras,
-                                                  device, None, then_needs, keep_outputs=True,
-                                                  store=store)
-                if outputs is None:  # `then` reads nothing of the inputs: no pass collected
-                    _forward(block, hidden, extras, device, store)
+                stats, outputs, ref_outputs = _collect(block, groups, layers, hidden, ref_hidden,
+                                                       extras, device, ref_block, needs, keep,
+                                                       ref_fixed, store)
+            pending: dict[str, torch.Tensor] = {}  # new weights, written after propagation
+            for k, (names, st) in enumerate(zip(groups, stats)):
+                if st is None:
+                    (st,), _, _ = _collect(block, [names], layers, hidden, ref_hidden, extras,
+                                           device, ref_block, needs, store=store, stop=True,
+                                           ref_inputs=None if ref_inputs is None else ref_inputs[k],
+                                           settled=settled, ref_settled=ref_settled)
+                    if ref_inputs is not None:
+                        ref_inputs[k] = None  # read: free it
+                new = _transform_group(transform, b, names, layers, st, needs, report, device)
+                if propagate == "original":
+                    pending.update(new)
                 else:
+                    for name, W_new in new.items():
+                        set_weight_matrix(layers[name], W_new)
+                del st
+                for kept in (settled, ref_settled):
+                    if kept is not None:
+                        kept.done = k
+            del stats, ref_inputs
+
+            t_then = time.perf_counter()
+            then_stats = None
+            with torch.no_grad():  # propagate: this block's outputs are the next block's inputs
+                if outputs is not None:
                     hidden[:] = outputs
-            else:
-                _forward(block, hidden, extras, device, store, settled)
-            if ref_outputs is not None:
-                ref_hidden[:] = ref_outputs
-            elif ref_block is not None:
-                with ref_block:
-                    _forward(block, ref_hidden, extras, device, store, ref_settled)
-        del outputs, ref_outputs, settled, ref_settled
-        for name, W_new in pending.items():
-            set_weight_matrix(layers[name], W_new)
-        seconds_then = 0.0
-        if then_stats is not None:
-            _apply(then, b, groups, layers, then_stats, then_needs, report.then, device)
-            seconds_then = time.perf_counter() - t_then
-            report.then.blocks.append({"block": b, "seconds": seconds_then})
-            report.then.seconds += seconds_then
-            report.seconds -= seconds_then
-        del then_stats
-        block.to(home)
-        seconds = time.perf_counter() - t0 - seconds_then
-        report.blocks.append({"block": b, "seconds": seconds})
-        if on_block is not None:
-            on_block(b, len(blocks), seconds)
-        bar.update(1)
-    bar.close()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    report.seconds += time.perf_counter() - t_start
-    if keep_outputs:
-        report.outputs = [h.cpu() for h in hidden]
-    return report
+                elif then is not None and groups:  # ... and the statistics of `then`, on the way
+                    then_stats, outputs, _ = _collect(block, groups, layers, hidden, None, extras,
+                                                      device, None, then_needs, keep_outputs=True,
+                                                      store=store)
+                    if outputs is None:  # `then` reads nothing of the inputs: no pass collected
+                        _forward(block, hidden, extras, device, store)
+                    else:
+                        hidden[:] = outputs
+                else:
+                    _forward(block, hidden, extras, device, store, settled)
+                if ref_outputs is not None:
+                    ref_hidden[:] = ref_outputs
+                elif ref_block is not None:
+                    with ref_block:
+                        _forward(block, ref_hidden, extras, device, store, ref_settled)
+            del outputs, ref_outputs, settled, ref_settled
+            for name, W_new in pending.items():
+                set_weight_matrix(layers[name], W_new)
+            seconds_then = 0.0
+            if then_stats is not None:
+                _apply(then, b, groups, layers, then_stats, then_needs, report.then, device)
+                seconds_then = time.perf_counter() - t_then
+                report.then.blocks.append({"block": b, "seconds": seconds_then})
+                report.then.seconds += seconds_then
+                report.seconds -= seconds_then
+            del then_stats
+            block.to(home)
+            seconds = time.perf_counter() - t0 - seconds_then
+            report.blocks.append({"block": b, "seconds": seconds})
+            if on_block is not None:
+                on_block(b, len(blocks), seconds)
+            bar.update(1)
+        bar.close()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        report.seconds += time.perf_counter() - t_start
+        if keep_outputs:
+            report.outputs = [h.cpu() for h in hidden]
+        return report
 
 
 _warned = weakref.WeakSet()  # models told once that part of their blocks' weights stays dense

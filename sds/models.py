@@ -8,6 +8,7 @@ of a block are its `nn.Linear` and GPT-2-style `Conv1D` modules. `Conv1D` stores
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import ConfigError, HubUnreachableError, ModelError
+from .errors import ConfigError, DataError, HubUnreachableError, ModelError
 from .options import DTYPE_NAMES
 
 log = logging.getLogger("sds")
@@ -191,6 +192,31 @@ def check_device(device: str | torch.device | None) -> None:
             raise ConfigError(f"device {device!r} is not available here; use cpu")
     elif d.type != "cpu":
         raise ConfigError(f"device {device!r} is not supported; use cpu, cuda or cuda:N")
+
+
+def check_token_ids(model: nn.Module, ids: torch.Tensor, what: str) -> None:
+    """Refuse token ids outside the model's vocabulary (DataError) before they reach its
+    embedding: text tokenized with another model's tokenizer, or ids shifted by mistake."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    size = getattr(embeddings, "num_embeddings", None)
+    if size is None or ids.numel() == 0:
+        return
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= size:
+        raise DataError(f"the {what} holds token id {low if low < 0 else high}, outside the "
+                        f"model's vocabulary of {size} (0 to {size - 1}): tokenize it with "
+                        "this model's tokenizer")
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """The model in eval mode (no dropout) inside the block, its own mode again after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 # -- loading and identity -------------------------------------------------------------------------

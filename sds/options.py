@@ -198,7 +198,8 @@ class SDSConfig:
                       positive=("lr", "adjust_lr"))
         for name in ("l1", "l2"):
             v = getattr(self, name)
-            if not (isinstance(v, int | float) and math.isfinite(v) and v >= 0):
+            if isinstance(v, bool) or not (isinstance(v, int | float) and math.isfinite(v)
+                                           and v >= 0):
                 raise ConfigError(f"{name} must be >= 0 and a finite number, got {v!r}; use 0 to "
                                   "drop the term")
         for name in ("early_exit", "sequential"):

@@ -35,12 +35,19 @@ class Pattern:
     m: int | None = None  # N:M: group size
 
     def __post_init__(self):
+        if isinstance(self.ratio, str):
+            raise ConfigError(f"Pattern({self.ratio!r}) takes a number; for text use "
+                              f"Pattern.parse({self.ratio!r})")
         if self.ratio is not None:
             if self.n is not None or self.m is not None:
                 raise ConfigError("a pattern is either a ratio or N:M, not both")
-            if not (isinstance(self.ratio, int | float) and 0.0 < self.ratio < 1.0):
+            if not (isinstance(self.ratio, int | float) and not isinstance(self.ratio, bool)
+                    and 0.0 < self.ratio < 1.0):
                 raise ConfigError(f"sparsity ratio {self.ratio!r} is outside (0, 1); {_ACCEPTED}")
         elif self.n is not None and self.m is not None:
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in (self.n, self.m)):
+                raise ConfigError(f"N:M pattern {self.n}:{self.m} needs whole numbers; "
+                                  f"{_ACCEPTED}")
             if not (0 < self.n < self.m):
                 raise ConfigError(f"N:M pattern {self.n}:{self.m} needs 0 < N < M; {_ACCEPTED}")
         else:
@@ -166,13 +173,27 @@ class LayerRules:
 
     @classmethod
     def build(cls, pattern, overrides=None, exclude=()) -> LayerRules:
-        """`overrides` may be a dict {regex: pattern spec}; `exclude` a list of regexes."""
+        """`overrides` may be a dict {regex: pattern spec} or (regex, pattern) pairs, in the
+        order they are tried; `exclude` a list of regexes (or one regex)."""
         items = overrides.items() if isinstance(overrides, dict) else (overrides or ())
-        return cls(
-            default=Pattern.parse(pattern),
-            overrides=tuple((rx, Pattern.parse(p)) for rx, p in items),
-            exclude=tuple(exclude),
-        )
+        pairs = []
+        for item in items:
+            if not (isinstance(item, tuple | list) and len(item) == 2
+                    and isinstance(item[0], str)):
+                raise ConfigError(f"override {item!r} is not a (regex, pattern) pair; give "
+                                  "overrides as {regex: pattern}, e.g. {'fc2$': '4:8'}")
+            pairs.append((item[0], Pattern.parse(item[1])))
+        if isinstance(exclude, str):  # one regex, not its characters
+            exclude = [exclude]
+        if not all(isinstance(rx, str) for rx in exclude):
+            raise ConfigError(f"exclude must be a list of regexes, got {exclude!r}")
+        return cls(default=Pattern.parse(pattern), overrides=tuple(pairs),
+                   exclude=tuple(exclude))
+
+    @classmethod
+    def of(cls, rules) -> LayerRules:
+        """`rules` if it is a LayerRules, else the rules of one pattern for every layer."""
+        return rules if isinstance(rules, LayerRules) else cls.build(rules)
 
     def check(self, names: Iterable[str]) -> None:
         """Refuse rules that select nothing among `names` (every linear layer of the blocks):
@@ -186,11 +207,22 @@ class LayerRules:
                 f"no layer is left to prune: the exclude regexes {list(self.exclude)} match all "
                 f"{len(names)} linear layers of the blocks (e.g. {names[0]!r}); exclude fewer"
             )
-        for rx, pattern in self.overrides:
-            if not any(re.search(rx, n) for n in pruned):
+        for k, (rx, pattern) in enumerate(self.overrides):
+            matched = [n for n in pruned if re.search(rx, n)]
+            if not matched:
                 raise ConfigError(
                     f"override {rx!r}={pattern} matches no pruned layer (they are named like "
                     f"{pruned[0]!r}); correct the regex or drop the override"
+                )
+            # the first override that matches a layer gives its pattern: one that an earlier
+            # one shadows on every layer it matches would never apply
+            earlier = self.overrides[:k]
+            if all(any(re.search(r, n) for r, _ in earlier) for n in matched):
+                first = next(r for r, _ in earlier if re.search(r, matched[0]))
+                raise ConfigError(
+                    f"override {rx!r}={pattern} never applies: the earlier override {first!r} "
+                    f"matches every layer it matches (e.g. {matched[0]!r}), and the first match "
+                    "wins; put the narrower override first"
                 )
 
     def pattern_for(self, name: str) -> Pattern | None:

@@ -19,6 +19,7 @@ one layer is called. `pruning_transform` turns a method into a walk transform.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -51,18 +52,28 @@ def _as_dtype(W: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
-def _check_shapes(W: torch.Tensor, H: torch.Tensor | None) -> None:
+def _check_shapes(W: torch.Tensor, H: torch.Tensor | None, needs_h: bool = True) -> None:
+    """W is [out, in]; H (unless ignored: `needs_h=False`) is given, [in, in] and symmetric."""
     if W.dim() != 2:
         raise ConfigError(f"W must be 2-D [out, in], got shape {tuple(W.shape)}")
-    if H is not None and tuple(H.shape) != (W.shape[1], W.shape[1]):
+    if not needs_h:
+        return
+    if not isinstance(H, torch.Tensor):
+        raise ConfigError(f"H must be the Gram matrix XᵀX of the layer's inputs, a tensor "
+                          f"[in, in], got {type(H).__name__}")
+    if tuple(H.shape) != (W.shape[1], W.shape[1]):
         raise ConfigError(f"H must be [in, in] = {(W.shape[1],) * 2} for W {tuple(W.shape)}, "
                           f"got {tuple(H.shape)}")
+    largest = H.abs().max()
+    if H.numel() and bool((H - H.T).abs().max() > 1e-3 * largest):  # NaN: _check_finite's
+        raise ConfigError("H is not symmetric: pass the whole Gram matrix XᵀX, not one of its "
+                          "triangles")
 
 
 def magnitude(W: torch.Tensor, H: torch.Tensor | None, pattern: Pattern | str) -> torch.Tensor:
     """W: [out, in]; H ignored. Zero the smallest |W| (per layer, or per N:M group)."""
     pattern = Pattern.parse(pattern)
-    _check_shapes(W, None)
+    _check_shapes(W, None, needs_h=False)
     _check_finite("W", W)
     W32 = W.float()
     mask = pattern.prune_mask(W32.abs())
@@ -73,8 +84,11 @@ def wanda(W: torch.Tensor, H: torch.Tensor, pattern: Pattern | str) -> torch.Ten
     """W: [out, in], H: [in, in] or only its diagonal [in] (all that Wanda reads). Score
     |W_ij|·‖X_j‖₂, pruned per output row (or N:M group)."""
     pattern = Pattern.parse(pattern)
+    if not isinstance(H, torch.Tensor):
+        raise ConfigError(f"wanda reads H (the Gram matrix XᵀX of the layer's inputs, or its "
+                          f"diagonal), got {type(H).__name__}")
     if H.dim() == 1:
-        _check_shapes(W, None)
+        _check_shapes(W, None, needs_h=False)
         if H.shape[0] != W.shape[1]:
             raise ConfigError(f"the diagonal of H must have in = {W.shape[1]} entries for W "
                               f"{tuple(W.shape)}, got {H.shape[0]}")
@@ -99,8 +113,9 @@ def inverse_hessian_factor(
     factorization fails, λ grows tenfold and the attempt is logged; after `max_tries` failures
     a NumericalError is raised. Layers that read the same input share this factor.
     """
-    if not 0 <= percdamp:
-        raise ConfigError(f"percdamp must be >= 0, got {percdamp}")
+    if isinstance(percdamp, bool) or not isinstance(percdamp, int | float) or not (
+            math.isfinite(percdamp) and percdamp >= 0):
+        raise ConfigError(f"percdamp must be a finite number >= 0, got {percdamp!r}; use 0.01")
     _check_finite("H", H)
     H = H.detach().float().clone()
     dead = torch.diagonal(H) == 0  # [in]
@@ -108,16 +123,18 @@ def inverse_hessian_factor(
     mean_diag = torch.diagonal(H).mean().item()
     damp = percdamp * mean_diag
     eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    for attempt in range(max_tries):
+    for attempt in range(1, max_tries + 1):
         L, info = torch.linalg.cholesky_ex(H + damp * eye)
         if info.item() == 0:
             Hinv = torch.cholesky_inverse(L)
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
             if info.item() == 0 and torch.isfinite(U).all():
                 return U, dead
+        if attempt == max_tries:
+            break
         new_damp = max(damp * 10.0, 1e-8 * max(mean_diag, 1e-12), 1e-10)
         log.warning("Cholesky factorization of H failed with dampening %.3g; retrying with %.3g "
-                    "(attempt %d of %d)", damp, new_damp, attempt + 2, max_tries)
+                    "(attempt %d of %d)", damp + 0.0, new_damp, attempt + 1, max_tries)
         damp = new_damp
     raise NumericalError(
         f"H could not be factorized even with dampening {damp:.3g} after {max_tries} tries; the "
@@ -195,19 +212,27 @@ def sparsegpt(
 
 
 def admm(W: torch.Tensor, H: torch.Tensor, pattern: Pattern | str, percdamp: float = 0.01,
-         gram: ScaledGram | None = None, options: SolverOptions | None = None,
-         info: dict | None = None, per_row: bool = False) -> torch.Tensor:
+         options: SolverOptions | None = None, per_row: bool = False, *,
+         gram: ScaledGram | None = None, info: dict | None = None) -> torch.Tensor:
     """One-shot pruning by the solver from the dense weights (targets W_t = W).
 
     W: [out, in], H: [in, in]; unstructured masks over the whole layer, or within each output
-    row with `per_row` (Wanda's grouping). `gram` is a precomputed `ScaledGram.of(H,
-    percdamp)`, shared by layers that read the same input; `info`, when given, receives the
-    solver's record (iterations, objectives, seconds).
+    row with `per_row` (Wanda's grouping). `options`: a `SolverOptions` (default
+    `SolverOptions()`). `gram` is a precomputed `ScaledGram.of(H, percdamp)`, shared by layers
+    that read the same input; `info`, when given, receives the solver's record (iterations,
+    objectives, seconds).
     """
     pattern = Pattern.parse(pattern)
     _check_shapes(W, H)
     _check_finite("W", W)
     pattern.check_width(W.shape[1])
+    if options is not None and not isinstance(options, SolverOptions):
+        raise ConfigError(f"options must be a SolverOptions, got {type(options).__name__}; "
+                          "e.g. sds.SolverOptions(admm_iters=50)")
+    if gram is not None and tuple(gram.H.shape) != (W.shape[1], W.shape[1]):
+        raise ConfigError(f"gram is of a [{gram.H.shape[0]}, {gram.H.shape[1]}] Gram matrix, "
+                          f"not of this layer's inputs ({W.shape[1]}); make it with "
+                          "ScaledGram.of(H, percdamp)")
     gram = gram if gram is not None else ScaledGram.of(H, percdamp)
     W_new, record = solve(W.float(), gram, pattern, per_row=per_row,
                           options=options or SolverOptions())

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import ConfigError
 from .layerwise import LayerGroup, Needs, calibration_ids, walk
 from .models import prunable_layers, weight_matrix
 from .options import SDSConfig, few_tokens_warning
@@ -158,10 +159,26 @@ def adjust_layer(W0: torch.Tensor, q: Quadratic, pattern: Pattern, config: SDSCo
 
 
 # -- walks --------------------------------------------------------------------------------------
-def dense_weights(model, rules: LayerRules) -> dict[str, torch.Tensor]:
-    """Snapshot {name: W [out, in]} of the layers `rules` prunes (call before step 1)."""
+def dense_weights(model, rules: LayerRules | str) -> dict[str, torch.Tensor]:
+    """Snapshot {name: W [out, in]} of the layers `rules` (or a pattern) prunes (call before
+    step 1)."""
     return {n: weight_matrix(m).detach().to("cpu", copy=True)
-            for n, m in prunable_layers(model, rules).items()}
+            for n, m in prunable_layers(model, LayerRules.of(rules)).items()}
+
+
+def _step_inputs(model, dense, rules, config) -> LayerRules:
+    """The checked rules of a step 2 or 3 call: `config` an SDSConfig, `dense` the dense
+    weights of every layer the rules prune (ConfigError naming what is wrong)."""
+    if not isinstance(config, SDSConfig):
+        raise ConfigError(f"config must be an SDSConfig, got {type(config).__name__}; e.g. "
+                          "SDSConfig(epochs=100)")
+    rules = LayerRules.of(rules)
+    missing = [n for n in prunable_layers(model, rules) if n not in (dense or {})]
+    if missing:
+        raise ConfigError(f"dense lacks the weights of {missing[0]} ({len(missing)} of the "
+                          "layers the rules prune); take them with dense_weights(model, rules) "
+                          "before step 1")
+    return rules
 
 
 def _quadratic(group: LayerGroup, name: str, W_dense, variant: str) -> Quadratic:
@@ -188,9 +205,12 @@ def redense(model, calibration, dense: dict[str, torch.Tensor], rules: LayerRule
             resume=None):
     """Step 2 on a pruned model, in place. `dense`: {name: W_dense [out, in]} (see
     `dense_weights`). Statistics come from the pruned model (its blocks are propagated with
-    their sparse weights) or, for the "dense"/"distill" variants, also from the dense model."""
+    their sparse weights) or, for the "dense"/"distill" variants, also from the dense model.
+    `rules` (or a pattern) choose the layers, as in step 1."""
+    rules = _step_inputs(model, dense, rules, config)
     return walk(model, calibration, redense_transform(dense, config),
-                select=lambda n: n in dense, propagate="original", device=device,
+                select=lambda n: rules.pattern_for(n) is not None, propagate="original",
+                device=device,
                 progress=progress, on_block=on_block, resume=resume)
 
 
@@ -245,6 +265,7 @@ def second_prune(model, calibration, dense: dict[str, torch.Tensor], method: str
     after the plain second pruning and after the adjustment. With `target_mix` > 0 they are
     tr((W* − W) H (W* − W)ᵀ) / ν for the target weight W* (`mixed_target`): the error less the
     part no weight on these inputs can fit, up to terms of the order of the solver's damping."""
+    rules = _step_inputs(model, dense, rules, config)
     options = config.solver_options()
     warning = few_tokens_warning(int(calibration_ids(calibration).numel()))
     if warning:

@@ -237,8 +237,26 @@ def solve(W_t: torch.Tensor, gram: ScaledGram, pattern: Pattern | str, *, per_ro
     stopped there. ADMM evaluates it anyway; in CG it costs one extra product per iteration,
     which is left out of the seconds (and out of info["seconds"]).
     """
+    _check_problem(W_t, gram, W0, options)
     W, info, _, _ = _solve(W_t, gram, Pattern.parse(pattern), per_row, W0, options, trace)
     return W, info
+
+
+def _check_problem(W_t, gram, W0, options) -> None:
+    """The arguments of `solve` fit together (ConfigError naming the one that does not)."""
+    if not isinstance(gram, ScaledGram):
+        raise ConfigError(f"gram must be a ScaledGram, got {type(gram).__name__}; make it "
+                          "with ScaledGram.of(H, percdamp) from the Gram matrix H")
+    n = gram.H.shape[0]
+    for name, W in (("W_t", W_t), ("W0", W0)):
+        if W is not None and (not isinstance(W, torch.Tensor) or W.dim() != 2
+                              or W.shape[1] != n):
+            shape = tuple(W.shape) if isinstance(W, torch.Tensor) else type(W).__name__
+            raise ConfigError(f"{name} must be [out, {n}] for this Gram matrix, got {shape}")
+    if W0 is not None and W0.shape != W_t.shape:
+        raise ConfigError(f"W0 {tuple(W0.shape)} and W_t {tuple(W_t.shape)} differ in shape")
+    if not isinstance(options, SolverOptions):
+        raise ConfigError(f"options must be a SolverOptions, got {type(options).__name__}")
 
 
 def solve_layers(W_t: dict[str, torch.Tensor], gram: ScaledGram, pattern: Pattern | str, *,

@@ -1538,9 +1538,8 @@ def test_a_run_without_export_removes_the_model_folder_an_earlier_run_exported(
     out = tmp_path / "out"
     args = cli_args(tiny_model, corpus, stored_run, out) + ["--gpu-limit", "none"]
     assert main(args) == 0 and (out / "model").is_dir()
-    no_sds = [a for i, a in enumerate(args) if not (  # without the SDS options
-        a in ("--epochs", "--adjust-epochs") or args[i - 1] in ("--epochs", "--adjust-epochs"))]
-    assert main(no_sds + ["--no-sds", "--no-export"]) == 0
+    no_sds = cli_args(tiny_model, corpus, stored_run, out, sds=False) + ["--gpu-limit", "none"]
+    assert main(no_sds + ["--no-export"]) == 0
     assert json.loads((out / "results.json").read_text())["model_dir"] is None
     assert sorted(p.name for p in out.iterdir()) == ["results.json", "sds.log"]
     # a folder that sds did not write there is not its to remove

@@ -186,12 +186,14 @@ def tiny_options(model: Path, corpus: dict[str, Path], store, out=None, /, **ove
     return params
 
 
-def cli_args(model: Path, corpus: dict[str, Path], store, out) -> list[str]:
-    """`sds run` arguments equivalent to `tiny_params`."""
+def cli_args(model: Path, corpus: dict[str, Path], store, out, sds: bool = True) -> list[str]:
+    """`sds run` arguments equivalent to `tiny_params` (with `sds=False`, `--no-sds` and no
+    SDS options)."""
     return ["run", "--model", str(model), "--calib", str(corpus["calib"]),
             "--eval", str(corpus["heldout"]), "--tasks", "none", "--nsamples", "4",
-            "--seqlen", "32", "--epochs", "5", "--adjust-epochs", "5", "--store", str(store),
-            "--out", str(out)]
+            "--seqlen", "32", *(["--epochs", "5", "--adjust-epochs", "5"] if sds else
+                                ["--no-sds"]),
+            "--store", str(store), "--out", str(out)]
 
 
 def kill_cli_when(args: list[str], env: dict, ready, what: str, timeout: float,

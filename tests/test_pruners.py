@@ -151,10 +151,18 @@ def test_failed_cholesky_retries_with_more_dampening_and_logs(caplog):
     assert not torch.equal(out, magnitude(W, None, "50%"))
 
 
-def test_factorization_that_never_succeeds_raises_numerical_error():
-    H = -torch.eye(8)
-    with pytest.raises(NumericalError, match="could not be factorized"):
+def test_factorization_that_never_succeeds_raises_numerical_error(caplog):
+    """Each retry is logged with the dampening it tries; the error names the last one tried,
+    and no attempt beyond the last is announced."""
+    H = -torch.eye(8)  # mean diagonal -1: the dampening grows from 1e-10 tenfold
+    with caplog.at_level(logging.WARNING, logger="sds"), pytest.raises(
+            NumericalError, match="even with dampening 1e-09 after 3 tries"):
         inverse_hessian_factor(H, percdamp=0.0, max_tries=3)
+    retries = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
+    assert retries == ["Cholesky factorization of H failed with dampening 0; retrying with "
+                       "1e-10 (attempt 2 of 3)",
+                       "Cholesky factorization of H failed with dampening 1e-10; retrying with "
+                       "1e-09 (attempt 3 of 3)"]
 
 
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])

@@ -30,8 +30,8 @@ def deep_model(tmp_path_factory) -> Path:
 def _args(model, corpus, store, out) -> list[str]:
     # one-shot only (the stage under test); 16 windows of 64 tokens make a block take long
     # enough to be killed between blocks; no global GPU slot: a killed holder would keep it
-    return cli_args(model, corpus, store, out) + ["--no-sds", "--nsamples", "16", "--seqlen",
-                                                  "64", "--gpu-limit", "none"]
+    return cli_args(model, corpus, store, out, sds=False) + [
+        "--nsamples", "16", "--seqlen", "64", "--gpu-limit", "none"]
 
 
 def _block_lines(out: Path) -> list[int]:
