@@ -453,10 +453,11 @@ def _metrics_table(title: str, runs: list[dict], named: bool = False):
         table.add_column(column, justify="right")
     for run in runs:
         for row in report.table_rows(run):
+            places = report.decimals(*(row.get(s) for s in states))
             cells = ([run["name"]] if named else []) + [row["metric"]]
-            cells += [report._fmt(row.get(s)) for s in states]
+            cells += [report._fmt(row.get(s), places) for s in states]
             if "sds" in states:
-                cells += [report.signed(row.get("sds gain")),
+                cells += [report.signed(row.get("sds gain"), places),
                           report.percent(row.get("gap recovered"))]
             table.add_row(*cells)
     return table

@@ -99,7 +99,7 @@ def finish(plan, refs: dict[str, dict], out: str | os.PathLike | None, export,
     removed, so that none stands beside results saying `model_dir: null`), the results record,
     `<out>/results.json`."""
     from tasks.common import host_lock
-    from tasks.export import remove_model
+    from tasks.export import check_replaceable, remove_model
 
     if not out:
         return build_results(plan, refs, started, time.perf_counter() - t0, None, flow_run)
@@ -107,6 +107,8 @@ def finish(plan, refs: dict[str, dict], out: str | os.PathLike | None, export,
     # runs that finish into one folder at once (two triggers of one deployment) take turns, so
     # the folder ends with one run's model and that run's results
     with host_lock(out):
+        if export is not None:  # a folder the export may not replace stops it here, as is
+            check_replaceable(Path(out) / "model")
         # an earlier run's results go first: killed while the model folder changes, this run
         # leaves no results.json beside a model that is not the one it names
         with contextlib.suppress(FileNotFoundError):
@@ -153,23 +155,29 @@ def _model_of(settings: dict) -> str:
     return f"{settings['model']}@{settings.get('revision') or ''}"
 
 
-def _decimals(value: float) -> int:
-    """Decimals shown for a number of this size: perplexities with one, accuracies with three,
-    so a column's values line up (177.0 beside 169.7, not 177 beside 169.7)."""
-    size = abs(value)
+def decimals(*values) -> int:
+    """Decimals for a row of numbers (one metric on each model state): one for perplexities in
+    the hundreds, two from 1, three below (accuracies), after the largest of them, so that a
+    row reads 177.0 / 169.7 and 0.300 / 0.295."""
+    sizes = [abs(v) for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
+    size = max(sizes, default=0.0)
     return 1 if size >= 100 else 2 if size >= 1 else 3
 
 
-def _fmt(value) -> str:
+def _fmt(value, places: int | None = None) -> str:
     if value is None:
         return "–"
     if isinstance(value, float):
-        return f"{value:.{_decimals(value)}f}"
+        places = decimals(value) if places is None else places
+        return f"{round(value, places) + 0.0:.{places}f}"  # + 0.0: no "-0.000"
     return str(value)
 
 
-def signed(value) -> str:
-    return "–" if value is None else f"{value + 0.0:+.{_decimals(value)}f}"  # + 0.0: no "-0"
+def signed(value, places: int | None = None) -> str:
+    if value is None:
+        return "–"
+    places = decimals(value) if places is None else places
+    return f"{round(value, places) + 0.0:+.{places}f}"
 
 
 def percent(value) -> str:
@@ -213,10 +221,12 @@ def markdown(results: dict) -> str:
         for row in rows:
             columns += [c for c in row if c not in columns]
         lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-        shown = {"sds gain": signed, "gap recovered": percent}
         for row in rows:
-            lines.append("| " + " | ".join(shown.get(c, _fmt)(row.get(c)) for c in columns)
-                         + " |")
+            places = decimals(*(row.get(c) for c in ("dense", "oneshot", "sds")))
+            cells = [percent(row.get(c)) if c == "gap recovered" else
+                     signed(row.get(c), places) if c == "sds gain" else
+                     _fmt(row.get(c), places) for c in columns]
+            lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     gains = results["improvement"]
     if gains:
@@ -227,8 +237,10 @@ def markdown(results: dict) -> str:
             share = (f"{percent(rec)} of the gap to dense recovered" if rec is not None
                      else "one-shot pruning left no gap to dense")
             verdict = "better" if change > 0 else "worse" if change < 0 else "unchanged"
-            lines.append(f"- **{name}**: one-shot {_fmt(metrics['oneshot'][name])} → SDS "
-                         f"{_fmt(metrics['sds'][name])}, {signed(change)} ({verdict}; {share})")
+            places = decimals(metrics["oneshot"][name], metrics["sds"][name])
+            lines.append(f"- **{name}**: one-shot {_fmt(metrics['oneshot'][name], places)} → "
+                         f"SDS {_fmt(metrics['sds'][name], places)}, {signed(change, places)} "
+                         f"({verdict}; {share})")
         lines.append("")
     t = results["timings"]
     lines += ["## Stages", "", "| stage | key | computed | seconds |", "|---|---|---|---|"]

@@ -558,7 +558,7 @@ def check_hub_data(source: str, role: str) -> None:
     once cached), else by probing the hub."""
     spec = HUB_DATA[role, source]
     hint = _CALIB_HINT if role == "calibration" else _EVAL_HINT
-    if hub_offline():
+    if hub_offline(datasets=True):
         _hub_dataset(**spec, hint=hint)
     else:
         check_hub(_hub_what(**spec), hint)
@@ -578,7 +578,7 @@ def _hub_dataset(path: str, name: str | None = None, *, split: str, hint: str,
     import datasets
 
     what = _hub_what(path, name, data_files)
-    offline = hub_offline()
+    offline = hub_offline(datasets=True)
     if not offline:
         check_hub(what, hint)
     try:

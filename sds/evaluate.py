@@ -57,6 +57,8 @@ def _device_of(model: torch.nn.Module, device) -> torch.device:
     if device is None:
         return held
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # "cuda" is the current CUDA device
+        device = torch.device("cuda", torch.cuda.current_device())
     if (held.type, held.index or 0) != (device.type, device.index or 0):
         raise ConfigError(f"the model is on {held}, not on device {device}: move it there "
                           "first (model.to(device)), or leave device out")

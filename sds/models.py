@@ -197,7 +197,10 @@ def check_device(device: str | torch.device | None) -> None:
 def check_token_ids(model: nn.Module, ids: torch.Tensor, what: str) -> None:
     """Refuse token ids outside the model's vocabulary (DataError) before they reach its
     embedding: text tokenized with another model's tokenizer, or ids shifted by mistake."""
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    try:
+        embeddings = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):  # a model that does not say: not checked
+        return
     size = getattr(embeddings, "num_embeddings", None)
     if size is None or ids.numel() == 0:
         return
@@ -210,13 +213,15 @@ def check_token_ids(model: nn.Module, ids: torch.Tensor, what: str) -> None:
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module):
-    """The model in eval mode (no dropout) inside the block, its own mode again after."""
-    was_training = model.training
+    """The model in eval mode (no dropout) inside the block; after it, every submodule in the
+    mode it had (a training model may hold some frozen in eval mode)."""
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         yield model
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
 
 
 # -- loading and identity -------------------------------------------------------------------------

@@ -13,6 +13,7 @@ into a mask; the pattern decides the comparison group (whole layer, row, or M-gr
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -45,7 +46,8 @@ class Pattern:
                     and 0.0 < self.ratio < 1.0):
                 raise ConfigError(f"sparsity ratio {self.ratio!r} is outside (0, 1); {_ACCEPTED}")
         elif self.n is not None and self.m is not None:
-            if not all(isinstance(v, int) and not isinstance(v, bool) for v in (self.n, self.m)):
+            if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
+                       for v in (self.n, self.m)):
                 raise ConfigError(f"N:M pattern {self.n}:{self.m} needs whole numbers; "
                                   f"{_ACCEPTED}")
             if not (0 < self.n < self.m):

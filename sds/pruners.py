@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -53,7 +54,7 @@ def _as_dtype(W: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _check_shapes(W: torch.Tensor, H: torch.Tensor | None, needs_h: bool = True) -> None:
-    """W is [out, in]; H (unless ignored: `needs_h=False`) is given, [in, in] and symmetric."""
+    """W is [out, in]; H (unless ignored: `needs_h=False`) is given and [in, in]."""
     if W.dim() != 2:
         raise ConfigError(f"W must be 2-D [out, in], got shape {tuple(W.shape)}")
     if not needs_h:
@@ -64,8 +65,15 @@ def _check_shapes(W: torch.Tensor, H: torch.Tensor | None, needs_h: bool = True)
     if tuple(H.shape) != (W.shape[1], W.shape[1]):
         raise ConfigError(f"H must be [in, in] = {(W.shape[1],) * 2} for W {tuple(W.shape)}, "
                           f"got {tuple(H.shape)}")
-    largest = H.abs().max()
-    if H.numel() and bool((H - H.T).abs().max() > 1e-3 * largest):  # NaN: _check_finite's
+
+
+def _check_symmetric(H: torch.Tensor) -> None:
+    """Refuse an H that is not symmetric (one triangle of XᵀX, say): the methods read
+    different parts of it. Done where a caller's own H is factored, not for the walk's (made
+    symmetric) and not per layer of a group."""
+    Hf = H.detach().float()
+    largest = Hf.abs().max() if Hf.numel() else 0.0
+    if Hf.numel() and bool((Hf - Hf.T).abs().max() > 1e-2 * largest):  # NaN: _check_finite
         raise ConfigError("H is not symmetric: pass the whole Gram matrix XᵀX, not one of its "
                           "triangles")
 
@@ -113,7 +121,7 @@ def inverse_hessian_factor(
     factorization fails, λ grows tenfold and the attempt is logged; after `max_tries` failures
     a NumericalError is raised. Layers that read the same input share this factor.
     """
-    if isinstance(percdamp, bool) or not isinstance(percdamp, int | float) or not (
+    if isinstance(percdamp, bool) or not isinstance(percdamp, numbers.Real) or not (
             math.isfinite(percdamp) and percdamp >= 0):
         raise ConfigError(f"percdamp must be a finite number >= 0, got {percdamp!r}; use 0.01")
     _check_finite("H", H)
@@ -172,7 +180,10 @@ def sparsegpt(
     _check_blocksize(pattern, blocksize)
     pattern.check_width(W.shape[1])
     _check_finite("W", W)
-    U, dead = factor if factor is not None else inverse_hessian_factor(H, percdamp)
+    if factor is None:
+        _check_symmetric(H)
+        factor = inverse_hessian_factor(H, percdamp)
+    U, dead = factor
     dtype = W.dtype
     # The loop walks the columns of W; it works on Wᵀ: [in, out] so that each column is one
     # contiguous row and every per-column update is an in-place rank-1 BLAS call (no temporaries).
@@ -233,7 +244,9 @@ def admm(W: torch.Tensor, H: torch.Tensor, pattern: Pattern | str, percdamp: flo
         raise ConfigError(f"gram is of a [{gram.H.shape[0]}, {gram.H.shape[1]}] Gram matrix, "
                           f"not of this layer's inputs ({W.shape[1]}); make it with "
                           "ScaledGram.of(H, percdamp)")
-    gram = gram if gram is not None else ScaledGram.of(H, percdamp)
+    if gram is None:
+        _check_symmetric(H)
+        gram = ScaledGram.of(H, percdamp)
     W_new, record = solve(W.float(), gram, pattern, per_row=per_row,
                           options=options or SolverOptions())
     if info is not None:

@@ -230,8 +230,9 @@ def _check_model(c: RunConfig, model: str, seqlen: int | None, data: list[str]):
     )
 
     check_device(c.device)
-    if not Path(model).expanduser().is_dir() and not hub_offline():
-        check_hub(f"model {model!r}", MODEL_HINT)  # seconds, not the hub client's retries
+    looks_local = Path(model).expanduser().exists() or model.startswith((".", "/", "~"))
+    if not looks_local and not hub_offline():  # a hub id: seconds, not the client's retries
+        check_hub(f"model {model!r}", MODEL_HINT)
     for i, source in enumerate(data):
         role = "calibration" if i == 0 else "evaluation"
         check_source(source, role)

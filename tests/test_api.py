@@ -142,6 +142,12 @@ def test_a_model_in_train_mode_is_pruned_as_in_eval_mode_and_given_back_training
     for model in (training, evaluating):
         sds.prune(model, ids, "sparsegpt", "2:4", progress=False)
     assert training.training and not evaluating.training
+    # each submodule gets its own mode back (a training model may keep some in eval mode)
+    frozen = training.model.decoder.layers[0]
+    frozen.eval()
+    sds.prune(training, ids, "wanda", "2:4", progress=False)
+    assert not frozen.training and not frozen.self_attn.training
+    assert training.training and training.model.decoder.layers[1].training
     for name, module in prunable_layers(training).items():
         assert torch.equal(weight_matrix(module),
                            weight_matrix(prunable_layers(evaluating)[name])), name
@@ -247,11 +253,16 @@ def test_layer_functions_check_their_arguments():
         solve(W, H, "2:4")
     with pytest.raises(sds.ConfigError, match=r"W_t must be \[out, 16\]"):
         solve(W.T, ScaledGram.of(H), "2:4")
-    for prune in (sds.sparsegpt, sds.admm, sds.wanda):
+    for prune in (sds.sparsegpt, sds.admm):  # (wanda reads the diagonal only)
         with pytest.raises(sds.ConfigError, match="H is not symmetric"):
             prune(W, torch.triu(H), "2:4")
+    for prune in (sds.sparsegpt, sds.admm, sds.wanda):
         with pytest.raises(sds.ConfigError, match="got NoneType"):
             prune(W, None, "2:4")
+    import numpy as np
+
+    assert torch.equal(sds.sparsegpt(W, H, "2:4", percdamp=np.float32(0.01)),
+                       sds.sparsegpt(W, H, "2:4", percdamp=0.01))  # any real number
     with pytest.raises(sds.ConfigError, match="percdamp must be a finite number >= 0, got '0.01'"):
         sds.sparsegpt(W, H, "2:4", percdamp="0.01")
 

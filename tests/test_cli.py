@@ -534,6 +534,31 @@ def test_finishing_removes_the_earlier_results_before_the_model_folder_changes(t
     assert not (out / "results.json").exists()
 
 
+def test_finishing_into_a_model_folder_of_the_users_changes_nothing(tmp_path):
+    """A run that skipped the command's checks (a deployment's) stops before it removes the
+    earlier results, as the refusal says: nothing was changed."""
+    from datetime import UTC, datetime
+
+    from flows import report
+    from sds.errors import ConfigError
+
+    out = tmp_path / "out"
+    (out / "model").mkdir(parents=True)
+    (out / "model" / "notes.md").write_text("mine")
+    (out / "results.json").write_text('{"metrics": {}}')
+
+    def export(spec, ref, folder):
+        raise AssertionError("the export was called")
+
+    class Plan:
+        final, specs = "second", {"second": None}
+
+    with pytest.raises(ConfigError, match="sds did not write it"):
+        report.finish(Plan(), {"second": {}}, out, export, datetime.now(UTC), 0.0, None)
+    assert (out / "results.json").read_text() == '{"metrics": {}}'
+    assert (out / "model" / "notes.md").read_text() == "mine"
+
+
 def test_store_rm_incomplete_removes_only_the_interrupted_save(tmp_path, capfd, clean_environ):
     from flows.cli import main
 

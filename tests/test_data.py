@@ -228,6 +228,20 @@ def test_hub_calibration_offline_fails_fast_suggesting_a_local_file(tokenizer, s
     assert "demo" in str(info.value)
 
 
+def test_datasets_offline_alone_leaves_the_models_online(monkeypatch):
+    """HF_DATASETS_OFFLINE is the datasets library's; transformers reads HF_HUB_OFFLINE only."""
+    import huggingface_hub.constants
+
+    from sds.hub import hub_offline
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    assert hub_offline(datasets=True) and not hub_offline()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert hub_offline(datasets=True) and hub_offline()
+
+
 @pytest.fixture
 def no_load_dataset(monkeypatch):
     """datasets.load_dataset, which retries an unreachable hub for 25-50 s, must not be called."""

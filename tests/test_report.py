@@ -25,3 +25,14 @@ def test_no_gap_when_one_shot_is_not_worse_than_dense():
     assert gain["acc/t"]["absolute"] == pytest.approx(-0.05)
     assert gain["acc/t"]["recovered"] is None
     assert gain["ppl/wiki"] == {"absolute": 1.0, "recovered": None}
+
+
+def test_numbers_of_a_row_share_their_decimals_and_never_read_minus_zero():
+    from flows.report import _fmt, decimals, signed
+
+    assert decimals(177.0, 169.73) == 1 and decimals(5.123, 4.9) == 2
+    assert decimals(0.3, 0.295) == 3 and decimals(None, 0.5) == 3
+    assert [_fmt(v, decimals(177.0, 169.73)) for v in (177.0, 169.73)] == ["177.0", "169.7"]
+    assert [_fmt(v, 3) for v in (0.3, 0.295, 1.0)] == ["0.300", "0.295", "1.000"]
+    assert signed(-0.0004, 3) == "+0.000" and signed(-0.0006, 3) == "-0.001"
+    assert signed(-1260.0) == "-1260.0" and _fmt(None) == "–" and signed(None) == "–"
