@@ -272,9 +272,12 @@ class BlockCommits:
         self.state = None  # the walk's Resume
         self.setup = compute_setup(spec.run.device)
         self.artifact_id = None
-        try:
-            self.artifact_id = create_progress_artifact(
-                0.0, description=f"{spec.title}: blocks done")
+        try:  # in a flow or task run only (Prefect will refuse artifacts outside them)
+            from prefect.context import FlowRunContext, TaskRunContext
+
+            if FlowRunContext.get() or TaskRunContext.get():
+                self.artifact_id = create_progress_artifact(
+                    0.0, description=f"{spec.title}: blocks done")
         except Exception as exc:  # noqa: BLE001 - progress display must never fail a stage
             logger.debug("no progress artifact: %s", exc)
 
