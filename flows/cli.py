@@ -738,6 +738,7 @@ def sweep_config(args):
 
 
 def cmd_sweep(args, console) -> int:
+    t0 = time.perf_counter()
     config = sweep_config(args)
     if config.pool and args.api is not None:
         from sds.errors import ConfigError
@@ -750,8 +751,12 @@ def cmd_sweep(args, console) -> int:
 
     summary = _run_flow(sweep, config, console, args.api, _log_file(config, args))
     _stdout_console().print(_metrics_table("sweep", summary["runs"], named=True))
-    print(f"stage runs: {json.dumps(summary['stage_submissions'])}")
-    print(f"results in {config.out}/sweep.json ({summary['wall']:.1f} s)")
+    artifacts = ", ".join(f"{label} {n}" for label, n in summary["stage_submissions"].items())
+    lines = [f"stages   {artifacts} (one artifact each; shared ones once, stored ones reused)",
+             f"results  {Path(config.out) / 'sweep.json'}" if config.out else
+             "results  none written (--out none)",
+             f"time     {time.perf_counter() - t0:.1f} s in all; sweep {summary['wall']:.1f} s"]
+    print("\n".join(lines))
     return 0
 
 

@@ -11,8 +11,10 @@ from sds.errors import ConfigError
 
 
 def deployments(names: list[str] | None = None) -> list:
-    """`pipeline/on-demand` (the demo, any parameters when triggered) and `sweep/nightly` (a
-    small demo sweep at 03:00 UTC), or those of them named."""
+    """`pipeline/demo-on-demand` (the demo, any parameters when triggered) and
+    `sweep/demo-nightly` (a small demo sweep at 03:00 UTC), or those of them named. Their names
+    are not the team deployments' of `deployments/prefect.yaml` (`on-demand`, `nightly`): on one
+    server, serving the demo must not take those over, nor pause them when it stops."""
     from prefect.schedules import Cron
 
     from tasks.config import SweepConfig
@@ -22,11 +24,11 @@ def deployments(names: list[str] | None = None) -> list:
 
     found = [
         pipeline.to_deployment(
-            name="on-demand", tags=["sds", "demo"],
+            name="demo-on-demand", tags=["sds", "demo"],
             description="The offline demo model, one method and pattern; SDS and its one-shot "
             "base."),
         sweep.to_deployment(
-            name="nightly", tags=["sds", "demo", "sweep"], schedules=[Cron("0 3 * * *",
+            name="demo-nightly", tags=["sds", "demo", "sweep"], schedules=[Cron("0 3 * * *",
                                                                            timezone="UTC")],
             description="A small demo sweep; calibration and dense evaluation are shared.",
             parameters={"config": SweepConfig(methods=["sparsegpt", "wanda"],

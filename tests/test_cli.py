@@ -155,7 +155,9 @@ def test_sds_sweep_from_a_grid_file(prefect_api, tiny_model, corpus, tmp_path, c
     summary = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
     assert len(summary["runs"]) == 4  # the command line's patterns replace the file's
     assert summary["stage_submissions"]["calibration"] == 1
-    assert '"calibration": 1' in captured.out
+    assert ("stages   calibration 1, oneshot 4, redense 4, second 4, evaluate-dense 1,"
+            in captured.out)
+    assert f"results  {tmp_path / 'sweep' / 'sweep.json'}" in captured.out
 
 
 # the command in a fresh process, then which of these it imported (the last line of stdout)

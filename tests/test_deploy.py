@@ -32,7 +32,29 @@ def test_deployment_file_names_real_flows_and_valid_configs():
     assert entries["nightly"]["schedules"] and "schedules" not in entries["on-demand"]
     # the nightly sweep runs each point as a flow run of its own on the same pool
     assert entries["nightly"]["parameters"]["config"]["pool"] == "sds-gpu"
-    assert document["pull"][0]["prefect.deployments.steps.set_working_directory"]
+    assert document["pull"][1]["prefect.deployments.steps.set_working_directory"]
+
+
+@pytest.mark.parametrize("repo", [None, "/nonexistent/sds", "REPO"])
+def test_a_worker_without_the_checkout_path_fails_its_runs_saying_so(repo, monkeypatch):
+    """The pull step before `set_working_directory` checks SDS_REPO, so a worker started
+    without it fails each run with one line instead of "No such file or directory: ''"."""
+    import asyncio
+
+    from prefect.deployments.steps.utility import run_shell_script
+
+    document = yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())
+    step = document["pull"][0]["prefect.deployments.steps.run_shell_script"]
+    if repo is None:
+        monkeypatch.delenv("SDS_REPO", raising=False)
+    else:
+        monkeypatch.setenv("SDS_REPO", str(REPO) if repo == "REPO" else repo)
+    if repo == "REPO":
+        asyncio.run(run_shell_script(**step))
+        return
+    with pytest.raises(RuntimeError, match="SDS_REPO must name the sds checkout on this "
+                                           "machine"):
+        asyncio.run(run_shell_script(**step))
 
 
 def test_served_deployments_take_the_flows_configs():
@@ -40,9 +62,13 @@ def test_served_deployments_take_the_flows_configs():
     from tasks.config import RunConfig, SweepConfig
 
     served = {d.name: d for d in deployments()}
-    assert set(served) == {"on-demand", "nightly"}
-    assert served["nightly"].schedules and not served["on-demand"].schedules
-    nightly = SweepConfig.model_validate(served["nightly"].parameters["config"])
+    assert set(served) == {"demo-on-demand", "demo-nightly"}
+    # apart from the team's: serving the demo on their server must not take theirs over (a
+    # deployment is known by flow and name) nor pause their schedules when it stops
+    team = yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())["deployments"]
+    assert not set(served) & {entry["name"] for entry in team}
+    assert served["demo-nightly"].schedules and not served["demo-on-demand"].schedules
+    nightly = SweepConfig.model_validate(served["demo-nightly"].parameters["config"])
     assert len(nightly.points()) == 4
     # the UI's parameter form is rendered from this schema: every RunConfig field is in it
     from prefect.utilities.callables import parameter_schema
@@ -86,14 +112,14 @@ def test_served_deployment_runs_when_triggered_through_the_api(prefect_api, tiny
     log = tmp_path / "serve.log"
     with open(log, "wb") as out:
         serve = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--name",
-                                  "on-demand"],
+                                  "demo-on-demand"],
                                  env=server_env(tmp_path), cwd=REPO, stdout=out,
                                  stderr=subprocess.STDOUT)
     try:
         with get_client(sync_client=True) as client:
             def deployment():
                 try:
-                    return client.read_deployment_by_name("pipeline/on-demand")
+                    return client.read_deployment_by_name("pipeline/demo-on-demand")
                 except ObjectNotFound:
                     return None
 
