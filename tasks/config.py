@@ -29,6 +29,7 @@ from pydantic import (
     Field,
     PositiveInt,
     ValidationError,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -87,7 +88,13 @@ def _expand_user(value: str | None) -> str | None:
 
 
 
-Names = Annotated[list[str], BeforeValidator(_names), AfterValidator(_unique)]
+# what the schema of a Names field says (Prefect checks a deployment's parameters against it,
+# the UI renders its form from it): a list, or one comma-separated string, "none" included,
+# as the command line and grid files take it
+_NAMES_SCHEMA = {"anyOf": [{"type": "array", "items": {"type": ["string", "number"]}},
+                           {"type": "string"}]}
+Names = Annotated[list[str], BeforeValidator(_names), AfterValidator(_unique),
+                  WithJsonSchema(_NAMES_SCHEMA)]
 OptionalName = Annotated[str | None, BeforeValidator(_optional_name)]
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 Dtype = Annotated[str, AfterValidator(_dtype)]

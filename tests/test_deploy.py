@@ -165,3 +165,22 @@ def test_served_deployment_runs_when_triggered_through_the_api(prefect_api, tiny
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["pattern"] == "4:8"
     assert set(results["metrics"]) == {"dense", "oneshot", "sds"}
+
+
+@pytest.mark.parametrize("flow_name,config", [
+    ("pipeline", {"tasks": "none", "eval": "wiki,news"}),
+    ("pipeline", {"tasks": ["demo"], "exclude": []}),
+    ("sweep", {"patterns": [0.5, "2:4"], "methods": "sparsegpt,wanda"}),
+])
+def test_a_deployment_accepts_the_name_lists_the_command_line_does(flow_name, config):
+    """Prefect checks a triggered run's parameters against the flow's schema before the run:
+    `"tasks": "none"` and the like must pass there as they do in a grid file."""
+    import importlib
+
+    from prefect.utilities.callables import parameter_schema
+    from prefect.utilities.schema_tools import validate
+
+    flow = getattr(importlib.import_module(f"flows.{flow_name}"), flow_name)
+    schema = parameter_schema(flow).model_dump_for_openapi()
+    validate({"config": config}, schema, raise_on_error=True)
+    flow.validate_parameters({"config": config})  # and the configuration takes them
