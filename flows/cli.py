@@ -429,6 +429,12 @@ class TerminalProgress(logging.Handler):
                 self.bars[label] = -1
                 self.progress.console.print(f"[green]✓[/] {label:<30} computed in "
                                             f"{event.get('seconds', 0):.1f} s")
+            elif kind == "failed":  # said here too: a bar that only vanished would not say
+                if self.bars.get(label, -1) >= 0:
+                    self.progress.remove_task(self.bars[label])
+                self.bars[label] = -1
+                self.progress.console.print(f"[red]✗[/] {label:<30} failed",
+                                            highlight=False)
 
 
 def _stdout_console():

@@ -509,6 +509,10 @@ def run_stage(spec: StageSpec, compute: Compute, upstream: dict[str, dict] | Non
         return Completed(name="Cached", message="artifact in the store", data=cached)
     try:
         return _compute(spec, compute, store, logger, lease)
+    except Exception as exc:
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        progress(logger, spec, "failed: %s", text[:300], event="failed")
+        raise
     finally:
         lease.release()
 

@@ -963,6 +963,28 @@ def test_progress_bars_leave_library_output_to_the_log_in_a_terminal(tmp_path):
     assert sys.stderr is before
 
 
+def test_a_stage_that_fails_is_shown_failed_not_just_gone():
+    import io
+    import logging
+
+    from rich.console import Console
+
+    from flows.cli import TerminalProgress
+
+    out = io.StringIO()
+    logger = logging.getLogger("prefect.task_runs")
+    level = logger.level
+    logger.setLevel(logging.INFO)  # as Prefect's logging configuration has it in a run
+    try:
+        with TerminalProgress(Console(file=out, width=100)):
+            for event in ("start", "failed"):
+                logger.info("x", extra={"sds": {"title": "second sparsegpt 4:8",
+                                                "event": event}})
+    finally:
+        logger.setLevel(level)
+    assert "✗ second sparsegpt 4:8" in out.getvalue() and "failed" in out.getvalue()
+
+
 def _session(pid: int) -> int:
     """The session id of a process (/proc/<pid>/stat, the sixth field)."""
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[3])

@@ -250,13 +250,30 @@ def test_calibration_data_too_short_stops_the_run_before_the_dense_evaluation(
         prefect_api, tiny_model, corpus, tmp_path):
     """The dense evaluation waits for the calibration: on a real model it takes as long as
     the pruning, and a corpus too short for the windows asked is found in a second."""
+    import logging
+
     from flows.pipeline import pipeline
 
-    params = tiny_params(tiny_model, corpus, tmp_path / "store", nsamples=4000)
-    state = pipeline(params, return_state=True)
+    failed = []
+
+    class Events(logging.Handler):  # what the terminal's progress display reads
+        def emit(self, record):
+            event = getattr(record, "sds", None)
+            if isinstance(event, dict) and event.get("event") == "failed":
+                failed.append((event["title"], record.getMessage()))
+
+    handler, logger = Events(), logging.getLogger("prefect.task_runs")
+    logger.addHandler(handler)
+    try:
+        params = tiny_params(tiny_model, corpus, tmp_path / "store", nsamples=4000)
+        state = pipeline(params, return_state=True)
+    finally:
+        logger.removeHandler(handler)
     assert state.is_failed()
     with pytest.raises(DataError, match="too few for nsamples=4000"):
         state.result()
+    assert [title for title, _ in failed] == ["calibration"]  # said as it happens
+    assert "too few for nsamples=4000" in failed[0][1]
     assert ArtifactStore(tmp_path / "store").list() == []  # the evaluation never ran
 
 
