@@ -40,7 +40,21 @@ CANCEL_GRACE_SECONDS = 120.0  # how long cancelled points may take to confirm
 READ_CHUNK = 200  # flow runs per read: the server refuses a larger limit (its default limit)
 
 
-@flow(name="sweep", description="A grid of models x methods x patterns; shared stages once.")
+def _run_name() -> str:
+    """The sweep's flow run name: its grid's size, e.g. `sweep-2-models-4-points`."""
+    from prefect.runtime import flow_run
+
+    try:
+        config = SweepConfig.model_validate(flow_run.get_parameters().get("config") or {})
+    except Exception:  # noqa: BLE001 - the flow refuses the configuration, with the reason
+        return "sweep"
+    points = len(config.points())
+    models = len(config.models)
+    return f"sweep-{models}-model{'s' * (models != 1)}-{points}-point{'s' * (points != 1)}"
+
+
+@flow(name="sweep", flow_run_name=_run_name,
+      description="A grid of models x methods x patterns; shared stages once.")
 def sweep(config: SweepConfig = SweepConfig()) -> dict:  # noqa: B008 - a frozen model
     """Every combination of models, methods, patterns (and SDS on/off), with the shared options
     of `config` (see tasks.config.SweepConfig); with `config.pool`, each point is a `pipeline`

@@ -154,6 +154,7 @@ def test_sds_sweep_from_a_grid_file(prefect_api, tiny_model, corpus, tmp_path, c
     assert code == 0, captured.err
     summary = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
     assert len(summary["runs"]) == 4  # the command line's patterns replace the file's
+    assert summary["flow_run"]["name"] == "sweep-1-model-4-points"
     assert summary["stage_submissions"]["calibration"] == 1
     assert ("stages   calibration 1, oneshot 4, redense 4, second 4, evaluate-dense 1,"
             in captured.out)
