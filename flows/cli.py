@@ -359,12 +359,13 @@ def _config(kind, args, base: dict | None = None, where: str = "command line"):
     if getattr(args, "api", None) is not None or not os.environ.get("PREFECT_API_URL"):
         values.setdefault("gpu_limit", None)
     config = build(kind, values, where)
-    if "sds_options" in given and getattr(config, "sds", None) is False:
+    sds = config.sds if isinstance(config.sds, list) else [config.sds]
+    if isinstance(values.get("sds_options"), dict) and values["sds_options"] and not any(sds):
         from sds.errors import ConfigError
 
-        names = ", ".join(sorted(_flag(f"sds_options.{n}") for n in given["sds_options"]))
-        raise ConfigError(f"{names}: SDS options, but --no-sds turns SDS off (they would be "
-                          "ignored); drop them, or drop --no-sds")
+        names = ", ".join(sorted(_flag(f"sds_options.{n}") for n in values["sds_options"]))
+        raise ConfigError(f"{names}: SDS options, but SDS is off (--no-sds, or sds: false in "
+                          "the grid file), so they would be ignored; drop them, or turn SDS on")
     return config
 
 

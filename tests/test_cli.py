@@ -1341,8 +1341,24 @@ def test_sds_options_with_no_sds_are_refused_not_ignored(tiny_model, corpus, tmp
     args = cli_args(tiny_model, corpus, tmp_path / "store", tmp_path / "out")  # --epochs ...
     assert main(args + ["--no-sds", "--l1", "0"]) == 2
     line = _one_line_error(capfd.readouterr().err)
-    assert "--adjust-epochs, --epochs, --lambda1: SDS options, but --no-sds" in line
+    assert "--adjust-epochs, --epochs, --lambda1: SDS options, but SDS is off (--no-sds" in line
     assert not (tmp_path / "store").exists()
+
+
+def test_a_sweep_whose_grid_gives_sds_options_without_sds_is_refused(tmp_path, clean_environ):
+    from flows.cli import build_parser, sweep_config
+    from sds.errors import ConfigError
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({"methods": ["wanda"], "sds_options": {"epochs": 400}}))
+    with pytest.raises(ConfigError, match="--epochs: SDS options, but SDS is off"):
+        sweep_config(build_parser().parse_args(["sweep", "--grid", str(grid), "--no-sds"]))
+    grid.write_text(yaml.safe_dump({"sds": [False], "sds_options": {"epochs": 400}}))
+    with pytest.raises(ConfigError, match="sds: false in the grid file"):
+        sweep_config(build_parser().parse_args(["sweep", "--grid", str(grid)]))
+    grid.write_text(yaml.safe_dump({"sds": [False, True], "sds_options": {"epochs": 400}}))
+    assert sweep_config(build_parser().parse_args(["sweep", "--grid", str(grid)])).sds == [
+        False, True]  # the options serve the SDS points
 
 
 def test_every_sds_option_says_what_it_does_in_the_help():
