@@ -973,16 +973,11 @@ def test_a_stage_that_fails_is_shown_failed_not_just_gone():
     from flows.cli import TerminalProgress
 
     out = io.StringIO()
-    logger = logging.getLogger("prefect.task_runs")
-    level = logger.level
-    logger.setLevel(logging.INFO)  # as Prefect's logging configuration has it in a run
-    try:
-        with TerminalProgress(Console(file=out, width=100)):
-            for event in ("start", "failed"):
-                logger.info("x", extra={"sds": {"title": "second sparsegpt 4:8",
-                                                "event": event}})
-    finally:
-        logger.setLevel(level)
+    with TerminalProgress(Console(file=out, width=100)) as display:
+        for event in ("start", "failed"):  # the records a stage logs (tasks.common.progress)
+            display.handle(logging.makeLogRecord(
+                {"msg": "x", "levelno": logging.INFO,
+                 "sds": {"title": "second sparsegpt 4:8", "event": event}}))
     assert "✗ second sparsegpt 4:8" in out.getvalue() and "failed" in out.getvalue()
 
 
