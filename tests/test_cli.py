@@ -22,6 +22,7 @@ from tests.test_pipeline_fixtures import (
     REPO,
     TOKENIZER,
     cli_args,
+    hub_answering,
     kill_cli_when,
     server_env,
     tiny_params,
@@ -1106,10 +1107,6 @@ def test_a_hub_model_is_loaded_at_the_commit_its_keys_hash(corpus, tmp_path, mon
     so a branch that moves during a long run cannot put new weights under the old key."""
     import types
 
-    import huggingface_hub
-    import huggingface_hub.constants
-
-    import tasks.plan
     from tasks.plan import plan_pipeline
     from tests.test_pipeline_fixtures import tiny_params
 
@@ -1120,12 +1117,7 @@ def test_a_hub_model_is_loaded_at_the_commit_its_keys_hash(corpus, tmp_path, mon
             assert model == "org/moving-branch" and revision == "main"
             return types.SimpleNamespace(sha=commit)
 
-    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):  # the hub is "reachable"
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(huggingface_hub, "HfApi", Hub)
-    monkeypatch.setattr("sds.hub.check_hub", lambda what, hint: None)  # reachable
-    monkeypatch.setattr(tasks.plan, "_check_model", lambda *args: (None, 32))
+    hub_answering(monkeypatch, Hub)
     plan = plan_pipeline(tiny_params("org/moving-branch", corpus, tmp_path / "store",
                                      revision="main"), check=False)
     for spec in plan.specs.values():

@@ -16,7 +16,7 @@ import pytest
 
 from tasks.store import ArtifactStore
 from tests.test_deploy import _wait_for
-from tests.test_pipeline_fixtures import REPO, server_env
+from tests.test_pipeline_fixtures import REPO, hub_answering, server_env
 
 pytest_plugins = ["tests.test_pipeline_fixtures"]
 
@@ -298,9 +298,6 @@ def test_a_point_sent_to_a_worker_pins_the_hub_commit_the_sweep_planned(corpus, 
     worker is sent the commit, and plans the sweep's keys."""
     import types
 
-    import huggingface_hub
-    import huggingface_hub.constants
-
     import tasks.plan
     from flows.sweep import _for_workers
     from tasks.config import RunConfig
@@ -313,12 +310,7 @@ def test_a_point_sent_to_a_worker_pins_the_hub_commit_the_sweep_planned(corpus, 
         def model_info(self, model, revision=None):
             return types.SimpleNamespace(sha=heads.get(revision, revision))
 
-    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):  # the hub is "reachable"
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(huggingface_hub, "HfApi", Hub)
-    monkeypatch.setattr("sds.hub.check_hub", lambda what, hint: None)  # reachable
-    monkeypatch.setattr(tasks.plan, "_check_model", lambda *args: (None, 32))
+    hub_answering(monkeypatch, Hub)
     def fresh_process():  # a worker plans in a process of its own: nothing planned before
         monkeypatch.setattr(tasks.plan, "_plans", {})
         model_identity.cache_clear()

@@ -186,6 +186,23 @@ def tiny_options(model: Path, corpus: dict[str, Path], store, out=None, /, **ove
     return params
 
 
+def hub_answering(monkeypatch, hub_api) -> None:
+    """The Hugging Face hub as reachable and answered by `hub_api` (a stand-in for
+    huggingface_hub.HfApi): the offline mode off, the probe passing; and the planner's model
+    checks (which would load the model's config) skipped, with a window of 32 tokens."""
+    import huggingface_hub
+    import huggingface_hub.constants
+
+    import tasks.plan
+
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "HfApi", hub_api)
+    monkeypatch.setattr("sds.hub.check_hub", lambda what, hint: None)
+    monkeypatch.setattr(tasks.plan, "_check_model", lambda *args: (None, 32))
+
+
 def cli_args(model: Path, corpus: dict[str, Path], store, out, sds: bool = True) -> list[str]:
     """`sds run` arguments equivalent to `tiny_params` (with `sds=False`, `--no-sds` and no
     SDS options)."""
