@@ -233,15 +233,22 @@ def kill_cli_when(args: list[str], env: dict, ready, what: str, timeout: float,
         process.wait(timeout=30)
 
 
-def task_runs(flow_run_id: str) -> dict[str, list]:
+def task_runs(flow_run_id: str, settle: float = 30.0) -> dict[str, list]:
     """The task runs of a flow run, by stage label (the first word of a run's name), read
-    through the API."""
+    through the API. The API learns of a task's final state through events a moment after
+    the flow returns: read again (for up to `settle` seconds) while one still reads Running."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    deadline = time.monotonic() + settle
+    while True:
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        if not any(run.state is None or run.state.name == "Running" for run in runs) or \
+                time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     out: dict[str, list] = {}
     for run in runs:
         out.setdefault(run.name.split()[0], []).append(run)
