@@ -270,14 +270,19 @@ def describe(model: nn.Module) -> dict:
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
 
 
+def looks_local(name_or_path: str) -> bool:
+    """Whether a model name means a local folder (it exists, or is spelt as a path), not a hub
+    id, as `load_model` reads it."""
+    return Path(name_or_path).expanduser().exists() or name_or_path.startswith((".", "/", "~"))
+
+
 def _local_source(name_or_path: str) -> tuple[str, bool]:
     """(what to pass to from_pretrained, whether it names a local folder), as `load_model` does."""
-    local = Path(name_or_path).expanduser()
-    looks_local = local.exists() or name_or_path.startswith((".", "/", "~"))
-    if looks_local and not (local / "config.json").is_file():
+    local, is_local = Path(name_or_path).expanduser(), looks_local(name_or_path)
+    if is_local and not (local / "config.json").is_file():
         raise ModelError(f"model folder {str(local)!r} does not exist or has no config.json; "
                          "pass a Hugging Face model folder or a hub id like facebook/opt-125m")
-    return (str(local) if looks_local else name_or_path), looks_local
+    return (str(local) if is_local else name_or_path), is_local
 
 
 def check_weight_files(name_or_path: str) -> None:

@@ -227,11 +227,11 @@ def _check_model(c: RunConfig, model: str, seqlen: int | None, data: list[str]):
         check_weight_files,
         load_config,
         load_tokenizer,
+        looks_local,
     )
 
     check_device(c.device)
-    looks_local = Path(model).expanduser().exists() or model.startswith((".", "/", "~"))
-    if not looks_local and not hub_offline():  # a hub id: seconds, not the client's retries
+    if not looks_local(model) and not hub_offline():  # a hub id: seconds, not the retries
         check_hub(f"model {model!r}", MODEL_HINT)
     for i, source in enumerate(data):
         role = "calibration" if i == 0 else "evaluation"

@@ -1156,6 +1156,11 @@ def test_an_unreachable_hub_fails_the_plan_of_a_hub_model_in_seconds(
                            match="model 'org/model'.*unreachable.*--model path/to/model.*"
                                  "HF_HUB_OFFLINE=1"):
             plan_pipeline(tiny_params("org/model", corpus, tmp_path / "store"), check=check)
+    # a local path with a typo is not a hub id: it is said to be missing, not unreachable
+    from sds.errors import ModelError
+
+    with pytest.raises(ModelError, match="typo-model' does not exist"):
+        plan_pipeline(tiny_params(str(tmp_path / "typo-model"), corpus, tmp_path / "store"))
 
 
 def _hub_cache(tmp_path, model_folder, repo_id: str, commit: str) -> Path:
