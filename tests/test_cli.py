@@ -1148,6 +1148,7 @@ def test_an_unreachable_hub_fails_the_plan_of_a_hub_model_in_seconds(
         raise AssertionError("the hub client was asked")
 
     monkeypatch.setattr(socket, "create_connection", unreachable)
+    import sds.models  # noqa: F401 - imports transformers, which reads HfApi as it loads
     monkeypatch.setattr(huggingface_hub, "HfApi", asked)
     monkeypatch.setattr(tasks.plan, "_plans", {})
     for check in (False, True):
@@ -1158,6 +1159,7 @@ def test_an_unreachable_hub_fails_the_plan_of_a_hub_model_in_seconds(
             plan_pipeline(tiny_params("org/model", corpus, tmp_path / "store"), check=check)
     # a local path with a typo is not a hub id: it is said to be missing, not unreachable
     from sds.errors import ModelError
+
 
     with pytest.raises(ModelError, match="typo-model' does not exist"):
         plan_pipeline(tiny_params(str(tmp_path / "typo-model"), corpus, tmp_path / "store"))
