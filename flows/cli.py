@@ -85,7 +85,7 @@ def _add_option(group, dest: str, default, help_text: str) -> None:
     """`--name VALUE`, or for a bool `--name` (off by default) or `--no-name` (on by default);
     the flag is named after the field unless FLAGS names it."""
     name = dest.rpartition(".")[2]
-    flags = FLAGS.get(dest, ["--" + name.replace("_", "-")])
+    flags = _flags(dest)
     if isinstance(default, bool):
         group.add_argument(*[f"--no-{f[2:]}" for f in flags] if default else flags, dest=dest,
                            action="store_false" if default else "store_true",
@@ -369,9 +369,13 @@ def _config(kind, args, base: dict | None = None, where: str = "command line"):
     return config
 
 
+def _flags(dest: str) -> list[str]:
+    """The command-line flags of a configuration field (`sds_options.l1`: --lambda1, --l1)."""
+    return FLAGS.get(dest, ["--" + dest.rpartition(".")[2].replace("_", "-")])
+
+
 def _flag(dest: str) -> str:
-    """The command-line flag of a configuration field (`sds_options.l1`: --lambda1)."""
-    return FLAGS.get(dest, ["--" + dest.rpartition(".")[2].replace("_", "-")])[0]
+    return _flags(dest)[0]
 
 
 class TerminalProgress(logging.Handler):

@@ -73,16 +73,6 @@ def oneshot(model: nn.Module, calibration, method: str = "sparsegpt",
                 progress=progress, on_block=on_block, resume=resume)
 
 
-def _obeys(W, pattern) -> bool:
-    """Whether W: [out, in] already obeys `pattern` (at most N non-zeros in every M along the
-    input dimension; or at least the pattern's share of zeros)."""
-    if pattern.is_nm:
-        if W.shape[1] % pattern.m:
-            return False
-        return bool(((W != 0).reshape(-1, pattern.m).sum(1) <= pattern.n).all())
-    return (W == 0).float().mean().item() >= pattern.sparsity - 1e-6
-
-
 def _rules(pattern, overrides, exclude) -> LayerRules:
     if not isinstance(pattern, LayerRules):
         return LayerRules.build(pattern, overrides, exclude)
@@ -135,7 +125,7 @@ def prune(model: nn.Module, calibration, method: str = "sparsegpt", pattern="2:4
 
     config = (sds_config or SDSConfig()) if sds else None
     dense = dense_weights(model, rules) if sds else None  # before step 1 changes them
-    if dense and all(_obeys(W, rules.pattern_for(n)) for n, W in dense.items()):
+    if dense and all(rules.pattern_for(n).obeyed_by(W) for n, W in dense.items()):
         log.warning("every layer to prune already obeys its pattern (is the model pruned?): "
                     "SDS takes the model's weights as the dense ones it reconstructs, so it "
                     "can only reproduce them; start from the dense model")

@@ -90,6 +90,15 @@ class Pattern:
             raise ConfigError(f"sparsity ratio {spec!r} is not finite; {_ACCEPTED}")
         return cls(ratio=value)
 
+    def obeyed_by(self, W: torch.Tensor) -> bool:
+        """Whether W: [out, in] already obeys the pattern: at most N non-zeros in every M
+        along the input dimension, or at least the pattern's share of zeros."""
+        if self.is_nm:
+            if W.shape[1] % self.m:
+                return False
+            return bool(((W != 0).reshape(-1, self.m).sum(1) <= self.n).all())
+        return (W == 0).float().mean().item() >= self.sparsity - 1e-6
+
     # -- properties ---------------------------------------------------------------------------
     @property
     def is_nm(self) -> bool:
