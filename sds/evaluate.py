@@ -314,6 +314,25 @@ def _builtin_task_manager():
 
 
 @contextlib.contextmanager
+def _without_run_provenance():
+    """lm-eval's `simple_evaluate` records the git commit of the working directory (a `git`
+    subprocess that prints "fatal: not a git repository" into the caller's stderr outside a
+    checkout) and torch's environment report (about 0.4 s of subprocesses). `zero_shot` returns
+    neither: skip both while it runs, and give lm-eval its functions back."""
+    import lm_eval.evaluator as evaluator
+
+    stand_ins = {"get_git_commit_hash": lambda: None, "add_env_info": lambda storage: None}
+    saved = {name: getattr(evaluator, name) for name in stand_ins if hasattr(evaluator, name)}
+    try:
+        for name in saved:
+            setattr(evaluator, name, stand_ins[name])
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(evaluator, name, fn)
+
+
+@contextlib.contextmanager
 def _preserved_rng():
     """lm-eval reseeds python, numpy and torch globally and draws from them: give the caller its
     random streams back."""
@@ -387,6 +406,7 @@ def zero_shot(
 
     with contextlib.ExitStack() as stack:
         stack.enter_context(_preserved_rng())
+        stack.enter_context(_without_run_provenance())
         local_manager = TaskManager(include_path=[str(p) for p in include_paths] or None,
                                     include_defaults=False)
         local = set(local_manager.all_tasks)

@@ -259,6 +259,24 @@ def test_zero_shot_gives_the_caller_its_random_streams_back(zero_shot_run):
     assert torch.equal(torch_before, torch_after)
 
 
+def test_zero_shot_outside_a_git_checkout_writes_nothing_to_stderr(model, tokenizer, tmp_path,
+                                                                   monkeypatch, capfd):
+    """lm-eval asks `git` for the working directory's commit, which prints "fatal: not a git
+    repository" outside a checkout; zero_shot skips that record, and gives lm-eval its function
+    back afterwards."""
+    import lm_eval.evaluator
+
+    monkeypatch.chdir(tmp_path)  # not inside a git checkout
+    probe = lm_eval.evaluator.get_git_commit_hash
+    include = write_local_tasks(tmp_path / "tasks", {
+        "quiet": write_mc_jsonl(tmp_path / "quiet.jsonl", 3, seed=7)})
+    capfd.readouterr()
+    results = zero_shot(model, tokenizer, ["quiet"], include_path=include)
+    assert results["quiet"]["samples"] == 3
+    assert "not a git repository" not in capfd.readouterr().err
+    assert lm_eval.evaluator.get_git_commit_hash is probe
+
+
 def test_local_task_yaml_holds_absolute_data_paths(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write_mc_jsonl(tmp_path / "rel.jsonl", 2, seed=4)
