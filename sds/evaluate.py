@@ -80,11 +80,13 @@ def perplexity(
     device: str | torch.device | None = None,
     max_windows: int | None = None,
     progress: bool = False,
+    on_window=None,
 ) -> dict:
     """Perplexity of a causal LM on `input_ids: [1, N]` in `N // seqlen` non-overlapping windows.
 
     Returns {"ppl", "nll" (total, nats), "nll_per_token", "tokens" (predicted: seqlen - 1 per
     window), "windows", "seqlen"}. `max_windows` evaluates the first windows only.
+    `on_window(done, windows)`, when given, is called after each batch of windows.
     """
     if input_ids.dim() == 1:
         input_ids = input_ids.unsqueeze(0)
@@ -131,6 +133,8 @@ def perplexity(
                 )
             total_nll += nll.item()
             del logits, shift
+            if on_window is not None:
+                on_window(start + len(batch), n_windows)
     tokens = n_windows * (seqlen - 1)
     return {
         "ppl": math.exp(total_nll / tokens),

@@ -77,13 +77,15 @@ def evaluate_model(
     batch_size: int = 8,
     device: str | torch.device | None = None,
     on_part=None,
+    on_window=None,
 ) -> dict:
     """Run the suite on `model` (moved to `device` when given).
 
     Returns {"metrics": {"ppl/<source>": float, "acc/<task>": float, "acc_norm/<task>": float},
     "details": {name: full record}, "seconds": float}. `limit` caps the examples per zero-shot
     task (None: all). `on_part(done, parts, name)`, when given, is called after each part:
-    each corpus's perplexity, then the zero-shot tasks (one part).
+    each corpus's perplexity, then the zero-shot tasks (one part). `on_window(done, windows,
+    name)`, when given, is called after each batch of windows inside a corpus's perplexity.
     """
     sources = as_list(sources)
     task_names = expand_tasks(as_list(tasks))
@@ -99,8 +101,10 @@ def evaluate_model(
     for done, (source, label) in enumerate(zip(sources, source_labels(sources)), 1):
         max_tokens = C4_EVAL_WINDOWS * seqlen if source == "c4" else None
         ids, record = load_eval_tokens(tokenizer, source, max_tokens=max_tokens)  # [1, N]
-        result = perplexity(model, ids, seqlen, device=device)
         name = f"ppl/{label}"
+        windows_done = None if on_window is None else (
+            lambda done, windows, name=name: on_window(done, windows, name))
+        result = perplexity(model, ids, seqlen, device=device, on_window=windows_done)
         metrics[name] = result["ppl"]
         details[name] = {**result, "data": record}
         if on_part is not None:

@@ -166,16 +166,28 @@ def _evaluate(spec, store, clock, logger):
             model, tokenizer = load_base(spec)
             if tensors is not None:
                 load_layer_state(model, tensors)
+        parts = len(config["source_names"]) + bool(config["task_names"])
+        reached = {"parts": 0, "tenths": 0}  # parts done; tenths of the current corpus said
+
         def part_done(done: int, parts: int, name: str) -> None:  # the bar: parts, not 0/?
+            reached.update(parts=done, tenths=0)
             progress(logger, spec, "%s evaluated (%d/%d)", name, done, parts, event="block",
                      block=done, blocks=parts)
+
+        def windows_done(done: int, windows: int, name: str) -> None:  # within a corpus
+            tenths = 10 * done // windows
+            if tenths > reached["tenths"] and done < windows:  # a line per tenth, at most
+                reached["tenths"] = tenths
+                progress(logger, spec, "%s: window %d/%d", name, done, windows, event="block",
+                         block=reached["parts"] + done / windows, blocks=parts)
 
         with clock("compute"):
             result = evaluate_model(
                 model, tokenizer, sources=config["source_names"], seqlen=config["seqlen"],
                 tasks=config["task_names"], limit=config.get("limit"),
                 batch_size=config.get("batch_size", 8),
-                device=spec.run.device or default_device(), on_part=part_done)
+                device=spec.run.device or default_device(), on_part=part_done,
+                on_window=windows_done)
     for name, value in result["metrics"].items():
         logger.info("%s: %s = %s", spec.title, name, value)
     return {}, {"metrics": result["metrics"], "details": result["details"]}

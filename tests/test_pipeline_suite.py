@@ -43,10 +43,17 @@ def test_sources_of_one_name_keep_a_metric_each(tiny_model, corpus, tmp_path):
     other.write_text(corpus["calib"].read_text())  # same name, other text
     sources = [str(corpus["heldout"]), str(other)]
     parts = []
-    both = evaluate_model(model, tokenizer, sources=sources, seqlen=32,
-                          on_part=lambda *part: parts.append(part))["metrics"]
+    windows = []
+    result = evaluate_model(model, tokenizer, sources=sources, seqlen=32,
+                            on_part=lambda *part: parts.append(part),
+                            on_window=lambda *w: windows.append(w))
+    both = result["metrics"]
     assert len(both) == 2
     assert parts == [(k, 2, f"ppl/{label}") for k, label in enumerate(source_labels(sources), 1)]
+    for label in source_labels(sources):  # every window of every corpus, in order
+        n = result["details"][f"ppl/{label}"]["windows"]
+        assert [(d, w) for d, w, name in windows if name == f"ppl/{label}"] == [
+            (k, n) for k in range(1, n + 1)]
     for source, label in zip(sources, source_labels(sources)):
         alone = evaluate_model(model, tokenizer, sources=[source], seqlen=32)["metrics"]
         assert both[f"ppl/{label}"] == next(iter(alone.values()))
