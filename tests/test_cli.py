@@ -757,6 +757,24 @@ def test_a_grid_file_reads_patterns_and_switches_as_written(tmp_path, clean_envi
     assert config.sds_options.lr == 0.01 and config.sds_options.epochs == 7
 
 
+def test_both_runs_each_point_with_and_without_sds_over_the_grid_file(tmp_path, clean_environ):
+    """`--both` (README: "adds each point without SDS") wins over the grid file's `sds`, as
+    every command-line option does; `--no-sds` leaves the one-shot points only."""
+    from flows.cli import build_parser, sweep_config
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("methods: [sparsegpt, wanda]\nsds: [true]\n")
+
+    def points(*extra):
+        config = sweep_config(build_parser().parse_args(["sweep", "--grid", str(grid), *extra]))
+        return sorted((p.method, p.sds) for p in config.points())
+
+    assert points() == [("sparsegpt", True), ("wanda", True)]
+    assert points("--both") == [("sparsegpt", False), ("sparsegpt", True), ("wanda", False),
+                                ("wanda", True)]
+    assert points("--no-sds") == [("sparsegpt", False), ("wanda", False)]
+
+
 @pytest.mark.parametrize("device", ["cdua", "gpu", "cuda:x", "cuda:-1", "cpu:0:1", "mps:"])
 def test_a_misspelt_device_is_refused_by_the_configuration(device, clean_environ):
     """The form is checked with the options, without torch, so a run answered from the store

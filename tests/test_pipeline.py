@@ -509,10 +509,23 @@ def test_a_pool_sweep_does_not_recompute_on_its_own_machine(monkeypatch):
     def damaged(*_args):
         raise UpstreamLostError("artifact second/... is corrupt; it was discarded")
 
+    from types import SimpleNamespace
+
+    from flows import sweep
+    from tasks.config import SweepConfig
+
     monkeypatch.setattr(pipeline.report, "finish", damaged)
     monkeypatch.setattr(pipeline, "run_plans", lambda plans: pytest.fail("computed locally"))
+    monkeypatch.setattr(sweep, "create_table_artifact", lambda **_kw: None)
     with pytest.raises(UpstreamLostError):
         pipeline.finish(None, {}, None, None, None, 0.0, {}, repair=False)
+    # through the sweep: its points on a pool fail by name, nothing is computed here
+    plan = SimpleNamespace(specs={}, settings={"model": "demo", "demo": True,
+                                               "method": "sparsegpt", "pattern": "2:4",
+                                               "sds": True})
+    with pytest.raises(sweep.SweepError, match="demo-sparsegpt-2-4-sds: artifact second"):
+        sweep.write_results(SweepConfig(pool="sds-gpu", out="none"), [plan], [{}], [{}],
+                            None, 0.0)
 
 
 def test_runs_finishing_into_one_folder_take_turns(tmp_path, monkeypatch):

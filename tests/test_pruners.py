@@ -192,9 +192,11 @@ def test_unknown_method_names_the_choices():
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_a_method_in_a_walk_depends_on_exactly_the_options_it_declares(name):
-    """`Method.options` is what a pipeline keys a method's result on: changing a declared option
-    changes the pruned weights, changing any other leaves them bit-identical."""
+def test_a_method_depends_on_exactly_the_layer_options_it_declares(name):
+    """`Method.options` is what a pipeline keys a method's result on: changing a declared layer
+    option (blocksize, percdamp, solver) changes the pruned weights, changing any other leaves
+    them bit-identical. The walk's options (sequential, target_mix) are tested on walks
+    (tests/test_solver.py)."""
     W, X, H = _layer(rows=32, cols=256, tokens=1024)
     spec = METHODS[name]
     stats = LayerStats(tokens=X.shape[0], H=H if spec.stats == "full" else None,

@@ -518,6 +518,26 @@ def test_one_shot_sequential_statistics_are_the_inputs_of_the_pruned_model(metho
     assert (seen[name] - expected).norm() <= 1e-4 * expected.norm()  # one pass: off by ~3%
 
 
+def test_a_method_that_does_not_read_the_walk_options_ignores_them(caplog):
+    """Magnitude declares neither `sequential` nor `target_mix` (the pipeline's keys leave them
+    out for it): with them set, the same weights bit for bit, and a warning that says so."""
+    import copy
+
+    from sds.models import prunable_layers, weight_matrix
+    from tests.helpers import tiny_llama
+
+    torch.manual_seed(0)
+    plain = tiny_llama(layers=2)
+    asked = copy.deepcopy(plain)
+    ids = torch.randint(0, 128, (2, 16))
+    sds.oneshot(plain, ids, "magnitude", "2:4", progress=False)
+    with caplog.at_level("WARNING", logger="sds"):
+        sds.oneshot(asked, ids, "magnitude", "2:4", sequential=True, progress=False)
+    assert "does not read sequential" in caplog.text
+    for name, layer in prunable_layers(plain).items():
+        assert torch.equal(weight_matrix(layer), weight_matrix(prunable_layers(asked)[name]))
+
+
 def test_one_shot_target_mix_is_refused_where_it_cannot_work():
     from sds.patterns import LayerRules
     from sds.pruners import PruneOptions, pruning_transform

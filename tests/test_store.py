@@ -408,6 +408,9 @@ def test_a_meta_reads_back_as_written_whatever_it_holds(store):
         key = key_for(sparsity=i / 10)
         store.save("evaluate", key, {}, {name: value})
         assert store.exists("evaluate", key), name
+        # and reads back as JSON writes it (int keys as strings; NaN compared by its spelling)
+        read = store.load_meta("evaluate", key)[name]
+        assert json.dumps(read) == json.dumps(json.loads(json.dumps(value))), name
 
 
 def test_a_never_saved_artifact_does_not_exist(store):
