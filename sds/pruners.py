@@ -30,7 +30,14 @@ from .errors import ConfigError, NumericalError
 from .layerwise import LayerGroup, Needs, Transform
 from .options import METHOD_OPTIONS, check_target_mix, method_options
 from .patterns import LayerRules, Pattern
-from .solver import ScaledGram, SolverOptions, mixed_targets, solve, solve_layers
+from .solver import (
+    ScaledGram,
+    SolverOptions,
+    check_symmetric,
+    mixed_targets,
+    solve,
+    solve_layers,
+)
 
 log = logging.getLogger("sds")
 
@@ -65,17 +72,6 @@ def _check_shapes(W: torch.Tensor, H: torch.Tensor | None, needs_h: bool = True)
     if tuple(H.shape) != (W.shape[1], W.shape[1]):
         raise ConfigError(f"H must be [in, in] = {(W.shape[1],) * 2} for W {tuple(W.shape)}, "
                           f"got {tuple(H.shape)}")
-
-
-def _check_symmetric(H: torch.Tensor) -> None:
-    """Refuse an H that is not symmetric (one triangle of XᵀX, say): the methods read
-    different parts of it. Done where a caller's own H is factored, not for the walk's (made
-    symmetric) and not per layer of a group."""
-    Hf = H.detach().float()
-    largest = Hf.abs().max() if Hf.numel() else 0.0
-    if Hf.numel() and bool((Hf - Hf.T).abs().max() > 1e-2 * largest):  # NaN: _check_finite
-        raise ConfigError("H is not symmetric: pass the whole Gram matrix XᵀX, not one of its "
-                          "triangles")
 
 
 def magnitude(W: torch.Tensor, H: torch.Tensor | None, pattern: Pattern | str) -> torch.Tensor:
@@ -181,7 +177,7 @@ def sparsegpt(
     pattern.check_width(W.shape[1])
     _check_finite("W", W)
     if factor is None:
-        _check_symmetric(H)
+        check_symmetric(H)
         factor = inverse_hessian_factor(H, percdamp)
     U, dead = factor
     dtype = W.dtype
@@ -245,8 +241,7 @@ def admm(W: torch.Tensor, H: torch.Tensor, pattern: Pattern | str, percdamp: flo
                           f"not of this layer's inputs ({W.shape[1]}); make it with "
                           "ScaledGram.of(H, percdamp)")
     if gram is None:
-        _check_symmetric(H)
-        gram = ScaledGram.of(H, percdamp)
+        gram = ScaledGram.of(H, percdamp)  # refuses an H that is not symmetric
     W_new, record = solve(W.float(), gram, pattern, per_row=per_row,
                           options=options or SolverOptions())
     if info is not None:

@@ -82,6 +82,7 @@ class ScaledGram:
             raise NumericalError("H holds NaN/Inf values; check the calibration data (fp16 "
                                  "overflow is a common cause: load the model in fp32 or bf16)")
         H = H.detach().float()
+        check_symmetric(H)
         diag = torch.diagonal(H)
         dead = diag <= 0  # [in]
         floor = SCALE_FLOOR * diag.clamp_min(0).mean()
@@ -106,9 +107,23 @@ class ScaledGram:
         return self.row_errors(W_hat_t, W_hat).sum().item()
 
     def row_errors(self, W_hat_t: torch.Tensor, W_hat: torch.Tensor) -> torch.Tensor:
-        """[out]: row i's share δ_i Ĥ δ_iᵀ of tr(Δ Ĥ Δᵀ), Δ = Ŵ_t − Ŵ."""
+        """[out]: row i's share δ_i Ĥ δ_iᵀ of tr(Δ Ĥ Δᵀ), Δ = Ŵ_t − Ŵ, from the eigenvalues
+        clamped at 0 (as the ADMM phase measures it): never negative. Ĥ summed in float32 is
+        indefinite by rounding where the inputs are rank-deficient, and δ_i Ĥ δ_iᵀ with Ĥ
+        itself would call a weight that diverges along a negative eigenvalue the best."""
         Delta = W_hat_t - W_hat  # [out, in]
-        return (Delta @ self.Hs * Delta).sum(1)
+        return torch.mv((Delta @ self.Q).square_(), self.lam)
+
+
+def check_symmetric(H: torch.Tensor) -> None:
+    """Refuse an H that is not symmetric (one triangle of XᵀX, say): the methods read different
+    parts of it, and symmetrising a triangle halves its off-diagonal entries. Done where an H is
+    factored (once per group of layers), not per layer."""
+    Hf = H.detach().float()
+    largest = Hf.abs().max() if Hf.numel() else 0.0
+    if Hf.numel() and bool((Hf - Hf.T).abs().max() > 1e-2 * largest):  # NaN: checked before
+        raise ConfigError("H is not symmetric: pass the whole Gram matrix XᵀX, not one of its "
+                          "triangles")
 
 
 def _eigh(Hs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,12 +149,12 @@ def prune_mask(V: torch.Tensor, pattern: Pattern, per_row: bool, dead: torch.Ten
 
     N:M prunes exactly M − N entries of every group (ties broken by position), by counting
     for each entry the entries of its group ranked above it: M(M − 1)/2 comparisons of the
-    whole matrix, several times faster than `kthvalue` or `topk` over groups of four. Unstructured
-    thresholds come from `kthvalue`; entries tied with a threshold are pruned too. Either way
-    the pattern always holds. With `sparsity` below the pattern's, only that fraction (per row
-    for `per_row` or N:M, else of the layer) of the entries is pruned, among those the full
-    pattern would prune: the gradual masks of the ramp end in the pattern's mask. Dead inputs
-    are always pruned.
+    whole matrix, several times faster than `kthvalue` or `topk` over groups of four.
+    Unstructured thresholds come from `kthvalue`, and exactly floor(s · count) entries are
+    pruned (ties broken by position). Either way the pattern always holds. With `sparsity`
+    below the pattern's, only that fraction (per row for `per_row` or N:M, else of the layer)
+    of the entries is pruned, among those the full pattern would prune: the gradual masks of
+    the ramp end in the pattern's mask. Dead inputs are always pruned.
     """
     score = V.abs()  # [out, in]
     has_dead = bool(dead.any())
@@ -175,15 +190,25 @@ def _nm_lowest(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 
 def _lowest(score: torch.Tensor, s: float, per_row: bool) -> torch.Tensor:
-    """Mask of the floor(s · count) lowest scores of each row (or of the whole matrix), and of
-    any entry tied with the threshold."""
+    """Mask of exactly the floor(s · count) lowest scores of each row (or of the whole matrix);
+    among entries tied with the threshold, the earliest (row-major) are pruned. Pruning every
+    tied entry would prune more than the pattern asks, up to the whole layer when all scores
+    are equal."""
     rows, cols = score.shape
     k = int(s * (cols if per_row else rows * cols))
     if k <= 0:
         return torch.zeros_like(score, dtype=torch.bool)
+    flat = score if per_row else score.reshape(1, -1)  # [groups, entries]
     if per_row:
-        return score <= torch.kthvalue(score, k, dim=1, keepdim=True).values
-    return score <= _kth_smallest(score.flatten(), k)
+        thr = torch.kthvalue(flat, k, dim=1, keepdim=True).values  # [groups, 1]
+    else:
+        thr = _kth_smallest(flat[0], k).reshape(1, 1)
+    below = flat < thr  # [groups, entries]
+    tied = flat == thr
+    need = k - below.sum(1, keepdim=True)  # [groups, 1]: how many tied entries to prune
+    if bool((tied.sum(1, keepdim=True) > need).any()):  # keep the later tied entries
+        tied &= tied.cumsum(1, dtype=torch.int32) <= need
+    return (below | tied).view(rows, cols)
 
 
 def _kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -253,6 +278,10 @@ def _check_problem(W_t, gram, W0, options) -> None:
                               or W.shape[1] != n):
             shape = tuple(W.shape) if isinstance(W, torch.Tensor) else type(W).__name__
             raise ConfigError(f"{name} must be [out, {n}] for this Gram matrix, got {shape}")
+    for name, W in (("W_t", W_t), ("W0", W0)):
+        if W is not None and not torch.isfinite(W).all():
+            raise NumericalError(f"{name} holds NaN/Inf values; check the model weights (fp16 "
+                                 "overflow is a common cause: load the model in fp32 or bf16)")
     if W0 is not None and W0.shape != W_t.shape:
         raise ConfigError(f"W0 {tuple(W0.shape)} and W_t {tuple(W_t.shape)} differ in shape")
     if not isinstance(options, SolverOptions):
@@ -278,6 +307,8 @@ def solve_layers(W_t: dict[str, torch.Tensor], gram: ScaledGram, pattern: Patter
     if not (pattern.is_nm or per_row) or len(names) == 1:
         return {n: solve(W_t[n], gram, pattern, per_row=per_row,
                          W0=None if W0 is None else W0[n], options=options) for n in names}
+    for n in names:
+        _check_problem(W_t[n], gram, None if W0 is None else W0[n], options)
     rows = [W_t[n].shape[0] for n in names]
     W, info, start, end = _solve(torch.cat([W_t[n].float() for n in names]), gram, pattern,
                                  per_row, None if W0 is None else

@@ -82,3 +82,21 @@ def test_rules_that_select_nothing_are_refused(overrides, exclude, message):
     rules = LayerRules.build("2:4", overrides, exclude)
     with pytest.raises(ConfigError, match=message):
         rules.check(LAYERS)
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.55, 0.7])
+def test_what_the_pruners_leave_obeys_the_pattern_at_any_ratio(ratio):
+    """A weight pruned over the whole layer or within each row obeys its pattern, though
+    floor(s · count) is below s · count; one zero fewer than each row's share does not."""
+    from sds.pruners import magnitude, wanda
+
+    torch.manual_seed(0)
+    W, H = torch.randn(3, 10), torch.eye(10)
+    pattern = Pattern.parse(ratio)
+    assert pattern.obeyed_by(magnitude(W, None, pattern))
+    pruned = wanda(W, H, pattern)
+    assert pattern.obeyed_by(pruned)
+    one_short = pruned.clone()
+    row = one_short[0]
+    row[(row == 0).nonzero()[0]] = 1.0  # one zero of row 0 back
+    assert not pattern.obeyed_by(one_short)
