@@ -113,8 +113,10 @@ class Pattern:
     def __str__(self) -> str:
         if self.is_nm:
             return f"{self.n}:{self.m}"
-        pct = self.ratio * 100
-        return f"{pct:g}%" if abs(pct - round(pct, 6)) < 1e-9 else f"{self.ratio!r}"
+        # a percentage only where it reads back as this very ratio: the text is what artifact
+        # keys hash and what the pipeline's stages prune with
+        text = f"{self.ratio * 100:g}%"
+        return text if Pattern.parse(text).ratio == self.ratio else f"{self.ratio!r}"
 
     # -- mask selection -----------------------------------------------------------------------
     def check_width(self, cols: int, layer: str | None = None) -> None:

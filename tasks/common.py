@@ -235,13 +235,15 @@ def progress(logger, spec: StageSpec, message: str, *args, **event) -> None:
 # -- finished blocks ----------------------------------------------------------------------------
 def compute_setup(device) -> dict:
     """What, besides a stage's inputs, decides the last bits of its tensors: the device kind
-    (and GPU model), the torch build and its CPU threads."""
+    (and GPU model), the torch build, its CPU threads and the CPU kernels it dispatches to
+    (AVX2, AVX-512, ...: the same torch on another CPU rounds differently)."""
     import torch
 
     from sds.models import default_device
 
     dev = torch.device(device) if device else default_device()
-    setup = {"device": dev.type, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    setup = {"device": dev.type, "torch": torch.__version__, "threads": torch.get_num_threads(),
+             "cpu": torch.backends.cpu.get_cpu_capability()}
     if dev.type == "cuda":
         setup["gpu"] = torch.cuda.get_device_name(dev)
     return setup

@@ -256,7 +256,7 @@ def atomic_file(fs, path: str) -> Iterator[str]:
     local = isinstance(fs, LocalFileSystem)
     folder = os.path.dirname(path) if local else None
     if local:
-        os.makedirs(folder, exist_ok=True)
+        _makedirs(folder)
     fd, tmp = tempfile.mkstemp(prefix=".sds-", suffix=".tmp", dir=folder)
     os.close(fd)
     try:
@@ -512,6 +512,8 @@ class ArtifactStore:
             current = self._lease(stage, key)[1] or {}
             self._put(f"{folder}/{generation}.json",
                       json.dumps({**current, "expires": 0, "released": True}).encode(), action)
+        elif self.local:  # the folder, and its stage's, once empty (a taker makes it again)
+            _remove_empty(folder, f"{self._base}/.leases")
 
     def lease(self, stage: str, key: str) -> dict | None:
         """The current lease of `stage`/`key` (live or expired), None when there is none."""
@@ -621,11 +623,11 @@ class ArtifactStore:
                 with self._guard(f"removing {self._uri(path)}"), \
                         contextlib.suppress(FileNotFoundError):
                     self.fs.rm_file(path)
-            if self.local:  # a lease folder, and its stage's, once empty
-                for lease_folder in {p.rsplit("/", 1)[0] for p in stale if "/.leases/" in p}:
-                    with contextlib.suppress(OSError):
-                        os.rmdir(lease_folder)
-                        os.rmdir(os.path.dirname(lease_folder))
+            if self.local:  # lease folders, and their stages', once empty (any run's)
+                top = f"{self._base}/.leases"
+                for lease_folder, _, _ in sorted(os.walk(top), reverse=True):
+                    if lease_folder != top:
+                        _remove_empty(lease_folder, top)
         return sorted(self._uri(p) for p in stale)
 
     def _leftovers(self, limit: float) -> list[str]:
@@ -661,6 +663,9 @@ class ArtifactStore:
                 folders.setdefault(path.rsplit("/", 1)[0], {})[path] = info
         newest = {f: max(files, key=_generation) for f, files in folders.items()}
         raw = self._cat(list(newest.values()), f"reading the leases under {self._uri(folder)}")
+        for path, blob in raw.items():  # a lease that cannot be read must not count as none
+            if isinstance(blob, Exception) and not isinstance(blob, FileNotFoundError):
+                raise self._error(f"reading the lease {self._uri(path)}", blob)
         return {f: (files, _json_or_none_of(raw.get(newest[f]))) for f, files in folders.items()}
 
     def _cat(self, paths: list[str], action: str) -> dict:
@@ -1242,8 +1247,14 @@ def _mtime(info: Mapping[str, Any]) -> float | None:
 def _create_local(path: str, data: bytes) -> bool:
     """`data` as the local file `path` only if it is absent, complete from its first moment."""
     folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".sds-", suffix=".tmp", dir=folder)
+    for attempt in range(3):  # a release may remove the folder once it is empty: make it again
+        _makedirs(folder)
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=".sds-", suffix=".tmp", dir=folder)
+            break
+        except FileNotFoundError:
+            if attempt == 2:
+                raise
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -1258,6 +1269,26 @@ def _create_local(path: str, data: bytes) -> bool:
         return True
     finally:
         os.remove(tmp)
+
+
+def _remove_empty(folder: str, top: str) -> None:
+    """Remove the local folder `folder` and its parents below `top` while they are empty."""
+    while folder != top and folder.startswith(top + "/"):
+        try:
+            os.rmdir(folder)
+        except OSError:  # not empty (a run took a lease meanwhile), or gone
+            return
+        folder = os.path.dirname(folder)
+
+
+def _makedirs(folder: str) -> None:
+    """`os.makedirs(folder, exist_ok=True)`, where a file in the folder's place is said as
+    such (NotADirectoryError: a fault that retrying meets again), not as a FileExistsError."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except FileExistsError:
+        raise NotADirectoryError(errno.ENOTDIR, "a file is where a folder should be",
+                                 folder) from None
 
 
 def _fsync(path: str) -> None:

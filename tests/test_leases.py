@@ -4,6 +4,7 @@ dead holder's lease is taken over (by one taker only)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from tasks.store import ArtifactStore, artifact_key, expired, pid_namespace
 from tests.test_pipeline_fixtures import REPO, cli_args, server_env, tiny_params
@@ -354,3 +356,84 @@ def test_a_run_keeps_the_artifact_another_run_committed_while_it_computed(
     tensors, meta = store.load(spec.stage, spec.key)
     assert torch.equal(tensors["x"], torch.zeros(2)) and meta["by"] == "the run that took over"
     assert list(store.parts(spec.stage, spec.key)) == []  # its finished blocks left no strays
+
+
+@pytest.mark.parametrize("where", ["lease", "artifact"])
+def test_a_file_where_a_store_folder_should_be_is_a_permanent_fault_said_as_such(tmp_path, where):
+    """A file in the place of a lease folder or an artifact folder fails every try alike:
+    the error says so, and the stage is not retried."""
+    from sds.errors import StoreError
+    from tasks.common import is_transient
+
+    store = ArtifactStore(tmp_path / "store")
+    key = "b" * 32
+    path = tmp_path / "store" / (".leases/oneshot" if where == "lease" else "oneshot") / key
+    path.parent.mkdir(parents=True)
+    path.write_text("not a folder")
+    with pytest.raises(StoreError) as caught:
+        if where == "lease":
+            store.take_lease("oneshot", key, _owner("taker"), 60)
+        else:
+            store.save("oneshot", key, {}, {})
+    assert "is a file where a folder should be" in str(caught.value)
+    assert not is_transient(caught.value)
+    assert path.read_text() == "not a folder"
+
+
+def test_a_lease_that_cannot_be_read_stops_a_collection_instead_of_counting_as_none(tmp_path):
+    """A stage computing under a live lease keeps its finished blocks: when reading that
+    lease fails, `remove` fails too rather than take the blocks as an interrupted save's."""
+    from sds.errors import StoreError
+
+    store = ArtifactStore(tmp_path / "store")
+    key = "f" * 32
+    store.save_part("oneshot", key, 0, {"w": torch.ones(2)}, {"blocks": 2})
+    store.take_lease("oneshot", key, _owner("holder"), 600)
+    assert store.in_use() == {key}
+    real = store.fs.cat
+
+    def failing(paths, on_error="raise", **kwargs):  # the lease's read fails, once per call
+        out = real(paths, on_error=on_error, **kwargs)
+        return {p: OSError(5, "I/O error") if "/.leases/" in p else v for p, v in out.items()}
+
+    store.fs.cat = failing
+    with pytest.raises(StoreError, match="reading the lease"):
+        store.remove(None, incomplete=True)
+    store.fs.cat = real
+    assert [record["block"] for _, record in store.parts("oneshot", key)] == [0]
+
+
+def test_lease_folders_go_once_their_leases_do(tmp_path, monkeypatch):
+    """A committed stage's release leaves no empty folder under .leases, a collection sweeps
+    those an earlier version left, and a taker whose folder a release removes at that moment
+    still takes its lease."""
+    import tempfile as tempfile_module
+
+    import tasks.store as store_module
+
+    store = ArtifactStore(tmp_path / "store")
+    leases = tmp_path / "store" / ".leases"
+    for key in ("a" * 32, "c" * 32):
+        generation, _ = store.take_lease("oneshot", key, _owner("taker"), 60)
+        store.save("oneshot", key, {}, {})
+        store.release_lease("oneshot", key, generation)
+    assert [p for p in leases.rglob("*")] == []
+
+    left = leases / "redense" / ("d" * 32)  # what releases of earlier versions left
+    left.mkdir(parents=True)
+    assert store.remove_stale() == []
+    assert [p for p in leases.rglob("*")] == []
+
+    real = tempfile_module.mkstemp
+    calls = []
+
+    def racing(*args, dir=None, **kwargs):  # a release empties and removes the folder first
+        calls.append(dir)
+        if len(calls) == 1:
+            os.rmdir(dir)
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(store_module.tempfile, "mkstemp", racing)
+    generation, holder = store.take_lease("oneshot", "e" * 32, _owner("taker"), 60)
+    assert (generation, holder) == (0, None) and len(calls) == 2
+    assert store.lease("oneshot", "e" * 32)["generation"] == 0

@@ -100,3 +100,20 @@ def test_what_the_pruners_leave_obeys_the_pattern_at_any_ratio(ratio):
     row = one_short[0]
     row[(row == 0).nonzero()[0]] = 1.0  # one zero of row 0 back
     assert not pattern.obeyed_by(one_short)
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.3, 0.07, 0.125, 0.4999999, 0.5000001, 0.1234567,
+                                   0.1234571, 0.33349, 1 / 3, 0.9])
+def test_a_ratio_is_written_as_text_that_reads_back_as_itself(ratio):
+    """`str(pattern)` is what the rules' description, and so the pipeline's artifact keys and
+    the ratio its stages prune with, hold: it must read back as the same ratio, so distinct
+    ratios never share a key and a stage prunes with the ratio asked for."""
+    from tasks.store import artifact_key
+
+    text = str(Pattern.parse(ratio))
+    assert Pattern.parse(text).ratio == ratio
+    described = LayerRules.build(ratio).describe()
+    assert LayerRules.build(described["default"]).default.ratio == ratio
+    keys = {r: artifact_key("oneshot", 1, {}, {"rules": LayerRules.build(r).describe()}, [])
+            for r in (ratio, 0.5)}
+    assert (keys[ratio] == keys[0.5]) == (ratio == 0.5)

@@ -135,3 +135,38 @@ def test_a_damaged_block_is_computed_again_with_the_ones_after_it(tmp_path):
     store.drop_parts("oneshot", key)
     assert sorted(p.name for p in (tmp_path / "store" / "oneshot" / key).iterdir()) == [
         "meta.json", "tensors.safetensors"]
+
+
+def test_blocks_computed_with_other_cpu_kernels_are_computed_again():
+    """The same torch with the same threads rounds differently on a CPU with other vector
+    kernels (ATEN_CPU_CAPABILITY stands in for another machine's CPU): wherever two such
+    processes prune to different bits, their setups differ, so neither resumes from the
+    other's blocks."""
+    import os
+
+    script = (
+        "import hashlib, json, torch\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM\n"
+        "from sds import api\n"
+        "from tasks.common import compute_setup\n"
+        "c = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128,\n"
+        "                num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)\n"
+        "torch.manual_seed(0); m = LlamaForCausalLM(c).eval()\n"
+        "ids = torch.randint(3, 100, (4, 32), generator=torch.Generator().manual_seed(1))\n"
+        "api.oneshot(m, ids, 'sparsegpt', '2:4', progress=False, device='cpu')\n"
+        "h = hashlib.sha256(b''.join(p.detach().numpy().tobytes() for p in m.parameters()))\n"
+        "print(json.dumps({'sha': h.hexdigest(), 'setup': compute_setup('cpu')}))\n")
+    runs = {}
+    for capability in ("default", "avx2", "avx512"):
+        env = {**os.environ, "ATEN_CPU_CAPABILITY": capability, "OMP_NUM_THREADS": "1"}
+        done = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        runs[capability] = json.loads(done.stdout.strip().splitlines()[-1])
+    shas = {r["sha"] for r in runs.values()}
+    if len(shas) == 1:
+        pytest.skip("this CPU rounds alike with every kernel set torch offers here")
+    for a in runs.values():
+        for b in runs.values():
+            if a["sha"] != b["sha"]:
+                assert a["setup"] != b["setup"], (a, b)
