@@ -469,98 +469,23 @@ def walk(
         if then is not None:
             report.then = WalkReport(device=str(device), tokens=int(input_ids.numel()))
 
+        shared = _Walk(transform, needs, then, then_needs, propagate, reference, hidden,
+                       ref_hidden, block_extras, device, store, report)
         bar = _progress(len(blocks), progress)
         for b, block in enumerate(blocks):
             t0 = time.perf_counter()
-            extras = block_extras[b]  # per sample: what the model passes this block
             home = next(block.parameters()).device
             block.to(device)
             all_layers = {f"{prefix}.{b}.{n}": m for n, m in block_linears(block).items()}
             layers = {n: m for n, m in all_layers.items() if select(n)}
             if b < resume.start:  # finished: its weights, and its outputs for the next block
-                _replay(block, layers, resume.weights, propagate, hidden, ref_hidden, extras,
-                        device, store, _RefWeights(layers, reference) if reference is not None
-                        else None)
+                _replay(block, layers, resume.weights, propagate, hidden, ref_hidden,
+                        block_extras[b], device, store,
+                        _RefWeights(layers, reference) if reference is not None else None)
                 block.to(home)
                 bar.update(1)
                 continue
-            extra0 = _to(extras[0], device)
-            groups = _groups_by_input(block, layers, hidden[0].to(device), extra0) if layers else []
-            ref_block = _RefWeights(layers, reference) if reference is not None else None
-
-            # the statistics pass runs every sample through the block as it is now: its outputs are
-            # the next block's inputs when propagating the untransformed block, and the reference
-            # stream's when the transform cannot change that stream (untransformed propagation, or
-            # every selected layer swapped for its reference weights)
-            keep = propagate == "original"
-            ref_fixed = keep or (reference is not None and set(layers) <= set(reference))
-            ref_inputs = None  # per group, the reference stream's inputs of every sample
-            settled = ref_settled = None
-            if needs.sequential:  # each group's statistics once the groups before it are done
-                settled = _SettledOutputs.of(block, f"{prefix}.{b}.", groups, device, store)
-                stats, outputs, ref_outputs = [None] * len(groups), None, None
-                if ref_block is not None and ref_fixed and _ref_inputs_fit(groups, layers,
-                                                                           ref_hidden):
-                    ref_inputs, ref_outputs = _reference_inputs(block, groups, layers, ref_hidden,
-                                                                extras, device, ref_block, store)
-                elif ref_block is not None:  # a pass per group, as the stream above
-                    ref_settled = _SettledOutputs.of(block, f"{prefix}.{b}.", groups, device, store)
-            else:
-                stats, outputs, ref_outputs = _collect(block, groups, layers, hidden, ref_hidden,
-                                                       extras, device, ref_block, needs, keep,
-                                                       ref_fixed, store)
-            pending: dict[str, torch.Tensor] = {}  # new weights, written after propagation
-            for k, (names, st) in enumerate(zip(groups, stats)):
-                if st is None:
-                    (st,), _, _ = _collect(block, [names], layers, hidden, ref_hidden, extras,
-                                           device, ref_block, needs, store=store, stop=True,
-                                           ref_inputs=None if ref_inputs is None else ref_inputs[k],
-                                           settled=settled, ref_settled=ref_settled)
-                    if ref_inputs is not None:
-                        ref_inputs[k] = None  # read: free it
-                new = _transform_group(transform, b, names, layers, st, needs, report, device)
-                if propagate == "original":
-                    pending.update(new)
-                else:
-                    for name, W_new in new.items():
-                        set_weight_matrix(layers[name], W_new)
-                del st
-                for kept in (settled, ref_settled):
-                    if kept is not None:
-                        kept.done = k
-            del stats, ref_inputs
-
-            t_then = time.perf_counter()
-            then_stats = None
-            with torch.no_grad():  # propagate: this block's outputs are the next block's inputs
-                if outputs is not None:
-                    hidden[:] = outputs
-                elif then is not None and groups:  # ... and the statistics of `then`, on the way
-                    then_stats, outputs, _ = _collect(block, groups, layers, hidden, None, extras,
-                                                      device, None, then_needs, keep_outputs=True,
-                                                      store=store)
-                    if outputs is None:  # `then` reads nothing of the inputs: no pass collected
-                        _forward(block, hidden, extras, device, store)
-                    else:
-                        hidden[:] = outputs
-                else:
-                    _forward(block, hidden, extras, device, store, settled)
-                if ref_outputs is not None:
-                    ref_hidden[:] = ref_outputs
-                elif ref_block is not None:
-                    with ref_block:
-                        _forward(block, ref_hidden, extras, device, store, ref_settled)
-            del outputs, ref_outputs, settled, ref_settled
-            for name, W_new in pending.items():
-                set_weight_matrix(layers[name], W_new)
-            seconds_then = 0.0
-            if then_stats is not None:
-                _apply(then, b, groups, layers, then_stats, then_needs, report.then, device)
-                seconds_then = time.perf_counter() - t_then
-                report.then.blocks.append({"block": b, "seconds": seconds_then})
-                report.then.seconds += seconds_then
-                report.seconds -= seconds_then
-            del then_stats
+            seconds_then = _walk_block(shared, b, block, f"{prefix}.{b}.", layers)
             block.to(home)
             seconds = time.perf_counter() - t0 - seconds_then
             report.blocks.append({"block": b, "seconds": seconds})
@@ -574,6 +499,123 @@ def walk(
         if keep_outputs:
             report.outputs = [h.cpu() for h in hidden]
         return report
+
+
+@dataclass
+class _Walk:
+    """What the blocks of one walk share: the transforms and what they read, every sample's
+    hidden states (and the reference stream's), where the block computes and where the
+    activations wait (`store`), and the report."""
+
+    transform: Transform
+    needs: Needs
+    then: Transform | None
+    then_needs: Needs | None
+    propagate: str
+    reference: Mapping[str, torch.Tensor] | None  # the reference stream's weights, if any
+    hidden: list  # per sample: the current block's inputs, replaced by its outputs
+    ref_hidden: list | None  # the same in the reference stream
+    block_extras: list  # per block, per sample: what the model passes besides the hidden states
+    device: torch.device
+    store: torch.device
+    report: WalkReport
+
+
+def _walk_block(w: _Walk, b: int, block: nn.Module, block_prefix: str,
+                layers: dict[str, nn.Module]) -> float:
+    """One block of `walk` (on its compute device, not a finished one): the statistics of each
+    group of `layers`, the transform of each group, the pass that propagates the samples to
+    the next block (collecting `then`'s statistics on its way), then `then`'s transforms.
+    Returns the seconds of `then`'s part (its transforms and the propagation pass)."""
+    extras = w.block_extras[b]  # per sample: what the model passes this block
+    extra0 = _to(extras[0], w.device)
+    groups = _groups_by_input(block, layers, w.hidden[0].to(w.device), extra0) if layers else []
+    ref_block = _RefWeights(layers, w.reference) if w.reference is not None else None
+
+    # the statistics pass runs every sample through the block as it is now: its outputs are
+    # the next block's inputs when propagating the untransformed block, and the reference
+    # stream's when the transform cannot change that stream (untransformed propagation, or
+    # every selected layer swapped for its reference weights)
+    keep = w.propagate == "original"
+    ref_fixed = keep or (w.reference is not None and set(layers) <= set(w.reference))
+    ref_inputs = None  # per group, the reference stream's inputs of every sample
+    settled = ref_settled = None
+    if w.needs.sequential:  # each group's statistics once the groups before it are done
+        settled = _SettledOutputs.of(block, block_prefix, groups, w.device, w.store)
+        stats, outputs, ref_outputs = [None] * len(groups), None, None
+        if ref_block is not None and ref_fixed and _ref_inputs_fit(groups, layers,
+                                                                   w.ref_hidden):
+            ref_inputs, ref_outputs = _reference_inputs(block, groups, layers, w.ref_hidden,
+                                                        extras, w.device, ref_block, w.store)
+        elif ref_block is not None:  # a pass per group, as the stream above
+            ref_settled = _SettledOutputs.of(block, block_prefix, groups, w.device, w.store)
+    else:
+        stats, outputs, ref_outputs = _collect(block, groups, layers, w.hidden, w.ref_hidden,
+                                               extras, w.device, ref_block, w.needs, keep,
+                                               ref_fixed, w.store)
+    pending: dict[str, torch.Tensor] = {}  # new weights, written after propagation
+    for k, (names, st) in enumerate(zip(groups, stats)):
+        if st is None:
+            (st,), _, _ = _collect(block, [names], layers, w.hidden, w.ref_hidden, extras,
+                                   w.device, ref_block, w.needs, store=w.store, stop=True,
+                                   ref_inputs=None if ref_inputs is None else ref_inputs[k],
+                                   settled=settled, ref_settled=ref_settled)
+            if ref_inputs is not None:
+                ref_inputs[k] = None  # read: free it
+        new = _transform_group(w.transform, b, names, layers, st, w.needs, w.report, w.device)
+        if keep:
+            pending.update(new)
+        else:
+            for name, W_new in new.items():
+                set_weight_matrix(layers[name], W_new)
+        del st
+        for kept in (settled, ref_settled):
+            if kept is not None:
+                kept.done = k
+    del stats, ref_inputs
+
+    t_then = time.perf_counter()
+    then_stats = _propagate(w, block, groups, layers, extras, outputs, ref_outputs, ref_block,
+                            settled, ref_settled)
+    del outputs, ref_outputs, settled, ref_settled
+    for name, W_new in pending.items():
+        set_weight_matrix(layers[name], W_new)
+    if then_stats is None:
+        return 0.0
+    _apply(w.then, b, groups, layers, then_stats, w.then_needs, w.report.then, w.device)
+    seconds_then = time.perf_counter() - t_then
+    w.report.then.blocks.append({"block": b, "seconds": seconds_then})
+    w.report.then.seconds += seconds_then
+    w.report.seconds -= seconds_then
+    return seconds_then
+
+
+def _propagate(w: _Walk, block, groups, layers, extras, outputs, ref_outputs, ref_block,
+               settled, ref_settled) -> list | None:
+    """Make this block's outputs the next block's inputs (in `w.hidden`, and `w.ref_hidden`):
+    those the statistics pass kept (`outputs`, `ref_outputs`), or a pass through the block as
+    the transform left it, reusing what a sequential walk kept (`settled`). With `then`, that
+    pass also collects its statistics: returned per group (None without `then`)."""
+    with torch.no_grad():
+        then_stats = None
+        if outputs is not None:
+            w.hidden[:] = outputs
+        elif w.then is not None and groups:  # ... and the statistics of `then`, on the way
+            then_stats, outputs, _ = _collect(block, groups, layers, w.hidden, None, extras,
+                                              w.device, None, w.then_needs, keep_outputs=True,
+                                              store=w.store)
+            if outputs is None:  # `then` reads nothing of the inputs: no pass collected
+                _forward(block, w.hidden, extras, w.device, w.store)
+            else:
+                w.hidden[:] = outputs
+        else:
+            _forward(block, w.hidden, extras, w.device, w.store, settled)
+        if ref_outputs is not None:
+            w.ref_hidden[:] = ref_outputs
+        elif ref_block is not None:
+            with ref_block:
+                _forward(block, w.ref_hidden, extras, w.device, w.store, ref_settled)
+    return then_stats
 
 
 _warned = weakref.WeakSet()  # models told once that part of their blocks' weights stays dense
