@@ -383,7 +383,7 @@ class TerminalProgress(logging.Handler):
     (tasks.common.progress): nothing but Prefect's logging in between. With `to_log`, each
     record is also one line on file descriptor 2 (the run's sds.log: `<title>: block k/N ...`)."""
 
-    def __init__(self, console, to_log: bool = False):
+    def __init__(self, console, to_log: bool = False, warnings: bool = True):
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -402,20 +402,30 @@ class TerminalProgress(logging.Handler):
         self.bars: dict[str, int] = {}
         self.logger = logging.getLogger("prefect.task_runs")
         self.to_log = to_log
+        # the library's warnings (weights left dense, a layer never called, a failed Cholesky
+        # factorization): Prefect's console handler shows them only with --verbose
+        self.library = logging.getLogger("sds") if warnings else None
+        self.said: set[str] = set()
 
     def __enter__(self):
         self.progress.start()
         self.logger.addHandler(self)
+        if self.library is not None:
+            self.library.addHandler(self)
         return self
 
     def __exit__(self, *exc):
         self.logger.removeHandler(self)
+        if self.library is not None:
+            self.library.removeHandler(self)
         self.progress.stop()
         return False
 
     def emit(self, record: logging.LogRecord) -> None:
         event = getattr(record, "sds", None)
         if not isinstance(event, dict):
+            if record.levelno >= logging.WARNING and record.name.startswith("sds"):
+                self._warning(record)
             return
         label, kind = event["title"], event.get("event")
         with contextlib.suppress(Exception):
@@ -440,6 +450,18 @@ class TerminalProgress(logging.Handler):
                 self.bars[label] = -1
                 self.progress.console.print(f"[red]✗[/] {label:<30} failed",
                                             highlight=False)
+
+    def _warning(self, record: logging.LogRecord) -> None:
+        """A library warning, once per run: on the console above the bars, and in the log."""
+        with contextlib.suppress(Exception):
+            message = record.getMessage()
+            if message in self.said:
+                return
+            self.said.add(message)
+            if self.to_log:
+                os.write(2, f"warning: {message}\n".encode())
+            self.progress.console.print(f"[yellow]warning:[/] {message}", highlight=False,
+                                        soft_wrap=True)
 
 
 def _stdout_console():
@@ -511,7 +533,8 @@ def check_out(out: str | os.PathLike) -> None:
                           "choose a folder you can write to") from None
 
 
-def _run_flow(flow_fn, config, console, api: EmbeddedAPI | None, log: Path | None):
+def _run_flow(flow_fn, config, console, api: EmbeddedAPI | None, log: Path | None,
+              verbose: bool = False):
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     if api is not None:
@@ -520,7 +543,8 @@ def _run_flow(flow_fn, config, console, api: EmbeddedAPI | None, log: Path | Non
     # the heartbeat only matters to a server watching for crashed runs; without it the flow
     # call returns a second earlier
     with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-        with _stderr_to(log), TerminalProgress(console, to_log=log is not None):
+        with _stderr_to(log), TerminalProgress(console, to_log=log is not None,
+                                               warnings=not verbose):  # verbose: Prefect's
             return flow_fn(config)
 
 
@@ -659,7 +683,7 @@ def cmd_run(args, console) -> int:
         from flows.pipeline import pipeline
 
         try:
-            results = _run_flow(pipeline, config, console, args.api, log)
+            results = _run_flow(pipeline, config, console, args.api, log, args.verbose)
         except Exception:
             _note_earlier_results(config, console)
             raise
@@ -760,7 +784,8 @@ def cmd_sweep(args, console) -> int:
     _check(config, config.points(), console)
     from flows.sweep import sweep
 
-    summary = _run_flow(sweep, config, console, args.api, _log_file(config, args))
+    summary = _run_flow(sweep, config, console, args.api, _log_file(config, args),
+                        args.verbose)
     _stdout_console().print(_metrics_table("sweep", summary["runs"], named=True))
     artifacts = ", ".join(f"{label} {n}" for label, n in summary["stage_submissions"].items())
     lines = [f"stages   {artifacts} (one artifact each; shared ones once, stored ones reused)",

@@ -36,9 +36,15 @@ def lower_is_better(metric: str) -> bool:
     return metric.startswith("ppl/")
 
 
+# a one-shot gap below this fraction of the dense value is too small to share out: SDS moving
+# the metric by the noise of the measurement would read as thousands of percent of it
+NEGLIGIBLE_GAP = 0.005
+
+
 def improvement(metrics: dict[str, dict]) -> dict[str, dict]:
     """Per metric measured on all three states: {"absolute", "recovered"}; "recovered" is None
-    when one-shot pruning is not worse than dense (no gap to recover)."""
+    when one-shot pruning is not worse than dense by more than `NEGLIGIBLE_GAP` of the dense
+    value (no gap to recover)."""
     dense, base, final = (metrics.get(s, {}) for s in ("dense", "oneshot", "sds"))
     out = {}
     for name in final:
@@ -49,7 +55,8 @@ def improvement(metrics: dict[str, dict]) -> dict[str, dict]:
         absolute = sign * (b - f)
         gap = sign * (b - d)
         out[name] = {"absolute": absolute,
-                     "recovered": absolute / gap if gap > 1e-12 else None}
+                     "recovered": absolute / gap if gap > NEGLIGIBLE_GAP * abs(d) and gap > 0
+                     else None}
     return out
 
 
@@ -235,7 +242,8 @@ def markdown(results: dict) -> str:
         for name, gain in gains.items():
             rec, change = gain["recovered"], gain["absolute"]
             share = (f"{percent(rec)} of the gap to dense recovered" if rec is not None
-                     else "one-shot pruning left no gap to dense")
+                     else f"one-shot pruning left no gap to dense above "
+                     f"{NEGLIGIBLE_GAP:.1%}")
             verdict = "better" if change > 0 else "worse" if change < 0 else "unchanged"
             places = decimals(metrics["oneshot"][name], metrics["sds"][name])
             lines.append(f"- **{name}**: one-shot {_fmt(metrics['oneshot'][name], places)} → "

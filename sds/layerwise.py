@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .errors import ConfigError, DataError, NumericalError
+from .errors import ConfigError, DataError, ModelError, NumericalError
 from .models import (
     block_linears,
     check_device,
@@ -634,7 +634,9 @@ def _warn_weights_left_dense(model: nn.Module) -> None:
     if outside and sum(outside.values()) >= 0.01 * total:
         name = max(outside, key=outside.get)
         log.warning("%.0f%% of the blocks' weights are not in linear layers (e.g. %s, %d such "
-                    "matrices) and stay dense: only nn.Linear/Conv1D layers are pruned",
+                    "matrices) and stay dense: only nn.Linear/Conv1D layers are pruned, so the "
+                    "model is less sparse than the pattern, whose sparsity the reports give "
+                    "for the linear layers only",
                     100 * sum(outside.values()) / total, name, len(outside))
 
 
@@ -961,6 +963,9 @@ def _collect(block, groups, layers, hidden, ref_hidden, extras, device, ref_bloc
                     out = run(hidden[i], extra)
                 if outputs is not None:
                     outputs.append(_hidden(out).to(store))
+                for k, names in enumerate(groups):
+                    if current[k] is None or (X_ref is not None and X_ref[k] is None):
+                        raise _not_reached(names[0], i)
                 for k, st in enumerate(stats):
                     X = current[k]  # [tokens, in]
                     if st.H is not None:
@@ -999,6 +1004,16 @@ def _collect(block, groups, layers, hidden, ref_hidden, extras, device, ref_bloc
 
 
 # -- the Gram matrix, one triangle at a time -------------------------------------------------------
+def _not_reached(name: str, sample: int) -> ModelError:
+    """A layer that the first calibration sample reached and a later one did not: routed
+    layers, which only some tokens reach, are beyond the walk's statistics."""
+    return ModelError(
+        f"{name} was not called for calibration sample {sample}, though the first sample "
+        "called it: layers that only some tokens reach (the experts of a mixture of experts "
+        "held as separate linear layers) are not supported; leave them dense with "
+        "exclude=[r'\\.experts\\.'] (--exclude on the command line)")
+
+
 def _gram_bounds(n: int) -> list[int]:
     """Column bounds of the blocks `add_gram` splits an [n, n] Gram matrix into: one block
     below 256 inputs, up to 4 above (more blocks skip more of the lower triangle, but smaller

@@ -31,8 +31,10 @@ LINEAR_TYPES = (nn.Linear, Conv1D) if Conv1D else (nn.Linear,)
 
 # -- structure -----------------------------------------------------------------------------------
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The transformer block list: (its module name, the ModuleList)."""
+    """The transformer block list: (its module name, the ModuleList). A list inside a block
+    (the experts of a mixture of experts, as nn.Linear layers) is never it, however long."""
     best: tuple[str, nn.ModuleList] | None = None
+    lists: list[str] = []  # every candidate so far (named_modules lists a parent first)
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
             continue
@@ -41,6 +43,9 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
             continue
         if not any(isinstance(m, LINEAR_TYPES) for m in module[0].modules()):
             continue
+        if any(name.startswith(f"{outer}.") for outer in lists):
+            continue  # inside a block: the experts of a mixture of experts, not the blocks
+        lists.append(name)
         if best is None or len(module) > len(best[1]):
             best = (name, module)
     if best is None:

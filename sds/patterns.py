@@ -161,6 +161,10 @@ class Pattern:
 
 _NEVER_PRUNED = (
     r"(^|\.)(lm_head|embed_out|embed_tokens|embed_positions|wte|wpe|word_embeddings)$",
+    # the routers of a mixture of experts where they are linear layers (PhiMoE's router,
+    # Qwen2-MoE's shared_expert_gate, DBRX's router.layer, HunYuan's gate.wg): a few weights
+    # that choose the experts, which pruning would send tokens to the wrong ones for nothing
+    r"(^|\.)(gate|router|shared_expert_gate)(\.(layer|wg))?$",
 )
 
 
@@ -169,8 +173,8 @@ class LayerRules:
     """Which pattern applies to which linear layer.
 
     `overrides` are `(regex, pattern)` pairs tried in order against the module name (the first
-    `re.search` match wins); `exclude` regexes name layers left dense. Embeddings and the LM head
-    are never pruned.
+    `re.search` match wins); `exclude` regexes name layers left dense. Embeddings, the LM head
+    and the routers of a mixture of experts are never pruned.
     """
 
     default: Pattern

@@ -1000,6 +1000,30 @@ def test_a_stage_that_fails_is_shown_failed_not_just_gone():
     assert "✗ second sparsegpt 4:8" in out.getvalue() and "failed" in out.getvalue()
 
 
+def test_library_warnings_reach_the_terminal_without_verbose():
+    """Prefect's console handler shows the library's warnings only with --verbose; the
+    progress display says them (once each), or the experts of a mixture of experts left dense
+    would go unsaid. With --verbose Prefect's handler says them and the display does not."""
+    import io
+    import logging
+
+    from rich.console import Console
+
+    from flows.cli import TerminalProgress
+
+    message = "89% of the blocks' weights are not in linear layers and stay dense"
+    out = io.StringIO()
+    with TerminalProgress(Console(file=out, width=200)):
+        for _ in range(2):  # every walk of the run says it again
+            logging.getLogger("sds").warning(message)
+        logging.getLogger("sds").info("not a warning")
+    assert out.getvalue().count(message) == 1 and "not a warning" not in out.getvalue()
+    out = io.StringIO()
+    with TerminalProgress(Console(file=out, width=200), warnings=False):
+        logging.getLogger("sds").warning(message)
+    assert message not in out.getvalue()
+
+
 def _session(pid: int) -> int:
     """The session id of a process (/proc/<pid>/stat, the sixth field)."""
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[3])

@@ -150,7 +150,7 @@ def test_served_deployment_runs_when_triggered_through_the_api(prefect_api, tiny
             # one-shot pruning did not make the tiny random model worse than dense
             recovered = rows[0]["gap recovered"]
             assert ("gap to dense recovered" if recovered is not None
-                    else "one-shot pruning left no gap to dense") in reports[0].data
+                    else "one-shot pruning left no gap to dense above") in reports[0].data
             limit = client.read_global_concurrency_limit_by_name("sds-gpu")
             assert limit.limit >= 1 and limit.active_slots == 0
     finally:

@@ -217,3 +217,115 @@ def test_weights_outside_linear_layers_are_named_in_a_warning(caplog):
     with caplog.at_level("WARNING", logger="sds"):
         sds.oneshot(_build("llama").eval(), ids, "wanda", "2:4", progress=False)
     assert not [r for r in caplog.records if "not in linear layers" in r.getMessage()]
+
+
+@pytest.mark.parametrize("family", ["phimoe", "qwen2moe"])
+def test_the_routers_of_a_mixture_of_experts_stay_dense(family):
+    """PhiMoE's router and Qwen2-MoE's shared_expert_gate are nn.Linear: pruned, they would
+    send tokens to other experts (or scale the shared expert) for a few hundred weights. They
+    stay as they were, so every token picks the same experts, while the other linear layers
+    of the blocks are pruned."""
+    common = dict(intermediate_size=128, num_key_value_heads=2, max_position_embeddings=64,
+                  num_experts_per_tok=2, **SMALL)
+    if family == "phimoe":
+        model = tf.PhimoeForCausalLM(tf.PhimoeConfig(num_local_experts=4, **common))
+        routers = [n for n, m in model.named_modules() if n.endswith("mlp.router")]
+    else:
+        model = tf.Qwen2MoeForCausalLM(tf.Qwen2MoeConfig(
+            num_experts=4, moe_intermediate_size=64, shared_expert_intermediate_size=128,
+            **common))
+        routers = [n for n, m in model.named_modules() if n.endswith("shared_expert_gate")]
+    model.eval()
+    assert routers and all(isinstance(model.get_submodule(n), torch.nn.Linear) for n in routers)
+    torch.manual_seed(0)
+    ids = torch.randint(0, 128, (4, 32))
+    before = {n: model.get_submodule(n).weight.detach().clone() for n in routers}
+    x = torch.randn(16, SMALL["hidden_size"])
+    scores = {n: model.get_submodule(n).weight.detach() @ x.T for n in routers}
+    sds.prune(model, ids, "sparsegpt", "2:4", progress=False)
+    for n in routers:
+        W = model.get_submodule(n).weight.detach()
+        assert torch.equal(W, before[n]), n
+        assert torch.equal((W @ x.T).topk(1, dim=0).indices, scores[n].topk(1, dim=0).indices)
+    pruned = [n for n in prunable_layers(model) if n not in routers]
+    for n in pruned:
+        W = weight_matrix(model.get_submodule(n))
+        assert ((W.reshape(W.shape[0], -1, 4) != 0).sum(-1) <= 2).all(), n
+
+
+def test_the_blocks_are_not_a_list_of_experts_inside_a_block():
+    """Mixtures of experts written with their experts as an nn.ModuleList of linear layers or
+    MLPs (remote code such as DeepSeek-V2's; transformers 4.x) often have more experts than
+    blocks (64 against 27): the blocks are still the outer list."""
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate = nn.Linear(8, 16, bias=False)
+            self.experts = nn.ModuleList([nn.Linear(8, 8) for _ in range(16)])
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(32, 8)
+            self.layers = nn.ModuleList([Block() for _ in range(3)])
+
+    model = Model()
+    name, blocks = find_blocks(model)
+    assert name == "layers" and blocks is model.layers
+    layers = prunable_layers(model)
+    assert len(layers) == 3 * 17 and "layers.2.experts.15" in layers
+
+
+def test_experts_that_only_some_samples_reach_are_refused_by_name():
+    """Experts held as separate linear layers (remote code, transformers 4.x) are reached by
+    the tokens routed to them only: a layer the first sample reached and a later one did not
+    is named with the way out (leave the experts dense), instead of a crash deep in the walk;
+    excluded, the rest of the block is pruned."""
+    from torch import nn
+
+    width, experts = 16, 8
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(width, width, bias=False)
+            self.gate = nn.Linear(width, experts, bias=False)
+            self.experts = nn.ModuleList([nn.Linear(width, width, bias=False)
+                                          for _ in range(experts)])
+
+        def forward(self, h):
+            h = h + self.proj(h)
+            choice = self.gate(h).argmax(-1)  # [batch, seq]: top-1 routing
+            out = torch.zeros_like(h)
+            for e, expert in enumerate(self.experts):
+                routed = (choice == e).nonzero(as_tuple=True)
+                if routed[0].numel():
+                    out[routed] = expert(h[routed])
+            return h + out
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(64, width)
+            self.layers = nn.ModuleList([Block() for _ in range(2)])
+
+        def forward(self, input_ids, **_kw):
+            h = self.embed(input_ids)
+            for block in self.layers:
+                h = block(h)
+            return h
+
+    torch.manual_seed(0)
+    model = Model().eval()
+    ids = torch.randint(0, 64, (16, 4))  # 4 tokens a sample: some experts miss every sample
+    with pytest.raises(sds.ModelError, match=r"layers\.0\.experts\.\d+ was not called for "
+                                             r"calibration sample \d+.*exclude="):
+        sds.oneshot(model, ids, "wanda", "50%", progress=False)
+    dense = {n: m.weight.detach().clone() for n, m in model.named_modules()
+             if ".experts." in n}
+    sds.oneshot(model, ids, "wanda", "50%", exclude=[r"\.experts\."], progress=False)
+    assert all(torch.equal(model.get_submodule(n).weight, W) for n, W in dense.items())
+    for block in model.layers:
+        assert (block.proj.weight == 0).sum().item() == width * width // 2

@@ -59,6 +59,12 @@ def test_layer_rules_overrides_excludes_and_never_pruned():
     assert rules.pattern_for("model.layers.0.mlp.down_proj") is None
     assert rules.pattern_for("lm_head") is None
     assert rules.pattern_for("model.embed_tokens") is None
+    for router in ("model.layers.3.mlp.router", "model.layers.3.mlp.gate",  # PhiMoE, 4.x MoE
+                   "model.layers.3.mlp.shared_expert_gate", "transformer.blocks.3.ffn.router.layer",
+                   "model.layers.3.mlp.gate.wg"):
+        assert rules.pattern_for(router) is None, router
+    assert str(rules.pattern_for("model.layers.3.mlp.gate_proj")) == "2:4"
+    assert str(rules.pattern_for("model.layers.3.mlp.shared_expert.gate_proj")) == "2:4"
     with pytest.raises(ConfigError, match="does not compile"):
         LayerRules.build("2:4", exclude=["("])
 

@@ -27,6 +27,22 @@ def test_no_gap_when_one_shot_is_not_worse_than_dense():
     assert gain["ppl/wiki"] == {"absolute": 1.0, "recovered": None}
 
 
+def test_a_gap_within_the_noise_is_not_shared_out():
+    """A one-shot model 0.002% worse than dense and an SDS 0.1% worse than one-shot would read
+    "-5000%" of the gap recovered: below half a percent of the dense value there is no share
+    to give, while the change itself is still reported."""
+    metrics = {"dense": {"ppl/wiki": 4309.1, "acc/t": 0.500},
+               "oneshot": {"ppl/wiki": 4309.2, "acc/t": 0.498},
+               "sds": {"ppl/wiki": 4314.4, "acc/t": 0.510}}
+    gain = improvement(metrics)
+    assert gain["ppl/wiki"]["absolute"] == pytest.approx(-5.2)
+    assert gain["ppl/wiki"]["recovered"] is None
+    assert gain["acc/t"] == pytest.approx({"absolute": 0.012, "recovered": None})
+    metrics["oneshot"]["ppl/wiki"] = 4309.1 * 1.006  # just above: a share again
+    assert improvement(metrics)["ppl/wiki"]["recovered"] == pytest.approx(
+        (4309.1 * 1.006 - 4314.4) / (4309.1 * 0.006))
+
+
 def test_numbers_of_a_row_share_their_decimals_and_never_read_minus_zero():
     from flows.report import _fmt, decimals, signed
 
