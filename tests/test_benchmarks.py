@@ -23,6 +23,82 @@ def test_gpu_benchmark_small_shape_times_every_step_and_prunes_to_the_pattern(tm
     assert rows["SDS step 2: re-dense"]["sparsity"] < 0.5
 
 
+def test_gpu_benchmark_keeps_to_its_time_budget_and_keeps_what_it_finished(tmp_path, monkeypatch):
+    """A step still running at the budget is stopped, the later ones are not started, and the
+    JSON (written after every step) holds the finished rows and says which were skipped; the
+    section is then made from that JSON alone, as after a run on a GPU machine."""
+    import time
+
+    monkeypatch.setattr(gpu, "oneshot", lambda *a, **k: time.sleep(60))  # a step that hangs
+    out = tmp_path / "gpu.json"
+    t0 = time.perf_counter()
+    result = gpu.main(["--small", "--budget", "4", "--json", str(out)])
+    assert time.perf_counter() - t0 < 15  # not the 60 s the hanging step would take
+    rows = result["rows"]
+    assert rows[0]["step"] == "statistics + propagation" and rows[0]["seconds"] > 0
+    assert [r["step"] for r in rows[1:]] == [
+        "sparsegpt 2:4", "wanda 2:4", "admm 2:4", "admm 2:4 on step 3's layer problem",
+        "SDS step 2: re-dense", "SDS step 3: second pruning + adjustment"]
+    assert all(r["skipped"] == "time budget" and r["seconds"] is None for r in rows[1:])
+    assert json.loads(out.read_text())["rows"] == rows
+
+    monkeypatch.setattr(gpu, "ROOT", tmp_path)
+    monkeypatch.setattr(gpu, "run", lambda *a, **k: pytest.fail("--from-json ran a step"))
+    gpu.main(["--from-json", str(out), "--write"])
+    section = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "Command: `python benchmarks/gpu.py --small --budget 4`" in section
+    assert f"| statistics + propagation | {rows[0]['per_block']:.2f} |" in section
+    assert "| SDS step 3: second pruning + adjustment | skipped (time budget: 4 s) |" in section
+
+
+def test_gpu_benchmark_refuses_the_full_shape_where_torch_sees_no_gpu(monkeypatch, capsys):
+    """Without CUDA the default device would be the CPU, where the LLaMA-7B shape runs for
+    hours: the script stops before building anything, and says what to do."""
+    monkeypatch.setattr(gpu.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(gpu, "run", lambda *a, **k: pytest.fail("the benchmark started"))
+    with pytest.raises(SystemExit) as stop:
+        gpu.main([])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "needs a CUDA GPU" in err and "--small" in err
+
+
+def test_gpu_benchmark_warms_every_kind_of_work_up_before_timing(monkeypatch):
+    """A GPU's first calls (kernel loading, cuBLAS/cuSOLVER handles) must not be timed: before
+    the first timed step the script has walked the model and run each factorization the steps
+    use, and the warm-up left the model's weights as they were."""
+    import torch
+
+    calls: list[str] = []
+
+    def counted(owner, name):
+        real = getattr(owner, name)
+        monkeypatch.setattr(owner, name, lambda *a, **k: (calls.append(name), real(*a, **k))[1])
+
+    for owner, name in [(torch.linalg, "eigh"), (torch.linalg, "cholesky_ex"),
+                        (torch, "cholesky_inverse"), (torch, "cholesky_solve"), (gpu, "walk")]:
+        counted(owner, name)
+    before_first_step: list[set] = []
+    real_timed = gpu._timed
+    monkeypatch.setattr(gpu, "_timed", lambda device, fn: (
+        before_first_step.append(set(calls)) if not before_first_step else None,
+        real_timed(device, fn))[1])
+    weights = {}
+    real_warm_up = gpu.warm_up
+
+    def warm_up(model, *args):
+        weights["before"] = [p.detach().clone() for p in model.parameters()]
+        real_warm_up(model, *args)
+        weights["after"] = [p.detach().clone() for p in model.parameters()]
+
+    monkeypatch.setattr(gpu, "warm_up", warm_up)
+    gpu.main(["--small"])
+    assert before_first_step[0] >= {"walk", "eigh", "cholesky_ex", "cholesky_inverse",
+                                     "cholesky_solve"}
+    assert len(weights["before"]) == len(weights["after"]) > 0
+    assert all(torch.equal(a, b) for a, b in zip(weights["before"], weights["after"]))
+
+
 def test_sparsegpt_matches_the_published_loop_on_a_random_layer():
     import torch
 
