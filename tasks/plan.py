@@ -78,6 +78,10 @@ class StageSpec(BaseModel):
     config: dict[str, Any]  # the stage's own options
     upstream: dict[str, str]  # stage -> key of the artifacts it reads
     run: RunOptions
+    # where this machine finds the stage's local data files ("calib": a path, "eval": the
+    # evaluation sources with their paths); not hashed: `config` holds the files' content
+    # identity, so the same file at another path, or on another machine, has the same keys
+    paths: dict[str, Any] = {}
     key: str = ""
 
     def model_post_init(self, _context: Any) -> None:
@@ -117,9 +121,9 @@ class Plan:
 def local_path(source: str, role: str) -> str:
     """`source` as a plan names it: a local model folder (`role` "model") or data file ("calib",
     "eval") as its absolute path, anything else (the demo corpora, hub datasets and models)
-    unchanged. A model folder's keys hash its content only (`model_identity`); a data file's
-    hash its content and its absolute path, so the same file planned from another working
-    directory keeps its keys, and workers need it at the same path."""
+    unchanged. Keys hash a local folder's or file's content only (`model_identity`,
+    `_data_identity`), so the same file at another path, or on another machine, keeps them;
+    the stages read it from the path their own machine planned (`StageSpec.paths`)."""
     path = Path(source).expanduser()
     if role == "model":
         local = path.is_dir()
@@ -338,15 +342,20 @@ def _plan(c: RunConfig) -> Plan:
                          trust_remote_code=c.trust_remote_code, identity=identity)
     run = RunOptions(device=c.device, verify=c.verify, gpu_limit=c.gpu_limit)
 
-    def add(label: str, stage: str, config: dict, upstream: dict[str, str]) -> None:
+    def add(label: str, stage: str, config: dict, upstream: dict[str, str],
+            paths: dict | None = None) -> None:
         shared = label in ("calibration", "evaluate-dense")  # the same for every method/pattern
         title = label if shared else f"{label} {c.method} {rules.default}"
         plan.specs[label] = StageSpec(stage=stage, label=label, title=title, store=store_root,
-                                      model=model_ref, config=config, upstream=upstream, run=run)
+                                      model=model_ref, config=config, upstream=upstream, run=run,
+                                      paths=paths or {})
 
-    calib_config = {"source": calib, "data": _data_identity(calib, "calib"),
+    def keyed(source: str) -> str:  # a local file by its identity alone, not by its path
+        return "file" if Path(source).is_absolute() else source
+
+    calib_config = {"source": keyed(calib), "data": _data_identity(calib, "calib"),
                     "nsamples": nsamples, "seqlen": seqlen, "seed": c.seed}
-    add("calibration", "calibration", calib_config, {})
+    add("calibration", "calibration", calib_config, {}, {"calib": calib})
     calib_key = plan.specs["calibration"].key
 
     # each step keys on exactly the options its result depends on: the one-shot step on its
@@ -367,15 +376,18 @@ def _plan(c: RunConfig) -> Plan:
     if sources or task_names:
         eval_config = {
             "sources": [_data_identity(s, "eval") for s in sources],
-            "source_names": sources, "seqlen": seqlen, "tasks": _task_identity(task_names),
-            "task_names": task_names,
+            "source_names": [keyed(s) for s in sources], "seqlen": seqlen,
+            "tasks": _task_identity(task_names), "task_names": task_names,
         }
         if task_names:  # what only the zero-shot tasks read
             eval_config.update(limit=limit, batch_size=c.batch_size)
-        add("evaluate-dense", "evaluate", eval_config, {})
-        add("evaluate-oneshot", "evaluate", eval_config, {"oneshot": plan.specs["oneshot"].key})
+        paths = {"eval": sources}
+        add("evaluate-dense", "evaluate", eval_config, {}, paths)
+        add("evaluate-oneshot", "evaluate", eval_config, {"oneshot": plan.specs["oneshot"].key},
+            paths)
         if c.sds:
-            add("evaluate-sds", "evaluate", eval_config, {"second": plan.specs["second"].key})
+            add("evaluate-sds", "evaluate", eval_config, {"second": plan.specs["second"].key},
+                paths)
     return plan
 
 

@@ -55,10 +55,11 @@ def _calibration(spec, store, clock, logger):
     with clock("load"):
         tokenizer = load_tokenizer(m.path, m.revision, m.trust_remote_code)
     with clock("compute"):
-        calib = load_calibration(tokenizer, config["source"], config["nsamples"],
-                                 config["seqlen"], config["seed"])
+        source = spec.paths.get("calib", config["source"])  # a local file: this machine's path
+        calib = load_calibration(tokenizer, source, config["nsamples"], config["seqlen"],
+                                 config["seed"])
     logger.info("calibration: %d windows of %d tokens from %s", calib.nsamples, calib.seqlen,
-                config["source"])
+                source)
     return {"input_ids": calib.input_ids}, {"record": calib.record}
 
 
@@ -166,7 +167,8 @@ def _evaluate(spec, store, clock, logger):
             model, tokenizer = load_base(spec)
             if tensors is not None:
                 load_layer_state(model, tensors)
-        parts = len(config["source_names"]) + bool(config["task_names"])
+        sources = spec.paths.get("eval", config["source_names"])  # this machine's paths
+        parts = len(sources) + bool(config["task_names"])
         reached = {"parts": 0, "tenths": 0}  # parts done; tenths of the current corpus said
 
         def part_done(done: int, parts: int, name: str) -> None:  # the bar: parts, not 0/?
@@ -183,7 +185,7 @@ def _evaluate(spec, store, clock, logger):
 
         with clock("compute"):
             result = evaluate_model(
-                model, tokenizer, sources=config["source_names"], seqlen=config["seqlen"],
+                model, tokenizer, sources=sources, seqlen=config["seqlen"],
                 tasks=config["task_names"], limit=config.get("limit"),
                 batch_size=config.get("batch_size", 8),
                 device=spec.run.device or default_device(), on_part=part_done,

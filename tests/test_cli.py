@@ -1122,6 +1122,34 @@ def test_keys_hash_what_changes_a_result_and_nothing_else(tiny_model, corpus, tm
     assert all(remote[label] != first[label] for label in first)
 
 
+def test_data_files_key_on_their_content_not_on_where_they_are(tiny_model, corpus, tmp_path):
+    """The same calibration and evaluation files in another folder (a moved project, another
+    machine of a pool sharing the store) give the same keys, and each plan's stages read the
+    files at its own paths; another content gives other keys."""
+    from tasks.plan import plan_pipeline
+
+    def plan_from(folder):
+        folder.mkdir()
+        files = {name: folder / corpus[name].name for name in ("calib", "heldout")}
+        for name, path in files.items():
+            shutil.copy(corpus[name], path)
+        return plan_pipeline(tiny_params(tiny_model, {**corpus, **files}, tmp_path / "store"),
+                             check=False), files
+
+    here, here_files = plan_from(tmp_path / "here")
+    there, there_files = plan_from(tmp_path / "there")
+    assert here.keys() == there.keys()
+    assert there.specs["calibration"].paths == {"calib": str(there_files["calib"])}
+    assert there.specs["evaluate-dense"].paths == {"eval": [str(there_files["heldout"])]}
+    assert str(there_files["calib"]) not in json.dumps(there.specs["calibration"].config)
+    with open(there_files["calib"], "a") as f:
+        f.write("\n\nOne more document.\n")
+    edited = plan_pipeline(tiny_params(tiny_model, {**corpus, **there_files},
+                                       tmp_path / "store"), check=False)
+    assert edited.keys()["calibration"] != here.keys()["calibration"]
+    assert edited.keys()["evaluate-dense"] == here.keys()["evaluate-dense"]
+
+
 def test_a_plan_is_made_again_when_its_local_inputs_change(tiny_model, corpus, tmp_path):
     """Plans are kept per process and configuration, but not past an edit of the model folder
     or a data file: a notebook that edits them between runs gets new keys."""
