@@ -856,10 +856,11 @@ def _ref_inputs_fit(groups, layers, ref_hidden) -> bool:
 
 def _reference_inputs(block, groups, layers, ref_hidden, extras, device, ref_block, store):
     """One pass of the reference block: ([per group, per sample: X_ref [tokens, in]], its
-    outputs per sample). Valid for every group of the block when the transform cannot change
-    the reference stream."""
+    outputs per sample, written over `ref_hidden`, which is returned: its inputs are not read
+    again). Valid for every group of the block when the transform cannot change the reference
+    stream."""
     inputs: list[list[torch.Tensor]] = [[] for _ in groups]
-    outputs = []
+    outputs = ref_hidden
     current: list[torch.Tensor | None] = [None] * len(groups)
 
     def hook_for(k):
@@ -874,7 +875,7 @@ def _reference_inputs(block, groups, layers, ref_hidden, extras, device, ref_blo
             for i in range(len(ref_hidden)):
                 extra = _to(extras[i], device)
                 out = block(ref_hidden[i].to(device), *extra[0], **extra[1])
-                outputs.append(_hidden(out).to(store))
+                outputs[i] = _hidden(out).to(store)
                 for k in range(len(groups)):  # a leader's last call, as `_collect` keeps it
                     inputs[k].append(current[k].to(store))
     finally:
@@ -892,7 +893,10 @@ def _collect(block, groups, layers, hidden, ref_hidden, extras, device, ref_bloc
 
     Returns (stats per group, outputs, reference outputs): the block's outputs per sample (on
     `store`) when `keep_outputs`, the reference stream's when `keep_ref` and it ran; else
-    None. With `stop` (one group, no outputs) each pass ends at the group's first layer.
+    None. Kept outputs are written over `hidden` (`ref_hidden`) sample by sample, and that
+    list is what is returned: the inputs are not read again, so the walk never holds a
+    stream's inputs and outputs at once (one copy of the activations per stream, not two).
+    With `stop` (one group, no outputs) each pass ends at the group's first layer.
     `ref_inputs` (one group): the reference stream's inputs of each sample, already captured
     (`_reference_inputs`), so the reference block does not run. `settled`, `ref_settled`: the
     outputs a sequential walk kept of the block's settled children, for the current and the
@@ -925,8 +929,8 @@ def _collect(block, groups, layers, hidden, ref_hidden, extras, device, ref_bloc
         if "C" in needs.reference_stats or (k in wc and wc[k][1] is None):
             st.C = torch.zeros(n_in, n_in, dtype=torch.float32, device=device)
     leaders = [layers[names[0]] for names in groups]
-    outputs = [] if keep_outputs else None
-    ref_outputs = [] if ref_block is not None and keep_ref else None
+    outputs = hidden if keep_outputs else None  # replaced sample by sample
+    ref_outputs = ref_hidden if ref_block is not None and keep_ref else None
     current: list[torch.Tensor | None] = [None] * len(groups)
 
     def hook_for(k):
@@ -956,13 +960,13 @@ def _collect(block, groups, layers, hidden, ref_hidden, extras, device, ref_bloc
                     with ref_block, _reusing(ref_settled, i, ref_hidden[i]):
                         out = run(ref_hidden[i], extra)
                     if ref_outputs is not None:
-                        ref_outputs.append(_hidden(out).to(store))
+                        ref_outputs[i] = _hidden(out).to(store)
                     X_ref = list(current)
                 current[:] = [None] * len(groups)
                 with _reusing(settled, i, hidden[i]):
                     out = run(hidden[i], extra)
                 if outputs is not None:
-                    outputs.append(_hidden(out).to(store))
+                    outputs[i] = _hidden(out).to(store)
                 for k, names in enumerate(groups):
                     if current[k] is None or (X_ref is not None and X_ref[k] is None):
                         raise _not_reached(names[0], i)
@@ -1048,13 +1052,12 @@ def _activation_device(hidden: list[torch.Tensor], device: torch.device, streams
                        kept: int = 0):
     """Keep calibration activations on the compute device when they fit, else on the CPU.
 
-    A walk holds each stream's inputs and, while a block is transformed, possibly its outputs
-    from the statistics pass (`walk`): twice the activations per stream, hence the factor 2;
-    `kept`: more copies for the outputs a sequential walk keeps (`_SettledOutputs`), one per
-    stream."""
+    A walk holds each stream's activations once (a pass that keeps the block's outputs writes
+    them over its inputs, `_collect`); `kept`: more copies for the outputs a sequential walk
+    keeps (`_SettledOutputs`), one per stream."""
     if device.type != "cuda":
         return device
-    need = (2 * streams + kept) * sum(h.numel() * h.element_size() for h in hidden)
+    need = (streams + kept) * sum(h.numel() * h.element_size() for h in hidden)
     free, _total = torch.cuda.mem_get_info(device)
     # memory this process's allocator holds but does not use is free to it too (an earlier
     # evaluation's, say), though the driver counts it as taken

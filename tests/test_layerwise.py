@@ -723,3 +723,63 @@ def test_reference_weights_are_swapped_in_without_a_copy_per_entry():
             assert torch.equal(weight_matrix(m), before[n])
     assert pointers[0] == pointers[1] == pointers[2]  # the same tensors every time
     assert all(p != own[n].data_ptr() for n, p in pointers[0].items())
+
+
+class _LiveActivations:
+    """Counts, at every block call, how many of the hidden-state tensors the blocks have read
+    or returned so far are still alive: the activation copies the walk holds."""
+
+    def __init__(self, model):
+        import weakref
+
+        self.refs, self.most, self._weakref = [], 0, weakref.ref
+        _, blocks = find_blocks(model)
+        self.handles = [blk.register_forward_pre_hook(self._pre, with_kwargs=True)
+                        for blk in blocks]
+        self.handles += [blk.register_forward_hook(self._post) for blk in blocks]
+
+    def _see(self, t):
+        if not any(r() is t for r in self.refs):
+            self.refs.append(self._weakref(t))
+        self.most = max(self.most, sum(r() is not None for r in self.refs))
+
+    def _pre(self, _m, args, kwargs):
+        self._see(args[0] if args else kwargs["hidden_states"])
+
+    def _post(self, _m, _args, out):
+        self._see(out[0] if isinstance(out, tuple) else out)
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("step", ["prune_sd", "redense_dense", "second_mixed"])
+def test_a_walk_holds_one_copy_of_each_streams_activations(step):
+    """A pass that keeps the block's outputs (step 1's propagation with step 2's statistics,
+    an "original" propagation, the reference stream's one-pass capture) writes them over the
+    inputs: at most one tensor per sample and stream is alive, plus the sample in flight."""
+    from sds.reconstruct import SDSConfig, dense_weights, redense, second_prune
+
+    model, n = tiny_llama(layers=3), 6
+    ids = torch.randint(0, 128, (n, 16))
+    rules = LayerRules.build("2:4")
+    dense = dense_weights(model, rules)
+    if step != "prune_sd":
+        sds.oneshot(model, ids, "wanda", rules, progress=False)
+    live = _LiveActivations(model)
+    try:
+        if step == "prune_sd":  # steps 1 and 2 in one walk (`then`); one stream
+            sds.prune(model, ids, "wanda", "2:4", sds=True, progress=False,
+                      sds_config=SDSConfig(epochs=2, adjust_epochs=0, target_mix=0.0))
+            streams = 1
+        elif step == "redense_dense":  # propagate="original" with a reference stream
+            redense(model, ids, dense, rules, SDSConfig(data="dense", epochs=2), progress=False)
+            streams = 2
+        else:  # sequential, the reference stream's inputs captured in one pass
+            second_prune(model, ids, dense, "wanda", rules,
+                         SDSConfig(adjust_epochs=2, target_mix=0.5), progress=False)
+            streams = 2
+    finally:
+        live.remove()
+    assert live.most <= streams * n + 2, (live.most, streams * n)
