@@ -851,21 +851,22 @@ REF_INPUTS_MAX_BYTES = 2**30
 def _ref_inputs_fit(groups, layers, ref_hidden) -> bool:
     tokens = sum(h.shape[:-1].numel() for h in ref_hidden)
     width = sum(weight_matrix(layers[names[0]]).shape[1] for names in groups)
-    return 4 * tokens * width <= REF_INPUTS_MAX_BYTES
+    return ref_hidden[0].element_size() * tokens * width <= REF_INPUTS_MAX_BYTES
 
 
 def _reference_inputs(block, groups, layers, ref_hidden, extras, device, ref_block, store):
     """One pass of the reference block: ([per group, per sample: X_ref [tokens, in]], its
     outputs per sample, written over `ref_hidden`, which is returned: its inputs are not read
     again). Valid for every group of the block when the transform cannot change the reference
-    stream."""
+    stream. The inputs stay in the model's dtype (half the bytes of fp32 for a bf16 model);
+    `_collect` reads them in fp32, which is exact."""
     inputs: list[list[torch.Tensor]] = [[] for _ in groups]
     outputs = ref_hidden
     current: list[torch.Tensor | None] = [None] * len(groups)
 
     def hook_for(k):
         def hook(_m, inp):
-            current[k] = inp[0].detach().reshape(-1, inp[0].shape[-1]).float()
+            current[k] = inp[0].detach().reshape(-1, inp[0].shape[-1])
         return hook
 
     handles = [layers[names[0]].register_forward_pre_hook(hook_for(k))
@@ -954,7 +955,7 @@ def _collect(block, groups, layers, hidden, ref_hidden, extras, device, ref_bloc
                 extra = _to(extras[i], device)
                 X_ref = None
                 if ref_inputs is not None:
-                    X_ref = [ref_inputs[i].to(device)]
+                    X_ref = [ref_inputs[i].to(device).float()]
                 elif ref_block is not None:
                     current[:] = [None] * len(groups)  # a hook that did not fire reads None
                     with ref_block, _reusing(ref_settled, i, ref_hidden[i]):

@@ -783,3 +783,38 @@ def test_a_walk_holds_one_copy_of_each_streams_activations(step):
     finally:
         live.remove()
     assert live.most <= streams * n + 2, (live.most, streams * n)
+
+
+def test_captured_reference_inputs_of_a_bf16_model_keep_its_dtype_and_change_nothing(
+        monkeypatch):
+    """Step 3's one-pass capture of the dense stream's inputs keeps them in bf16 (half the
+    bytes of fp32; reading them back in fp32 is exact): the weights equal, bit for bit, those
+    of the walk that runs the dense block again up to each group instead."""
+    from sds import layerwise
+    from sds.reconstruct import SDSConfig, dense_weights, second_prune
+
+    ids = torch.randint(0, 128, (3, 16))
+    kept_dtypes = []
+    capture = layerwise._reference_inputs
+
+    def recording(*args, **kwargs):
+        inputs, outputs = capture(*args, **kwargs)
+        kept_dtypes.extend(x.dtype for group in inputs for x in group)
+        return inputs, outputs
+
+    def run():
+        torch.manual_seed(0)
+        model = tiny_llama(layers=2).to(torch.bfloat16)
+        rules = LayerRules.build("2:4")
+        dense = dense_weights(model, rules)
+        sds.oneshot(model, ids, "wanda", rules, progress=False)
+        second_prune(model, ids, dense, "wanda", rules, SDSConfig(adjust_epochs=5),
+                     progress=False)
+        return {n: weight_matrix(m).clone() for n, m in prunable_layers(model).items()}
+
+    monkeypatch.setattr(layerwise, "_reference_inputs", recording)
+    captured = run()
+    assert kept_dtypes and set(kept_dtypes) == {torch.bfloat16}
+    monkeypatch.setattr(layerwise, "REF_INPUTS_MAX_BYTES", 0)  # a reference pass per group
+    again = run()
+    assert all(torch.equal(captured[n], again[n]) for n in captured)
