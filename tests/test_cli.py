@@ -1368,7 +1368,7 @@ def test_relative_data_paths_are_planned_from_the_working_directory(tmp_path, ti
         options = tiny_options(str(tiny_model), {"calib": "calib.txt", "heldout": "calib.txt"},
                                tmp_path / "store")
         plan = plan_pipeline(RunConfig(**options), check=False)
-        planned[name] = (plan.specs["calibration"].config["source"], plan.keys())
+        planned[name] = (plan.specs["calibration"].paths["calib"], plan.keys())
     assert planned["a"][0] == str(tmp_path / "a" / "calib.txt")
     assert planned["b"][0] == str(tmp_path / "b" / "calib.txt")
     assert planned["a"][1]["calibration"] != planned["b"][1]["calibration"]
