@@ -257,8 +257,10 @@ def main(argv=None) -> dict:
         shape = SMALL if args.small else LLAMA2_7B
         budget = args.budget if args.budget is not None or args.small else 420.0
         command = command_line(__file__, argv).replace(" --write", "").strip()
-        command = " ".join(a for i, a in enumerate(command.split()) if a != "--json" and (
-            i == 0 or command.split()[i - 1] != "--json"))
+        words = command.split()  # without --json PATH (or --json=PATH): where it went here
+        command = " ".join(a for i, a in enumerate(words) if a != "--json"
+                           and not a.startswith("--json=")
+                           and (i == 0 or words[i - 1] != "--json"))
 
         def keep(partial: dict) -> None:
             if args.json:

@@ -21,6 +21,7 @@ import math
 import random
 import re
 import tempfile
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -326,14 +327,26 @@ def _without_run_provenance():
     import lm_eval.evaluator as evaluator
 
     stand_ins = {"get_git_commit_hash": lambda: None, "add_env_info": lambda storage: None}
-    saved = {name: getattr(evaluator, name) for name in stand_ins if hasattr(evaluator, name)}
+    with _PROVENANCE_LOCK:  # evaluations in threads (a pipeline's stages) overlap
+        if _PROVENANCE["depth"] == 0:
+            _PROVENANCE["saved"] = {name: getattr(evaluator, name) for name in stand_ins
+                                    if hasattr(evaluator, name)}
+            for name in _PROVENANCE["saved"]:
+                setattr(evaluator, name, stand_ins[name])
+        _PROVENANCE["depth"] += 1
     try:
-        for name in saved:
-            setattr(evaluator, name, stand_ins[name])
         yield
     finally:
-        for name, fn in saved.items():
-            setattr(evaluator, name, fn)
+        with _PROVENANCE_LOCK:  # the last one out gives lm-eval its own functions back
+            _PROVENANCE["depth"] -= 1
+            if _PROVENANCE["depth"] == 0:
+                for name, fn in _PROVENANCE.pop("saved").items():
+                    setattr(evaluator, name, fn)
+
+
+# how many `zero_shot` calls are inside `_without_run_provenance`, and lm-eval's functions
+_PROVENANCE_LOCK = threading.Lock()
+_PROVENANCE: dict[str, Any] = {"depth": 0}
 
 
 @contextlib.contextmanager

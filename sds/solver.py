@@ -103,7 +103,8 @@ class ScaledGram:
         return (W_hat / self.d).masked_fill(self.dead, 0.0)
 
     def error(self, W_hat_t: torch.Tensor, W_hat: torch.Tensor) -> float:
-        """tr(Δ Ĥ Δᵀ) with Δ = Ŵ_t − Ŵ, equal to tr((W_t − W) H (W_t − W)ᵀ)."""
+        """tr(Δ Ĥ Δᵀ) with Δ = Ŵ_t − Ŵ, equal to tr((W_t − W) H (W_t − W)ᵀ) (with the
+        eigenvalues that rounding made negative taken as 0: `row_errors`)."""
         return self.row_errors(W_hat_t, W_hat).sum().item()
 
     def row_errors(self, W_hat_t: torch.Tensor, W_hat: torch.Tensor) -> torch.Tensor:

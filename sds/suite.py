@@ -2,7 +2,7 @@
 
     ppl/<source>        perplexity on an evaluation corpus (sds.data.load_eval_tokens; a
                         local file goes by its name without suffixes, and a short hash of its
-                        path where another source goes by that name: `source_labels`)
+                        content where another source goes by that name: `source_labels`)
     acc/<task>          zero-shot accuracy (sds.evaluate.zero_shot)
     acc_norm/<task>     length-normalised zero-shot accuracy, where the task reports it
 
@@ -53,12 +53,30 @@ def source_label(source: str) -> str:
 
 def source_labels(sources: Sequence[str]) -> list[str]:
     """`source_label` of each source, unique: files whose label another source also has (`wiki`
-    and `data/wiki.txt`, or `a/test.txt` and `b/test.txt`) get a short hash of their path
-    appended, so that no perplexity overwrites another under one metric name."""
+    and `data/wiki.txt`, or `a/test.txt` and `b/test.txt`) get a short hash of their content
+    appended (of their path where they cannot be read), so that no perplexity overwrites
+    another under one metric name. Not of the path: the pipeline keys a file on its name and
+    content, so an evaluation stored from one folder is reused from another, and its metric
+    names must be the ones the other folder would give. Files alike in name and content too
+    also get their position."""
     labels = [source_label(s) for s in sources]
-    return [f"{label}-{hashlib.sha256(source.encode()).hexdigest()[:6]}"
-            if labels.count(label) > 1 and _is_file(source) else label
-            for source, label in zip(sources, labels)]
+    out = [f"{label}-{_short_hash(source)}" if labels.count(label) > 1 and _is_file(source)
+           else label for source, label in zip(sources, labels)]
+    return [f"{label}-{i + 1}" if out.count(label) > 1 and _is_file(source) else label
+            for i, (source, label) in enumerate(zip(sources, out))]
+
+
+def _short_hash(source: str) -> str:
+    """The first 6 hex digits of the sha256 of a file's content, or of its path when it cannot
+    be read (the evaluation then says what is wrong with it)."""
+    digest = hashlib.sha256()
+    try:
+        with open(Path(source).expanduser(), "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError:
+        digest = hashlib.sha256(source.encode())
+    return digest.hexdigest()[:6]
 
 
 def _is_file(source: str) -> bool:

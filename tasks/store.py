@@ -593,9 +593,9 @@ class ArtifactStore:
                      dry_run: bool = False) -> list[str]:
         """Delete the pins and lease files that ended more than `older_than` ago (any that
         ended, if None): those of runs that ended without removing them (a crash) and released
-        leases of stages that were never computed again. Unreadable ones go by their age. A run
-        that takes a lease meanwhile makes a file this call did not list, which stays. Returns
-        the URIs."""
+        leases of stages that were never computed again. Ones that do not parse go by their
+        age (one that cannot be read stops the collection, as it may be live). A run that takes
+        a lease meanwhile makes a file this call did not list, which stays. Returns the URIs."""
         self._not_a_file()
         cutoff = _cutoff(older_than)
         now = datetime.now(UTC).timestamp()
@@ -1248,8 +1248,8 @@ def _create_local(path: str, data: bytes) -> bool:
     """`data` as the local file `path` only if it is absent, complete from its first moment."""
     folder = os.path.dirname(path)
     for attempt in range(3):  # a release may remove the folder once it is empty: make it again
-        _makedirs(folder)
-        try:
+        try:  # (also its parent, the stage's folder, while makedirs makes the folder in it)
+            _makedirs(folder)
             fd, tmp = tempfile.mkstemp(prefix=".sds-", suffix=".tmp", dir=folder)
             break
         except FileNotFoundError:

@@ -277,6 +277,24 @@ def test_zero_shot_outside_a_git_checkout_writes_nothing_to_stderr(model, tokeni
     assert lm_eval.evaluator.get_git_commit_hash is probe
 
 
+def test_overlapping_zero_shots_give_lm_eval_its_functions_back():
+    """Two evaluations in threads (a pipeline's stages) overlap: lm-eval's git lookup stays
+    off until the last one ends, and is then lm-eval's own again (not the stand-in the
+    second saved while the first had it replaced)."""
+    import lm_eval.evaluator
+
+    from sds.evaluate import _without_run_provenance
+
+    own = lm_eval.evaluator.get_git_commit_hash
+    first, second = _without_run_provenance(), _without_run_provenance()
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert lm_eval.evaluator.get_git_commit_hash is not own  # the second still runs
+    second.__exit__(None, None, None)
+    assert lm_eval.evaluator.get_git_commit_hash is own
+
+
 def test_local_task_yaml_holds_absolute_data_paths(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write_mc_jsonl(tmp_path / "rel.jsonl", 2, seed=4)

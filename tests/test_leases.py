@@ -437,3 +437,27 @@ def test_lease_folders_go_once_their_leases_do(tmp_path, monkeypatch):
     generation, holder = store.take_lease("oneshot", "e" * 32, _owner("taker"), 60)
     assert (generation, holder) == (0, None) and len(calls) == 2
     assert store.lease("oneshot", "e" * 32)["generation"] == 0
+
+
+def test_a_taker_whose_stage_folder_a_release_removes_still_takes_its_lease(tmp_path,
+                                                                           monkeypatch):
+    """os.makedirs makes `.leases/<stage>` and then `.leases/<stage>/<key>` in it: a release of
+    another key of the stage that removes the emptied stage folder in between makes the second
+    mkdir fail with FileNotFoundError, which the taker must retry as it does for mkstemp's."""
+    import tasks.store as store_module
+
+    store = ArtifactStore(tmp_path / "store")
+    stage_folder = tmp_path / "store" / ".leases" / "oneshot"
+    real = os.mkdir
+    calls = []
+
+    def racing(path, *args, **kwargs):  # the stage folder goes right after it is made
+        real(path, *args, **kwargs)
+        if Path(path) == stage_folder and not calls:
+            calls.append(str(path))
+            os.rmdir(path)
+
+    monkeypatch.setattr(store_module.os, "mkdir", racing)
+    generation, holder = store.take_lease("oneshot", "f" * 32, _owner("taker"), 60)
+    assert (generation, holder) == (0, None) and calls == [str(stage_folder)]
+    assert store.lease("oneshot", "f" * 32)["generation"] == 0

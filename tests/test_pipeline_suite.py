@@ -74,3 +74,26 @@ def test_config_and_tokenizer_load_without_weights(tiny_model, tmp_path):
     for loader in (load_config, load_tokenizer):
         with pytest.raises(ModelError, match="does not exist"):
             loader(str(tmp_path / "missing"))
+
+
+def test_file_labels_follow_content_not_folder(tmp_path):
+    """The pipeline keys an evaluation file on its name and content, not its path, so a stored
+    evaluation is reused from another folder: the metric names it holds must be the ones that
+    folder gives, or the states' metrics stop lining up (dense under one name, one-shot under
+    another)."""
+    def sources(root):
+        out = []
+        for sub, text in (("a", "alpha text\n"), ("b", "beta text\n")):
+            (root / sub).mkdir(parents=True)
+            (root / sub / "test.txt").write_text(text)
+            out.append(str(root / sub / "test.txt"))
+        return out
+
+    here, moved = source_labels(sources(tmp_path / "p1")), source_labels(sources(tmp_path / "p2"))
+    assert here == moved  # same files, another folder: same metric names
+    assert len(set(here)) == 2 and all(label.startswith("test-") for label in here)
+    twin = tmp_path / "p3" / "test.txt"  # same name and content as p1/a/test.txt
+    twin.parent.mkdir()
+    twin.write_text("alpha text\n")
+    labels = source_labels([*sources(tmp_path / "p4"), str(twin)])
+    assert len(set(labels)) == 3  # still one metric each
