@@ -86,7 +86,10 @@ YARDSTICKS = {"admm_per_row": admm_per_row, "admm_sequential": admm_sequential}
 def run(args) -> dict:
     torch.manual_seed(0)
     config = SDSConfig(**{f.name: getattr(args, f.name) for f in fields(SDSConfig)})
+    from benchmarks.report import code_version
+
     results = {"config": config.to_dict(), "nsamples": args.nsamples, "seqlen": args.seqlen,
+               "code": code_version(ROOT),
                "max_windows": args.max_windows, "limit": args.limit,
                "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
                           f"torch {torch.__version__}", "models": {}}
@@ -152,7 +155,9 @@ def _gap(dense, one, sds):
 
 def markdown(results: dict, command: str) -> str:
     commands = [p["command"] for p in results.get("parts", [])] + [command]
+    codes = list(dict.fromkeys(p.get("code") for p in results.get("parts", [results])))
     lines = ["## Quality", "", "Commands:", "", "```", *commands, "```", "",
+             f"Code: {', '.join(c or 'not recorded' for c in codes)}. "
              f"Machine: {results['machine']}. Calibration: {results['nsamples']} windows of "
              f"{results['seqlen']} tokens from the demo calibration text, seed 0. Perplexity "
              f"windows of {results['seqlen']} tokens, at most {results.get('max_windows')} per "
@@ -299,8 +304,8 @@ def main(argv=None):
     if args.merge:
         parts = [json.loads(Path(f).read_text()) for f in args.merge]
         results = parts[0]
-        results["parts"] = [{"command": p.get("command", f"(not recorded: {f})")}
-                            for p, f in zip(parts, args.merge)]
+        results["parts"] = [{"command": p.get("command", f"(not recorded: {f})"),
+                             "code": p.get("code")} for p, f in zip(parts, args.merge)]
         for part in parts[1:]:
             results["models"].update(part["models"])
         results["command"] = command  # this file's: the merge of the parts

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -22,6 +23,20 @@ def command_line(script: str, argv: list[str] | None) -> str:
     name = Path(script).name
     return " ".join(["python", f"benchmarks/{name}", *(argv if argv is not None
                                                        else sys.argv[1:])])
+
+
+def code_version(root: Path) -> str | None:
+    """The commit of the git work tree at `root` that a benchmark ran, with "+dirty" when its
+    tracked files differ from that commit; None outside a git work tree. Recorded with the
+    results, so a table can be told from one made by other code."""
+    def git(*args):
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
+                              check=False)
+    head = git("rev-parse", "--short=12", "HEAD")
+    if head.returncode != 0:
+        return None
+    dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+    return head.stdout.strip() + ("+dirty" if dirty else "")
 
 
 def replace_section(path: Path, title: str, body: str) -> None:

@@ -63,25 +63,22 @@ def layer_rows(rows, cols, samples, seqlen, device):
     scales = torch.exp(torch.randn(cols, generator=g)).to(device)  # uneven input norms
     table = []
 
-    def accumulate():  # as the walk does it: one triangle, then mirrored
-        H = torch.zeros(cols, cols, device=device)
+    def accumulated(add):
+        """Sum `add(G, X)` over the samples into G: [in, in], timing the sums only: the random
+        samples are made outside the clock (they cost about a third as much)."""
+        G, seconds, gpu = torch.zeros(cols, cols, device=device), 0.0, None
         for _ in range(samples):  # one calibration sample of `seqlen` tokens at a time
             X = torch.randn(seqlen, cols, generator=g).to(device) * scales  # [seqlen, in]
-            add_gram(H, X)
-        symmetrize_gram(H)
-        return H
+            _, s, peak = _timed(device, lambda X=X: add(G, X))
+            seconds, gpu = seconds + s, peak if gpu is None else max(gpu, peak or 0)
+        return G, seconds, gpu
 
-    H, s, gpu = _timed(device, accumulate)
-    table.append(("accumulate H (Σ XᵀX)", s, gpu))
-
-    def accumulate_cross():  # step 3 with `target_mix`: C = Σ X_refᵀX, a full product
-        C = torch.zeros(cols, cols, device=device)
-        for _ in range(samples):
-            X = torch.randn(seqlen, cols, generator=g).to(device) * scales  # [seqlen, in]
-            C.addmm_(X.t(), X)  # the walk pairs the dense stream's X_ref with X
-        return C
-
-    _, s, gpu = _timed(device, accumulate_cross)
+    H, s, gpu = accumulated(add_gram)  # as the walk does it: one triangle, then mirrored
+    _, s_mirror, _ = _timed(device, lambda: symmetrize_gram(H))
+    table.append(("accumulate H (Σ XᵀX)", s + s_mirror, gpu))
+    # step 3 with `target_mix`: C = Σ X_refᵀX, a full product (the walk pairs the dense
+    # stream's X_ref with X)
+    _, s, gpu = accumulated(lambda C, X: C.addmm_(X.t(), X))
     table.append(("accumulate C (Σ X_refᵀX; SDS step 3 with target_mix)", s, gpu))
     for name, fn in [
         ("magnitude 50%", lambda: sds.magnitude(W, None, "50%")),

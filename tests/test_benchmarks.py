@@ -134,3 +134,30 @@ def test_a_section_rewrite_keeps_the_notes_people_wrote():
                                     "## Two\n\nkept\n")
         replace_section(path, "Three", "## Three\n\nnew\n")  # a new section: appended
         assert path.read_text().endswith("## Two\n\nkept\n\n## Three\n\nnew\n\n")
+
+
+def test_results_record_the_commit_of_the_code_that_made_them(tmp_path):
+    """A table names the commit it was made with (and "+dirty" for uncommitted changes), so
+    a table made by older code can be told from one of the current code."""
+    import subprocess
+
+    from benchmarks import quality
+    from benchmarks.report import code_version
+
+    assert code_version(tmp_path) is None  # not a git work tree
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(git + ["init", "-q"], check=True)
+    (tmp_path / "a.py").write_text("x = 1\n")
+    subprocess.run(git + ["add", "a.py"], check=True)
+    subprocess.run(git + ["commit", "-qm", "a"], check=True)
+    head = subprocess.run(git + ["rev-parse", "--short=12", "HEAD"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    assert code_version(tmp_path) == head
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert code_version(tmp_path) == head + "+dirty"
+
+    base = {"machine": "m", "nsamples": 1, "seqlen": 8, "config": {}, "models": {}}
+    assert "Code: abc. Machine: m." in quality.markdown({**base, "code": "abc"}, "cmd")
+    merged = {**base, "parts": [{"command": "one", "code": "abc"}, {"command": "two",
+                                                                     "code": "def"}]}
+    assert "Code: abc, def. Machine: m." in quality.markdown(merged, "cmd")
