@@ -1026,8 +1026,10 @@ template are removed, and only paragraphs that read as prose are kept (at least 
 with sentence punctuation, no markup left). Each file holds documents separated by a blank line,
 one paragraph per line. Whole documents go to heldout ({HELDOUT_SHARE:.0%} of a corpus's
 characters), calib ({CALIB_SHARE:.0%}) and train (the rest) in the order of a hash of their title
-(wiki) or text (news), so the splits are disjoint. The news corpus pools `lee_background.cor` and
-`lee.cor`, duplicates removed.
+(wiki) or text (news), so the splits hold disjoint documents. The news corpus pools
+`lee_background.cor` and `lee.cor`, exact duplicates removed; near-duplicate articles remain, so
+136 of the 6,451 13-word sequences of the held-out news text (2.1%) also occur in the news
+training text (wiki: none).
 
 | file | documents | characters |
 |---|---|---|
