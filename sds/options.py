@@ -179,7 +179,7 @@ class SDSConfig:
     # step 3's targets: the dense weights applied to a mix of the layer's inputs in the pruned
     # model (0, the paper's) and in the dense model (1), `W_dense ((1 − α) X + α X_dense)`.
     # Above 0 each layer also corrects the error of the layers before it; the walk then runs
-    # the dense model beside the pruned one (for W_dense X_denseᵀX). At 2:4, 0.5 recovers 9–20
+    # the dense model beside the pruned one (for W_dense X_denseᵀX). At 2:4, 0.5 recovers 10–19
     # more points of SparseGPT's one-shot gap than 0 and 6–11 more of Wanda's on both demo
     # models; 0.75 cannot be told from it, 1.0 is up to 6 points worse on news
     # (BENCHMARKS.md, "SDS defaults")
