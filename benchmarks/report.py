@@ -28,11 +28,15 @@ def command_line(script: str, argv: list[str] | None) -> str:
 def code_version(root: Path) -> str | None:
     """The commit of the git work tree at `root` that a benchmark ran, with "+dirty" when its
     tracked files differ from that commit; None outside a git work tree. Recorded with the
-    results, so a table can be told from one made by other code."""
+    results, so a table can be told from one made by other code. None too where git is not
+    installed."""
     def git(*args):
         return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
                               check=False)
-    head = git("rev-parse", "--short=12", "HEAD")
+    try:
+        head = git("rev-parse", "--short=12", "HEAD")
+    except OSError:  # no git on this machine: the version is not known
+        return None
     if head.returncode != 0:
         return None
     dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import quality  # noqa: E402
-from benchmarks.report import command_line, replace_section  # noqa: E402
+from benchmarks.report import code_version, command_line, replace_section  # noqa: E402
 
 QUALITY = ["--patterns", "2:4", "--methods", "wanda", "sparsegpt", "--no-zero-shot",
            "--no-wikitext2", "--nsamples", "64", "--seqlen", "256"]
@@ -65,7 +65,7 @@ def run(models: list[str]) -> dict:
                               "--json", out.name])
                 row["models"][model] = json.loads(Path(out.name).read_text())["models"][model]
         rows.append(row)
-    return {"rows": rows}
+    return {"rows": rows, "code": code_version(ROOT)}  # the commit the rows ran
 
 
 def gaps(model_results: dict, method: str) -> list[float]:
@@ -84,7 +84,8 @@ def markdown(results: dict, command: str) -> str:
              + " ".join(QUALITY) + " OPTIONS`. Each cell is the fraction of the one-shot gap "
              "that SDS recovers on held-out wiki / news text (`(ppl_oneshot − ppl_sds) / "
              "(ppl_oneshot − ppl_dense)`, at most 200 windows of 256 tokens); negative means SDS "
-             "made the model worse. The perplexities are in `benchmarks/sds_defaults.json`.", "",
+             "made the model worse. The perplexities are in `benchmarks/sds_defaults.json`. "
+             f"Code: {results.get('code') or 'not recorded'}.", "",
              "| OPTIONS | " + " | ".join(f"{m} over {'Wanda' if k == 'wanda' else 'SparseGPT'}"
                                          for m, k in COLUMNS) + " | what it tests |",
              "|" + "---|" * (len(COLUMNS) + 2)]
@@ -112,6 +113,8 @@ def main(argv=None) -> None:
                 assert row["options"] == other["options"], "the files hold other rows"
                 row["models"].update(other["models"])
         results["parts"] = [part.get("command", f) for part, f in zip(parts, args.merge)]
+        results["code"] = ", ".join(dict.fromkeys(p.get("code") or "not recorded"
+                                                  for p in parts))
     else:
         results = run(args.models)
     results["command"] = command

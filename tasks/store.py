@@ -612,6 +612,9 @@ class ArtifactStore:
             f"listing {self._uri(folder)}", lambda: self.fs.find(folder, detail=True),
             {}).items() if _PIN_RE.fullmatch(p.rsplit("/", 1)[-1])}
         raw = self._cat(list(pins), f"reading the pins under {self._uri(folder)}")
+        for path, blob in raw.items():  # a pin that cannot be read may be live: stop
+            if isinstance(blob, Exception) and not isinstance(blob, FileNotFoundError):
+                raise self._error(f"reading the pin {self._uri(path)}", blob)
         stale = [p for p, info in pins.items() if ended(_json_or_none_of(raw.get(p)), info)]
         for files, latest in self._leases().values():
             newest = max(files, key=_generation)

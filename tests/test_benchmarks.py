@@ -161,3 +161,39 @@ def test_results_record_the_commit_of_the_code_that_made_them(tmp_path):
     merged = {**base, "parts": [{"command": "one", "code": "abc"}, {"command": "two",
                                                                      "code": "def"}]}
     assert "Code: abc, def. Machine: m." in quality.markdown(merged, "cmd")
+
+
+def test_sds_defaults_record_the_commit_of_the_code_that_made_them(tmp_path, monkeypatch,
+                                                                    capsys):
+    """The defaults table names the commit its rows ran (each part's, when merged), as the
+    quality table does."""
+    import json
+
+    from benchmarks import sds_defaults
+
+    monkeypatch.setattr(sds_defaults, "ROWS", [])
+    monkeypatch.setattr(sds_defaults, "code_version", lambda root: "abc")
+    assert sds_defaults.run(["opt"]) == {"rows": [], "code": "abc"}
+    parts = []
+    for name, code in (("a", "abc"), ("b", "def")):
+        parts.append(tmp_path / f"{name}.json")
+        parts[-1].write_text(json.dumps({"rows": [], "code": code, "command": name}))
+    sds_defaults.main(["--merge", *map(str, parts), "--json", str(tmp_path / "out.json")])
+    assert "Code: abc, def." in capsys.readouterr().out
+    assert json.loads((tmp_path / "out.json").read_text())["code"] == "abc, def"
+
+
+def test_results_without_git_on_the_machine_record_no_commit(tmp_path, monkeypatch):
+    """A machine without git (a bare container) runs the benchmarks all the same: the commit
+    is not known (None), not a crash."""
+    import shutil
+    import subprocess
+
+    from benchmarks.report import code_version
+
+    root = tmp_path / "repo"
+    root.mkdir()
+    subprocess.run(["git", "-C", str(root), "init", "-q"], check=True)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert shutil.which("git") is None
+    assert code_version(root) is None

@@ -461,3 +461,26 @@ def test_a_taker_whose_stage_folder_a_release_removes_still_takes_its_lease(tmp_
     generation, holder = store.take_lease("oneshot", "f" * 32, _owner("taker"), 60)
     assert (generation, holder) == (0, None) and calls == [str(stage_folder)]
     assert store.lease("oneshot", "f" * 32)["generation"] == 0
+
+
+def test_a_pin_that_cannot_be_read_stops_a_stale_collection(tmp_path, monkeypatch):
+    """`remove_stale` says an unreadable file stops it (it may be live): a live pin the storage
+    refuses to read is not deleted by its age."""
+    import uuid
+
+    from sds.errors import StoreError
+
+    store = ArtifactStore(str(tmp_path / "store"))
+    store.pin([KEY], {"owner": uuid.uuid4().hex, "host": "elsewhere", "pid": 1}, 600)
+    cat = store.fs.cat
+
+    def failing(paths, **kw):  # the storage refuses to read the pins (permissions, a 503)
+        out = cat(paths, **kw)
+        return {p: PermissionError(p) if "/.pins/" in p else v for p, v in out.items()}
+
+    monkeypatch.setattr(store.fs, "cat", failing)
+    with pytest.raises(StoreError, match="reading the pin"):
+        store.remove_stale()
+    monkeypatch.setattr(store.fs, "cat", cat)
+    (pin,) = store.pins()  # still there, and live
+    assert pin["keys"] == [KEY]
