@@ -200,13 +200,7 @@ def test_a_pin_that_cannot_be_read_stops_a_collection_instead_of_counting_as_non
     store = ArtifactStore(str(tmp_path / "store"))
     store.save("oneshot", KEY, {"w": torch.ones(2)}, {})
     store.pin([KEY], {"owner": uuid.uuid4().hex, "host": "elsewhere", "pid": 1}, 60)
-    cat = store.fs.cat
-
-    def failing(paths, **kw):  # the storage refuses to read the pins (permissions, a 503)
-        out = cat(paths, **kw)
-        return {p: PermissionError(p) if "/.pins/" in p else v for p, v in out.items()}
-
-    monkeypatch.setattr(store.fs, "cat", failing)
+    _refuse_pin_reads(store, monkeypatch)
     with pytest.raises(StoreError, match="reading the pin"):
         store.remove(keep=[])
     assert store.exists("oneshot", KEY)
@@ -472,15 +466,22 @@ def test_a_pin_that_cannot_be_read_stops_a_stale_collection(tmp_path, monkeypatc
 
     store = ArtifactStore(str(tmp_path / "store"))
     store.pin([KEY], {"owner": uuid.uuid4().hex, "host": "elsewhere", "pid": 1}, 600)
-    cat = store.fs.cat
-
-    def failing(paths, **kw):  # the storage refuses to read the pins (permissions, a 503)
-        out = cat(paths, **kw)
-        return {p: PermissionError(p) if "/.pins/" in p else v for p, v in out.items()}
-
-    monkeypatch.setattr(store.fs, "cat", failing)
+    cat = _refuse_pin_reads(store, monkeypatch)
     with pytest.raises(StoreError, match="reading the pin"):
         store.remove_stale()
     monkeypatch.setattr(store.fs, "cat", cat)
     (pin,) = store.pins()  # still there, and live
     assert pin["keys"] == [KEY]
+
+
+def _refuse_pin_reads(store, monkeypatch):
+    """Make the store's storage refuse to read pins (permissions, a 503); returns its own
+    `cat`, to give it back."""
+    cat = store.fs.cat
+
+    def failing(paths, **kw):
+        out = cat(paths, **kw)
+        return {p: PermissionError(p) if "/.pins/" in p else v for p, v in out.items()}
+
+    monkeypatch.setattr(store.fs, "cat", failing)
+    return cat
