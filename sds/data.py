@@ -450,6 +450,25 @@ def _text_field(item: Any, path: Path, where: str) -> str:
                     "{\"text\": \"...\"} per line")
 
 
+def check_eval_length(tokenizer, source: str, seqlen: int) -> None:
+    """Refuse a local evaluation file too short for one window of `seqlen` tokens, or without
+    text, as its evaluation would, but in a moment: only the text's start is tokenized (enough
+    characters for a window at 16 per token), so a long file costs its reading only. Names
+    and hub sources are left to their evaluation."""
+    name = str(source).strip()
+    if name in ("wikitext2", "c4", "ptb", *DEMO_CORPORA):
+        return
+    path = _local_path(name, accepted=EVAL_SOURCES, kind="evaluation source")
+    text = "\n\n".join(read_documents(path))
+    if not text.strip():
+        raise DataError(f"evaluation source {name!r} holds no text; accepted: {EVAL_SOURCES}")
+    start = text[:16 * seqlen]
+    tokens = len(_encode(tokenizer, start))
+    if tokens < seqlen and len(start) == len(text):
+        raise DataError(f"the evaluation text {name!r} has {tokens} tokens, fewer than one "
+                        f"window of seqlen={seqlen}; use a smaller seqlen or a longer text")
+
+
 def check_source(source: str, role: str) -> None:
     """Refuse, without reading it, a `role` ("calibration" or "evaluation") source that
     `load_calibration` or `load_eval_tokens` would refuse by its name: an unknown name, a file

@@ -221,9 +221,10 @@ def _check_model(c: RunConfig, model: str, seqlen: int | None, data: list[str]):
     transformers: the device, the data's names (`data`: the calibration source, then the
     evaluation sources; a missing file fails here, not after the pruning stages), the hub when
     `data` names hub data, the model's config (a causal LM whose weight files are readable), its
-    tokenizer (one that makes tokens) and the window length against its context. Returns the
-    model's config and the window length (`seqlen` None: the model's default)."""
-    from sds.data import check_hub_data, check_source, resolve_seqlen
+    tokenizer (one that makes tokens), the window length against its context, and local
+    evaluation files against one window. Returns the model's config and the window length
+    (`seqlen` None: the model's default)."""
+    from sds.data import check_eval_length, check_hub_data, check_source, resolve_seqlen
     from sds.hub import check_hub, hub_offline
     from sds.models import (
         check_causal_lm,
@@ -245,8 +246,11 @@ def _check_model(c: RunConfig, model: str, seqlen: int | None, data: list[str]):
     model_config = load_config(model, c.revision, c.trust_remote_code)  # fails fast
     check_causal_lm(model_config, model)
     check_weight_files(model)
-    load_tokenizer(model, c.revision, c.trust_remote_code)  # a folder saved without one fails
-    return model_config, resolve_seqlen(model_config, seqlen)
+    tokenizer = load_tokenizer(model, c.revision, c.trust_remote_code)  # none saved: fails
+    seqlen = resolve_seqlen(model_config, seqlen)
+    for source in data[1:]:  # a file too short for one window fails now, not at its stage
+        check_eval_length(tokenizer, source, seqlen)
+    return model_config, seqlen
 
 
 _plans: dict[str, Plan] = {}

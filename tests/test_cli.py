@@ -1331,6 +1331,33 @@ def test_a_model_folder_keys_on_the_files_loading_reads(corpus, tmp_path, tiny_m
     assert all(changed[label] != key for label, key in base.items())
 
 
+def test_an_evaluation_file_too_short_for_one_window_is_refused_at_planning(
+        corpus, tmp_path, tiny_model, monkeypatch):
+    """Found at its evaluation it would fail the run after the pruning stages (hours on a
+    large model); the plan says it at once, with the numbers the evaluation would give, and a
+    file long enough passes."""
+    import tasks.plan
+    from sds.data import load_eval_tokens
+    from sds.errors import DataError
+    from sds.models import load_tokenizer
+    from tasks.plan import plan_pipeline
+
+    monkeypatch.setattr(tasks.plan, "_plans", {})
+    short = tmp_path / "short.txt"
+    short.write_text("A few words only.\n")
+    tokens = load_eval_tokens(load_tokenizer(str(tiny_model)), str(short))[0].shape[1]
+    assert tokens < 32
+    with pytest.raises(DataError, match=rf"'{short}' has {tokens} tokens, fewer than one "
+                                        r"window of seqlen=32"):
+        plan_pipeline(tiny_params(tiny_model, {**corpus, "heldout": short}, tmp_path / "store"))
+    assert not (tmp_path / "store").exists()  # nothing ran
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(DataError, match="holds no text"):
+        plan_pipeline(tiny_params(tiny_model, {**corpus, "heldout": empty}, tmp_path / "store"))
+    plan_pipeline(tiny_params(tiny_model, corpus, tmp_path / "store"))  # long enough
+
+
 def test_a_model_folder_saved_without_its_tokenizer_is_refused_at_planning(
         corpus, tmp_path, tiny_model, monkeypatch):
     """transformers makes an empty tokenizer for such a folder, and the calibration would then
