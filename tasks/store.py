@@ -568,10 +568,7 @@ class ArtifactStore:
         names = self._if_present(f"listing {self._uri(folder)}",
                                  lambda: self.fs.ls(folder, detail=False), [])
         paths = [n for n in names if _PIN_RE.fullmatch(n.rsplit("/", 1)[-1])]
-        raw = self._cat(paths, f"reading the pins under {self._uri(folder)}")
-        for path, blob in raw.items():  # a pin that cannot be read must not count as none
-            if isinstance(blob, Exception) and not isinstance(blob, FileNotFoundError):
-                raise self._error(f"reading the pin {self._uri(path)}", blob)
+        raw = self._cat(paths, f"reading the pins under {self._uri(folder)}", "pin")
         records = (_json_or_none_of(b) for b in raw.values())
         return [r for r in records if isinstance(r, dict) and isinstance(r.get("keys"), list)
                 and not expired(r)]
@@ -611,10 +608,7 @@ class ArtifactStore:
         pins = {p: i for p, i in self._if_present(
             f"listing {self._uri(folder)}", lambda: self.fs.find(folder, detail=True),
             {}).items() if _PIN_RE.fullmatch(p.rsplit("/", 1)[-1])}
-        raw = self._cat(list(pins), f"reading the pins under {self._uri(folder)}")
-        for path, blob in raw.items():  # a pin that cannot be read may be live: stop
-            if isinstance(blob, Exception) and not isinstance(blob, FileNotFoundError):
-                raise self._error(f"reading the pin {self._uri(path)}", blob)
+        raw = self._cat(list(pins), f"reading the pins under {self._uri(folder)}", "pin")
         stale = [p for p, info in pins.items() if ended(_json_or_none_of(raw.get(p)), info)]
         for files, latest in self._leases().values():
             newest = max(files, key=_generation)
@@ -665,18 +659,22 @@ class ArtifactStore:
                     and _STAGE_RE.fullmatch(parts[0]) and _KEY_RE.fullmatch(parts[1])):
                 folders.setdefault(path.rsplit("/", 1)[0], {})[path] = info
         newest = {f: max(files, key=_generation) for f, files in folders.items()}
-        raw = self._cat(list(newest.values()), f"reading the leases under {self._uri(folder)}")
-        for path, blob in raw.items():  # a lease that cannot be read must not count as none
-            if isinstance(blob, Exception) and not isinstance(blob, FileNotFoundError):
-                raise self._error(f"reading the lease {self._uri(path)}", blob)
+        raw = self._cat(list(newest.values()), f"reading the leases under {self._uri(folder)}",
+                        "lease")
         return {f: (files, _json_or_none_of(raw.get(newest[f]))) for f, files in folders.items()}
 
-    def _cat(self, paths: list[str], action: str) -> dict:
-        """{path: bytes or the exception reading it} of many files in one call."""
+    def _cat(self, paths: list[str], action: str, what: str) -> dict:
+        """{path: bytes, or FileNotFoundError where it went meanwhile} of many `what` files
+        (pins, leases) in one call. Any other failure to read one raises StoreError: a pin or
+        lease that cannot be read may be live, and must not count as none."""
         if not paths:
             return {}
         with self._guard(action):
-            return self.fs.cat(paths, on_error="return")
+            raw = self.fs.cat(paths, on_error="return")
+        for path, blob in raw.items():
+            if isinstance(blob, Exception) and not isinstance(blob, FileNotFoundError):
+                raise self._error(f"reading the {what} {self._uri(path)}", blob)
+        return raw
 
     def needed(self) -> set[str]:
         """`in_use`, with everything upstream of those keys: what `remove` never takes."""
