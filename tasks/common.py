@@ -445,7 +445,9 @@ def pinned(plans: list[Plan], logger=log, seconds: float = LEASE_SECONDS) -> Ite
     try:
         for root, keys in by_store.items():
             store = ArtifactStore(root)
+            before = time.time()
             name = store.pin(keys, owner, seconds)
+            _check_clock(store, name, before, time.time(), seconds, logger)
             renewal = _Renewal(root, seconds,
                                lambda s, keys=keys: bool(s.pin(keys, owner, seconds)),
                                logger, f"the pin of this run's artifacts in {root}")
@@ -459,6 +461,25 @@ def pinned(plans: list[Plan], logger=log, seconds: float = LEASE_SECONDS) -> Ite
             except StoreError as exc:  # must not hide the run's own outcome
                 logger.warning("removing the pin %s failed (%s); it expires in %.0f s", name,
                                exc, seconds)
+
+
+def _check_clock(store: ArtifactStore, name: str, before: float, after: float, seconds: float,
+                 logger) -> None:
+    """Warn when this machine's clock is more than a third of a lease off the store's. A lease
+    holds its expiry by its holder's clock and is renewed every third of `seconds`, so the
+    machines that share a store must agree within two thirds of it: one far behind reads a
+    live lease as expired, takes it over, and computes the stage a second time."""
+    try:
+        offset = store.clock_offset(name, before, after)
+    except StoreError as exc:  # the check must not fail the run
+        logger.debug("could not compare this machine's clock with the store's: %s", exc)
+        return
+    if offset is not None and abs(offset) > seconds / 3:
+        logger.warning(
+            "this machine's clock is %.0f s %s the clock of the store %s; the machines that "
+            "share a store must agree within %.0f s, or one may take over another's live "
+            "lease and compute a stage twice: synchronise the clocks (NTP)", abs(offset),
+            "behind" if offset > 0 else "ahead of", store.root, 2 * seconds / 3)
 
 
 # -- running one stage --------------------------------------------------------------------------

@@ -556,6 +556,21 @@ class ArtifactStore:
         self._put(path, json.dumps(record).encode(), f"writing the pin {self._uri(path)}")
         return name
 
+    def clock_offset(self, name: str, before: float, after: float) -> float | None:
+        """Seconds by which the store's clock runs ahead of this machine's (negative: behind),
+        from the time the store gave `name`, a file this machine wrote between its POSIX
+        seconds `before` and `after`: 0 when the store's time falls in that window (give or
+        take the whole seconds S3 keeps). None where the store keeps no times."""
+        path = f"{self._base}/{name}"
+        info = self._if_present(f"reading the time of {self._uri(path)}",
+                                lambda: self.fs.info(path))
+        modified = _mtime(info) if isinstance(info, Mapping) else None
+        if modified is None:
+            return None
+        if before - 1 <= modified <= after + 1:
+            return 0.0
+        return modified - (after if modified > after else before)
+
     def unpin(self, name: str) -> None:
         path = f"{self._base}/{name}"
         with self._guard(f"removing the pin {self._uri(path)}"), \

@@ -485,3 +485,41 @@ def _refuse_pin_reads(store, monkeypatch):
 
     monkeypatch.setattr(store.fs, "cat", failing)
     return cat
+
+
+@pytest.mark.parametrize("skew, warned", [(0.0, False), (-100.0, True), (100.0, True)])
+def test_a_machine_whose_clock_is_far_off_the_stores_is_warned(root, tiny_model, corpus,
+                                                              tmp_path, monkeypatch, caplog,
+                                                              skew, warned):
+    """Leases hold their holders' clock times: a run compares its clock with the time the store
+    gave its pin, and says so when the two differ by more than a third of a lease."""
+    import logging
+    import types
+
+    import tasks.common as common
+    from tasks.plan import plan_pipeline
+
+    plan = plan_pipeline(tiny_params(tiny_model, corpus, root))
+    # this machine's clock `skew` seconds off the store's (whose times come from the real clock)
+    monkeypatch.setattr(common, "time", types.SimpleNamespace(
+        time=lambda: time.time() + skew, sleep=time.sleep, perf_counter=time.perf_counter))
+    logger = logging.getLogger("test-clock")
+    with caplog.at_level(logging.WARNING, logger="test-clock"), common.pinned([plan], logger):
+        pass
+    said = [r.getMessage() for r in caplog.records if "clock" in r.getMessage()]
+    if not warned:
+        assert said == []
+    else:
+        (message,) = said
+        import re
+
+        seconds, side = re.search(r"clock is (\d+) s (ahead of|behind)", message).groups()
+        assert abs(int(seconds) - abs(skew)) <= 2  # S3 keeps whole seconds
+        assert side == ("ahead of" if skew > 0 else "behind")
+        assert "within 40 s" in message and "NTP" in message
+    store = ArtifactStore(root)
+    name = f".pins/{'0' * 32}.json"
+    before = time.time()
+    store.pin([KEY], {"owner": "0" * 32}, 60)
+    assert store.clock_offset(name, before, time.time()) == 0.0  # one clock: no offset
+    assert store.clock_offset(name, before + 50, before + 60) == pytest.approx(-50, abs=2)
