@@ -531,6 +531,10 @@ def check_out(out: str | os.PathLike) -> None:
     except OSError as exc:
         raise ConfigError(f"--out {str(out)!r} cannot be written ({exc.strerror or exc}); "
                           "choose a folder you can write to") from None
+    for name in ("results.json", "sds.log"):  # written at the end of the run, or by the flow
+        if (path / name).is_dir():
+            raise ConfigError(f"{path / name} is a folder, where the run writes its {name}; "
+                              "move it away or choose another --out")
 
 
 def _run_flow(flow_fn, config, console, api: EmbeddedAPI | None, log: Path | None,

@@ -164,11 +164,11 @@ def _model_of(settings: dict) -> str:
 
 def decimals(*values) -> int:
     """Decimals for a row of numbers (one metric on each model state): one for perplexities in
-    the hundreds, two from 1, three below (accuracies), after the largest of them, so that a
-    row reads 177.0 / 169.7 and 0.300 / 0.295."""
+    the hundreds, two above 1, three up to 1 (accuracies, a perfect 1.0 included), after the
+    largest of them, so that a row reads 177.0 / 169.7 and 0.300 / 0.295 (1.000 / 0.994)."""
     sizes = [abs(v) for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
     size = max(sizes, default=0.0)
-    return 1 if size >= 100 else 2 if size >= 1 else 3
+    return 1 if size >= 100 else 2 if size > 1 else 3
 
 
 def _fmt(value, places: int | None = None) -> str:

@@ -343,7 +343,9 @@ def load_eval_tokens(tokenizer, source: str, max_tokens: int | None = None
                      ) -> tuple[torch.Tensor, dict]:
     """The evaluation text of `source`, tokenized once: `(input_ids [1, N] int64, record)`.
 
-    `max_tokens` keeps the first tokens only (the C4 protocol keeps 256·seqlen).
+    `max_tokens` keeps the first tokens only. The C4 protocol keeps 256·seqlen: pass
+    `max_tokens=256 * seqlen` for `c4` (`sds.suite.evaluate_model` does), or every token of its
+    1100 documents is returned and scored.
     """
     _check_tokenizer(tokenizer)
     if max_tokens is not None:

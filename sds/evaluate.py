@@ -20,6 +20,7 @@ import logging
 import math
 import random
 import re
+import sys
 import tempfile
 import threading
 from collections.abc import Sequence
@@ -73,6 +74,9 @@ def _eval_mode(model: torch.nn.Module):
 
 
 # -- perplexity ---------------------------------------------------------------------------------
+_MAX_LOG_PPL = math.log(sys.float_info.max)  # ~709.78 nats: exp() beyond is no float
+
+
 def perplexity(
     model,
     input_ids: torch.Tensor,
@@ -137,10 +141,17 @@ def perplexity(
             if on_window is not None:
                 on_window(start + len(batch), n_windows)
     tokens = n_windows * (seqlen - 1)
+    nll_per_token = total_nll / tokens
+    if nll_per_token > _MAX_LOG_PPL:  # math.exp would raise a bare OverflowError
+        raise NumericalError(
+            f"the perplexity overflows a float: {nll_per_token:.1f} nats per predicted token "
+            f"(above {_MAX_LOG_PPL:.0f}) means the model's predictions are broken; check the "
+            "weights (a pruning that destroyed the model, or fp16 overflow: evaluate in fp32)"
+        )
     return {
-        "ppl": math.exp(total_nll / tokens),
+        "ppl": math.exp(nll_per_token),
         "nll": total_nll,
-        "nll_per_token": total_nll / tokens,
+        "nll_per_token": nll_per_token,
         "tokens": tokens,
         "windows": n_windows,
         "seqlen": seqlen,

@@ -2,7 +2,8 @@
 
     ppl/<source>        perplexity on an evaluation corpus (sds.data.load_eval_tokens; a
                         local file goes by its name without suffixes, and a short hash of its
-                        content where another source goes by that name: `source_labels`)
+                        content where another source, or a built-in corpus, goes by that name:
+                        `source_labels`)
     acc/<task>          zero-shot accuracy (sds.evaluate.zero_shot)
     acc_norm/<task>     length-normalised zero-shot accuracy, where the task reports it
 
@@ -19,12 +20,15 @@ from pathlib import Path
 
 import torch
 
-from .data import load_eval_tokens
+from .data import DEMO_CORPORA, load_eval_tokens
 from .errors import ConfigError
 from .evaluate import expand_tasks, perplexity, zero_shot
 
 # The C4 protocol of SparseGPT / Wanda scores the first 256 windows of the validation text.
 C4_EVAL_WINDOWS = 256
+# The names of the built-in corpora: a file never goes by one of them alone, since it is read
+# as a local file (blank-line documents, no C4 cut), not by that corpus's protocol.
+BUILTIN_SOURCES = ("wikitext2", "c4", "ptb", *DEMO_CORPORA)
 
 
 def as_list(value: str | Sequence[str] | None) -> list[str]:
@@ -53,15 +57,17 @@ def source_label(source: str) -> str:
 
 def source_labels(sources: Sequence[str]) -> list[str]:
     """`source_label` of each source, unique: files whose label another source also has (`wiki`
-    and `data/wiki.txt`, or `a/test.txt` and `b/test.txt`) get a short hash of their content
+    and `data/wiki.txt`, or `a/test.txt` and `b/test.txt`), or the name of a built-in corpus
+    (`data/wikitext2.txt`: not WikiText-2 by its protocol), get a short hash of their content
     appended (of their path where they cannot be read), so that no perplexity overwrites
-    another under one metric name. Not of the path: the pipeline keys a file on its name and
-    content, so an evaluation stored from one folder is reused from another, and its metric
-    names must be the ones the other folder would give. Files alike in name and content too
-    also get their position."""
+    another under one metric name, or reads as a built-in corpus's. Not of the path: the
+    pipeline keys a file on its name and content, so an evaluation stored from one folder is
+    reused from another, and its metric names must be the ones the other folder would give.
+    Files alike in name and content too also get their position."""
     labels = [source_label(s) for s in sources]
-    out = [f"{label}-{_short_hash(source)}" if labels.count(label) > 1 and _is_file(source)
-           else label for source, label in zip(sources, labels)]
+    out = [f"{label}-{_short_hash(source)}" if _is_file(source) and (
+        labels.count(label) > 1 or label in BUILTIN_SOURCES) else label
+        for source, label in zip(sources, labels)]
     return [f"{label}-{i + 1}" if out.count(label) > 1 and _is_file(source) else label
             for i, (source, label) in enumerate(zip(sources, out))]
 

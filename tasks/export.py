@@ -7,6 +7,7 @@ cached run from the store.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from .common import load_base, load_or_discard
 from .plan import StageSpec
-from .store import ArtifactStore, plain_mode
+from .store import ArtifactStore, no_space, plain_mode
 
 MARKER = "sds_artifact.json"
 
@@ -33,8 +34,13 @@ def write_model(spec: StageSpec, final: dict, folder: str) -> str:
     marker = {"store": spec.store, "stage": spec.stage, "key": spec.key,
               "sha256": final.get("sha256")}
     if _holds(target, marker):
+        _remove_leftovers(target)  # a killed export's, though this one writes nothing
         return str(target)
     check_replaceable(target)
+    # an earlier run's model goes before any work: an export that fails or is killed from
+    # here on leaves no model/ (the caller has removed results.json), never one that another
+    # configuration wrote
+    _set_aside(target)
     from sds.models import load_layer_state
 
     # hashed while read unless the run trusts sizes; a damaged artifact is discarded
@@ -57,6 +63,14 @@ def write_model(spec: StageSpec, final: dict, folder: str) -> str:
             plain_mode(path, folder=path.is_dir())
         _set_aside(target)
         os.replace(staging, target)
+    except Exception as exc:
+        if not (isinstance(exc, OSError) or no_space(exc)):
+            raise
+        # the bare OSError names neither the folder nor what to do: the store's are explained
+        raise OSError(errno.ENOSPC if no_space(exc) else exc.errno,
+                      f"writing the model folder {target} failed "
+                      f"({getattr(exc, 'strerror', None) or exc}); free space there, choose "
+                      "another --out, or pass --no-export") from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return str(target)
@@ -111,6 +125,7 @@ def remove_model(folder: str | os.PathLike) -> bool:
     exports nothing leaves no earlier run's model beside its results. A folder without the
     marker is not ours and stays. Whether it removed one."""
     target = Path(folder).expanduser()
+    _remove_leftovers(target)  # a killed export's, though no model follows
     if not (target / MARKER).is_file():
         return False
     _set_aside(target)

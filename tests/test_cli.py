@@ -1766,3 +1766,19 @@ def test_the_server_is_bound_to_the_command_only_from_its_main_thread():
     other.start()
     other.join()
     assert found == [command]
+
+
+@pytest.mark.parametrize("name", ["results.json", "sds.log"])
+def test_an_out_holding_a_folder_where_the_run_writes_a_file_exits_2_before_any_stage(
+        name, tiny_model, corpus, tmp_path, monkeypatch, capfd, clean_environ):
+    """A folder named results.json would fail the run after every stage (exit 1), a folder
+    named sds.log as the flow starts: both are refused with the other --out checks."""
+    from flows.cli import main
+
+    out = tmp_path / "out"
+    (out / name).mkdir(parents=True)
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # never reached
+    code = main(cli_args(tiny_model, corpus, tmp_path / "store", out))
+    assert code == 2
+    assert f"{out / name} is a folder" in _one_line_error(capfd.readouterr().err)
+    assert not list((tmp_path / "store").rglob("meta.json"))

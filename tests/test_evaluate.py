@@ -124,6 +124,20 @@ def test_fewer_tokens_than_one_window_raises_data_error(model, stream):
         perplexity(model, stream[:, :10], 24)
 
 
+def test_a_perplexity_beyond_a_float_raises_numerical_error_not_overflow(model, stream):
+    """A model whose mean nll exceeds ln(float max) ~ 709.8 nats has no finite perplexity:
+    say so, as for NaN logits, instead of math.exp's bare OverflowError."""
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.lm_head.weight.mul_(5000.0)
+        windows = stream[0, : 2 * 24].reshape(2, 24)
+        logits = broken(input_ids=windows).logits[:, :-1].double()  # independent: the mean nll
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
+    assert nll.item() > math.log(sys.float_info.max)  # the case: exp(mean nll) is no float
+    with pytest.raises(sds.evaluate.NumericalError, match="overflows a float"):
+        perplexity(broken, stream, 24, max_windows=2)
+
+
 # -- output fidelity ----------------------------------------------------------------------------
 def test_a_model_is_perfectly_faithful_to_its_own_hidden_states(model, stream):
     ids = stream[0, :64].reshape(4, 16)

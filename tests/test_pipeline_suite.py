@@ -29,6 +29,24 @@ def test_suite_measures_perplexity_under_flat_names(tiny_model, corpus):
     assert result["details"]["ppl/heldout"]["windows"] >= 1
 
 
+@pytest.mark.parametrize("name", ["wikitext2.txt", "c4.txt", "ptb.txt", "wiki.txt",
+                                  "news.txt"])
+def test_a_file_never_goes_by_the_name_of_a_built_in_corpus(tiny_model, corpus, tmp_path, name):
+    """A local `wikitext2.txt` is read as a file (blank-line documents, stripped, joined with
+    blank lines; no 256-window C4 cut), not by WikiText-2's protocol: its perplexity must not
+    read as `ppl/wikitext2`, which results, sweeps and the papers' tables mean by protocol."""
+    path = tmp_path / name
+    path.write_text(corpus["heldout"].read_text())
+    stem = name.split(".")[0]
+    (label,) = source_labels([str(path)])
+    assert label.startswith(f"{stem}-") and label != stem
+    model, tokenizer = load_model(str(tiny_model))
+    result = evaluate_model(model, tokenizer, sources=[str(path)], seqlen=32)
+    assert set(result["metrics"]) == {f"ppl/{label}"}
+    plain = evaluate_model(model, tokenizer, sources=[str(corpus["heldout"])], seqlen=32)
+    assert result["metrics"][f"ppl/{label}"] == plain["metrics"]["ppl/heldout"]  # same text
+
+
 def test_sources_of_one_name_keep_a_metric_each(tiny_model, corpus, tmp_path):
     """`wiki` and `x/wiki.txt`, or two files named test.txt: each perplexity under its own
     name, equal to that source's perplexity measured alone."""

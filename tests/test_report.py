@@ -52,3 +52,16 @@ def test_numbers_of_a_row_share_their_decimals_and_never_read_minus_zero():
     assert [_fmt(v, 3) for v in (0.3, 0.295, 1.0)] == ["0.300", "0.295", "1.000"]
     assert signed(-0.0004, 3) == "+0.000" and signed(-0.0006, 3) == "-0.001"
     assert signed(-1260.0) == "-1260.0" and _fmt(None) == "–" and signed(None) == "–"
+
+
+def test_an_accuracy_row_keeps_three_decimals_when_one_state_scores_a_perfect_one():
+    """Accuracies are at most 1: a dense 1.0 beside 0.994 and 0.998 must not round the row to
+    1.00 / 0.99 / 1.00 with a gain of +0.00 beside a recovered share of +66.7%."""
+    from flows.report import _fmt, decimals, signed
+
+    metrics = {"dense": {"acc/t": 1.0}, "oneshot": {"acc/t": 0.994}, "sds": {"acc/t": 0.998}}
+    gain = improvement(metrics)["acc/t"]
+    places = decimals(1.0, 0.994, 0.998)
+    assert [_fmt(v, places) for v in (1.0, 0.994, 0.998)] == ["1.000", "0.994", "0.998"]
+    assert signed(gain["absolute"], places) == "+0.004"
+    assert gain["recovered"] == pytest.approx((0.998 - 0.994) / (1.0 - 0.994))
