@@ -3,7 +3,7 @@
 results.json:
 
     {"config": {...}, "metrics": {"dense": {"ppl/wiki": ...}, "oneshot": {...}, "sds": {...}},
-     "improvement": {"ppl/wiki": {"absolute": ..., "recovered": ...}},
+     "improvement": {"ppl/wiki": {"absolute": ..., "recovered": ..., "noise": ...}},
      "keys": {label: key}, "artifacts": {label: uri},
      "stages": {label: {"computed": bool, "seconds": {...}, "blocks": {"total", "computed"}}},
      "timings": {"wall", "stage_seconds", "compute_seconds", "overhead"}, "model_dir": ...,
@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import re
 import time
@@ -41,11 +42,18 @@ def lower_is_better(metric: str) -> bool:
 NEGLIGIBLE_GAP = 0.005
 
 
-def improvement(metrics: dict[str, dict]) -> dict[str, dict]:
-    """Per metric measured on all three states: {"absolute", "recovered"}; "recovered" is None
-    when one-shot pruning is not worse than dense by more than `NEGLIGIBLE_GAP` of the dense
-    value (no gap to recover)."""
+def improvement(metrics: dict[str, dict], stderr: dict[str, dict] | None = None
+                ) -> dict[str, dict]:
+    """Per metric measured on all three states: {"absolute", "recovered", "noise"}.
+
+    "noise" is twice the standard error of the one-shot gap, sqrt(se_dense² + se_oneshot²),
+    where `stderr` ({state: {metric: standard error}}) has both (the zero-shot accuracies),
+    else None. "recovered" is None when one-shot pruning is not worse than dense by more than
+    `NEGLIGIBLE_GAP` of the dense value, or by more than that noise: no gap to share out (100
+    examples put a 4-example gap within the noise, and SDS regaining 2 of them would read as
+    half the gap recovered)."""
     dense, base, final = (metrics.get(s, {}) for s in ("dense", "oneshot", "sds"))
+    se_dense, se_base = ((stderr or {}).get(s, {}) for s in ("dense", "oneshot"))
     out = {}
     for name in final:
         d, b, f = dense.get(name), base.get(name), final.get(name)
@@ -54,9 +62,11 @@ def improvement(metrics: dict[str, dict]) -> dict[str, dict]:
         sign = 1.0 if lower_is_better(name) else -1.0
         absolute = sign * (b - f)
         gap = sign * (b - d)
-        out[name] = {"absolute": absolute,
-                     "recovered": absolute / gap if gap > NEGLIGIBLE_GAP * abs(d) and gap > 0
-                     else None}
+        noise = (2 * math.hypot(se_dense[name], se_base[name])
+                 if name in se_dense and name in se_base else None)
+        real = gap > 0 and gap > NEGLIGIBLE_GAP * abs(d) and (noise is None or gap > noise)
+        out[name] = {"absolute": absolute, "recovered": absolute / gap if real else None,
+                     "noise": noise}
     return out
 
 
@@ -81,7 +91,9 @@ def build_results(plan, refs: dict[str, dict], started: datetime, wall: float,
         "pattern": config["pattern"], "sds": config["sds"],
         "config": config,
         "metrics": metrics,
-        "improvement": improvement(metrics),
+        "improvement": improvement(metrics, {state: refs[label].get("stderr", {})
+                                             for state, label in EVALUATIONS.items()
+                                             if label in refs}),
         "keys": plan.keys(),
         "artifacts": {label: s["uri"] for label, s in stages.items()},
         "final": {"stage": plan.final, "key": plan.specs[plan.final].key,
@@ -241,9 +253,11 @@ def markdown(results: dict) -> str:
         metrics = results["metrics"]
         for name, gain in gains.items():
             rec, change = gain["recovered"], gain["absolute"]
+            noise = gain.get("noise")
             share = (f"{percent(rec)} of the gap to dense recovered" if rec is not None
                      else f"one-shot pruning left no gap to dense above "
-                     f"{NEGLIGIBLE_GAP:.1%}")
+                     f"{NEGLIGIBLE_GAP:.1%}" + ("" if noise is None else
+                                                f" and above the noise, {noise:.3f}"))
             verdict = "better" if change > 0 else "worse" if change < 0 else "unchanged"
             places = decimals(metrics["oneshot"][name], metrics["sds"][name])
             lines.append(f"- **{name}**: one-shot {_fmt(metrics['oneshot'][name], places)} → "

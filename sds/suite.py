@@ -14,6 +14,7 @@ metrics line up name by name.
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -143,3 +144,27 @@ def evaluate_model(
         if on_part is not None:
             on_part(parts, parts, "zero-shot tasks")
     return {"metrics": metrics, "details": details, "seconds": time.perf_counter() - t0}
+
+
+def standard_errors(details: dict) -> dict[str, float]:
+    """{metric: its standard error} for the zero-shot accuracies in an `evaluate_model` result's
+    `details`: lm-eval's own where it is a number, else the binomial sqrt(p (1 − p) / n) of
+    the n examples scored. Perplexities have none here (their windows are not independent)."""
+    out = {}
+    for name, entry in details.items():
+        if not (name.startswith("zero_shot/") and isinstance(entry, dict)):
+            continue
+        task, n = name.removeprefix("zero_shot/"), entry.get("samples")
+        for metric in ("acc", "acc_norm"):
+            p, se = entry.get(metric), entry.get(f"{metric}_stderr")
+            if not _number(p):
+                continue
+            if not _number(se) and isinstance(n, int) and n > 0 and 0 <= p <= 1:
+                se = math.sqrt(p * (1 - p) / n)
+            if _number(se):
+                out[f"{metric}/{task}"] = float(se)
+    return out
+
+
+def _number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
