@@ -298,6 +298,15 @@ def embedded_api() -> EmbeddedAPI | None:
 
 
 # -- errors -------------------------------------------------------------------------------------
+def plain(text) -> str:
+    """`text` for a rich console line, its brackets shown as typed: rich reads `[...]` as
+    markup, which dropped `[ab]` from a regex in a message and made `[/]` raise MarkupError
+    (a traceback in place of the one-line error)."""
+    from rich.markup import escape
+
+    return escape(str(text))
+
+
 def one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     from sds.errors import SDSError
@@ -460,7 +469,7 @@ class TerminalProgress(logging.Handler):
             self.said.add(message)
             if self.to_log:
                 os.write(2, f"warning: {message}\n".encode())
-            self.progress.console.print(f"[yellow]warning:[/] {message}", highlight=False,
+            self.progress.console.print(f"[yellow]warning:[/] {plain(message)}", highlight=False,
                                         soft_wrap=True)
 
 
@@ -617,7 +626,7 @@ def _warn(settings: list[dict], console) -> None:
 
     warnings = {few_tokens_warning(s["nsamples"] * s["seqlen"]) for s in settings if s["sds"]}
     for warning in sorted(w for w in warnings if w):
-        console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+        console.print(f"[yellow]warning:[/] {plain(warning)}", highlight=False, soft_wrap=True)
 
 
 def _log_file(config, args) -> Path | None:
@@ -642,7 +651,7 @@ def _answer_from_store(config, plan, refs: dict, console, log: Path | None) -> d
             print(message, file=sys.stderr, flush=True)
         results = report.finish(plan, refs, config.out, write_model if config.export else None,
                                 started, t0, None)
-    console.print(f"[green]✓[/] {message}", highlight=False, soft_wrap=True)
+    console.print(f"[green]✓[/] {plain(message)}", highlight=False, soft_wrap=True)
     return results
 
 
@@ -679,7 +688,7 @@ def cmd_run(args, console) -> int:
                 try:
                     results = _answer_from_store(config, plan, refs, console, log)
                 except UpstreamLostError as exc:  # the final weights were damaged: discarded
-                    console.print(f"[yellow]{one_line(exc)}[/]; the flow computes it again",
+                    console.print(f"[yellow]{plain(one_line(exc))}[/]; the flow computes it again",
                                   highlight=False, soft_wrap=True)
     if results is None:
         args.api = embedded_api()  # boots while the inputs are checked
@@ -720,7 +729,7 @@ def _note_earlier_results(config, console) -> None:
     wrote none), beside this run's log."""
     path = Path(config.out) / "results.json" if config.out else None
     if path is not None and path.is_file():
-        console.print(f"[yellow]note:[/] {path} is an earlier run's; this run wrote no "
+        console.print(f"[yellow]note:[/] {plain(path)} is an earlier run's; this run wrote no "
                       "results", highlight=False, soft_wrap=True)
 
 
@@ -1082,7 +1091,7 @@ class Interruption:
     def stop(self) -> None:
         """Say so, end the child processes, and exit now (no waiting for stage threads)."""
         with contextlib.suppress(Exception):
-            self.console.print(f"[red]interrupted[/]: {self.note}", highlight=False)
+            self.console.print(f"[red]interrupted[/]: {plain(self.note)}", highlight=False)
         _end_children()
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):
@@ -1167,7 +1176,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if args.traceback:
             console.print_exception()
-        console.print(f"[red]error:[/] {one_line(exc)}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/] {plain(one_line(exc))}", highlight=False, soft_wrap=True)
         return exit_code(exc)
     finally:
         interruption.restore()

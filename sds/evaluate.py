@@ -309,7 +309,12 @@ def _check_task_file(path: Path) -> bool:
 
 def check_tasks(names: Sequence[str]) -> None:
     """Refuse, before any work, zero-shot task names that are neither demo tasks nor lm-eval's
-    built-in tasks, groups or tags (indexing those takes seconds, once per process)."""
+    built-in tasks, groups or tags (indexing those takes seconds, once per process), and
+    built-in tasks whose datasets cannot be had: in offline mode (HF_HUB_OFFLINE /
+    HF_DATASETS_OFFLINE) by loading them from the local Hugging Face cache, else by probing
+    the hub, as the hub corpora are checked (`sds.data.check_hub_data`)."""
+    from .hub import check_hub, hub_offline
+
     others = [n for n in names if n not in DEMO_TASKS]
     if not others:
         return
@@ -319,6 +324,12 @@ def check_tasks(names: Sequence[str]) -> None:
         if name not in known:
             raise ConfigError(f"unknown zero-shot task {name!r}: not an lm-eval task or a demo "
                               f"task; presets: {', '.join(sorted(TASK_PRESETS))}")
+    if not hub_offline(datasets=True):
+        check_hub(f"the datasets of zero-shot tasks {', '.join(others)}", _LOCAL_TASK_HINT)
+        return
+    with _preserved_rng():
+        for name in others:  # from the cache, or HubUnreachableError naming the task
+            _load_task(_builtin_task_manager(), name, local=False)
 
 
 @functools.lru_cache(maxsize=1)

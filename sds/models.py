@@ -290,13 +290,40 @@ def _local_source(name_or_path: str) -> tuple[str, bool]:
     return (str(local) if is_local else name_or_path), is_local
 
 
+# the weights files `from_pretrained` reads from a folder: one file, or an index of shards
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
 def check_weight_files(name_or_path: str) -> None:
-    """Read the header of every safetensors file of a local model folder (cheap: no tensors),
-    so that a truncated or empty weights file fails before any work, as a ModelError."""
+    """Check a local model folder's weights before any work, as a ModelError: a weights file
+    is there (`WEIGHT_FILES`), every shard its index names is there, and the header of every
+    safetensors file reads (cheap: no tensors), so that a missing, truncated or empty weights
+    file fails at planning, not when the first stage loads the model."""
+    import json
+
     from safetensors import SafetensorError, safe_open
 
     folder = Path(name_or_path).expanduser()
-    for file in sorted(folder.glob("*.safetensors")) if folder.is_dir() else ():
+    if not folder.is_dir():
+        return
+    present = [name for name in WEIGHT_FILES if (folder / name).is_file()]
+    if not present:
+        raise ModelError(
+            f"model folder {str(folder)!r} holds no weights file ({', '.join(WEIGHT_FILES)}); "
+            "save the model there with model.save_pretrained(folder), or copy its weights too")
+    for index in (name for name in present if name.endswith(".index.json")):
+        try:
+            shards = set(json.loads((folder / index).read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise _damaged(folder / index, e) from e
+        missing = sorted(s for s in shards if not (folder / s).is_file())
+        if missing:
+            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+            raise ModelError(
+                f"model folder {str(folder)!r} lacks the weights shard {missing[0]!r}{more} "
+                f"that {index} names; copy every shard of the model, or save it again")
+    for file in sorted(folder.glob("*.safetensors")):
         try:
             with safe_open(file, "pt"):
                 pass
@@ -345,11 +372,28 @@ def load_tokenizer(name_or_path: str, revision: str | None = None,
     for a folder saved without its tokenizer, and every corpus would then look empty."""
     from transformers import AutoTokenizer
 
-    tokenizer = _load_part(AutoTokenizer.from_pretrained, name_or_path, revision,
-                           trust_remote_code)
+    save_it = ("save the tokenizer beside the model (tokenizer.save_pretrained(folder): "
+               "tokenizer.json, tokenizer_config.json, ...)")
+    try:
+        tokenizer = _load_part(AutoTokenizer.from_pretrained, name_or_path, revision,
+                               trust_remote_code)
+    except ModelError as e:
+        # without tokenizer files, transformers tries to build one from the model's type and
+        # fails with advice (install sentencepiece or tiktoken) that does not help: say why
+        folder = Path(name_or_path).expanduser()
+        if looks_local(name_or_path) and folder.is_dir() and not any(
+                f.name.startswith(_TOKENIZER_FILE_PREFIXES) for f in folder.iterdir()):
+            raise ModelError(f"model folder {str(folder)!r} holds no tokenizer files; "
+                             f"{save_it}") from e
+        raise
     if not tokenizer("The quick brown fox.", add_special_tokens=False)["input_ids"]:
         raise ModelError(
-            f"{name_or_path!r} has no usable tokenizer (it turns text into no tokens): save the "
-            "tokenizer beside the model (tokenizer.save_pretrained(folder): tokenizer.json, "
-            "tokenizer_config.json, ...)")
+            f"{name_or_path!r} has no usable tokenizer (it turns text into no tokens): "
+            f"{save_it}")
     return tokenizer
+
+
+# how the files that `tokenizer.save_pretrained` writes begin (tokenizer.json, vocab.json,
+# merges.txt, tokenizer.model, spiece.model, sentencepiece.bpe.model, special_tokens_map.json)
+_TOKENIZER_FILE_PREFIXES = ("tokenizer", "vocab", "merges", "spiece", "sentencepiece",
+                            "special_tokens", "added_tokens")

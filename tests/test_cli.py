@@ -1377,6 +1377,90 @@ def test_a_model_folder_saved_without_its_tokenizer_is_refused_at_planning(
         plan_pipeline(tiny_params(folder, corpus, tmp_path / "store"))
 
 
+def test_a_model_folder_without_its_weights_or_a_shard_exits_2_before_any_stage(
+        corpus, tmp_path, tiny_model, monkeypatch, capfd):
+    """A folder holding only config and tokenizer, or a sharded model one shard short, used to
+    pass planning and fail when the first pruning stage loaded the model, after the calibration
+    (and, with tasks, the dense evaluation) ran. The plan names the missing file; the complete
+    sharded copy of the same model plans."""
+    from transformers import AutoModelForCausalLM
+
+    import tasks.plan
+    from flows.cli import main
+
+    monkeypatch.setattr(tasks.plan, "_plans", {})
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # never reached
+    no_weights = tmp_path / "no-weights"
+    no_weights.mkdir()
+    for f in tiny_model.iterdir():
+        if f.is_file() and not f.name.endswith(".safetensors"):
+            shutil.copy(f, no_weights / f.name)
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(tiny_model).save_pretrained(sharded,
+                                                                     max_shard_size="100KB")
+    for f in tiny_model.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+            shutil.copy(f, sharded / f.name)
+    shards = sorted(sharded.glob("model-*.safetensors"))
+    assert len(shards) >= 2
+    one_short = tmp_path / "one-short"
+    shutil.copytree(sharded, one_short)
+    (one_short / shards[1].name).unlink()
+
+    for folder, expected in ((no_weights, "holds no weights file"),
+                             (one_short, f"lacks the weights shard '{shards[1].name}'")):
+        capfd.readouterr()
+        code = main(cli_args(folder, corpus, tmp_path / "store", tmp_path / "out"))
+        assert code == 2
+        assert expected in _one_line_error(capfd.readouterr().err)
+        assert not (tmp_path / "store").exists() and not (tmp_path / "out").exists()
+    tasks.plan.plan_pipeline(tiny_params(sharded, corpus, tmp_path / "store"))  # complete
+
+
+def test_a_llama_folder_saved_without_its_tokenizer_names_the_missing_tokenizer(
+        corpus, tmp_path, monkeypatch, capfd):
+    """For a LLaMA folder without tokenizer files transformers does not make an empty
+    tokenizer but raises, advising to install sentencepiece or tiktoken, which does not help:
+    the command says the tokenizer is missing and how to save it (exit 2, nothing written)."""
+    import tasks.plan
+    from flows.cli import main
+    from sds import demo
+
+    monkeypatch.setattr(tasks.plan, "_plans", {})
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # never reached
+    llama = Path(demo.demo_model_path("llama"))
+    folder = tmp_path / "llama-no-tokenizer"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(llama / name, folder / name)
+    capfd.readouterr()
+    code = main(cli_args(folder, corpus, tmp_path / "store", tmp_path / "out"))
+    line = _one_line_error(capfd.readouterr().err)
+    assert code == 2
+    assert "holds no tokenizer files" in line and "tokenizer.save_pretrained" in line
+    assert "sentencepiece" not in line
+
+
+@pytest.mark.parametrize("regex", ["layers\\.[ab]", "mlp[/]"])
+def test_an_error_naming_brackets_prints_them_as_typed(regex, corpus, tmp_path, tiny_model,
+                                                       monkeypatch, capfd):
+    """The console reads `[...]` as rich markup: an --override regex with a character class
+    lost it in the error line (`'layers\\.'` for `'layers\\.[ab]'`), and `[/]` made the
+    printer itself raise, a traceback and exit 1 instead of the one line and exit 2."""
+    import tasks.plan
+    from flows.cli import main
+
+    monkeypatch.setattr(tasks.plan, "_plans", {})
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # never reached
+    args = cli_args(tiny_model, corpus, tmp_path / "store", tmp_path / "out")
+    capfd.readouterr()
+    code = main([*args, "--override", f"{regex}=4:8"])
+    line = _one_line_error(capfd.readouterr().err)
+    assert code == 2
+    assert f"override {regex!r}=4:8 matches no pruned layer" in line
+    assert not (tmp_path / "store").exists() and not (tmp_path / "out").exists()
+
+
 def test_relative_data_paths_are_planned_from_the_working_directory(tmp_path, tiny_model,
                                                                    monkeypatch):
     """The same configuration naming `calib.txt` from two folders plans each folder's file."""

@@ -362,6 +362,23 @@ def test_builtin_task_offline_raises_hub_unreachable_naming_it(model, tokenizer,
         zero_shot(model, tokenizer, ["piqa"])
 
 
+def test_check_tasks_refuses_a_builtin_task_whose_data_is_not_cached_offline(monkeypatch):
+    """The planner's check: offline, a built-in task whose dataset is not in the local cache
+    fails before any stage (it used to pass, and the run failed in its first evaluation,
+    after the pruning stages), with the message the evaluation would give; the demo tasks,
+    which need no hub, pass."""
+    from lm_eval.tasks import TaskManager
+
+    from sds.evaluate import check_tasks
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    piqa = TaskManager(include_path=str(LM_EVAL_TASKS / "piqa"), include_defaults=False)
+    monkeypatch.setattr(sds.evaluate, "_builtin_task_manager", lambda: piqa)
+    with pytest.raises(HubUnreachableError, match=r"(?s)'piqa' needs its dataset.*demo"):
+        check_tasks(["demo_last_word", "piqa"])
+    check_tasks(["demo_last_word", "demo_next_sentence"])
+
+
 def test_preset_task_names_exist_in_lm_eval():
     pattern = re.compile(r"^task:\s*[\"']?([\w.\-]+)", re.MULTILINE)
     known = set()
