@@ -392,7 +392,8 @@ class TerminalProgress(logging.Handler):
     (tasks.common.progress): nothing but Prefect's logging in between. With `to_log`, each
     record is also one line on file descriptor 2 (the run's sds.log: `<title>: block k/N ...`)."""
 
-    def __init__(self, console, to_log: bool = False, warnings: bool = True):
+    def __init__(self, console, to_log: bool = False, warnings: bool = True,
+                 said: frozenset[str] = frozenset()):
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -414,7 +415,7 @@ class TerminalProgress(logging.Handler):
         # the library's warnings (weights left dense, a layer never called, a failed Cholesky
         # factorization): Prefect's console handler shows them only with --verbose
         self.library = logging.getLogger("sds") if warnings else None
-        self.said: set[str] = set()
+        self.said: set[str] = set(said)  # warnings printed already (`_warn`): not again
 
     def __enter__(self):
         self.progress.start()
@@ -547,7 +548,7 @@ def check_out(out: str | os.PathLike) -> None:
 
 
 def _run_flow(flow_fn, config, console, api: EmbeddedAPI | None, log: Path | None,
-              verbose: bool = False):
+              verbose: bool = False, said: frozenset[str] = frozenset()):
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     if api is not None:
@@ -557,7 +558,8 @@ def _run_flow(flow_fn, config, console, api: EmbeddedAPI | None, log: Path | Non
     # call returns a second earlier
     with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
         with _stderr_to(log), TerminalProgress(console, to_log=log is not None,
-                                               warnings=not verbose):  # verbose: Prefect's
+                                               warnings=not verbose,  # verbose: Prefect's
+                                               said=said):
             return flow_fn(config)
 
 
@@ -607,26 +609,29 @@ def check_out_apart(out: str, model: str | None, sweep: bool = False) -> None:
                           + ("" if sweep else " whose model/ is not this folder"))
 
 
-def _check(config, points: list, console, warn: bool = True) -> None:
+def _check(config, points: list, console, warn: bool = True) -> frozenset[str]:
     """What comes before the flow: the plan of every point (bad input fails here, before any
-    stage), the store and the output folder; then the warnings (unless said already)."""
+    stage), the store and the output folder; then the warnings (unless said already), which
+    it returns."""
     from tasks.plan import plan_pipeline
 
     with console.status("checking the inputs"):
         settings = [plan_pipeline(point).settings for point in points]
         _check_destinations(config, settings)
-    if warn:
-        _warn(settings, console)
+    return _warn(settings, console) if warn else frozenset()
 
 
-def _warn(settings: list[dict], console) -> None:
+def _warn(settings: list[dict], console) -> frozenset[str]:
     """Warnings about the points' settings (SDS on too few calibration tokens), once each;
-    also for a run answered from the store, whose numbers they explain."""
+    also for a run answered from the store, whose numbers they explain. Returns them: the
+    stage that logs the same warning is not shown it twice."""
     from sds.options import few_tokens_warning
 
     warnings = {few_tokens_warning(s["nsamples"] * s["seqlen"]) for s in settings if s["sds"]}
-    for warning in sorted(w for w in warnings if w):
+    warnings.discard(None)
+    for warning in sorted(warnings):
         console.print(f"[yellow]warning:[/] {plain(warning)}", highlight=False, soft_wrap=True)
+    return frozenset(warnings)
 
 
 def _log_file(config, args) -> Path | None:
@@ -676,8 +681,7 @@ def cmd_run(args, console) -> int:
         refs = None if args.flow_run else committed_references(plan)
         if refs is not None:
             _check_destinations(config, [plan.settings])
-    if refs is not None:
-        _warn([plan.settings], console)
+    said = _warn([plan.settings], console) if refs is not None else frozenset()
     results = None
     if refs is not None:
         from tasks.common import pinned
@@ -692,11 +696,12 @@ def cmd_run(args, console) -> int:
                                   highlight=False, soft_wrap=True)
     if results is None:
         args.api = embedded_api()  # boots while the inputs are checked
-        _check(config, [config], console, warn=refs is None)  # else said above
+        said |= _check(config, [config], console, warn=refs is None)  # else said above
         from flows.pipeline import pipeline
 
         try:
-            results = _run_flow(pipeline, config, console, args.api, log, args.verbose)
+            results = _run_flow(pipeline, config, console, args.api, log, args.verbose,
+                                said)
         except Exception:
             _note_earlier_results(config, console)
             raise
@@ -794,11 +799,11 @@ def cmd_sweep(args, console) -> int:
         raise ConfigError(f"--pool {config.pool} needs the Prefect server its workers use; set "
                           "PREFECT_API_URL (e.g. http://127.0.0.1:4200/api)")
     _offline(config, args)
-    _check(config, config.points(), console)
+    said = _check(config, config.points(), console)
     from flows.sweep import sweep
 
     summary = _run_flow(sweep, config, console, args.api, _log_file(config, args),
-                        args.verbose)
+                        args.verbose, said)
     _stdout_console().print(_metrics_table("sweep", summary["runs"], named=True))
     artifacts = ", ".join(f"{label} {n}" for label, n in summary["stage_submissions"].items())
     lines = [f"stages   {artifacts} (one artifact each; shared ones once, stored ones reused)",

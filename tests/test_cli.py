@@ -308,8 +308,9 @@ def test_damaged_final_weights_are_discarded_and_computed_again(
     err = capfd.readouterr().err
     again = json.loads((out / "results.json").read_text())
     assert again["timings"]["computed"] == ["second"], err
-    # the run computes SDS on 4 x 32 tokens: the command says that this is too few
-    assert "warning: SDS with 128 calibration tokens" in " ".join(err.split())
+    # the run computes SDS on 4 x 32 tokens: the command says that this is too few, once
+    # (the second stage logs the same warning)
+    assert " ".join(err.split()).count("warning: SDS with 128 calibration tokens") == 1
     assert again["stages"]["second"]["sha256"] == first["stages"]["second"]["sha256"]
     assert again["metrics"] == first["metrics"]
     ArtifactStore(store).load("second", first["keys"]["second"])  # whole again
