@@ -196,3 +196,27 @@ def test_the_committed_weights_are_the_best_validation_state(family):
     best = min(r["curve"], key=lambda c: c["valid_ppl"])
     assert measured == best["valid_ppl"]
     assert measured != r["curve"][-1]["valid_ppl"]  # the last state's is another value here
+
+
+def test_the_demo_readme_states_the_held_out_news_texts_overlap_with_its_training_text():
+    """data/demo/README.md says how many 13-word sequences of the held-out news text also occur
+    in its training text (near-duplicate articles): the numbers the corpus files give."""
+    import re
+
+    def sequences(docs):
+        return {tuple(d.split()[i:i + 13]) for d in docs for i in range(len(d.split()) - 12)}
+
+    counts = {}
+    for corpus in ("news", "wiki"):
+        heldout = sequences(_documents(corpus, "heldout"))
+        counts[corpus] = (len(heldout & sequences(_documents(corpus, "train"))), len(heldout))
+    assert counts["news"][0] > 0 and counts["wiki"][0] == 0
+    readme = " ".join((DEMO_DIR / "README.md").read_text(encoding="utf-8").split())
+    said = re.search(r"so (\d+) of the ([\d,]+) distinct 13-word sequences of the held-out news "
+                     r"text \(([\d.]+)%\) also occur in the news training text \(wiki: none\)",
+                     readme)
+    assert said, "the overlap sentence is missing from data/demo/README.md"
+    shared, total, percent = int(said[1]), int(said[2].replace(",", "")), float(said[3])
+    assert (shared, total) == counts["news"]
+    assert percent == round(100 * shared / total, 1)
+    assert _load_build_script().shared_sequences("news") == counts["news"]
