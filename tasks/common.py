@@ -64,10 +64,8 @@ def reference(store: ArtifactStore, spec: StageSpec, meta: dict, computed: bool)
         "seconds": meta.get("seconds", {}),
         "computed": computed,
     }
-    if isinstance(meta.get("details"), dict):  # an evaluation: its accuracies' noise
-        from sds.suite import standard_errors
-
-        ref["stderr"] = standard_errors(meta["details"])
+    if isinstance(meta.get("stderr"), dict):  # an evaluation: its accuracies' noise
+        ref["stderr"] = meta["stderr"]
     blocks = meta.get("blocks")
     if isinstance(blocks, dict):
         ref["blocks"] = dict(blocks) if computed else {"total": blocks.get("total"),

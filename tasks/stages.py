@@ -157,7 +157,7 @@ def second(spec: StageSpec, calibration: dict, redense: dict) -> dict:
 # -- evaluation ---------------------------------------------------------------------------------
 def _evaluate(spec, store, clock, logger):
     from sds.models import default_device, load_layer_state
-    from sds.suite import evaluate_model
+    from sds.suite import evaluate_model, standard_errors
 
     config = spec.config
     (weights_stage,) = spec.upstream or (None,)
@@ -192,7 +192,9 @@ def _evaluate(spec, store, clock, logger):
                 on_window=windows_done)
     for name, value in result["metrics"].items():
         logger.info("%s: %s = %s", spec.title, name, value)
-    return {}, {"metrics": result["metrics"], "details": result["details"]}
+    # the zero-shot accuracies' standard errors, which the report weighs their gaps with
+    return {}, {"metrics": result["metrics"], "details": result["details"],
+                "stderr": standard_errors(result["details"])}
 
 
 @task(name="evaluate", **STAGE_TASK)
