@@ -88,7 +88,10 @@ def test_a_sweep_fans_out_over_two_workers_and_computes_each_artifact_once(
                 workers.append(subprocess.Popen(
                     [sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL,
                      "--name", name, "--limit", "2"],
-                    env={**env, "PREFECT_HOME": str(tmp_path / name)}, cwd=REPO, stdout=log,
+                    # unbuffered: a worker that a loaded machine makes kill (after 15 s of
+                    # SIGINT) keeps what it relayed of its flow runs' output in its log
+                    env={**env, "PREFECT_HOME": str(tmp_path / name),
+                         "PYTHONUNBUFFERED": "1"}, cwd=REPO, stdout=log,
                     stderr=subprocess.STDOUT, start_new_session=True))
         with get_client(sync_client=True) as client:
             _wait_for_workers(client, logs, workers)
