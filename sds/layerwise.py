@@ -365,20 +365,31 @@ def _groups_by_input(block: nn.Module, layers: dict[str, nn.Module], hidden, ext
 
 def calibration_ids(calibration) -> torch.Tensor:
     """Accept a `sds.data.Calibration`, or integer token ids [nsamples, seqlen] (also as a
-    tokenizer's output without padding). Returns them as int64."""
-    ids = getattr(calibration, "input_ids", calibration)
+    tokenizer's output without padding, a BatchEncoding or a plain dict). Returns them as
+    int64."""
+    if isinstance(calibration, Mapping) and "input_ids" in calibration:
+        # a tokenizer's output as a plain dict (e.g. {k: v.to(device) for k, v in enc.items()})
+        ids, mask = calibration["input_ids"], calibration.get("attention_mask")
+    else:
+        ids = getattr(calibration, "input_ids", calibration)
+        mask = getattr(calibration, "attention_mask", None)
     if not isinstance(ids, torch.Tensor):
+        stack = (" (a list of windows of one length: torch.stack(windows))"
+                 if isinstance(ids, list | tuple) and ids
+                 and all(isinstance(t, torch.Tensor) for t in ids) else "")
         raise DataError(
-            f"calibration must be a Calibration or a [nsamples, seqlen] token tensor, got "
-            f"{type(calibration).__name__}; make one with sds.data.load_calibration(tokenizer, "
-            "source, nsamples, seqlen) (texts, a file or the demo corpus)")
+            f"calibration must be a Calibration or a [nsamples, seqlen] token tensor{stack}, "
+            f"got {type(calibration).__name__}; make one with sds.data.load_calibration("
+            "tokenizer, source, nsamples, seqlen) (texts, a file or the demo corpus)")
+    if ids.dim() == 1 and ids.numel():
+        raise DataError(f"calibration is one sequence of {ids.numel()} tokens, not [nsamples, "
+                        "seqlen]; pass ids.unsqueeze(0) for one sample, or cut it into windows")
     if ids.dim() != 2 or ids.numel() == 0:
         raise DataError(f"calibration is empty or not [nsamples, seqlen] (shape "
                         f"{tuple(ids.shape)}); load at least one sample")
     if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
         raise DataError(f"calibration token ids must be integers, got {ids.dtype} (a float "
                         "tensor is not token ids)")
-    mask = getattr(calibration, "attention_mask", None)
     if isinstance(mask, torch.Tensor) and bool((mask == 0).any()):
         raise DataError(f"the calibration's attention_mask marks {int((mask == 0).sum())} of "
                         f"{mask.numel()} tokens as padding, which every statistic would count: "

@@ -79,7 +79,7 @@ def magnitude(W: torch.Tensor, H: torch.Tensor | None, pattern: Pattern | str) -
     pattern = Pattern.parse(pattern)
     _check_shapes(W, None, needs_h=False)
     _check_finite("W", W)
-    W32 = W.float()
+    W32 = W.detach().float()  # pruning is not differentiable: no autograd graph
     mask = pattern.prune_mask(W32.abs())
     return W32.masked_fill(mask, 0.0).to(W.dtype)
 
@@ -100,7 +100,7 @@ def wanda(W: torch.Tensor, H: torch.Tensor, pattern: Pattern | str) -> torch.Ten
         _check_shapes(W, H)
     _check_finite("W", W)
     _check_finite("H", H)
-    W32 = W.float()
+    W32 = W.detach().float()  # pruning is not differentiable: no autograd graph
     h = H if H.dim() == 1 else torch.diagonal(H)  # [in]: ‖X_j‖₂²
     x_norm = h.float().clamp_min(0).sqrt()  # [in]: ‖X_j‖₂
     scores = W32.abs() * x_norm.unsqueeze(0)  # [out, in]
@@ -183,7 +183,10 @@ def sparsegpt(
     dtype = W.dtype
     # The loop walks the columns of W; it works on Wᵀ: [in, out] so that each column is one
     # contiguous row and every per-column update is an in-place rank-1 BLAS call (no temporaries).
-    Wt = W.detach().float().t().contiguous()  # [in, out]
+    # a copy always: for an fp32 W that is a transposed view (a Conv1D's `weight_matrix`),
+    # `.float().t().contiguous()` would be W's own storage, and the loop would prune it in place
+    Wt = W.detach().t().to(torch.float32, memory_format=torch.contiguous_format,
+                           copy=True)  # [in, out]
     Wt[dead] = 0.0
     U = U.to(Wt.device)
     cols, rows = Wt.shape
@@ -242,7 +245,9 @@ def admm(W: torch.Tensor, H: torch.Tensor, pattern: Pattern | str, percdamp: flo
                           "ScaledGram.of(H, percdamp)")
     if gram is None:
         gram = ScaledGram.of(H, percdamp)  # refuses an H that is not symmetric
-    W_new, record = solve(W.float(), gram, pattern, per_row=per_row,
+    # detached: with grad on, every solver iteration would stay in an autograd graph held by
+    # the result (W = nn.Linear.weight requires grad)
+    W_new, record = solve(W.detach().float(), gram, pattern, per_row=per_row,
                           options=options or SolverOptions())
     if info is not None:
         info.update(record)

@@ -297,3 +297,35 @@ def test_the_sds_steps_take_a_pattern_for_rules_and_check_dense_and_config():
 def test_values_of_the_wrong_kind_are_refused_by_name(make, msg):
     with pytest.raises(sds.ConfigError, match=msg):
         make()
+
+
+def test_a_tokenizers_output_as_a_plain_dict_is_read_as_its_batch_encoding():
+    """`{k: v.to(device) for k, v in enc.items()}` is a dict: it prunes as the BatchEncoding
+    (and as its input_ids) does, and its padding is refused the same way."""
+    from transformers import BatchEncoding
+
+    from sds.models import prunable_layers, weight_matrix
+
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    full = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    weights = []
+    for calibration in (dict(full), BatchEncoding(full), ids):
+        torch.manual_seed(0)
+        model = tiny_llama()
+        sds.prune(model, calibration, "sparsegpt", "2:4", progress=False)
+        weights.append({n: weight_matrix(m).clone() for n, m in prunable_layers(model).items()})
+    for other in weights[1:]:
+        assert all(torch.equal(weights[0][n], other[n]) for n in other)
+    padded = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    padded["attention_mask"][0, 12:] = 0
+    with pytest.raises(sds.DataError, match="marks 4 of 32 tokens as padding"):
+        sds.prune(tiny_llama(), padded, "wanda", "50%", progress=False)
+
+
+@pytest.mark.parametrize("calibration,msg", [
+    (torch.randint(0, 128, (16,)), r"one sequence of 16 tokens.*ids.unsqueeze\(0\)"),
+    ([torch.randint(0, 128, (16,)), torch.randint(0, 128, (9,))], r"torch.stack\(windows\)"),
+])
+def test_calibration_of_the_wrong_shape_names_the_fix(calibration, msg):
+    with pytest.raises(sds.DataError, match=msg):
+        sds.prune(tiny_llama(), calibration, "wanda", "50%", progress=False)

@@ -9,6 +9,7 @@ from sds.patterns import Pattern
 from sds.pruners import (
     METHODS,
     PruneOptions,
+    admm,
     get_method,
     inverse_hessian_factor,
     magnitude,
@@ -222,3 +223,29 @@ def test_wanda_from_the_diagonal_alone_equals_wanda_from_the_gram_matrix():
         assert torch.equal(wanda(W, torch.diagonal(H).clone(), spec), wanda(W, H, spec))
     with pytest.raises(ConfigError, match="diagonal of H must have in = 128 entries"):
         wanda(W, torch.ones(64), "50%")
+
+
+@pytest.mark.parametrize("spec", ["50%", "2:4"])
+def test_sparsegpt_leaves_a_transposed_fp32_weight_unchanged(spec):
+    """W given as a transposed view (how `sds.models.weight_matrix` presents a GPT-2 Conv1D
+    weight, [in, out] in memory) is read, not pruned in place; the result equals that of the
+    same values in a contiguous tensor."""
+    W, _, H = _layer(rows=32, cols=64)
+    storage = W.t().contiguous()  # [in, out], as a Conv1D holds it
+    view = storage.t()  # W: [out, in], a view whose .t() is contiguous
+    before = storage.clone()
+    out = sparsegpt(view, H, spec)
+    assert torch.equal(storage, before)
+    assert torch.equal(out, sparsegpt(W, H, spec))
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "admm"])
+def test_a_weight_that_requires_grad_builds_no_autograd_graph(method):
+    """W = nn.Linear.weight requires grad: the pruned weight is a plain tensor (no graph kept
+    alive by it, which for admm held every solver iteration), equal to the result from the
+    detached weight."""
+    W, _, H = _layer(rows=32, cols=64)
+    prune = {"magnitude": magnitude, "wanda": wanda, "sparsegpt": sparsegpt, "admm": admm}[method]
+    out = prune(W.clone().requires_grad_(), H, "2:4")
+    assert out.grad_fn is None and not out.requires_grad
+    assert torch.equal(out, prune(W, H, "2:4"))
