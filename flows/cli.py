@@ -390,10 +390,13 @@ def _flag(dest: str) -> str:
 class TerminalProgress(logging.Handler):
     """Stage progress drawn as rich progress bars on stderr, from the stages' own log records
     (tasks.common.progress): nothing but Prefect's logging in between. With `to_log`, each
-    record is also one line on file descriptor 2 (the run's sds.log: `<title>: block k/N ...`)."""
+    record is also one line on file descriptor 2 (the run's sds.log: `<title>: block k/N ...`).
+    A stage is known by its artifact key: the points of a sweep over several models have stages
+    of one title (`calibration`, `oneshot sparsegpt 2:4`) for each model; `models` (artifact key
+    -> the model's short name) names the model beside the title."""
 
     def __init__(self, console, to_log: bool = False, warnings: bool = True,
-                 said: frozenset[str] = frozenset()):
+                 said: frozenset[str] = frozenset(), models: dict[str, str] | None = None):
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -416,6 +419,7 @@ class TerminalProgress(logging.Handler):
         # factorization): Prefect's console handler shows them only with --verbose
         self.library = logging.getLogger("sds") if warnings else None
         self.said: set[str] = set(said)  # warnings printed already (`_warn`): not again
+        self.models = models or {}
 
     def __enter__(self):
         self.progress.start()
@@ -437,27 +441,31 @@ class TerminalProgress(logging.Handler):
             if record.levelno >= logging.WARNING and record.name.startswith("sds"):
                 self._warning(record)
             return
-        label, kind = event["title"], event.get("event")
+        kind, stage = event.get("event"), event.get("key") or event["title"]
+        label = event["title"]
+        if stage in self.models:
+            label = f"{label} ({self.models[stage]})"
         with contextlib.suppress(Exception):
             if self.to_log:
                 os.write(2, f"{record.getMessage()}\n".encode())
-            if kind == "cached" and label not in self.bars:
-                self.progress.console.print(f"[green]✓[/] {label:<30} [dim]from the store[/]")
-                self.bars[label] = -1
+            if kind == "cached" and stage not in self.bars:
+                self.progress.console.print(f"[green]✓[/] {label:<30} [dim]from the store[/]",
+                                            highlight=False)
+                self.bars[stage] = -1
             elif kind == "start":
-                self.bars[label] = self.progress.add_task(label, total=None)
-            elif kind == "block" and self.bars.get(label, -1) >= 0:
-                self.progress.update(self.bars[label], total=event["blocks"],
+                self.bars[stage] = self.progress.add_task(label, total=None)
+            elif kind == "block" and self.bars.get(stage, -1) >= 0:
+                self.progress.update(self.bars[stage], total=event["blocks"],
                                      completed=event["block"])
-            elif kind == "done" and self.bars.get(label, -1) >= 0:
-                self.progress.remove_task(self.bars[label])
-                self.bars[label] = -1
+            elif kind == "done" and self.bars.get(stage, -1) >= 0:
+                self.progress.remove_task(self.bars[stage])
+                self.bars[stage] = -1
                 self.progress.console.print(f"[green]✓[/] {label:<30} computed in "
-                                            f"{event.get('seconds', 0):.1f} s")
+                                            f"{event.get('seconds', 0):.1f} s", highlight=False)
             elif kind == "failed":  # said here too: a bar that only vanished would not say
-                if self.bars.get(label, -1) >= 0:
-                    self.progress.remove_task(self.bars[label])
-                self.bars[label] = -1
+                if self.bars.get(stage, -1) >= 0:
+                    self.progress.remove_task(self.bars[stage])
+                self.bars[stage] = -1
                 self.progress.console.print(f"[red]✗[/] {label:<30} failed",
                                             highlight=False)
 
@@ -548,7 +556,8 @@ def check_out(out: str | os.PathLike) -> None:
 
 
 def _run_flow(flow_fn, config, console, api: EmbeddedAPI | None, log: Path | None,
-              verbose: bool = False, said: frozenset[str] = frozenset()):
+              verbose: bool = False, said: frozenset[str] = frozenset(),
+              models: dict[str, str] | None = None):
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     if api is not None:
@@ -559,7 +568,7 @@ def _run_flow(flow_fn, config, console, api: EmbeddedAPI | None, log: Path | Non
     with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
         with _stderr_to(log), TerminalProgress(console, to_log=log is not None,
                                                warnings=not verbose,  # verbose: Prefect's
-                                               said=said):
+                                               said=said, models=models):
             return flow_fn(config)
 
 
@@ -613,12 +622,26 @@ def _check(config, points: list, console, warn: bool = True) -> frozenset[str]:
     """What comes before the flow: the plan of every point (bad input fails here, before any
     stage), the store and the output folder; then the warnings (unless said already), which
     it returns."""
-    from tasks.plan import plan_pipeline
-
     with console.status("checking the inputs"):
-        settings = [plan_pipeline(point).settings for point in points]
+        settings = [_planned(point, len(points) > 1).settings for point in points]
         _check_destinations(config, settings)
     return _warn(settings, console) if warn else frozenset()
+
+
+def _planned(point, name_it: bool):
+    """The point's plan; with `name_it` (a sweep of several points) an error that does not
+    name the point's model says which point it is: the same pattern can fit one model's
+    layers and not another's."""
+    from sds.errors import SDSError
+    from tasks.plan import plan_pipeline
+
+    try:
+        return plan_pipeline(point)
+    except SDSError as exc:
+        model = point.model or "demo"
+        if not name_it or model in str(exc):
+            raise
+        raise type(exc)(f"{model} ({point.method} {point.pattern}): {one_line(exc)}") from None
 
 
 def _warn(settings: list[dict], console) -> frozenset[str]:
@@ -741,11 +764,23 @@ def _note_earlier_results(config, console) -> None:
 def _grid_loader():
     """A safe YAML loader that reads scalars as YAML 1.2 does: `2:4` stays the string it looks
     like (YAML 1.1 reads it as the base-60 number 124), and yes/no/on/off stay words (pydantic
-    still reads them as booleans where a field is one; `gpu_limit: off` is a none word)."""
+    still reads them as booleans where a field is one; `gpu_limit: off` is a none word). A key
+    given twice in one mapping is an error, as YAML says, not the last one silently winning."""
     import yaml
 
     class GridLoader(yaml.SafeLoader):
-        pass
+        def construct_mapping(self, node, deep=False):
+            seen: dict = {}
+            for key_node, _value in node.value:
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                if isinstance(key, str) and key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"{key!r} is given twice (lines {seen[key]} and {line}); "
+                        "give it once, with every value in one list", key_node.start_mark)
+                if isinstance(key, str):
+                    seen[key] = line
+            return super().construct_mapping(node, deep=deep)
 
     tags = {f"tag:yaml.org,2002:{t}" for t in ("bool", "int", "float")}
     GridLoader.yaml_implicit_resolvers = {
@@ -770,9 +805,15 @@ def _grid(path: str | None) -> dict:
     if not path:
         return {}
     try:
-        grid = yaml.load(Path(path).read_text(), Loader=_grid_loader()) or {}  # noqa: S506
+        text = Path(path).read_text()
+        if Path(path).suffix.lower() == ".json":  # JSON may indent with tabs, which YAML refuses
+            grid = json.loads(text) or {}
+        else:
+            grid = yaml.load(text, Loader=_grid_loader()) or {}  # noqa: S506
     except FileNotFoundError:
         raise ConfigError(f"grid file {path} does not exist") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"grid file {path} is not valid JSON: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"grid file {path} is not valid YAML: "
                           f"{' '.join(str(exc).split())}") from None
@@ -790,6 +831,22 @@ def sweep_config(args):
     return _config(SweepConfig, args, _grid(args.grid), where)
 
 
+def _stage_models(config) -> dict[str, str] | None:
+    """For a sweep over several models: each stage's artifact key -> its model's short name
+    (`demo`, or the folder's or hub id's last name), which the progress lines show beside the
+    stage's title (the same for every model); None for one model."""
+    from tasks.plan import plan_pipeline
+
+    if len(config.models) < 2:
+        return None
+    names = {}
+    for point in config.points():  # planned already (`_check`): the same plans, no new work
+        plan = plan_pipeline(point, check=False)
+        model = "demo" if plan.settings["demo"] else Path(plan.settings["model"]).name
+        names.update({spec.key: model for spec in plan.specs.values()})
+    return names
+
+
 def cmd_sweep(args, console) -> int:
     t0 = time.perf_counter()
     config = sweep_config(args)
@@ -800,10 +857,14 @@ def cmd_sweep(args, console) -> int:
                           "PREFECT_API_URL (e.g. http://127.0.0.1:4200/api)")
     _offline(config, args)
     said = _check(config, config.points(), console)
-    from flows.sweep import sweep
+    from flows.sweep import SweepError, sweep
 
-    summary = _run_flow(sweep, config, console, args.api, _log_file(config, args),
-                        args.verbose, said)
+    try:
+        summary = _run_flow(sweep, config, console, args.api, _log_file(config, args),
+                            args.verbose, said, _stage_models(config))
+    except SweepError as exc:  # the finished points are written: show them, and each failure
+        _sweep_failed(config, exc, console)
+        raise
     _stdout_console().print(_metrics_table("sweep", summary["runs"], named=True))
     artifacts = ", ".join(f"{label} {n}" for label, n in summary["stage_submissions"].items())
     lines = [f"stages   {artifacts} (one artifact each; shared ones once, stored ones reused)",
@@ -812,6 +873,26 @@ def cmd_sweep(args, console) -> int:
              f"time     {time.perf_counter() - t0:.1f} s in all; sweep {summary['wall']:.1f} s"]
     print("\n".join(lines))
     return 0
+
+
+def _sweep_failed(config, exc, console) -> None:
+    """After a sweep with failed points: the table of the points that finished, a line per
+    failed point, and for a failed point whose folder holds a results.json, that it is an
+    earlier sweep's (this one wrote none there)."""
+    runs, failures = exc.summary.get("runs", []), exc.summary.get("failures", [])
+    if runs:
+        _stdout_console().print(_metrics_table("sweep", runs, named=True))
+    for failure in failures:
+        console.print(f"[red]failed:[/] {plain(failure['name'])}: {plain(failure['error'])}",
+                      highlight=False, soft_wrap=True)
+        earlier = Path(config.out) / failure["name"] / "results.json" if config.out else None
+        if earlier is not None and earlier.is_file():
+            console.print(f"[yellow]note:[/] {plain(earlier)} is an earlier sweep's; this "
+                          "sweep wrote no results for that point", highlight=False,
+                          soft_wrap=True)
+    if config.out and runs:
+        print(f"results  {Path(config.out) / 'sweep.json'} ({len(runs)} finished, "
+              f"{len(failures)} failed)")
 
 
 # -- store --------------------------------------------------------------------------------------

@@ -119,7 +119,7 @@ def write_results(config: SweepConfig, plans: list[Plan], outcomes: list[dict | 
         report.write_json(summary, Path(out) / "sweep.json")
     if failures:
         raise SweepError(f"{len(failures)} of {len(plans)} runs failed; first: "
-                         f"{failures[0]['name']}: {failures[0]['error']}")
+                         f"{failures[0]['name']}: {failures[0]['error']}", summary)
     return summary
 
 
@@ -280,7 +280,12 @@ def distinct_stages(plans: list[Plan]) -> dict[str, int]:
 
 
 class SweepError(SDSError):
-    """Some points of a sweep failed (the others' results are written)."""
+    """Some points of a sweep failed (the others' results are written); `summary` is what
+    `<out>/sweep.json` holds: the finished points' results and the failures."""
+
+    def __init__(self, message: str, summary: dict | None = None):
+        super().__init__(message)
+        self.summary = summary or {}
 
 
 class PointError(SDSError):

@@ -231,7 +231,7 @@ def progress(logger, spec: StageSpec, message: str, *args, **event) -> None:
     """Log a stage's progress; the record carries `event` (a dict with "event" and its numbers)
     as `record.sds`, for a log handler that draws progress (the command line's)."""
     logger.info("%s: " + message, spec.title, *args,
-                extra={"sds": {"title": spec.title, **event}})
+                extra={"sds": {"title": spec.title, "key": spec.key, **event}})
 
 
 # -- finished blocks ----------------------------------------------------------------------------

@@ -241,12 +241,24 @@ class SweepConfig(Options):
         return list(seen.values())
 
     def points(self) -> list[RunConfig]:
+        """Every combination; one model folder named twice (`./opt`, `opt/`, its absolute
+        path or a link to it) is one model, under its first spelling."""
         shared = self.model_dump(exclude={"models", "methods", "patterns", "sds", "out",
                                           "export", "pool", "wait_minutes"})
+        models: dict[str, str] = {}
+        for model in self.models:
+            models.setdefault(_same_folder(model), model)
         return [RunConfig(**shared, model=model, method=method, pattern=pattern, sds=sds,
                           out=None, export=False)
                 for model, method, pattern, sds in itertools.product(
-                    self.models, self.methods, self.patterns, _unique(self.sds))]
+                    models.values(), self.methods, self.patterns, _unique(self.sds))]
+
+
+def _same_folder(model: str) -> str:
+    """A local model folder by where it is (its resolved path), anything else (the demo, a
+    hub id) by its name: what makes two entries of `models` one model."""
+    path = os.path.expanduser(model)
+    return os.path.realpath(path) if os.path.isdir(path) else model
 
 
 def build(kind: type[Options], values: dict, where: str = "options") -> Options:

@@ -802,6 +802,25 @@ def test_a_pattern_spelled_twice_is_one_point_of_the_grid(clean_environ):
     assert [p.pattern for p in SweepConfig(patterns=["50%", "0.5"]).points()] == ["50%"]
 
 
+def test_a_model_folder_spelled_twice_is_one_point_of_the_grid(tmp_path, monkeypatch,
+                                                                clean_environ):
+    """`tiny`, `./tiny/`, its absolute path and a link to it are one model folder: one point
+    per method and pattern, under the first spelling (before, each spelling was a point of its
+    own, all under one run name: duplicate rows in the table and sweep.json, one folder). Two
+    folders of one name stay two models."""
+    from tasks.config import SweepConfig
+
+    monkeypatch.chdir(tmp_path)
+    for folder in ("tiny", "other/tiny"):
+        (tmp_path / folder).mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "tiny")
+    config = SweepConfig(models=["tiny", "./tiny/", str(tmp_path / "tiny"), "link",
+                                 "other/tiny", "demo", "org/tiny"], patterns=["2:4", "50%"])
+    assert sorted({p.model for p in config.points()}) == ["demo", "org/tiny", "other/tiny",
+                                                          "tiny"]
+    assert len(config.points()) == 4 * 2
+
+
 @pytest.mark.parametrize("word", ["none", "off", ""])
 def test_out_none_means_no_output_files_not_a_folder_named_none(word, clean_environ):
     from flows.cli import _config, build_parser, sweep_config
@@ -999,6 +1018,33 @@ def test_a_stage_that_fails_is_shown_failed_not_just_gone():
                 {"msg": "x", "levelno": logging.INFO,
                  "sds": {"title": "second sparsegpt 4:8", "event": event}}))
     assert "✗ second sparsegpt 4:8" in out.getvalue() and "failed" in out.getvalue()
+
+
+def test_stages_of_one_title_for_several_models_each_get_their_line():
+    """A sweep over several models computes a `calibration` (and an `oneshot sparsegpt 2:4`,
+    ...) per model at once: each stage is its own bar and line, by its artifact key, with its
+    model named; keyed by the title alone, the later starts took the first one's bar and only
+    one line of the three was printed."""
+    import io
+    import logging
+
+    from rich.console import Console
+
+    from flows.cli import TerminalProgress
+
+    models = {"k1": "opt", "k2": "llama", "k3": "tiny"}
+    out = io.StringIO()
+    with TerminalProgress(Console(file=out, width=200), models=models) as display:
+        for event in ("start", "done"):  # all three start before any is done
+            for key in models:
+                display.handle(logging.makeLogRecord(
+                    {"msg": "x", "levelno": logging.INFO,
+                     "sds": {"title": "calibration", "key": key, "event": event,
+                             "seconds": 0.5}}))
+    lines = [line for line in out.getvalue().splitlines() if "computed in" in line]
+    assert len(lines) == 3, out.getvalue()
+    assert {name for name in models.values() if any(f"({name})" in ln for ln in lines)} \
+        == set(models.values())
 
 
 def test_library_warnings_reach_the_terminal_without_verbose():
@@ -1691,6 +1737,105 @@ def test_a_sweep_with_an_empty_grid_dimension_exits_2_before_anything_runs(
     capfd.readouterr()
     assert main(args) == 2
     assert f"{field}: is empty" in _one_line_error(capfd.readouterr().err)
+    assert not (tmp_path / "store").exists() and not (tmp_path / "out").exists()
+
+
+def test_a_sweep_with_a_failed_point_shows_the_finished_ones_and_every_failure(
+        tmp_path, monkeypatch, capfd, clean_environ):
+    """The finished points' results are written (sweep.json, their results.json): the table
+    shows them, every failed point gets its line, and a failed point's folder that holds an
+    earlier sweep's results.json is said to be stale. Before, only the first failure was named
+    and the earlier results.json stood beside the failure unremarked."""
+    from flows import cli
+    from flows.sweep import SweepError
+
+    out = tmp_path / "out"
+    finished = {"name": "demo-wanda-2-4-oneshot", "keys": {}, "improvement": {},
+                "metrics": {"dense": {"ppl/wiki": 178.8}, "oneshot": {"ppl/wiki": 215.2}}}
+    failures = [{"name": f"bad{i}-wanda-2-4-oneshot", "error": f"reason {i}",
+                 "type": "NumericalError"} for i in (1, 2)]
+    earlier = out / failures[1]["name"] / "results.json"  # an earlier sweep's, of that point
+    earlier.parent.mkdir(parents=True)
+    earlier.write_text("{}")
+
+    def failing(*_args, **_kwargs):
+        raise SweepError("2 of 3 runs failed; first: bad1-wanda-2-4-oneshot: reason 1",
+                         {"runs": [finished], "failures": failures})
+
+    monkeypatch.setattr(cli, "_check", lambda *a, **k: None)
+    monkeypatch.setattr(cli, "_run_flow", failing)
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # never reached
+    capfd.readouterr()
+    assert cli.main(["sweep", "--methods", "wanda", "--no-sds", "--out", str(out),
+                     "--store", str(tmp_path / "store")]) == 1
+    captured = capfd.readouterr()
+    assert "demo-wanda-2-4-oneshot" in captured.out and "215.2" in captured.out
+    for failure in failures:
+        assert f"failed: {failure['name']}: {failure['error']}" in captured.err
+    assert f"note: {earlier} is an earlier sweep's" in " ".join(captured.err.split())
+    assert captured.err.count("is an earlier sweep's") == 1  # the first has no folder
+    assert "error: 2 of 3 runs failed" in captured.err
+
+
+@pytest.mark.parametrize("text", ["patterns: [2:4]\nmethods: [wanda]\npatterns: [50%]\n",
+                                  "sds_options: {epochs: 3, epochs: 5}\n"])
+def test_a_grid_file_giving_a_key_twice_exits_2_before_anything_runs(
+        text, tmp_path, monkeypatch, capfd, clean_environ):
+    """PyYAML keeps the last of two equal keys: `patterns:` written twice swept the second list
+    alone, without a word. It is refused, naming the key and its lines."""
+    from flows.cli import main
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(text)
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # never reached
+    capfd.readouterr()
+    assert main(["sweep", "--grid", str(grid), "--store", str(tmp_path / "store"),
+                 "--out", str(tmp_path / "out")]) == 2
+    error = _one_line_error(capfd.readouterr().err)
+    key = text.split(":")[0] if text.startswith("patterns") else "epochs"
+    assert f"'{key}' is given twice" in error, error
+    assert not (tmp_path / "store").exists() and not (tmp_path / "out").exists()
+
+
+def test_a_json_grid_file_indented_with_tabs_is_read_as_json(tmp_path, clean_environ):
+    """JSON allows tabs between tokens (`json.dump(..., indent="\\t")`, `jq --tab`); YAML, which
+    read every grid file, refuses them: such a .json grid failed as "not valid YAML"."""
+    from flows.cli import _grid
+    from sds.errors import ConfigError
+
+    values = {"models": ["demo"], "patterns": ["2:4", "50%"], "nsamples": 4,
+              "sds_options": {"epochs": 3}}
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps(values, indent="\t"))
+    assert _grid(str(grid)) == values
+    grid.write_text('{"patterns": ["2:4",]}')
+    with pytest.raises(ConfigError, match="is not valid JSON"):
+        _grid(str(grid))
+
+
+def test_a_sweep_point_refused_at_planning_is_named_by_its_model(tmp_path, monkeypatch, capfd,
+                                                                  clean_environ):
+    """4:8 fits the demo model's layers but not a model whose MLP is 100 wide: the error names
+    that model, not only a layer name that both LLaMA-style models of a grid could have."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from flows.cli import main
+    from sds.demo import demo_model_path
+
+    folder = tmp_path / "mlp100"
+    LlamaForCausalLM(LlamaConfig(vocab_size=4096, hidden_size=32, intermediate_size=100,
+                                 num_hidden_layers=1, num_attention_heads=4,
+                                 num_key_value_heads=2)).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(demo_model_path("opt")).save_pretrained(folder)
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # never reached
+    capfd.readouterr()
+    assert main(["sweep", "--models", f"demo,{folder}", "--patterns", "2:4,4:8",
+                 "--calib", "demo", "--eval", "wiki", "--tasks", "none", "--nsamples", "4",
+                 "--seqlen", "32", "--store", str(tmp_path / "store"),
+                 "--out", str(tmp_path / "out")]) == 2
+    error = _one_line_error(capfd.readouterr().err)
+    assert error.startswith(f"error: {folder} (sparsegpt 4:8): 4:8 needs the input "
+                            "dimension"), error
     assert not (tmp_path / "store").exists() and not (tmp_path / "out").exists()
 
 
