@@ -378,6 +378,32 @@ def _config(kind, args, base: dict | None = None, where: str = "command line"):
     return config
 
 
+def absolute_paths(config):
+    """`config` with its local paths absolute: the store (`$SDS_STORE` or ./sds-store when
+    none is given), `out`, model folders, calibration and evaluation files. The flow run
+    records its configuration as its parameters, and `prefect flow-run retry` runs it again
+    from whatever folder it is typed in: relative paths would then name another store (every
+    stage computed again) and another output folder. Names and URLs stay as they are."""
+    from tasks.plan import local_path
+
+    update = {}
+    store = config.store_root()
+    if "://" not in store:
+        update["store"] = os.path.abspath(os.path.expanduser(store))
+    if config.out:
+        update["out"] = os.path.abspath(config.out)
+    models = getattr(config, "models", None)
+    if models is not None:
+        update["models"] = [m if m == "demo" else local_path(m, "model") for m in models]
+    elif config.model and config.model != "demo":
+        update["model"] = local_path(config.model, "model")
+    if config.calib:
+        update["calib"] = local_path(config.calib, "calib")
+    if config.eval:
+        update["eval"] = [local_path(source, "eval") for source in config.eval]
+    return config.model_copy(update=update)
+
+
 def _flags(dest: str) -> list[str]:
     """The command-line flags of a configuration field (`sds_options.l1`: --lambda1, --l1)."""
     return FLAGS.get(dest, ["--" + dest.rpartition(".")[2].replace("_", "-")])
@@ -694,7 +720,7 @@ def cmd_run(args, console) -> int:
     from tasks.plan import plan_pipeline
 
     t0 = time.perf_counter()
-    config = _config(RunConfig, args)
+    config = absolute_paths(_config(RunConfig, args))
     _offline(config, args)
     log = _log_file(config, args)
     # the keys only (no torch): with every stage committed, none of the checks that need the
@@ -849,7 +875,7 @@ def _stage_models(config) -> dict[str, str] | None:
 
 def cmd_sweep(args, console) -> int:
     t0 = time.perf_counter()
-    config = sweep_config(args)
+    config = absolute_paths(sweep_config(args))
     if config.pool and args.api is not None:
         from sds.errors import ConfigError
 

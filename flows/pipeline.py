@@ -160,5 +160,8 @@ def pipeline(config: RunConfig = RunConfig()) -> dict:  # noqa: B008 - a frozen 
         results = finish(plan, refs, config.out,
                          stages.export_model if config.export else None, started, t0,
                          current_run())
-    report.publish(results)
+    # a sweep's point: under the name the sweep gave it (unique per model), not the name of
+    # its configuration, which points of two models named alike share
+    point = POINT_TAG in (flow_run.get_tags() or ())
+    report.publish(results, flow_run.get_name() if point else None)
     return results

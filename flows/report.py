@@ -276,11 +276,13 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def publish(results: dict) -> None:
-    """The results table and the markdown report, as Prefect artifacts of the flow run."""
+def publish(results: dict, name: str | None = None) -> None:
+    """The results table and the markdown report, as Prefect artifacts of the flow run, keyed
+    `sds-results-<name>` and `sds-report-<name>`; `name`: the run's name (a sweep's point: the
+    unique name the sweep gave it, `run_names`), else `run_name(results)`."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    name = run_name(results)
+    name = name or run_name(results)
     rows = artifact_rows(results)
     if rows:
         create_table_artifact(table=rows, key=slug("sds-results", name),

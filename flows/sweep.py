@@ -95,6 +95,8 @@ def write_results(config: SweepConfig, plans: list[Plan], outcomes: list[dict | 
                              stages.export_model if export else None, started, t0, run,
                              repair=not config.pool)
             points.append({"name": name, "results": results})
+            if not config.pool:  # a point on a pool is a flow run of its own, which publishes
+                report.publish(results, name)
         except Exception as exc:  # noqa: BLE001 - one failed point must not hide the others
             message = " ".join(str(exc).split()) or type(exc).__name__
             failures.append({"name": name, "error": message,

@@ -205,7 +205,8 @@ def evaluate(spec: StageSpec, weights: dict | None = None) -> dict:
 
 
 # -- export -------------------------------------------------------------------------------------
-@task(name="export", cache_policy=NO_CACHE, persist_result=False, retries=2,
+@task(name="export", task_run_name="export", cache_policy=NO_CACHE, persist_result=False,
+      retries=2,
       retry_delay_seconds=5, retry_condition_fn=retry_transient)
 def export_model(spec: StageSpec, final: dict, folder: str) -> str:
     """Write the final model as a Hugging Face folder (`tasks.export.write_model`: skipped when

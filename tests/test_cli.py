@@ -2012,3 +2012,44 @@ def test_an_out_holding_a_folder_where_the_run_writes_a_file_exits_2_before_any_
     assert code == 2
     assert f"{out / name} is a folder" in _one_line_error(capfd.readouterr().err)
     assert not list((tmp_path / "store").rglob("meta.json"))
+
+
+def test_a_runs_recorded_configuration_names_its_files_absolutely(
+        prefect_api, tiny_model, corpus, tmp_path, monkeypatch, clean_environ):
+    """The flow run records the configuration as its parameters, and `prefect flow-run retry`
+    runs the flow again with them from whatever folder it is typed in. Given relative paths
+    (store, out, the evaluation file), the run records them absolute: a rerun of the recorded
+    configuration from another folder finds every stage in the same store and writes the same
+    results.json."""
+    import shutil
+
+    from prefect.client.orchestration import get_client
+
+    from flows.cli import main
+    from flows.pipeline import pipeline
+    from tasks.config import RunConfig
+
+    cwd, elsewhere = tmp_path / "cwd", tmp_path / "elsewhere"
+    cwd.mkdir()
+    elsewhere.mkdir()
+    shutil.copy(corpus["heldout"], cwd / "heldout.txt")
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api)
+    monkeypatch.chdir(cwd)
+    args = cli_args(tiny_model, corpus, "store", "out") + ["--gpu-limit", "none",
+                                                          "--no-export"]
+    args[args.index("--eval") + 1] = "heldout.txt"
+    assert main(args) == 0
+    first = json.loads((cwd / "out" / "results.json").read_text())
+    with get_client(sync_client=True) as client:
+        recorded = client.read_flow_run(first["flow_run"]["id"]).parameters["config"]
+    assert recorded["store"] == str(cwd / "store")
+    assert recorded["out"] == str(cwd / "out")
+    assert recorded["eval"] == [str(cwd / "heldout.txt")]
+
+    monkeypatch.chdir(elsewhere)  # the retry, typed in another folder
+    again = pipeline(RunConfig(**recorded))
+    assert again["timings"]["computed"] == []  # every stage from the run's own store
+    assert again["keys"] == first["keys"]
+    assert json.loads((cwd / "out" / "results.json").read_text())["flow_run"] == \
+        again["flow_run"]
+    assert list(elsewhere.iterdir()) == []

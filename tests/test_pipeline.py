@@ -386,6 +386,82 @@ def test_sweep_computes_calibration_and_dense_evaluation_once(prefect_api, tiny_
     assert (tmp_path / "sweep" / "sweep.json").is_file()
 
 
+def _artifacts_by_key(flow_run_id: str) -> dict:
+    """The keyed artifacts of a flow run, read through the API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {a.key: a for a in found if a.key}
+
+
+def _table(artifact) -> list[dict]:
+    return artifact.data if isinstance(artifact.data, list) else json.loads(artifact.data)
+
+
+def test_a_sweep_shows_each_points_results_table_and_report(prefect_api, tiny_model, corpus,
+                                                            tmp_path):
+    """A sweep in one flow run publishes, per point, the results table and the markdown report
+    a pipeline run publishes, under the point's unique name (two models both named `opt`
+    get their hashes), with the numbers of the point's results.json."""
+    import shutil
+
+    from flows.sweep import sweep
+
+    models = []
+    for parent in ("a", "b"):
+        shutil.copytree(tiny_model, tmp_path / parent / "opt")
+        models.append(str(tmp_path / parent / "opt"))
+    options = tiny_options(tiny_model, corpus, tmp_path / "store", tmp_path / "sweep")
+    for name in ("model", "method", "pattern"):
+        options.pop(name)
+    summary = sweep(SweepConfig(models=models, **options))
+    names = [run["name"] for run in summary["runs"]]
+    assert len(set(names)) == 2 and all(n.startswith("opt-sparsegpt-2-4-sds-") for n in names)
+    artifacts = _artifacts_by_key(summary["flow_run"]["id"])
+    for name in names:
+        results = json.loads((tmp_path / "sweep" / name / "results.json").read_text())
+        rows = _table(artifacts[f"sds-results-{name}"])
+        assert {row["metric"]: [row[s] for s in ("dense", "oneshot", "sds")] for row in rows} \
+            == {m: [round(results["metrics"][s][m], 6) for s in ("dense", "oneshot", "sds")]
+                for m in results["metrics"]["sds"]}
+        report = artifacts[f"sds-report-{name}"].data
+        assert f"{results['metrics']['sds']['ppl/heldout']:.1f}" in report \
+            or f"{results['metrics']['sds']['ppl/heldout']:.2f}" in report
+
+
+def test_a_sweep_point_publishes_under_the_name_the_sweep_gave_it(prefect_api, tiny_model,
+                                                                 corpus, tmp_path):
+    """A point on a pool is a pipeline flow run tagged as a point: its artifacts take the
+    name the sweep gave it (unique per model), not its configuration's, which points of two
+    models named alike share."""
+    from prefect import tags
+
+    from flows.pipeline import POINT_TAG, pipeline
+
+    name = "opt-sparsegpt-2-4-sds-1a2b3c"
+    with tags(POINT_TAG):
+        results = pipeline.with_options(flow_run_name=name)(
+            tiny_params(tiny_model, corpus, tmp_path / "store", tmp_path / "out"))
+    assert results["flow_run"]["name"] == name
+    keys = set(_artifacts_by_key(results["flow_run"]["id"]))
+    assert {f"sds-results-{name}", f"sds-report-{name}"} <= keys
+
+
+def test_every_task_run_of_a_pipeline_run_is_named_for_people(prefect_api, tiny_model, corpus,
+                                                               tmp_path):
+    """The UI lists a run's task runs by name: the stages by their titles and the export as
+    `export`, not Prefect's generated `export-1a2`."""
+    from flows.pipeline import pipeline
+
+    results = pipeline(tiny_params(tiny_model, corpus, tmp_path / "store", tmp_path / "out"))
+    names = sorted(name for name, runs in task_runs(results["flow_run"]["id"]).items()
+                   for _ in runs)
+    assert names == sorted([*STAGES, "export"])
+
+
 def test_the_one_shot_stage_runs_with_the_one_shot_options(prefect_api, tiny_model, corpus,
                                                            tmp_path, monkeypatch):
     """`oneshot_sequential` and `oneshot_target_mix` reach `sds.api.oneshot` in the stage (the
