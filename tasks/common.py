@@ -312,7 +312,17 @@ class BlockCommits:
             progress(self.logger, self.spec, "resuming at block %d/%d",
                      self.state.start + 1, self.total, event="resume",
                      block=self.state.start, blocks=self.total)
+            # the committed blocks are done: the progress is not 0% until the next one ends
+            self._advance(self.state.start)
         return self.state
+
+    def _advance(self, done: int) -> None:
+        """The stage's progress artifact at `done` of its blocks."""
+        if self.artifact_id is not None:
+            from prefect.artifacts import update_progress_artifact
+
+            with contextlib.suppress(Exception):
+                update_progress_artifact(self.artifact_id, progress=100.0 * done / self.total)
 
     @property
     def counts(self) -> dict:
@@ -333,11 +343,7 @@ class BlockCommits:
         done = block + 1
         progress(self.logger, self.spec, "block %d/%d done in %.1f s", done, blocks, seconds,
                  event="block", block=done, blocks=blocks)
-        if self.artifact_id is not None:
-            from prefect.artifacts import update_progress_artifact
-
-            with contextlib.suppress(Exception):
-                update_progress_artifact(self.artifact_id, progress=100.0 * done / blocks)
+        self._advance(done)
 
 
 # -- leases -------------------------------------------------------------------------------------

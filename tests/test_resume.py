@@ -87,7 +87,8 @@ def test_a_run_killed_inside_the_one_shot_stage_resumes_at_its_first_unfinished_
           f"uninterrupted: {whole_seconds:.1f} s")
 
 
-def test_blocks_committed_on_another_setup_are_computed_again(tiny_model, corpus, tmp_path):
+def test_blocks_committed_on_another_setup_are_computed_again(tiny_model, corpus, tmp_path,
+                                                             monkeypatch):
     """A stage resumes from blocks computed on this setup only (device, torch build, threads):
     the same key on another device differs in its last bits, and a resumed stage must end as an
     uninterrupted run here would."""
@@ -112,7 +113,13 @@ def test_blocks_committed_on_another_setup_are_computed_again(tiny_model, corpus
                         {"blocks": blocks.total, "seconds": 0.1, "layers": [], "setup": setup})
 
     commit(blocks.setup)
+    advanced = []
+    blocks.artifact_id = "progress"  # as in a flow run: the artifact follows the blocks
+    monkeypatch.setattr("prefect.artifacts.update_progress_artifact",
+                        lambda artifact_id, progress: advanced.append((artifact_id, progress)))
     assert blocks.resume().start == 1
+    assert advanced == [("progress", 100.0 / blocks.total)]  # resumed: not 0% until block 2
+    blocks.artifact_id = None
     commit({**blocks.setup, "device": "cuda", "gpu": "another machine's"})
     assert blocks.resume().start == 0
 
