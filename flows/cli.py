@@ -444,27 +444,34 @@ class TerminalProgress(logging.Handler):
         # the library's warnings (weights left dense, a layer never called, a failed Cholesky
         # factorization): Prefect's console handler shows them only with --verbose
         self.library = logging.getLogger("sds") if warnings else None
+        # the flows' warnings marked for the terminal (`extra={"sds_warning": True}`: a clock
+        # far off the store's), which Prefect's console handler also shows only with --verbose
+        self.flows = logging.getLogger("prefect.flow_runs") if warnings else None
         self.said: set[str] = set(said)  # warnings printed already (`_warn`): not again
+        self.logged: set[str] = set()  # warnings written to the log (`_warn` printed none there)
         self.models = models or {}
 
     def __enter__(self):
         self.progress.start()
         self.logger.addHandler(self)
-        if self.library is not None:
-            self.library.addHandler(self)
+        for logger in (self.library, self.flows):
+            if logger is not None:
+                logger.addHandler(self)
         return self
 
     def __exit__(self, *exc):
         self.logger.removeHandler(self)
-        if self.library is not None:
-            self.library.removeHandler(self)
+        for logger in (self.library, self.flows):
+            if logger is not None:
+                logger.removeHandler(self)
         self.progress.stop()
         return False
 
     def emit(self, record: logging.LogRecord) -> None:
         event = getattr(record, "sds", None)
         if not isinstance(event, dict):
-            if record.levelno >= logging.WARNING and record.name.startswith("sds"):
+            if record.levelno >= logging.WARNING and (
+                    record.name.startswith("sds") or getattr(record, "sds_warning", False)):
                 self._warning(record)
             return
         kind, stage = event.get("event"), event.get("key") or event["title"]
@@ -499,11 +506,12 @@ class TerminalProgress(logging.Handler):
         """A library warning, once per run: on the console above the bars, and in the log."""
         with contextlib.suppress(Exception):
             message = record.getMessage()
+            if self.to_log and message not in self.logged:  # the log gets it even when said
+                self.logged.add(message)
+                os.write(2, f"warning: {message}\n".encode())
             if message in self.said:
                 return
             self.said.add(message)
-            if self.to_log:
-                os.write(2, f"warning: {message}\n".encode())
             self.progress.console.print(f"[yellow]warning:[/] {plain(message)}", highlight=False,
                                         soft_wrap=True)
 
@@ -560,8 +568,10 @@ def _stderr_to(log: Path | None):
         os.close(saved)
 
 
-def check_out(out: str | os.PathLike) -> None:
-    """The output folder can be created and written, before any stage runs."""
+def check_out(out: str | os.PathLike, files: tuple[str, ...] = ("results.json", "sds.log")
+              ) -> None:
+    """The output folder can be created and written, and none of the `files` the run writes
+    there is a folder, before any stage runs."""
     from sds.errors import ConfigError
 
     path = Path(out).expanduser()
@@ -575,7 +585,7 @@ def check_out(out: str | os.PathLike) -> None:
     except OSError as exc:
         raise ConfigError(f"--out {str(out)!r} cannot be written ({exc.strerror or exc}); "
                           "choose a folder you can write to") from None
-    for name in ("results.json", "sds.log"):  # written at the end of the run, or by the flow
+    for name in files:  # written at the end of the run, or by the flow
         if (path / name).is_dir():
             raise ConfigError(f"{path / name} is a folder, where the run writes its {name}; "
                               "move it away or choose another --out")
@@ -611,6 +621,7 @@ def _check_destinations(config, settings: list[dict]) -> None:
     (`<out>/model`, a sweep's `<out>/<run>/model`) are absent or sds's own (`settings`: the
     points' plan settings, for the sweep's run names)."""
     from flows.report import run_names
+    from sds.errors import ConfigError
     from tasks.export import check_replaceable
     from tasks.store import ArtifactStore
 
@@ -619,7 +630,14 @@ def _check_destinations(config, settings: list[dict]) -> None:
         sweep = hasattr(config, "models")
         for model in config.models if sweep else [config.model]:
             check_out_apart(config.out, model, sweep)
-        check_out(config.out)
+        check_out(config.out, ("sweep.json", "sds.log") if sweep else ("results.json",
+                                                                        "sds.log"))
+        for name in run_names(settings) if sweep else []:  # `<out>/<run>/results.json`
+            point = Path(config.out) / name
+            if point.exists() and not point.is_dir():
+                raise ConfigError(f"{point} is a file, where the sweep writes the folder of "
+                                  f"its point {name}; move it away or choose another --out")
+            check_out(point, ("results.json",))
         if config.export:
             out = Path(config.out)
             for folder in [out / name for name in run_names(settings)] if sweep else [out]:
@@ -798,6 +816,8 @@ def _grid_loader():
         def construct_mapping(self, node, deep=False):
             seen: dict = {}
             for key_node, _value in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: keys that
+                    continue  # the mapping's own may override, as YAML's merge says
                 key = self.construct_object(key_node, deep=True)
                 line = key_node.start_mark.line + 1
                 if isinstance(key, str) and key in seen:
@@ -833,12 +853,12 @@ def _grid(path: str | None) -> dict:
     try:
         text = Path(path).read_text()
         if Path(path).suffix.lower() == ".json":  # JSON may indent with tabs, which YAML refuses
-            grid = json.loads(text) or {}
+            grid = json.loads(text, object_pairs_hook=_once_each) or {}
         else:
             grid = yaml.load(text, Loader=_grid_loader()) or {}  # noqa: S506
     except FileNotFoundError:
         raise ConfigError(f"grid file {path} does not exist") from None
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, _GivenTwice) as exc:
         raise ConfigError(f"grid file {path} is not valid JSON: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"grid file {path} is not valid YAML: "
@@ -847,6 +867,22 @@ def _grid(path: str | None) -> dict:
         raise ConfigError(f"grid file {path} must hold a mapping (models, methods, "
                           "patterns, ...)")
     return grid
+
+
+def _once_each(pairs: list[tuple]) -> dict:
+    """A JSON object whose keys are given once each, as a YAML grid's must be (`json.loads`
+    would keep the last of two `patterns` silently)."""
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise _GivenTwice(f"{key!r} is given twice; give it once, with every value in one "
+                              "list")
+        out[key] = value
+    return out
+
+
+class _GivenTwice(ValueError):
+    """A key given twice in one JSON object of a grid file."""
 
 
 def sweep_config(args):
@@ -859,17 +895,23 @@ def sweep_config(args):
 
 def _stage_models(config) -> dict[str, str] | None:
     """For a sweep over several models: each stage's artifact key -> its model's short name
-    (`demo`, or the folder's or hub id's last name), which the progress lines show beside the
-    stage's title (the same for every model); None for one model."""
+    (`demo`, or the folder's or hub id's last name, with the short hash its run names get
+    where two models share that name: `report.run_names`), which the progress lines show beside
+    the stage's title (the same for every model); None for one model."""
+    from flows.report import run_name as report_name
+    from flows.report import run_names
     from tasks.plan import plan_pipeline
 
     if len(config.models) < 2:
         return None
+    # planned already (`_check`): the same plans, no new work
+    plans = [plan_pipeline(point, check=False) for point in config.points()]
     names = {}
-    for point in config.points():  # planned already (`_check`): the same plans, no new work
-        plan = plan_pipeline(point, check=False)
+    for plan, run in zip(plans, run_names([plan.settings for plan in plans])):
         model = "demo" if plan.settings["demo"] else Path(plan.settings["model"]).name
-        names.update({spec.key: model for spec in plan.specs.values()})
+        suffix = run.rpartition("-")[2] if run != report_name(plan.settings) else ""
+        names.update({spec.key: f"{model}-{suffix}" if suffix else model
+                      for spec in plan.specs.values()})
     return names
 
 

@@ -487,7 +487,8 @@ def _check_clock(store: ArtifactStore, name: str, before: float, after: float, s
             "this machine's clock is %.0f s %s the clock of the store %s; the machines that "
             "share a store must agree within %.0f s, or one may take over another's live "
             "lease and compute a stage twice: synchronise the clocks (NTP)", abs(offset),
-            "behind" if offset > 0 else "ahead of", store.root, 2 * seconds / 3)
+            "behind" if offset > 0 else "ahead of", store.root, 2 * seconds / 3,
+            extra={"sds_warning": True})  # the command line shows it (flows.cli)
 
 
 # -- running one stage --------------------------------------------------------------------------

@@ -1047,6 +1047,30 @@ def test_stages_of_one_title_for_several_models_each_get_their_line():
         == set(models.values())
 
 
+def test_the_progress_lines_tell_two_model_folders_of_one_name_apart(tmp_path, corpus,
+                                                                      clean_environ):
+    """`--models a/opt,b/opt` (two models): their run names get a short hash each; the progress
+    lines name each stage's model the same way, not `(opt)` for both."""
+    from flows.cli import _stage_models
+    from flows.report import run_names
+    from tasks.config import SweepConfig, build
+    from tasks.plan import plan_pipeline
+    from tests.test_pipeline_fixtures import save_opt
+
+    folders = [save_opt(tmp_path / "a" / "opt", layers=1), save_opt(tmp_path / "b" / "opt")]
+    config = build(SweepConfig, {"models": [str(f) for f in folders],
+                                 "calib": str(corpus["calib"]), "eval": [str(corpus["heldout"])],
+                                 "tasks": [], "nsamples": 4, "seqlen": 32,
+                                 "store": str(tmp_path / "store")})
+    plans = [plan_pipeline(p, check=False) for p in config.points()]
+    models = _stage_models(config)
+    labels = [models[plan.specs["calibration"].key] for plan in plans]
+    runs = run_names([plan.settings for plan in plans])
+    assert len(set(labels)) == 2, labels
+    assert all(label.startswith("opt-") and run.endswith(label.removeprefix("opt"))
+               for label, run in zip(labels, runs)), (labels, runs)
+
+
 def test_library_warnings_reach_the_terminal_without_verbose():
     """Prefect's console handler shows the library's warnings only with --verbose; the
     progress display says them (once each), or the experts of a mixture of experts left dense
@@ -1069,6 +1093,59 @@ def test_library_warnings_reach_the_terminal_without_verbose():
     with TerminalProgress(Console(file=out, width=200), warnings=False):
         logging.getLogger("sds").warning(message)
     assert message not in out.getvalue()
+
+
+def test_a_warning_said_before_the_flow_still_reaches_the_log(tmp_path):
+    """`_warn` prints the few-tokens warning on the terminal before the flow (not in sds.log,
+    which the flow's stderr goes to): when the stage logs it, the terminal does not show it a
+    second time, but sds.log gets it, once (README: the warnings are written to sds.log)."""
+    import io
+    import logging
+
+    from rich.console import Console
+
+    from flows.cli import TerminalProgress, _stderr_to
+
+    message = "SDS with 128 calibration tokens: too few"
+    out, log = io.StringIO(), tmp_path / "sds.log"
+    with _stderr_to(log), TerminalProgress(Console(file=out, width=200), to_log=True,
+                                           said=frozenset({message})):
+        for _ in range(2):  # the second stage logs it; so would a second walk
+            logging.getLogger("sds").warning(message)
+    assert message not in out.getvalue()
+    assert log.read_text().count(f"warning: {message}") == 1
+
+
+@pytest.mark.filterwarnings("ignore:Logger 'prefect.flow_runs' attempted")  # no flow run
+def test_a_clock_far_off_the_stores_is_said_on_the_terminal_without_verbose():
+    """The flow logs the clock warning on its run logger, which Prefect's console handler shows
+    only with --verbose (and, its level CRITICAL, not in sds.log either): the progress display
+    says it, once; the flows' other warnings stay Prefect's."""
+    import io
+    import logging
+    import types
+
+    from rich.console import Console
+
+    from flows.cli import TerminalProgress
+    from tasks.common import _check_clock
+
+    store = types.SimpleNamespace(root="s3://bucket/runs",
+                                  clock_offset=lambda name, before, after: 100.0)
+    flows = logging.getLogger("prefect.flow_runs")
+    out = io.StringIO()
+    with TerminalProgress(Console(file=out, width=300)):
+        for _ in range(2):
+            _check_clock(store, ".pins/x.json", 0.0, 1.0, 60.0, flows)
+        flows.warning("some other warning of a flow run")
+    said = " ".join(out.getvalue().split())
+    assert said.count("warning: this machine's clock is 100 s behind the clock of the store "
+                      "s3://bucket/runs") == 1, said
+    assert "some other warning" not in said
+    out = io.StringIO()
+    with TerminalProgress(Console(file=out, width=300), warnings=False):  # --verbose
+        _check_clock(store, ".pins/x.json", 0.0, 1.0, 60.0, flows)
+    assert "clock" not in out.getvalue()
 
 
 def _session(pid: int) -> int:
@@ -1797,6 +1874,16 @@ def test_a_grid_file_giving_a_key_twice_exits_2_before_anything_runs(
     assert not (tmp_path / "store").exists() and not (tmp_path / "out").exists()
 
 
+def test_a_grid_file_may_merge_a_mapping_and_override_its_keys(tmp_path, clean_environ):
+    """YAML's merge key (`<<: *defaults`) stays usable beside the refusal of a key given twice:
+    the mapping's own key overrides the merged one, as the YAML merge spec says."""
+    from flows.cli import _grid
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("sds_options:\n  <<: {epochs: 3, l1: 0.1}\n  epochs: 5\n")
+    assert _grid(str(grid)) == {"sds_options": {"epochs": 5, "l1": 0.1}}
+
+
 def test_a_json_grid_file_indented_with_tabs_is_read_as_json(tmp_path, clean_environ):
     """JSON allows tabs between tokens (`json.dump(..., indent="\\t")`, `jq --tab`); YAML, which
     read every grid file, refuses them: such a .json grid failed as "not valid YAML"."""
@@ -1811,6 +1898,24 @@ def test_a_json_grid_file_indented_with_tabs_is_read_as_json(tmp_path, clean_env
     grid.write_text('{"patterns": ["2:4",]}')
     with pytest.raises(ConfigError, match="is not valid JSON"):
         _grid(str(grid))
+
+
+@pytest.mark.parametrize("text", ['{"patterns": ["2:4"], "methods": ["wanda"], '
+                                  '"patterns": ["50%"]}',
+                                  '{"sds_options": {"epochs": 3, "epochs": 5}}'])
+def test_a_json_grid_file_giving_a_key_twice_is_refused_as_a_yaml_one_is(text, tmp_path,
+                                                                        clean_environ):
+    """`json.loads` keeps the last of two equal keys: a .json grid naming `patterns` twice
+    swept the second list alone, where the same file named .yaml is refused."""
+    from flows.cli import _grid
+    from sds.errors import ConfigError
+
+    key = "patterns" if "patterns" in text else "epochs"
+    for suffix in (".yaml", ".json"):
+        grid = tmp_path / f"grid{suffix}"
+        grid.write_text(text)
+        with pytest.raises(ConfigError, match=f"'{key}' is given twice"):
+            _grid(str(grid))
 
 
 def test_a_sweep_point_refused_at_planning_is_named_by_its_model(tmp_path, monkeypatch, capfd,
@@ -2053,3 +2158,30 @@ def test_a_runs_recorded_configuration_names_its_files_absolutely(
     assert json.loads((cwd / "out" / "results.json").read_text())["flow_run"] == \
         again["flow_run"]
     assert list(elsewhere.iterdir()) == []
+
+
+@pytest.mark.parametrize("blocker", ["sweep.json/", "POINT/results.json/", "POINT"])
+def test_a_sweep_out_holding_something_where_the_sweep_writes_exits_2_before_any_stage(
+        blocker, tiny_model, corpus, tmp_path, monkeypatch, capfd, clean_environ):
+    """A sweep writes `<out>/sweep.json` and `<out>/<point>/results.json` once every point is
+    computed: a folder where one of those files goes, or a file where a point's folder goes,
+    would fail it at the end (exit 1). They are refused with the other --out checks."""
+    from flows.cli import main
+
+    out = tmp_path / "out"
+    point = f"{tiny_model.name}-sparsegpt-2-4-oneshot"
+    path = out / blocker.rstrip("/").replace("POINT", point)
+    if blocker.endswith("/"):
+        path.mkdir(parents=True)
+    else:
+        out.mkdir()
+        path.write_text("not a folder")
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # never reached
+    code = main(["sweep", "--models", str(tiny_model), "--methods", "sparsegpt", "--patterns",
+                 "2:4", "--no-sds", "--calib", str(corpus["calib"]), "--eval",
+                 str(corpus["heldout"]), "--tasks", "none", "--nsamples", "4", "--seqlen", "32",
+                 "--store", str(tmp_path / "store"), "--out", str(out)])
+    assert code == 2
+    line = _one_line_error(capfd.readouterr().err)
+    assert f"{path} is a {'folder' if blocker.endswith('/') else 'file'}" in line, line
+    assert not list((tmp_path / "store").rglob("meta.json"))
