@@ -1502,7 +1502,7 @@ def test_a_model_folder_saved_without_its_tokenizer_is_refused_at_planning(
 
 
 def test_a_model_folder_without_its_weights_or_a_shard_exits_2_before_any_stage(
-        corpus, tmp_path, tiny_model, monkeypatch, capfd):
+        corpus, tmp_path, tiny_model, monkeypatch, capfd, clean_environ):
     """A folder holding only config and tokenizer, or a sharded model one shard short, used to
     pass planning and fail when the first pruning stage loaded the model, after the calibration
     (and, with tasks, the dense evaluation) ran. The plan names the missing file; the complete
@@ -1542,7 +1542,7 @@ def test_a_model_folder_without_its_weights_or_a_shard_exits_2_before_any_stage(
 
 
 def test_a_llama_folder_saved_without_its_tokenizer_names_the_missing_tokenizer(
-        corpus, tmp_path, monkeypatch, capfd):
+        corpus, tmp_path, monkeypatch, capfd, clean_environ):
     """For a LLaMA folder without tokenizer files transformers does not make an empty
     tokenizer but raises, advising to install sentencepiece or tiktoken, which does not help:
     the command says the tokenizer is missing and how to save it (exit 2, nothing written)."""
@@ -1567,7 +1567,7 @@ def test_a_llama_folder_saved_without_its_tokenizer_names_the_missing_tokenizer(
 
 @pytest.mark.parametrize("regex", ["layers\\.[ab]", "mlp[/]"])
 def test_an_error_naming_brackets_prints_them_as_typed(regex, corpus, tmp_path, tiny_model,
-                                                       monkeypatch, capfd):
+                                                       monkeypatch, capfd, clean_environ):
     """The console reads `[...]` as rich markup: an --override regex with a character class
     lost it in the error line (`'layers\\.'` for `'layers\\.[ab]'`), and `[/]` made the
     printer itself raise, a traceback and exit 1 instead of the one line and exit 2."""
