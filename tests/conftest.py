@@ -16,5 +16,17 @@ import torch  # noqa: E402
 def _seed():
     torch.manual_seed(0)
 
+
+@pytest.fixture(autouse=True)
+def _environment_kept():
+    """Every test leaves os.environ as it found it: `flows.cli.main` sets Prefect's settings
+    there (its console level, say), and a later test's subprocesses would inherit them."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 # S3 fixtures (a real moto server on 127.0.0.1) for every test file.
 pytest_plugins = ["tests.s3server"]
