@@ -130,8 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = sub.add_parser("sweep", help="a grid of models x methods x patterns",
                            description="Run every combination; stages shared by several "
                            "points (calibration, dense evaluation) run once.")
-    sweep.add_argument("--grid", help="YAML file of SweepConfig fields (models, methods, "
-                       "patterns, any other option); options given here win")
+    sweep.add_argument("--grid", help="YAML (or .json) file of SweepConfig fields (models, "
+                       "methods, patterns, any other option); options given here win")
     sweep.add_argument("--both", dest="sds", action="store_const", const=[True, False],
                        default=argparse.SUPPRESS, help="each point with and without SDS")
     sweep.add_argument("--no-sds", dest="sds", action="store_const", const=[False],
@@ -858,7 +858,9 @@ def _grid(path: str | None) -> dict:
             grid = yaml.load(text, Loader=_grid_loader()) or {}  # noqa: S506
     except FileNotFoundError:
         raise ConfigError(f"grid file {path} does not exist") from None
-    except (json.JSONDecodeError, _GivenTwice) as exc:
+    except _GivenTwice as exc:  # valid JSON, but a grid's keys are given once (as in YAML)
+        raise ConfigError(f"grid file {path}: {exc}") from None
+    except json.JSONDecodeError as exc:
         raise ConfigError(f"grid file {path} is not valid JSON: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"grid file {path} is not valid YAML: "

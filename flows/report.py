@@ -6,8 +6,8 @@ results.json:
      "improvement": {"ppl/wiki": {"absolute": ..., "recovered": ..., "noise": ...}},
      "keys": {label: key}, "artifacts": {label: uri},
      "stages": {label: {"computed": bool, "seconds": {...}, "blocks": {"total", "computed"}}},
-     "timings": {"wall", "stage_seconds", "compute_seconds", "overhead"}, "model_dir": ...,
-     "flow_run": {"id", "name"}, "answered_from_store": bool, "started": ...}
+     "timings": {"wall", "stage_seconds", "compute_seconds", "overhead", "computed"},
+     "model_dir": ..., "flow_run": {"id", "name"}, "answered_from_store": bool, "started": ...}
 
 `answered_from_store` is true when the command line found every stage in the store and answered
 without a flow run (see `flows/cli.py`); `flow_run`'s id and name are empty then.

@@ -6,9 +6,9 @@ the flow passes on (never tensors):
 
     {"stage", "label", "key", "uri", "sha256", "created", "metrics", "seconds", "computed"}
 
-plus, for a stage that walks the blocks, "blocks": {"total": N, "computed": blocks computed by
-this run} (0 when the artifact was in the store; fewer than N when a killed run had committed
-some).
+plus, for an evaluation, "stderr": {metric: standard error} of its zero-shot accuracies, and
+for a stage that walks the blocks, "blocks": {"total": N, "computed": blocks computed by this
+run} (0 when the artifact was in the store; fewer than N when a killed run had committed some).
 
 The store is the one cache. Prefect keeps no cache records of its own (the tasks use NO_CACHE):
 a stage's first act is to read its artifact's commit record, so a new run, a retried run, a run

@@ -1914,8 +1914,11 @@ def test_a_json_grid_file_giving_a_key_twice_is_refused_as_a_yaml_one_is(text, t
     for suffix in (".yaml", ".json"):
         grid = tmp_path / f"grid{suffix}"
         grid.write_text(text)
-        with pytest.raises(ConfigError, match=f"'{key}' is given twice"):
+        with pytest.raises(ConfigError, match=f"'{key}' is given twice") as refused:
             _grid(str(grid))
+        if suffix == ".json":  # valid JSON (YAML forbids the repeat, JSON does not): the
+            json.loads(text)  # message must not call the file invalid
+            assert "not valid" not in str(refused.value), refused.value
 
 
 def test_a_sweep_point_refused_at_planning_is_named_by_its_model(tmp_path, monkeypatch, capfd,
