@@ -384,23 +384,14 @@ def absolute_paths(config):
     records its configuration as its parameters, and `prefect flow-run retry` runs it again
     from whatever folder it is typed in: relative paths would then name another store (every
     stage computed again) and another output folder. Names and URLs stay as they are."""
-    from tasks.plan import local_path
+    from tasks.plan import local_paths
 
-    update = {}
+    update = local_paths(config)
     store = config.store_root()
     if "://" not in store:
         update["store"] = os.path.abspath(os.path.expanduser(store))
     if config.out:
         update["out"] = os.path.abspath(config.out)
-    models = getattr(config, "models", None)
-    if models is not None:
-        update["models"] = [m if m == "demo" else local_path(m, "model") for m in models]
-    elif config.model and config.model != "demo":
-        update["model"] = local_path(config.model, "model")
-    if config.calib:
-        update["calib"] = local_path(config.calib, "calib")
-    if config.eval:
-        update["eval"] = [local_path(source, "eval") for source in config.eval]
     return config.model_copy(update=update)
 
 

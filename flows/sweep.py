@@ -26,7 +26,7 @@ from sds.errors import ConfigError, SDSError
 from tasks import stages
 from tasks.common import ensure_gpu_limit, pinned, reference
 from tasks.config import SweepConfig
-from tasks.plan import Plan, local_path, plan_pipeline
+from tasks.plan import Plan, local_paths, plan_pipeline
 from tasks.store import ArtifactStore
 
 from . import report
@@ -151,21 +151,15 @@ def deploy_points(pool: str) -> str:
 
 def _for_workers(point, plan: Plan) -> dict:
     """A point's configuration as a worker must read it. A worker runs in its own checkout, so
-    every local path is sent as the absolute path this sweep planned with (`local_path`): the
+    every local path is sent as the absolute path this sweep planned with (`local_paths`): the
     store (which no key hashes), a model folder, calibration and evaluation files. A hub model
     is sent at the commit its revision resolved to when the sweep planned, so a branch that
     moves before a worker plans changes neither the weights nor the keys. The worker's plan
     then has the sweep's keys. Names (the demo, corpus names, hub ids) are sent as they are."""
-    update = {"store": plan.store}
+    update = {"store": plan.store, **local_paths(point)}
     identity = plan.settings["identity"]
     if identity["kind"] == "hub":
         update["revision"] = identity["revision"]
-    if point.model and point.model != "demo":
-        update["model"] = local_path(point.model, "model")
-    if point.calib:
-        update["calib"] = local_path(point.calib, "calib")
-    if point.eval:
-        update["eval"] = [local_path(source, "eval") for source in point.eval]
     return point.model_copy(update=update).model_dump(mode="json")
 
 

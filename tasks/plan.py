@@ -118,6 +118,23 @@ class Plan:
         return {label: spec.key for label, spec in self.specs.items()}
 
 
+def local_paths(config) -> dict:
+    """The updates that name `config`'s local model folder(s), calibration and evaluation
+    files by their absolute paths (`local_path`; a RunConfig's `model` or a SweepConfig's
+    `models`); the demo, corpus names and hub ids stay as they are."""
+    update = {}
+    models = getattr(config, "models", None)
+    if models is not None:
+        update["models"] = [m if m == "demo" else local_path(m, "model") for m in models]
+    elif config.model and config.model != "demo":
+        update["model"] = local_path(config.model, "model")
+    if config.calib:
+        update["calib"] = local_path(config.calib, "calib")
+    if config.eval:
+        update["eval"] = [local_path(source, "eval") for source in config.eval]
+    return update
+
+
 def local_path(source: str, role: str) -> str:
     """`source` as a plan names it: a local model folder (`role` "model") or data file ("calib",
     "eval") as its absolute path, anything else (the demo corpora, hub datasets and models)
