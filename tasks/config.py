@@ -152,7 +152,8 @@ class Options(BaseModel):
                          "(off: trust stored tensors by their recorded size, without hashing "
                          "them)")
     gpu_limit: OptionalName = Field(GPU_LIMIT, description="Prefect global concurrency limit "
-                                    "the compute stages hold, or none")
+                                    "the compute stages hold, or none (with a Prefect server "
+                                    "only: Prefect's embedded API holds none)")
 
     @field_validator("sds_options", mode="before")
     @classmethod
