@@ -387,9 +387,8 @@ def absolute_paths(config):
     from tasks.plan import local_paths
 
     update = local_paths(config)
-    store = config.store_root()
-    if "://" not in store:
-        update["store"] = os.path.abspath(os.path.expanduser(store))
+    store = config.store_root()  # `$SDS_STORE` recorded too, a URL as it is
+    update["store"] = store if "://" in store else os.path.abspath(os.path.expanduser(store))
     if config.out:
         update["out"] = os.path.abspath(config.out)
     return config.model_copy(update=update)

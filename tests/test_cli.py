@@ -2163,6 +2163,26 @@ def test_a_runs_recorded_configuration_names_its_files_absolutely(
     assert list(elsewhere.iterdir()) == []
 
 
+@pytest.mark.parametrize("kind", ["run", "sweep"])
+@pytest.mark.parametrize("variable", ["s3://bucket/runs", "rel-store"])
+def test_the_recorded_configuration_names_the_store_sds_store_gave(
+        kind, variable, tmp_path, monkeypatch, clean_environ):
+    """A command that names no --store runs against `$SDS_STORE`: the configuration it records
+    names that store (a URL as it is, a folder absolutely), so a retry typed where
+    `$SDS_STORE` is unset, or names another store, reads the same one."""
+    from flows.cli import absolute_paths
+    from tasks.config import RunConfig, SweepConfig
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SDS_STORE", variable)
+    kind_ = RunConfig if kind == "run" else SweepConfig
+    recorded = absolute_paths(kind_()).model_dump()
+    expected = variable if "://" in variable else str(tmp_path / variable)
+    monkeypatch.delenv("SDS_STORE")  # the retry's shell
+    monkeypatch.chdir("/")
+    assert kind_(**recorded).store_root() == expected
+
+
 @pytest.mark.parametrize("blocker", ["sweep.json/", "POINT/results.json/", "POINT"])
 def test_a_sweep_out_holding_something_where_the_sweep_writes_exits_2_before_any_stage(
         blocker, tiny_model, corpus, tmp_path, monkeypatch, capfd, clean_environ):
