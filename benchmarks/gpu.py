@@ -4,12 +4,14 @@
                                                 # bf16, 2 blocks; writes the "GPU" section
     python benchmarks/gpu.py --small            # the scaled-down shape the tests run on a CPU
 
-Each step is one walk of the sequential engine over the same random model (the dense weights
-are restored before every one-shot method): statistics (Gram accumulation) and propagation
-alone with a transform that changes nothing, then SparseGPT, Wanda and ADMM one-shot, then
-one-shot ADMM on SDS step 3's layer problem (sequential statistics, mixed targets), then the
-two SDS steps on top of SparseGPT. *transform s/block* is the walk's time per block minus the
-statistics-only walk's (full Gram matrices), i.e. what the method itself costs; Wanda's walk
+Each step is one walk of the sequential engine over the same random model (the dense weights are
+restored before every one-shot method): statistics (Gram accumulation) and propagation alone
+with a transform that changes nothing (once with its propagation pass, once without: the
+re-dense walk propagates the outputs its statistics pass computed), then SparseGPT, Wanda and
+ADMM one-shot, then one-shot ADMM on SDS step 3's layer problem (sequential statistics, mixed
+targets), then the two SDS steps on top of SparseGPT. *transform s/block* is the walk's time per
+block minus the statistics-only walk's (full Gram matrices; for SDS step 2 the one without a
+propagation pass, as its own walk has none), i.e. what the method itself costs; Wanda's walk
 collects only the diagonal, so its column is that saving plus its cost and can be negative.
 Peak GPU memory is
 `torch.cuda.max_memory_allocated` during the step.
@@ -60,6 +62,15 @@ def build_model(shape: dict, blocks: int, dtype: torch.dtype, device: torch.devi
     return model.eval()
 
 
+# the statistics-only walks whose time the "transform" column subtracts: with the propagation
+# pass (every step's walk but re-dense's), and without it (re-dense propagates the outputs of
+# its statistics pass, `walk(propagate="original")`)
+STATISTICS = "statistics + propagation"
+REDENSE_BASELINE = "statistics alone (no propagation pass)"
+BASELINES = (STATISTICS, REDENSE_BASELINE)
+REDENSE = "SDS step 2: re-dense"
+
+
 class _OverBudget(Exception):
     """Raised (by SIGALRM) in a step that runs past the time budget."""
 
@@ -84,9 +95,10 @@ def run(shape: dict, blocks: int, dtype: torch.dtype, device: torch.device, patt
                 module.weight.data.copy_(dense[name].to(module.weight.device))
 
     def result() -> dict:
-        base = rows[0]["per_block"] if rows and rows[0]["per_block"] is not None else None
-        for r in rows[1:]:
-            if base is not None and r["per_block"] is not None:
+        bases = {r["step"]: r["per_block"] for r in rows if r["step"] in BASELINES}
+        for r in rows:
+            base = bases.get(REDENSE_BASELINE if r["step"] == REDENSE else STATISTICS)
+            if r["step"] not in BASELINES and base is not None and r["per_block"] is not None:
                 r["transform_per_block"] = r["per_block"] - base
         return {"shape": shape, "blocks": blocks, "dtype": str(dtype).replace("torch.", ""),
                 "device": _device_name(device), "pattern": pattern, "layers": len(names),
@@ -124,8 +136,11 @@ def run(shape: dict, blocks: int, dtype: torch.dtype, device: torch.device, patt
     rows: list[dict] = []
     skipped: list[str] = []
     warm_up(model, ids, dense, device)
-    step("statistics + propagation", lambda: walk(model, ids, lambda group: {}, device=device,
-                                                  select=lambda n: n in dense, progress=False))
+    step(STATISTICS, lambda: walk(model, ids, lambda group: {}, device=device,
+                                  select=lambda n: n in dense, progress=False))
+    step(REDENSE_BASELINE, lambda: walk(model, ids, lambda group: {}, device=device,
+                                        select=lambda n: n in dense, propagate="original",
+                                        progress=False))
     methods = [m for m in ("sparsegpt", "wanda", "admm") if m in METHODS]
     for method in methods:
         restore()
@@ -138,8 +153,8 @@ def run(shape: dict, blocks: int, dtype: torch.dtype, device: torch.device, patt
     restore()
     step("sparsegpt before SDS", lambda: oneshot(model, ids, "sparsegpt", rules, device=device,
                                                  progress=False), timed=False)
-    step("SDS step 2: re-dense", lambda: redense(model, ids, dense, rules, config, device=device,
-                                                 progress=False))
+    step(REDENSE, lambda: redense(model, ids, dense, rules, config, device=device,
+                                  progress=False))
     step("SDS step 3: second pruning + adjustment",
          lambda: second_prune(model, ids, dense, "sparsegpt", rules, config, device=device,
                               progress=False))

@@ -23,6 +23,31 @@ def test_gpu_benchmark_small_shape_times_every_step_and_prunes_to_the_pattern(tm
     assert rows["SDS step 2: re-dense"]["sparsity"] < 0.5
 
 
+def test_gpu_benchmark_subtracts_from_each_step_a_statistics_walk_with_its_own_passes(tmp_path):
+    """The re-dense walk runs each block once per sample (it propagates its statistics pass's
+    outputs), every other step's walk twice: its transform column subtracts the statistics walk
+    without a propagation pass, the others the one with it."""
+    from sds.layerwise import walk
+
+    model = gpu.build_model(gpu.SMALL, 2, gpu.torch.float32, gpu.torch.device("cpu"))
+    ids = gpu.torch.randint(0, gpu.SMALL["vocab"], (3, 16))
+    calls = []
+    model.model.layers[1].register_forward_pre_hook(lambda *a: calls.append(1))  # block 0 also
+    # runs while its inputs are captured
+    for propagate, passes in (("transformed", 2), ("original", 1)):
+        calls.clear()
+        walk(model, ids, lambda group: {}, propagate=propagate, progress=False)
+        assert len(calls) == 1 + passes * 3  # one probe call, then the passes over 3 samples
+
+    rows = {r["step"]: r for r in gpu.main(["--small"])["rows"]}
+    with_pass, without = (rows[s]["per_block"] for s in gpu.BASELINES)
+    assert rows[gpu.REDENSE]["transform_per_block"] == pytest.approx(
+        rows[gpu.REDENSE]["per_block"] - without)
+    assert rows["sparsegpt 2:4"]["transform_per_block"] == pytest.approx(
+        rows["sparsegpt 2:4"]["per_block"] - with_pass)
+    assert all("transform_per_block" not in rows[s] for s in gpu.BASELINES)
+
+
 def test_gpu_benchmark_keeps_to_its_time_budget_and_keeps_what_it_finished(tmp_path, monkeypatch):
     """A step still running at the budget is stopped, the later ones are not started, and the
     JSON (written after every step) holds the finished rows and says which were skipped; the
@@ -36,11 +61,13 @@ def test_gpu_benchmark_keeps_to_its_time_budget_and_keeps_what_it_finished(tmp_p
     assert time.perf_counter() - t0 < 15  # not the 60 s the hanging step would take
     rows = result["rows"]
     assert rows[0]["step"] == "statistics + propagation" and rows[0]["seconds"] > 0
+    assert rows[1]["step"] == gpu.REDENSE_BASELINE and rows[1]["seconds"] > 0
+    rows = [rows[0], *rows[2:]]
     assert [r["step"] for r in rows[1:]] == [
         "sparsegpt 2:4", "wanda 2:4", "admm 2:4", "admm 2:4 on step 3's layer problem",
         "SDS step 2: re-dense", "SDS step 3: second pruning + adjustment"]
     assert all(r["skipped"] == "time budget" and r["seconds"] is None for r in rows[1:])
-    assert json.loads(out.read_text())["rows"] == rows
+    assert json.loads(out.read_text())["rows"] == result["rows"]
 
     monkeypatch.setattr(gpu, "ROOT", tmp_path)
     monkeypatch.setattr(gpu, "run", lambda *a, **k: pytest.fail("--from-json ran a step"))
