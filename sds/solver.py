@@ -7,10 +7,10 @@ layer's calibration inputs, so the objective is `tr(Δ H Δᵀ)` with `Δ = W_t 
 1. ADMM on the Gram matrix scaled to unit diagonal. With `D = diag(sqrt(H_jj))`, `Ĥ = D⁻¹HD⁻¹`
    and `Ŵ = W D` the objective is unchanged, `|Ŵ|` is the Wanda score, and one
    eigendecomposition `Ĥ = Q Λ Qᵀ` per input group gives `(Ĥ + ρI)⁻¹ = Q diag(1/(λ+ρ)) Qᵀ`
-   for every ρ. Inputs that are almost never active (H_jj below `SCALE_FLOOR` times the mean
-   of diag H: a ReLU unit that fired on one calibration token) are scaled as if at that
-   floor, so their diagonal in Ĥ is below 1 (see `ScaledGram`). Split `W = Z` with `Z` in the
-   pattern set:
+   for every ρ. Inputs that are almost never active (H_jj below `SCALE_FLOOR` times the median
+   of the live inputs' H_jj: a ReLU unit that fired on one calibration token) are scaled as if
+   at that floor, so their diagonal in Ĥ is below 1 (see `ScaledGram`). Split `W = Z` with `Z`
+   in the pattern set:
 
        W = (Ŵ_t Ĥ + ρ (Z − U)) (Ĥ + ρI)⁻¹     (in the eigenbasis: a division per column)
        Z = project(W + U)                      (keep the largest |·| in the method's grouping)
@@ -49,7 +49,10 @@ from .options import SolverOptions, check_options  # noqa: F401 (re-exported)
 from .patterns import Pattern
 
 # -- the scaled Gram matrix -----------------------------------------------------------------------
-# D_jj² is at least this fraction of the mean of diag H. With D = diag(sqrt(H_jj)) alone, the
+# D_jj² is at least this fraction of the median of diag H over the live inputs (the median, not
+# the mean: a few outlier inputs, 100-1000x the rest's activations as in OPT-6.7B+ and LLaMA,
+# raise the mean of diag H by 10^2-10^4 and would put every ordinary input below the floor,
+# damped and scaled as if it were almost never active). With D = diag(sqrt(H_jj)) alone, the
 # damping δ D² of an input that is almost never active is almost nothing, and the solver (and
 # the mixed targets' ridge) use its weights, free of cost on the calibration tokens, to fit the
 # residual of the few tokens where it fires: weights thousands of times the layer's on a ReLU
@@ -61,9 +64,9 @@ SCALE_FLOOR = 0.01
 class ScaledGram:
     """H scaled to unit diagonal and its eigendecomposition, shared by the layers of a group.
 
-    D_jj = sqrt(max(H_jj, SCALE_FLOOR · mean(diag H))): inputs below the floor keep a diagonal
-    below 1 in Ĥ and the damping δ D² of the floor. Dead inputs (H_jj = 0) get D_jj = 1; their
-    weights cannot change the output and are set to zero.
+    D_jj = sqrt(max(H_jj, SCALE_FLOOR · median of the live H_jj)): inputs below the floor keep
+    a diagonal below 1 in Ĥ and the damping δ D² of the floor. Dead inputs (H_jj = 0) get
+    D_jj = 1; their weights cannot change the output and are set to zero.
     """
 
     H: torch.Tensor  # [in, in] fp32: the unscaled Gram matrix
@@ -85,7 +88,8 @@ class ScaledGram:
         check_symmetric(H)
         diag = torch.diagonal(H)
         dead = diag <= 0  # [in]
-        floor = SCALE_FLOOR * diag.clamp_min(0).mean()
+        live = diag[~dead]  # [live]
+        floor = SCALE_FLOOR * live.median() if live.numel() else diag.new_zeros(())
         d = torch.where(dead, torch.ones_like(diag), diag.clamp_min(floor).sqrt())  # [in]
         Hs = H / d.unsqueeze(1) / d.unsqueeze(0)  # [in, in]
         Hs[dead, :] = 0.0
