@@ -149,15 +149,22 @@ def in_layout(module: nn.Module, W: torch.Tensor) -> torch.Tensor:
     return W.to(device=target.device, dtype=target.dtype)
 
 
-def layer_state(model: nn.Module, names) -> dict[str, torch.Tensor]:
-    """`{"<module>.weight": tensor}` in the model's own parameter layout, CPU copies."""
+def layer_state(model: nn.Module, names, *, copy: bool = True) -> dict[str, torch.Tensor]:
+    """`{"<module>.weight": tensor}` in the model's own parameter layout, CPU copies; with
+    `copy=False` the parameters' own tensors where they are contiguous on the CPU (for a caller
+    that drops the model next: no second copy of the weights)."""
     modules = dict(model.named_modules())
-    return {f"{n}.weight": modules[n].weight.detach().to("cpu", copy=True).contiguous()
+    return {f"{n}.weight": modules[n].weight.detach().to("cpu", copy=copy).contiguous()
             for n in names}
 
 
-def load_layer_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Inverse of `layer_state`: write saved weights back into the model."""
+def load_layer_state(model: nn.Module, tensors: dict[str, torch.Tensor], *,
+                     assign: bool = False) -> None:
+    """Inverse of `layer_state`: write saved weights back into the model. With `assign` each
+    parameter takes the saved tensor itself (converted only where its dtype or device differs)
+    instead of a copy into its old storage: nothing is copied, the old weights are not written
+    (a view of them taken before stays as it was), and the model shares the memory of
+    `tensors`: what is written into one shows in the other."""
     params = dict(model.named_parameters())
     for key, value in tensors.items():
         if key not in params:
@@ -167,7 +174,10 @@ def load_layer_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None
         if tuple(p.shape) != tuple(value.shape):
             raise ModelError(f"saved tensor {key!r} has shape {tuple(value.shape)}, the model "
                              f"expects {tuple(p.shape)}")
-        p.data.copy_(value.to(device=p.device, dtype=p.dtype))
+        if assign:
+            p.data = value.detach().to(device=p.device, dtype=p.dtype)
+        else:
+            p.data.copy_(value.to(device=p.device, dtype=p.dtype))
 
 
 def default_device() -> torch.device:

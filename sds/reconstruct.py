@@ -159,10 +159,13 @@ def adjust_layer(W0: torch.Tensor, q: Quadratic, pattern: Pattern, config: SDSCo
 
 
 # -- walks --------------------------------------------------------------------------------------
-def dense_weights(model, rules: LayerRules | str) -> dict[str, torch.Tensor]:
+def dense_weights(model, rules: LayerRules | str, *, copy: bool = True
+                  ) -> dict[str, torch.Tensor]:
     """Snapshot {name: W [out, in]} of the layers `rules` (or a pattern) prunes (call before
-    step 1)."""
-    return {n: weight_matrix(m).detach().to("cpu", copy=True)
+    step 1). `copy=False` gives views of the weights (on the CPU) instead, for a caller that
+    next gives the model other tensors (`load_layer_state(..., assign=True)`) rather than
+    writing into these: the views then hold the dense weights without a copy of them."""
+    return {n: weight_matrix(m).detach().to("cpu", copy=copy)
             for n, m in prunable_layers(model, LayerRules.of(rules)).items()}
 
 

@@ -47,7 +47,7 @@ def write_model(spec: StageSpec, final: dict, folder: str) -> str:
     # (UpstreamLostError), and the flow computes it again
     tensors = load_or_discard(ArtifactStore(spec.store), spec.stage, spec.key, spec.run.verify)
     model, tokenizer = load_base(spec)
-    load_layer_state(model, tensors)
+    load_layer_state(model, tensors, assign=True)  # the tensors themselves: no copy
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(target)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))

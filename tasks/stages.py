@@ -90,7 +90,7 @@ def _oneshot(spec, store, clock, logger):
                 sequential=config.get("sequential", False),
                 target_mix=config.get("target_mix", 0.0), device=spec.run.device,
                 progress=False, on_block=blocks, resume=resume)
-    tensors = layer_state(model, names)
+    tensors = layer_state(model, names, copy=False)  # the model goes: no copy of its weights
     return tensors, {"report": report.to_dict(), "blocks": blocks.counts}
 
 
@@ -114,14 +114,20 @@ def _sds_step(spec, store, clock, logger, upstream: str, step):
         rules = _rules(spec.config)
         with clock("load"):
             model, _ = load_base(spec)
-            dense = dense_weights(model, rules)
-            load_layer_state(model, weights)
+            # the base weights become the dense snapshot as they are, and the model takes the
+            # upstream tensors in their place: neither is copied (13 GB each for a 7B model)
+            dense = dense_weights(model, rules, copy=False)
+            load_layer_state(model, weights, assign=True)
+            del weights
+            live = {p.data_ptr() for p in model.parameters()}  # a layer the upstream lacks
+            dense = {n: W.clone() if W.data_ptr() in live else W for n, W in dense.items()}
             blocks = BlockCommits(spec, store, logger, model, dense)
             resume = blocks.resume()
         with clock("compute"):
             report = step(model, ids, dense, rules=rules, config=SDSConfig(**spec.config["sds"]),
                           device=spec.run.device, progress=False, on_block=blocks, resume=resume)
-    return layer_state(model, dense), {"report": report.to_dict(), "blocks": blocks.counts}
+    tensors = layer_state(model, dense, copy=False)  # the model goes: no copy of its weights
+    return tensors, {"report": report.to_dict(), "blocks": blocks.counts}
 
 
 # -- step 2: re-dense ---------------------------------------------------------------------------
@@ -165,8 +171,8 @@ def _evaluate(spec, store, clock, logger):
     with gpu_slot(spec):
         with clock("load"):
             model, tokenizer = load_base(spec)
-            if tensors is not None:
-                load_layer_state(model, tensors)
+            if tensors is not None:  # the model takes the tensors themselves: no copy
+                load_layer_state(model, tensors, assign=True)
         sources = spec.paths.get("eval", config["source_names"])  # this machine's paths
         parts = len(sources) + bool(config["task_names"])
         reached = {"parts": 0, "tenths": 0}  # parts done; tenths of the current corpus said
