@@ -7,10 +7,10 @@ layer's calibration inputs, so the objective is `tr(Δ H Δᵀ)` with `Δ = W_t 
 1. ADMM on the Gram matrix scaled to unit diagonal. With `D = diag(sqrt(H_jj))`, `Ĥ = D⁻¹HD⁻¹`
    and `Ŵ = W D` the objective is unchanged, `|Ŵ|` is the Wanda score, and one
    eigendecomposition `Ĥ = Q Λ Qᵀ` per input group gives `(Ĥ + ρI)⁻¹ = Q diag(1/(λ+ρ)) Qᵀ`
-   for every ρ. Inputs that are almost never active (H_jj below `SCALE_FLOOR` times the median
-   of the live inputs' H_jj: a ReLU unit that fired on one calibration token) are scaled as if
-   at that floor, so their diagonal in Ĥ is below 1 (see `ScaledGram`). Split `W = Z` with `Z`
-   in the pattern set:
+   for every ρ. Inputs that are almost never active (H_jj below `SCALE_FLOOR` times a typical
+   input's, `typical_activity`: a ReLU unit that fired on one calibration token) are scaled as
+   if at that floor, so their diagonal in Ĥ is below 1 (see `ScaledGram`). Split `W = Z` with
+   `Z` in the pattern set:
 
        W = (Ŵ_t Ĥ + ρ (Z − U)) (Ĥ + ρI)⁻¹     (in the eigenbasis: a division per column)
        Z = project(W + U)                      (keep the largest |·| in the method's grouping)
@@ -49,23 +49,28 @@ from .options import SolverOptions, check_options  # noqa: F401 (re-exported)
 from .patterns import Pattern
 
 # -- the scaled Gram matrix -----------------------------------------------------------------------
-# D_jj² is at least this fraction of the median of diag H over the live inputs (the median, not
-# the mean: a few outlier inputs, 100-1000x the rest's activations as in OPT-6.7B+ and LLaMA,
-# raise the mean of diag H by 10^2-10^4 and would put every ordinary input below the floor,
-# damped and scaled as if it were almost never active). With D = diag(sqrt(H_jj)) alone, the
-# damping δ D² of an input that is almost never active is almost nothing, and the solver (and
-# the mixed targets' ridge) use its weights, free of cost on the calibration tokens, to fit the
-# residual of the few tokens where it fires: weights thousands of times the layer's on a ReLU
-# unit that fired once, and outputs far off on held-out text.
+# D_jj² is at least this fraction of a typical input's H_jj: the mean of diag H, or, where a few
+# outlier inputs lift the mean above it, the SCALE_QUANTILE quantile of the live inputs' H_jj.
+# Outliers 100-1000x the rest's activations (OPT-6.7B and larger, LLaMA) raise the mean of
+# diag H by 10^2-10^4, which would put every ordinary input below the floor, damped and scaled
+# as if it were almost never active; a high quantile stays with the ordinary inputs while the
+# outliers are fewer than 1 − SCALE_QUANTILE of them. The median would not do: in a ReLU layer
+# where most live inputs fire on a few tokens (fc2 of OPT) it is one of those, and the floor
+# falls with it. With D = diag(sqrt(H_jj)) alone, the damping δ D² of an input that is almost
+# never active is almost nothing, and the solver (and the mixed targets' ridge) use its
+# weights, free of cost on the calibration tokens, to fit the residual of the few tokens where
+# it fires: weights thousands of times the layer's on a ReLU unit that fired once, and outputs
+# far off on held-out text.
 SCALE_FLOOR = 0.01
+SCALE_QUANTILE = 0.9
 
 
 @dataclass
 class ScaledGram:
     """H scaled to unit diagonal and its eigendecomposition, shared by the layers of a group.
 
-    D_jj = sqrt(max(H_jj, SCALE_FLOOR · median of the live H_jj)): inputs below the floor keep
-    a diagonal below 1 in Ĥ and the damping δ D² of the floor. Dead inputs (H_jj = 0) get
+    D_jj = sqrt(max(H_jj, SCALE_FLOOR · typical_activity)): inputs below the floor keep a
+    diagonal below 1 in Ĥ and the damping δ D² of the floor. Dead inputs (H_jj = 0) get
     D_jj = 1; their weights cannot change the output and are set to zero.
     """
 
@@ -88,8 +93,7 @@ class ScaledGram:
         check_symmetric(H)
         diag = torch.diagonal(H)
         dead = diag <= 0  # [in]
-        live = diag[~dead]  # [live]
-        floor = SCALE_FLOOR * live.median() if live.numel() else diag.new_zeros(())
+        floor = SCALE_FLOOR * typical_activity(diag, dead)
         d = torch.where(dead, torch.ones_like(diag), diag.clamp_min(floor).sqrt())  # [in]
         Hs = H / d.unsqueeze(1) / d.unsqueeze(0)  # [in, in]
         Hs[dead, :] = 0.0
@@ -118,6 +122,17 @@ class ScaledGram:
         itself would call a weight that diverges along a negative eigenvalue the best."""
         Delta = W_hat_t - W_hat  # [out, in]
         return torch.mv((Delta @ self.Q).square_(), self.lam)
+
+
+def typical_activity(diag: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+    """The H_jj of a typical input, whose `SCALE_FLOOR` is the scaling floor: the mean of diag H
+    ([in], dead inputs counted as 0), or the `SCALE_QUANTILE` quantile of the live inputs' H_jj
+    where that is lower (a few outliers lifting the mean). A 0-dim tensor."""
+    mean = diag.clamp_min(0).mean()
+    live = diag[~dead]  # [live]
+    if not live.numel():
+        return mean
+    return torch.minimum(mean, torch.quantile(live, SCALE_QUANTILE))
 
 
 def check_symmetric(H: torch.Tensor) -> None:
