@@ -30,6 +30,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 
 from sds.errors import (
@@ -263,8 +264,6 @@ class BlockCommits:
     """
 
     def __init__(self, spec: StageSpec, store: ArtifactStore, logger, model, names):
-        from prefect.artifacts import create_progress_artifact
-
         from sds.models import find_blocks
 
         prefix, blocks = find_blocks(model)
@@ -275,15 +274,7 @@ class BlockCommits:
             self.layers[int(name[len(prefix) + 1:].split(".")[0])][name] = modules[name]
         self.state = None  # the walk's Resume
         self.setup = compute_setup(spec.run.device)
-        self.artifact_id = None
-        try:  # in a flow or task run only (Prefect will refuse artifacts outside them)
-            from prefect.context import FlowRunContext, TaskRunContext
-
-            if FlowRunContext.get() or TaskRunContext.get():
-                self.artifact_id = create_progress_artifact(
-                    0.0, description=f"{spec.title}: blocks done")
-        except Exception as exc:  # noqa: BLE001 - progress display must never fail a stage
-            logger.debug("no progress artifact: %s", exc)
+        self.artifact_id = _progress_artifact(spec, logger)
 
     def resume(self):
         """The walk's `Resume`: the committed blocks from block 0 on, with their records. Only
@@ -344,6 +335,44 @@ class BlockCommits:
         progress(self.logger, self.spec, "block %d/%d done in %.1f s", done, blocks, seconds,
                  event="block", block=done, blocks=blocks)
         self._advance(done)
+
+
+# the progress artifact of each recent stage task run (task run id -> artifact id): a retry
+# runs in the same task run and process, and advances its first attempt's artifact again
+_PROGRESS_ARTIFACTS: OrderedDict = OrderedDict()
+_PROGRESS_ARTIFACTS_KEPT = 1024  # task runs remembered (a worker serves runs for days)
+_PROGRESS_LOCK = threading.Lock()  # a sweep's stages start in threads of one process
+
+
+def _progress_artifact(spec: StageSpec, logger):
+    """The id of the stage's Prefect progress artifact, at 0%: made by the first attempt of its
+    task run, and the same one again for each retry, so that the run shows one bar per stage
+    rather than one per attempt, the earlier ones stopped where their attempt failed. None
+    outside a flow or task run (Prefect refuses artifacts there) or when Prefect fails: the
+    display must never fail a stage."""
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    try:
+        context = TaskRunContext.get()
+        run_id = context.task_run.id if context is not None else None
+        with _PROGRESS_LOCK:
+            artifact_id = _PROGRESS_ARTIFACTS.get(run_id) if run_id is not None else None
+        if artifact_id is not None:  # a retry
+            update_progress_artifact(artifact_id, progress=0.0)
+            return artifact_id
+        if context is None and FlowRunContext.get() is None:
+            return None
+        artifact_id = create_progress_artifact(0.0, description=f"{spec.title}: blocks done")
+        if run_id is not None:
+            with _PROGRESS_LOCK:
+                _PROGRESS_ARTIFACTS[run_id] = artifact_id
+                while len(_PROGRESS_ARTIFACTS) > _PROGRESS_ARTIFACTS_KEPT:
+                    _PROGRESS_ARTIFACTS.popitem(last=False)
+        return artifact_id
+    except Exception as exc:  # noqa: BLE001 - progress display must never fail a stage
+        logger.debug("no progress artifact: %s", exc)
+        return None
 
 
 # -- leases -------------------------------------------------------------------------------------

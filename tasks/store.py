@@ -82,8 +82,10 @@ _PIN_RE = re.compile(r"[0-9a-f]{32}\.json")
 # what a write killed half-way leaves beside the pins and leases (`atomic_file`,
 # `_create_local`) or at the root (`check`'s probe)
 _LEFTOVER_RE = re.compile(r"\.sds-(.*\.tmp|check-[0-9a-f]{32})")
-# such a file is collected only once it is this old, whatever `older_than` says: a live
-# writer's temporary exists for milliseconds, and removing it would fail that write
+# such a file, and a stray one in an artifact's folder (`remove_strays`), is collected only once
+# it is this old, whatever `older_than` says: a live writer's temporary exists while it writes
+# (milliseconds for a lease, minutes for a large tensors file), and removing it would fail that
+# write
 LEFTOVER_MIN_AGE = timedelta(minutes=10)
 _PART_RE = re.compile(r"block-[0-9]{5}\.(safetensors|json)")
 _RESERVED = frozenset(
@@ -875,7 +877,9 @@ class ArtifactStore:
         self, stage: str | None = None, *, older_than: timedelta | None = None
     ) -> list[str]:
         """Files inside committed artifacts that are not part of them (the temporary file of a
-        save that was killed), older than `older_than` if given: what `remove_strays` deletes."""
+        save that was killed), older than `older_than` if given, and never younger than
+        `LEFTOVER_MIN_AGE` (a live save's temporary, whatever `older_than` says): what
+        `remove_strays` deletes."""
         return self.remove_strays(stage, older_than=older_than, dry_run=True)
 
     def remove_strays(
@@ -884,9 +888,11 @@ class ArtifactStore:
     ) -> list[str]:
         """Delete `strays(stage, older_than=...)`; returns their URIs. The artifacts stay."""
         cutoff = _cutoff(older_than)
+        limit = (datetime.now(UTC) - LEFTOVER_MIN_AGE).timestamp()
+        limit = limit if cutoff is None else min(cutoff, limit)
         paths = sorted(path for e in self._scan(stage) if e.meta is not None
                        for path, mtime in e.strays.items()
-                       if cutoff is None or (mtime is not None and mtime <= cutoff))
+                       if mtime is not None and mtime <= limit)
         if not dry_run:
             for path in paths:
                 with self._guard(f"removing {self._uri(path)}"):

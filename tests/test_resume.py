@@ -124,6 +124,53 @@ def test_blocks_committed_on_another_setup_are_computed_again(tiny_model, corpus
     assert blocks.resume().start == 0
 
 
+def test_a_retried_stage_advances_one_progress_artifact(prefect_api, tiny_model, corpus,
+                                                        tmp_path):
+    """A stage's retry runs in its task run again: it advances the progress artifact of the
+    first attempt (back at 0%, then at the resumed block) instead of making a second one
+    beside it, which would stay where the failed attempt stopped."""
+    import logging
+
+    from prefect import flow, task
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.context import get_run_context
+
+    from sds.models import prunable_layers
+    from tasks.common import BlockCommits, load_base
+    from tasks.plan import plan_pipeline
+    from tests.test_pipeline_fixtures import tiny_params
+
+    spec = plan_pipeline(tiny_params(tiny_model, corpus, tmp_path / "store"),
+                         check=False).specs["oneshot"]
+    attempts = []
+
+    @task(retries=1, retry_delay_seconds=0)
+    def stage():
+        model, _ = load_base(spec)
+        blocks = BlockCommits(spec, ArtifactStore(spec.store), logging.getLogger("test"), model,
+                              list(prunable_layers(model)))
+        attempts.append((blocks.artifact_id, blocks.resume().start))
+        for b in range(blocks.state.start, blocks.total):
+            blocks(b, blocks.total, 0.1)
+            if len(attempts) == 1:
+                raise RuntimeError("the first attempt fails after its first block")
+        return blocks.total
+
+    @flow
+    def pipeline():
+        return get_run_context().flow_run.id, stage()
+
+    flow_run_id, total = pipeline()
+    assert total >= 2 and len(attempts) == 2
+    assert attempts[0][0] is not None and attempts[1] == (attempts[0][0], 1)  # resumed
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    bars = [a for a in artifacts if a.type == "progress"]
+    assert len(bars) == 1 and float(bars[0].data) == 100.0
+
+
 def test_a_damaged_block_is_computed_again_with_the_ones_after_it(tmp_path):
     """`parts` yields the committed blocks from block 0 up to the first damaged one."""
     store = ArtifactStore(tmp_path / "store")
