@@ -64,13 +64,27 @@ def oneshot(model: nn.Module, calibration, method: str = "sparsegpt",
     (also with `resume`: the walk writes the finished blocks' weights itself). Methods that do
     not read an option ignore it, with a warning. Rules that select no layer are refused
     before any work."""
-    rules = _rules(pattern, overrides, exclude)
-    transform = _oneshot_transform(model, method, rules,
-                                   PruneOptions(blocksize, percdamp, solver, sequential,
-                                                target_mix))
+    _warn_unread(method, blocksize, percdamp)
+    return _oneshot(model, calibration, method, _rules(pattern, overrides, exclude),
+                    PruneOptions(blocksize, percdamp, solver, sequential, target_mix),
+                    device=device, progress=progress, on_block=on_block, resume=resume)
+
+
+def _oneshot(model, calibration, method: str, rules: LayerRules, options: PruneOptions, *,
+             device, progress, on_block=None, resume=None) -> WalkReport:
+    transform = _oneshot_transform(model, method, rules, options)
     return walk(model, calibration, transform,
                 select=lambda name: rules.pattern_for(name) is not None, device=device,
                 progress=progress, on_block=on_block, resume=resume)
+
+
+def _warn_unread(method: str, blocksize: int, percdamp: float, *, sds: bool = False) -> None:
+    """Warn about a SparseGPT option given another value than its default to a method that
+    does not read it (with `sds`, SDS step 3 reads `percdamp` whatever the method)."""
+    read = method_options(method)
+    for name, value, default in (("blocksize", blocksize, 128), ("percdamp", percdamp, 0.01)):
+        if value != default and name not in read and not (sds and name == "percdamp"):
+            log.warning("method %s does not read %s; it is ignored", method, name)
 
 
 def _rules(pattern, overrides, exclude) -> LayerRules:
@@ -116,6 +130,7 @@ def prune(model: nn.Module, calibration, method: str = "sparsegpt", pattern="2:4
                           "e.g. SDSConfig(epochs=100)")
     report = PruneReport(method=method, rules=rules.describe())
     kw = {"device": device, "progress": progress}
+    _warn_unread(method, blocksize, percdamp, sds=sds)
 
     def timed(step, run):
         t0 = time.perf_counter()
@@ -138,8 +153,8 @@ def prune(model: nn.Module, calibration, method: str = "sparsegpt", pattern="2:4
         report.seconds["redense"] = report.steps["redense"].seconds
         report.seconds["oneshot"] -= report.seconds["redense"]
     else:
-        timed("oneshot", lambda: oneshot(model, calibration, method, rules, blocksize=blocksize,
-                                         percdamp=percdamp, **kw))
+        timed("oneshot", lambda: _oneshot(model, calibration, method, rules,
+                                          PruneOptions(blocksize, percdamp), **kw))
         if sds:
             timed("redense", lambda: redense(model, calibration, dense, rules, config, **kw))
     if sds:

@@ -137,7 +137,8 @@ class LayerRecord:
     shape: tuple[int, int]  # [out, in]
     sparsity: float  # fraction of exact zeros after the transform
     # ‖WX − W'X‖² / ‖WX‖², W before the transform, X the calibration inputs; it needs H, so it
-    # is None for a transform that declared less (magnitude, Wanda)
+    # is None for a transform that declared less (magnitude, Wanda), and where WX is zero and
+    # W'X is not (`output_error`)
     rel_error: float | None
     rel_error_ref: float | None = None  # same against the reference weights (and H), if any
     extra: dict = field(default_factory=dict)
@@ -179,12 +180,16 @@ class _Captured(Exception):
     or a layer's in a sequential walk)."""
 
 
-def output_error(W_from: torch.Tensor, W_to: torch.Tensor, H: torch.Tensor) -> float:
-    """‖W_from X − W_to X‖² / ‖W_from X‖² from H = XᵀX. W: [out, in], H: [in, in]."""
+def output_error(W_from: torch.Tensor, W_to: torch.Tensor, H: torch.Tensor) -> float | None:
+    """‖W_from X − W_to X‖² / ‖W_from X‖² from H = XᵀX. W: [out, in], H: [in, in]. Where
+    W_from's outputs are all zero (a layer an earlier step zeroed, or dead inputs) the ratio
+    has no meaning: 0 when W_to's are zero too, else None (the reports leave it out)."""
     D = (W_from - W_to).float()
-    num = torch.einsum("oi,ij,oj->", D, H, D)
-    den = torch.einsum("oi,ij,oj->", W_from.float(), H, W_from.float())
-    return (num / den.clamp_min(1e-30)).item()
+    num = torch.einsum("oi,ij,oj->", D, H, D).item()
+    den = torch.einsum("oi,ij,oj->", W_from.float(), H, W_from.float()).item()
+    if den > 0:
+        return num / den
+    return 0.0 if num <= 0 else None
 
 
 def _hidden(out):

@@ -50,7 +50,8 @@ class SolverOptions:
             raise ConfigError(f"ramp_iters ({self.ramp_iters}) must be below admm_iters "
                               f"({self.admm_iters}; adjust_epochs in SDS step 3): no iterate "
                               "meets the pattern before the ramp ends; use a shorter ramp or 0")
-        if not (isinstance(self.rho_every, int) and self.rho_every >= 1):
+        if isinstance(self.rho_every, bool) or not (isinstance(self.rho_every, int)
+                                                     and self.rho_every >= 1):
             raise ConfigError(f"rho_every must be an integer >= 1, got {self.rho_every!r}; "
                               "use e.g. 3")
 

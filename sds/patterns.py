@@ -27,6 +27,12 @@ if TYPE_CHECKING:
 _ACCEPTED = "accepted forms: 'N:M' with 0 < N < M (e.g. '2:4', '4:8'), '50%', or a ratio like '0.5'"
 
 
+def prune_count(s: float, count: int) -> int:
+    """floor(s · count): how many of `count` entries a sparsity `s` prunes, exact where s · count
+    is a whole number that float rounding puts just below it (0.57 · 100 = 56.99999999999999)."""
+    return math.floor(round(s * count, 6))
+
+
 @dataclass(frozen=True)
 class Pattern:
     """A sparsity pattern: `Pattern.parse("2:4")`, `Pattern.parse("50%")`, `Pattern.parse(0.5)`."""
@@ -62,7 +68,7 @@ class Pattern:
             return spec
         if isinstance(spec, bool):
             raise ConfigError(f"sparsity pattern {spec!r} is not a pattern; {_ACCEPTED}")
-        if isinstance(spec, int | float):
+        if isinstance(spec, numbers.Real):  # also numpy scalars (np.float32(0.5))
             return cls(ratio=float(spec))
         if not isinstance(spec, str):
             raise ConfigError(f"sparsity pattern {spec!r} is not a string; {_ACCEPTED}")
@@ -98,7 +104,7 @@ class Pattern:
             if W.shape[1] % self.m:
                 return False
             return bool(((W != 0).reshape(-1, self.m).sum(1) <= self.n).all())
-        return int((W == 0).sum()) >= W.shape[0] * int(self.sparsity * W.shape[1])
+        return int((W == 0).sum()) >= W.shape[0] * prune_count(self.sparsity, W.shape[1])
 
     # -- properties ---------------------------------------------------------------------------
     @property
@@ -147,12 +153,12 @@ class Pattern:
             low = torch.topk(groups, self.m - self.n, dim=2, largest=False).indices
             mask.view(rows, cols // self.m, self.m).scatter_(2, low, True)
         elif per_row:
-            k = int(cols * self.ratio)
+            k = prune_count(self.ratio, cols)
             if k:
                 low = torch.topk(scores, k, dim=1, largest=False).indices  # [out, k]
                 mask.scatter_(1, low, True)
         else:
-            k = int(scores.numel() * self.ratio)
+            k = prune_count(self.ratio, scores.numel())
             if k:
                 low = torch.topk(scores.flatten(), k, largest=False).indices
                 mask.view(-1)[low] = True
@@ -201,9 +207,11 @@ class LayerRules:
                 raise ConfigError(f"override {item!r} is not a (regex, pattern) pair; give "
                                   "overrides as {regex: pattern}, e.g. {'fc2$': '4:8'}")
             pairs.append((item[0], Pattern.parse(item[1])))
+        if exclude is None:  # as overrides=None: nothing
+            exclude = ()
         if isinstance(exclude, str):  # one regex, not its characters
             exclude = [exclude]
-        if not all(isinstance(rx, str) for rx in exclude):
+        if not isinstance(exclude, Iterable) or not all(isinstance(rx, str) for rx in exclude):
             raise ConfigError(f"exclude must be a list of regexes, got {exclude!r}")
         return cls(default=Pattern.parse(pattern), overrides=tuple(pairs),
                    exclude=tuple(exclude))

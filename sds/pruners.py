@@ -291,6 +291,10 @@ class PruneOptions:
     target_mix: float = 0.0
 
     def __post_init__(self):
+        if isinstance(self.percdamp, bool) or not isinstance(self.percdamp, numbers.Real) or not (
+                math.isfinite(self.percdamp) and self.percdamp >= 0):
+            raise ConfigError(f"percdamp must be a finite number >= 0, got {self.percdamp!r}; "
+                              "use 0.01")
         if not isinstance(self.sequential, bool):
             raise ConfigError(f"sequential must be True or False, got {self.sequential!r}")
         if self.solver is not None and not isinstance(self.solver, SolverOptions):

@@ -39,6 +39,7 @@ form, the L1 and L2 terms in the elementwise ADMM step.
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from dataclasses import dataclass
 
@@ -46,7 +47,7 @@ import torch
 
 from .errors import ConfigError, NumericalError
 from .options import SolverOptions, check_options  # noqa: F401 (re-exported)
-from .patterns import Pattern
+from .patterns import Pattern, prune_count
 
 # -- the scaled Gram matrix -----------------------------------------------------------------------
 # D_jj² is at least this fraction of a typical input's H_jj: the mean of diag H, or, where a few
@@ -84,8 +85,13 @@ class ScaledGram:
 
     @classmethod
     def of(cls, H: torch.Tensor, damp: float = 0.01) -> ScaledGram:
-        if not (math.isfinite(damp) and damp >= 0):
-            raise ConfigError(f"damping must be a finite number >= 0, got {damp}; use 0.01")
+        if isinstance(damp, bool) or not isinstance(damp, numbers.Real) or not (
+                math.isfinite(damp) and damp >= 0):
+            raise ConfigError(f"percdamp must be a finite number >= 0, got {damp!r}; use 0.01")
+        if not isinstance(H, torch.Tensor) or H.dim() != 2 or H.shape[0] != H.shape[1]:
+            shape = tuple(H.shape) if isinstance(H, torch.Tensor) else type(H).__name__
+            raise ConfigError(f"H must be the Gram matrix XᵀX of a layer's inputs, [in, in], got "
+                              f"{shape}")
         if not torch.isfinite(H).all():
             raise NumericalError("H holds NaN/Inf values; check the calibration data (fp16 "
                                  "overflow is a common cause: load the model in fp32 or bf16)")
@@ -137,13 +143,24 @@ def typical_activity(diag: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
 
 def check_symmetric(H: torch.Tensor) -> None:
     """Refuse an H that is not symmetric (one triangle of XᵀX, say): the methods read different
-    parts of it, and symmetrising a triangle halves its off-diagonal entries. Done where an H is
-    factored (once per group of layers), not per layer."""
+    parts of it, and symmetrising a triangle halves its off-diagonal entries. Refuse one with a
+    negative diagonal too (H_jj = Σ x_j² of a Gram matrix is never below 0): the solver would
+    take those inputs for dead ones and zero their weights. Done where an H is factored (once
+    per group of layers), not per layer."""
     Hf = H.detach().float()
+    if bool((torch.diagonal(Hf) < 0).any()):
+        j = int(torch.argmin(torch.diagonal(Hf)))
+        raise ConfigError(f"H is not a Gram matrix XᵀX: its diagonal entry {j} is "
+                          f"{Hf[j, j].item():.3g} < 0; pass XᵀX of the layer's inputs X: "
+                          "[tokens, in]")
     largest = Hf.abs().max() if Hf.numel() else 0.0
-    if Hf.numel() and bool((Hf - Hf.T).abs().max() > 1e-2 * largest):  # NaN: checked before
+    # one triangle, whatever the scale of its entries: next to one outlier input (H_jj 10^4 times
+    # the others') every other off-diagonal entry is below the relative tolerance
+    lower_zero = not bool(torch.tril(Hf, -1).any())
+    one_triangle = lower_zero != (not bool(torch.triu(Hf, 1).any()))
+    if one_triangle or (Hf.numel() and bool((Hf - Hf.T).abs().max() > 1e-2 * largest)):
         raise ConfigError("H is not symmetric: pass the whole Gram matrix XᵀX, not one of its "
-                          "triangles")
+                          "triangles")  # NaN: checked before
 
 
 def _eigh(Hs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,7 +232,7 @@ def _lowest(score: torch.Tensor, s: float, per_row: bool) -> torch.Tensor:
     tied entry would prune more than the pattern asks, up to the whole layer when all scores
     are equal."""
     rows, cols = score.shape
-    k = int(s * (cols if per_row else rows * cols))
+    k = prune_count(s, cols if per_row else rows * cols)
     if k <= 0:
         return torch.zeros_like(score, dtype=torch.bool)
     flat = score if per_row else score.reshape(1, -1)  # [groups, entries]
@@ -324,6 +341,10 @@ def solve_layers(W_t: dict[str, torch.Tensor], gram: ScaledGram, pattern: Patter
     """
     pattern = Pattern.parse(pattern)
     names = list(W_t)
+    if W0 is not None and set(W0) != set(names):
+        odd = sorted(set(W0) ^ set(names))
+        raise ConfigError(f"W0 must hold a start for each layer of W_t and no other; {odd[0]!r} "
+                          "is in one and not the other")
     if not (pattern.is_nm or per_row) or len(names) == 1:
         return {n: solve(W_t[n], gram, pattern, per_row=per_row,
                          W0=None if W0 is None else W0[n], options=options) for n in names}

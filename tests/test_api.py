@@ -329,3 +329,33 @@ def test_a_tokenizers_output_as_a_plain_dict_is_read_as_its_batch_encoding():
 def test_calibration_of_the_wrong_shape_names_the_fix(calibration, msg):
     with pytest.raises(sds.DataError, match=msg):
         sds.prune(tiny_llama(), calibration, "wanda", "50%", progress=False)
+
+
+@pytest.mark.parametrize("method,option", [("magnitude", {"blocksize": 64}),
+                                           ("wanda", {"percdamp": 0.1}),
+                                           ("admm", {"blocksize": 64})])
+def test_an_option_the_method_does_not_read_is_named_in_a_warning(caplog, method, option):
+    with caplog.at_level("WARNING", logger="sds"):
+        sds.oneshot(tiny_llama(layers=1), torch.randint(0, 128, (1, 16)), method, "2:4",
+                    progress=False, **option)
+    assert f"method {method} does not read {next(iter(option))}" in caplog.text
+
+
+def test_no_warning_where_the_method_reads_the_option(caplog):
+    with caplog.at_level("WARNING", logger="sds"):
+        sds.oneshot(tiny_llama(layers=1), torch.randint(0, 128, (1, 16)), "sparsegpt", "2:4",
+                    blocksize=64, percdamp=0.1, progress=False)
+    assert "does not read" not in caplog.text
+
+
+def test_prune_warns_about_percdamp_only_where_no_step_reads_it(caplog):
+    """SDS step 3 dampens its solver's Gram matrix by percdamp whatever the base method."""
+    ids = torch.randint(0, 128, (1, 16))
+    for sds_steps, warned in ((False, True), (True, False)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="sds"):
+            sds.prune(tiny_llama(layers=1), ids, "wanda", "2:4", percdamp=0.1, sds=sds_steps,
+                      sds_config=sds.SDSConfig(epochs=2, adjust_epochs=2) if sds_steps else None,
+                      progress=False)
+        assert ("method wanda does not read percdamp" in caplog.text) is warned
+        assert caplog.text.count("does not read") == int(warned)

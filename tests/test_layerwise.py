@@ -530,6 +530,11 @@ def test_output_error_is_the_closed_form_ratio():
     W, W2 = torch.randn(4, 8), torch.randn(4, 8)
     expect = ((X @ W.T - X @ W2.T).square().sum() / (X @ W.T).square().sum()).item()
     assert output_error(W, W2, X.T @ X) == pytest.approx(expect, rel=1e-4)
+    # from a zero layer the ratio has no meaning (not ‖W2 X‖² / 1e-30)
+    zero = torch.zeros_like(W)
+    assert output_error(zero, W2, X.T @ X) is None
+    assert output_error(zero, zero, X.T @ X) == 0.0
+    assert output_error(W, zero, X.T @ X) == pytest.approx(1.0, rel=1e-5)
 
 
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])

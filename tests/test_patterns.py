@@ -1,8 +1,11 @@
+import numpy as np
 import pytest
 import torch
 
+import sds
 from sds.errors import ConfigError
 from sds.patterns import LayerRules, Pattern
+from tests.helpers import tiny_opt
 
 
 @pytest.mark.parametrize("spec,ratio,nm", [
@@ -123,3 +126,38 @@ def test_a_ratio_is_written_as_text_that_reads_back_as_itself(ratio):
     keys = {r: artifact_key("oneshot", 1, {}, {"rules": LayerRules.build(r).describe()}, [])
             for r in (ratio, 0.5)}
     assert (keys[ratio] == keys[0.5]) == (ratio == 0.5)
+
+
+@pytest.mark.parametrize("spec", ["57%", "0.57", "29%"])
+def test_a_ratio_prunes_floor_of_s_times_count(spec):
+    s = round(Pattern.parse(spec).ratio * 100)  # the percentage asked for
+    W, H = torch.randn(4, 100), torch.eye(100)
+    per_row = {"wanda": sds.wanda(W, H, spec),
+               "admm per_row": sds.admm(W, H, spec, per_row=True)}
+    per_layer = {"magnitude": sds.magnitude(W, None, spec), "sparsegpt": sds.sparsegpt(W, H, spec),
+                 "admm": sds.admm(W, H, spec)}
+    for name, Wp in per_row.items():
+        assert (Wp == 0).sum(1).tolist() == [s] * 4, name
+    for name, Wp in per_layer.items():
+        assert int((Wp == 0).sum()) == 4 * s, name
+    assert not Pattern.parse(spec).obeyed_by(W.masked_fill(torch.arange(100) < s - 1, 0.0))
+    assert Pattern.parse(spec).obeyed_by(W.masked_fill(torch.arange(100) < s, 0.0))
+
+
+def test_exclude_none_means_no_exclusion_like_overrides_none():
+    assert LayerRules.build("2:4", None, None).exclude == ()
+    report = sds.prune(tiny_opt(layers=1), torch.randint(0, 128, (2, 16)), "magnitude", "2:4",
+                       exclude=None, progress=False)
+    assert len(report.steps["oneshot"].layers) == 6
+    with pytest.raises(sds.ConfigError, match="exclude must be a list of regexes"):
+        LayerRules.build("2:4", exclude=3)
+
+
+def test_rho_every_is_not_a_boolean():
+    with pytest.raises(sds.ConfigError, match="rho_every must be an integer >= 1"):
+        sds.SolverOptions(rho_every=True)
+
+
+def test_a_numpy_ratio_is_a_ratio():
+    assert Pattern.parse(np.float32(0.5)) == Pattern.parse(0.5)
+    assert Pattern.parse(np.float64(0.5)) == Pattern.parse(0.5)

@@ -1,8 +1,10 @@
+import copy
 import logging
 
 import pytest
 import torch
 
+import sds
 from sds.errors import ConfigError, NumericalError
 from sds.layerwise import LayerStats
 from sds.patterns import Pattern
@@ -16,8 +18,8 @@ from sds.pruners import (
     sparsegpt,
     wanda,
 )
-from sds.solver import SolverOptions
-from tests.helpers import correlated_inputs
+from sds.solver import ScaledGram, SolverOptions
+from tests.helpers import correlated_inputs, tiny_opt
 
 PATTERNS = ["50%", "2:4", "4:8"]
 
@@ -249,3 +251,29 @@ def test_a_weight_that_requires_grad_builds_no_autograd_graph(method):
     out = prune(W.clone().requires_grad_(), H, "2:4")
     assert out.grad_fn is None and not out.requires_grad
     assert torch.equal(out, prune(W, H, "2:4"))
+
+
+@pytest.mark.parametrize("bad", ["0.01", None, True, -1.0, float("nan")])
+def test_admm_refuses_a_percdamp_that_is_not_a_number_like_sparsegpt(bad):
+    X = torch.randn(64, 16)
+    H, W = X.T @ X, torch.randn(4, 16)
+    for prune in (sds.sparsegpt, sds.admm):
+        with pytest.raises(sds.ConfigError, match="percdamp must be a finite number >= 0"):
+            prune(W, H, "2:4", percdamp=bad)
+    with pytest.raises(sds.ConfigError, match="percdamp must be a finite number >= 0"):
+        ScaledGram.of(H, bad)
+
+
+def test_scaled_gram_refuses_an_h_that_is_not_square():
+    for H in (torch.ones(16), torch.ones(3, 4)):
+        with pytest.raises(sds.ConfigError, match=r"H must be the Gram matrix"):
+            ScaledGram.of(H)
+
+
+def test_oneshot_refuses_percdamp_before_any_work():
+    model = tiny_opt(layers=1)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(sds.ConfigError, match="percdamp must be a finite number >= 0"):
+        sds.oneshot(model, torch.randint(0, 128, (2, 16)), "admm", "2:4", percdamp="0.01",
+                    progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

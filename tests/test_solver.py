@@ -662,3 +662,40 @@ def test_solver_names_non_finite_weights_not_the_statistics(which):
     with pytest.raises(NumericalError, match=f"^{which} holds NaN/Inf"):
         solve_layers({"a": args["W_t"], "b": W}, ScaledGram.of(H), "2:4",
                      W0={"a": args["W0"], "b": W})
+
+
+@pytest.mark.parametrize("triangle", [torch.triu, torch.tril])
+def test_one_triangle_is_refused_next_to_an_outlier_input(triangle):
+    X = correlated_inputs(2048, 64)
+    X[:, 0] *= 300  # an outlier feature, 100-1000x the others (OPT-6.7B and larger, LLaMA)
+    H = X.T @ X
+    W = torch.randn(8, 64)
+    with pytest.raises(sds.ConfigError, match="H is not symmetric"):
+        ScaledGram.of(triangle(H))
+    for prune in (sds.sparsegpt, sds.admm):
+        with pytest.raises(sds.ConfigError, match="H is not symmetric"):
+            prune(W, triangle(H), "2:4")
+    ScaledGram.of(H)  # the whole matrix is fine
+    ScaledGram.of(torch.diag(torch.diagonal(H)))  # so is a diagonal one
+
+
+def test_an_h_with_a_negative_diagonal_is_refused_not_taken_for_dead_inputs():
+    """H_jj < 0 cannot come from XᵀX; the solver would zero those inputs' weights as dead."""
+    X = correlated_inputs(256, 16)
+    H, W = X.T @ X, torch.randn(4, 16)
+    for prune in (sds.sparsegpt, sds.admm):
+        with pytest.raises(ConfigError, match=r"diagonal entry \d+ is -[0-9.e+]+ < 0"):
+            prune(W, -H, "2:4")
+    H_bad = H.clone()
+    H_bad[3, 3] = -1.0
+    with pytest.raises(ConfigError, match="diagonal entry 3 is -1 < 0"):
+        ScaledGram.of(H_bad)
+
+
+def test_solve_layers_refuses_starts_that_do_not_match_the_layers():
+    X = correlated_inputs(256, 16)
+    gram = ScaledGram.of(X.T @ X)
+    W = {"a": torch.randn(4, 16), "b": torch.randn(4, 16)}
+    for W0 in ({"a": W["a"]}, {**W, "c": W["a"]}):
+        with pytest.raises(ConfigError, match="W0 must hold a start for each layer"):
+            solve_layers(W, gram, "2:4", W0=W0)
