@@ -29,6 +29,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -132,10 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
                            "points (calibration, dense evaluation) run once.")
     sweep.add_argument("--grid", help="YAML (or .json) file of SweepConfig fields (models, "
                        "methods, patterns, any other option); options given here win")
-    sweep.add_argument("--both", dest="sds", action="store_const", const=[True, False],
-                       default=argparse.SUPPRESS, help="each point with and without SDS")
-    sweep.add_argument("--no-sds", dest="sds", action="store_const", const=[False],
-                       default=argparse.SUPPRESS, help="one-shot pruning only")
+    sds_choice = sweep.add_mutually_exclusive_group()  # one dest: the last would win silently
+    sds_choice.add_argument("--both", dest="sds", action="store_const", const=[True, False],
+                            default=argparse.SUPPRESS, help="each point with and without SDS")
+    sds_choice.add_argument("--no-sds", dest="sds", action="store_const", const=[False],
+                            default=argparse.SUPPRESS, help="one-shot pruning only")
     _add_options(sweep, SweepConfig)
     sweep.set_defaults(handler=cmd_sweep)
     for p in (run, sweep):
@@ -686,9 +688,28 @@ def _warn(settings: list[dict], console) -> frozenset[str]:
 
     warnings = {few_tokens_warning(s["nsamples"] * s["seqlen"]) for s in settings if s["sds"]}
     warnings.discard(None)
+    warnings.update(w for s in settings for w in _unread_options(s))
     for warning in sorted(warnings):
         console.print(f"[yellow]warning:[/] {plain(warning)}", highlight=False, soft_wrap=True)
     return frozenset(warnings)
+
+
+def _unread_options(settings: dict) -> list[str]:
+    """Warnings for the one-shot options a point sets that its method does not read (and no
+    SDS step: step 3 dampens its solver's Gram matrix by --percdamp whatever the method)."""
+    from sds.options import method_options
+    from tasks.config import RunConfig
+
+    read = method_options(settings["method"])
+    out = []
+    for field, option in (("blocksize", "blocksize"), ("percdamp", "percdamp"),
+                          ("oneshot_sequential", "sequential"),
+                          ("oneshot_target_mix", "target_mix")):
+        given = settings[field] != RunConfig.model_fields[field].default
+        if given and option not in read and not (field == "percdamp" and settings["sds"]):
+            out.append(f"method {settings['method']} does not read {_flag(field)}; it is "
+                       "ignored")
+    return out
 
 
 def _log_file(config, args) -> Path | None:
@@ -749,19 +770,24 @@ def cmd_run(args, console) -> int:
                 try:
                     results = _answer_from_store(config, plan, refs, console, log)
                 except UpstreamLostError as exc:  # the final weights were damaged: discarded
-                    console.print(f"[yellow]{plain(one_line(exc))}[/]; the flow computes it again",
-                                  highlight=False, soft_wrap=True)
+                    console.print(f"[yellow]{plain(one_line(exc.damage))}[/]; it was discarded, "
+                                  "and the flow computes it again", highlight=False,
+                                  soft_wrap=True)
     if results is None:
         args.api = embedded_api()  # boots while the inputs are checked
         said |= _check(config, [config], console, warn=refs is None)  # else said above
         from flows.pipeline import pipeline
 
+        # interrupted, the command exits from `Interruption.stop`, which says this too
+        args.interruption.after = lambda: _earlier_results_note(config)
         try:
             results = _run_flow(pipeline, config, console, args.api, log, args.verbose,
                                 said)
         except Exception:
             _note_earlier_results(config, console)
             raise
+        finally:
+            args.interruption.after = None
     out = sys.stdout
     model = "demo" if results["config"].get("demo") else Path(results["model"]).name
     title = (f"{results['method']} {results['pattern']}{' + SDS' if results['sds'] else ''} "
@@ -789,10 +815,18 @@ def cmd_run(args, console) -> int:
 def _note_earlier_results(config, console) -> None:
     """After a failed run: say that a results.json in --out is an earlier run's (this one
     wrote none), beside this run's log."""
+    note = _earlier_results_note(config)
+    if note:
+        console.print(f"[yellow]note:[/] {plain(note)}", highlight=False, soft_wrap=True)
+
+
+def _earlier_results_note(config) -> str:
+    """'<out>/results.json is an earlier run's; ...' while the run has not written its own, or
+    ''."""
     path = Path(config.out) / "results.json" if config.out else None
     if path is not None and path.is_file():
-        console.print(f"[yellow]note:[/] {plain(path)} is an earlier run's; this run wrote no "
-                      "results", highlight=False, soft_wrap=True)
+        return f"{path} is an earlier run's; this run wrote no results"
+    return ""
 
 
 def _grid_loader():
@@ -1058,6 +1092,14 @@ def cmd_store(args, console) -> int:
         if not args.artifacts and not args.stage and not args.incomplete:
             raise ConfigError("say what to remove: STAGE/KEY arguments, --stage, or "
                               "--incomplete")
+        if args.artifacts and (args.incomplete or args.older_than):
+            # named artifacts go as named: a filter beside them would be silently ignored
+            flags = " and ".join(f for f, on in (("--incomplete", args.incomplete),
+                                                 ("--older-than", args.older_than)) if on)
+            raise ConfigError(f"STAGE/KEY arguments name exactly what goes, so {flags} "
+                              "would be ignored beside them; give the STAGE/KEY arguments "
+                              "alone, or --stage or --incomplete with --older-than; nothing "
+                              "was removed")
         age = parse_age(args.older_than)  # every argument is checked before anything goes
         refs = []
         if args.artifacts:
@@ -1192,6 +1234,7 @@ class Interruption:
     def __init__(self, console):
         self.console, self.code = console, None
         self.note = "finished stages are in the store; run the same command again to resume"
+        self.after: Callable[[], str] | None = None  # a second note, made when it is said
         self.grace = GRACE_SECONDS  # seconds from the first signal to the exit
         self.previous: dict = {}
         self.lock = threading.Lock()
@@ -1238,6 +1281,10 @@ class Interruption:
         """Say so, end the child processes, and exit now (no waiting for stage threads)."""
         with contextlib.suppress(Exception):
             self.console.print(f"[red]interrupted[/]: {plain(self.note)}", highlight=False)
+            after = self.after() if self.after is not None else ""
+            if after:
+                self.console.print(f"[yellow]note:[/] {plain(after)}", highlight=False,
+                                   soft_wrap=True)
         _end_children()
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):

@@ -113,7 +113,8 @@ def finish(plan: Plan, refs: dict, out, export, started, t0: float, run: dict,
     except UpstreamLostError as exc:
         if not repair:
             raise
-        get_run_logger().warning("%s; computing it again", exc)
+        get_run_logger().warning("%s; it was discarded, and the flow computes it again",
+                                 exc.damage)
     (refs,) = run_plans([plan])
     if isinstance(refs, Exception):
         raise refs

@@ -34,7 +34,15 @@ class StoreFullError(StoreError):
 
 
 class CorruptArtifactError(StoreError):
-    """A stored artifact is missing, half-written or fails its hash check: recompute it."""
+    """A stored artifact is missing, half-written or fails its hash check: recompute it.
+    `damage` says what is wrong with it, without the advice that follows in the message."""
+
+    def __init__(self, message: str, damage: str | None = None):
+        super().__init__(message)
+        self.damage = damage or message
+
+    def __reduce__(self):  # `damage` too, where Prefect pickles a task's exception
+        return type(self), (str(self), self.damage)
 
 
 class UpstreamLostError(CorruptArtifactError):

@@ -636,5 +636,6 @@ def load_or_discard(store: ArtifactStore, stage: str, key: str, verify: bool) ->
         tensors, _meta = store.load(stage, key, verify=verify)
     except CorruptArtifactError as exc:
         store.discard(stage, key)
-        raise UpstreamLostError(f"{exc}; it was discarded: run again to recompute it") from exc
+        raise UpstreamLostError(f"{exc.damage}; it was discarded: run again to recompute it",
+                                exc.damage) from exc
     return tensors

@@ -255,15 +255,17 @@ def _check_model(c: RunConfig, model: str, seqlen: int | None, data: list[str]):
     check_device(c.device)
     if not looks_local(model) and not hub_offline():  # a hub id: seconds, not the retries
         check_hub(f"model {model!r}", MODEL_HINT)
+    # the model first: a mistyped model folder is said as such, not as the default data
+    # (c4, wikitext2) that the hub cannot give, which would send the user after the wrong fix
+    model_config = load_config(model, c.revision, c.trust_remote_code)  # fails fast
+    check_causal_lm(model_config, model)
+    check_weight_files(model)
+    tokenizer = load_tokenizer(model, c.revision, c.trust_remote_code)  # none saved: fails
     for i, source in enumerate(data):
         role = "calibration" if i == 0 else "evaluation"
         check_source(source, role)
         if source in HUB_SOURCES:  # fail now, not after the stages before the one reading it
             check_hub_data(source, role)
-    model_config = load_config(model, c.revision, c.trust_remote_code)  # fails fast
-    check_causal_lm(model_config, model)
-    check_weight_files(model)
-    tokenizer = load_tokenizer(model, c.revision, c.trust_remote_code)  # none saved: fails
     seqlen = resolve_seqlen(model_config, seqlen)
     for source in data[1:]:  # a file too short for one window fails now, not at its stage
         check_eval_length(tokenizer, source, seqlen)

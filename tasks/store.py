@@ -817,10 +817,10 @@ class ArtifactStore:
         ref = self.ref(stage, key)
         meta = self._read_meta(stage, key)
         if isinstance(meta, str):
+            damage = f"artifact {ref.uri} cannot be used: {meta}"
             raise CorruptArtifactError(
-                f"artifact {ref.uri} cannot be used: {meta}; recompute it "
-                f"(discard({stage!r}, {key!r}) clears what is left)"
-            )
+                f"{damage}; recompute it (discard({stage!r}, {key!r}) clears what is left)",
+                damage)
         return meta
 
     def load(self, stage: str, key: str, verify: bool = True) -> tuple[dict, dict]:
@@ -835,10 +835,10 @@ class ArtifactStore:
         meta = self.load_meta(stage, key)
 
         def corrupt(why: str) -> CorruptArtifactError:
+            damage = f"artifact {ref.uri} is corrupt: {why}"
             return CorruptArtifactError(
-                f"artifact {ref.uri} is corrupt: {why}; recompute it "
-                f"(discard({stage!r}, {key!r}) removes the damaged copy)"
-            )
+                f"{damage}; recompute it (discard({stage!r}, {key!r}) removes the damaged copy)",
+                damage)
 
         def read(fn, path):
             try:

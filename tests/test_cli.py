@@ -308,6 +308,11 @@ def test_damaged_final_weights_are_discarded_and_computed_again(
     err = capfd.readouterr().err
     again = json.loads((out / "results.json").read_text())
     assert again["timings"]["computed"] == ["second"], err
+    if not how.startswith("--"):  # the command says what happened, without advice it follows
+        said = " ".join(err.split())  # itself (with --flow-run, Prefect's flow logs say it)
+        assert re.search(r"artifact \S+/second/\w+ is corrupt: [^;]*; it was discarded, and "
+                         r"the flow computes it again", said), said
+        assert "run again" not in said and "discard(" not in said
     # the run computes SDS on 4 x 32 tokens: the command says that this is too few, once
     # (the second stage logs the same warning)
     assert " ".join(err.split()).count("warning: SDS with 128 calibration tokens") == 1
@@ -958,6 +963,9 @@ def test_an_interrupted_run_stops_at_once_and_leaves_no_process(how, tmp_path):
     # the demo defaults, with a re-dense step long enough to be interrupted in
     args = ["run", "--nsamples", "4", "--seqlen", "32", "--tasks", "none", "--epochs", "5000",
             "--store", str(store), "--out", str(tmp_path / "out")]
+    earlier = tmp_path / "out" / "results.json"  # an earlier run's, which this one keeps
+    earlier.parent.mkdir()
+    earlier.write_text('{"metrics": {}}')
     process = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], env=env, cwd=REPO,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, start_new_session=True)  # its own group, as in a terminal
@@ -981,6 +989,9 @@ def test_an_interrupted_run_stops_at_once_and_leaves_no_process(how, tmp_path):
             process.wait()
     assert process.returncode == expected, err
     assert "interrupted" in err and "Traceback" not in err
+    assert f"note: {earlier} is an earlier run's; this run wrote no results" in " ".join(
+        err.split())
+    assert earlier.read_text() == '{"metrics": {}}'
     assert _processes_of(home) == []
     assert not list(store.glob("second/*/meta.json"))
 
@@ -2208,3 +2219,86 @@ def test_a_sweep_out_holding_something_where_the_sweep_writes_exits_2_before_any
     line = _one_line_error(capfd.readouterr().err)
     assert f"{path} is a {'folder' if blocker.endswith('/') else 'file'}" in line, line
     assert not list((tmp_path / "store").rglob("meta.json"))
+
+
+@pytest.mark.parametrize("flags", [["--incomplete"], ["--older-than", "7d"],
+                                   ["--incomplete", "--older-than", "7d"]])
+def test_store_rm_refuses_a_filter_beside_named_artifacts(flags, tmp_path, capfd):
+    """A committed artifact made a moment ago is neither incomplete nor 7 days old: named
+    beside --incomplete or --older-than 7d, it used to be removed all the same."""
+    from flows.cli import main
+    from tests.test_store import key_for, some_tensors
+
+    store = ArtifactStore(tmp_path / "store")
+    key = key_for(sparsity=0.1)
+    store.save("oneshot", key, some_tensors(), {})
+    assert main(["store", "rm", "--store", str(store.root), f"oneshot/{key}", *flags]) == 2
+    err = capfd.readouterr().err
+    assert "would be ignored" in err and "nothing was removed" in err
+    assert store.exists("oneshot", key)
+
+
+@pytest.mark.parametrize("flags", [["--both", "--no-sds"], ["--no-sds", "--both"]])
+def test_both_and_no_sds_together_are_refused(flags, capsys):
+    from flows.cli import build_parser
+
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["sweep", *flags])
+    assert exc.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, sds", [(["--both"], [True, False]), (["--no-sds"], [False]),
+                                        ([], [True])])
+def test_either_alone_still_sets_the_grid(flags, sds):
+    from flows.cli import build_parser, sweep_config
+
+    assert sweep_config(build_parser().parse_args(["sweep", *flags])).sds == sds
+
+
+@pytest.mark.parametrize("calib, eval_", [(None, None), ("demo", None)])
+def test_a_missing_model_folder_is_named_before_the_default_hub_data(tmp_path, monkeypatch,
+                                                                     calib, eval_):
+    """With a model given, the defaults are c4 and WikiText-2; offline they cannot load. A
+    model folder that does not exist used to fail on them ("cannot load allenai/c4 ...:
+    calibrate on a local file"), sending the user after the data instead of the typo."""
+    import tasks.plan
+    from sds.errors import ModelError
+    from tasks.config import RunConfig
+    from tasks.plan import plan_pipeline
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(tasks.plan, "_plans", {})
+    config = RunConfig(model=str(tmp_path / "typo-model"), calib=calib, eval=eval_,
+                       store=str(tmp_path / "store"), out=None)
+    with pytest.raises(ModelError, match="typo-model' does not exist"):
+        plan_pipeline(config)
+    assert not (tmp_path / "store").exists()
+
+
+def test_one_shot_options_the_method_does_not_read_are_warned_about():
+    """`--oneshot-target-mix` with sparsegpt, `--oneshot-sequential` with magnitude... change
+    nothing: said, not silently recorded as if they had applied."""
+    import io
+
+    from rich.console import Console
+
+    from flows.cli import _warn
+
+    plain = {"method": "sparsegpt", "sds": False, "nsamples": 128, "seqlen": 2048,
+             "blocksize": 128, "percdamp": 0.01, "oneshot_sequential": False,
+             "oneshot_target_mix": 0.0}
+    cases = [({}, []),
+             ({"oneshot_target_mix": 0.5}, ["sparsegpt does not read --oneshot-target-mix"]),
+             ({"method": "admm", "oneshot_target_mix": 0.5, "oneshot_sequential": True}, []),
+             ({"method": "magnitude", "oneshot_sequential": True, "blocksize": 64},
+              ["magnitude does not read --blocksize", "magnitude does not read "
+               "--oneshot-sequential"]),
+             ({"method": "wanda", "percdamp": 0.1}, ["wanda does not read --percdamp"]),
+             ({"method": "wanda", "percdamp": 0.1, "sds": True}, [])]  # step 3 reads it
+    for change, expected in cases:
+        console = Console(file=io.StringIO(), width=200)
+        said = _warn([{**plain, **change}], console)
+        assert sorted(said) == [f"method {w}; it is ignored" for w in expected], change
+        assert console.file.getvalue().count("warning:") == len(expected)

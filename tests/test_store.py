@@ -722,3 +722,17 @@ def test_the_library_imports_neither_prefect_nor_fsspec():
         imported |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     forbidden = ("prefect", "fsspec", "s3fs", "tasks", "flows", "pydantic")
     assert not {m for m in imported if m.split(".")[0] in forbidden}
+
+
+def test_a_corrupt_artifact_error_keeps_what_is_damaged_through_pickling():
+    """Prefect pickles a task's exception: the flow still says what was damaged, without the
+    advice meant for a library caller."""
+    import pickle
+
+    from sds.errors import UpstreamLostError
+
+    lost = pickle.loads(pickle.dumps(UpstreamLostError("a is corrupt: x; run again", "a is "
+                                                       "corrupt: x")))
+    assert type(lost) is UpstreamLostError and str(lost) == "a is corrupt: x; run again"
+    assert lost.damage == "a is corrupt: x"
+    assert CorruptArtifactError("plain").damage == "plain"
