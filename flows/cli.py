@@ -770,24 +770,27 @@ def cmd_run(args, console) -> int:
                 try:
                     results = _answer_from_store(config, plan, refs, console, log)
                 except UpstreamLostError as exc:  # the final weights were damaged: discarded
-                    console.print(f"[yellow]{plain(one_line(exc.damage))}[/]; it was discarded, "
-                                  "and the flow computes it again", highlight=False,
-                                  soft_wrap=True)
+                    damage = " ".join(exc.damage.split())  # a str: one_line would say "str: "
+                    console.print(f"[yellow]{plain(damage)}[/]; it was discarded, and the flow "
+                                  "computes it again", highlight=False, soft_wrap=True)
     if results is None:
         args.api = embedded_api()  # boots while the inputs are checked
         said |= _check(config, [config], console, warn=refs is None)  # else said above
         from flows.pipeline import pipeline
 
         # interrupted, the command exits from `Interruption.stop`, which says this too
-        args.interruption.after = lambda: _earlier_results_note(config)
+        started = time.time()
+        args.interruption.after = lambda: _earlier_results_note(config, started)
         try:
             results = _run_flow(pipeline, config, console, args.api, log, args.verbose,
                                 said)
         except Exception:
-            _note_earlier_results(config, console)
-            raise
-        finally:
             args.interruption.after = None
+            _note_earlier_results(config, console, started)
+            raise
+        # not in a `finally`: a Ctrl-C raises KeyboardInterrupt here, and `main` calls
+        # `Interruption.stop` only once the unwinding is done; the note must still be set then
+        args.interruption.after = None
     out = sys.stdout
     model = "demo" if results["config"].get("demo") else Path(results["model"]).name
     title = (f"{results['method']} {results['pattern']}{' + SDS' if results['sds'] else ''} "
@@ -812,20 +815,21 @@ def cmd_run(args, console) -> int:
     return 0
 
 
-def _note_earlier_results(config, console) -> None:
+def _note_earlier_results(config, console, started: float) -> None:
     """After a failed run: say that a results.json in --out is an earlier run's (this one
     wrote none), beside this run's log."""
-    note = _earlier_results_note(config)
+    note = _earlier_results_note(config, started)
     if note:
         console.print(f"[yellow]note:[/] {plain(note)}", highlight=False, soft_wrap=True)
 
 
-def _earlier_results_note(config) -> str:
-    """'<out>/results.json is an earlier run's; ...' while the run has not written its own, or
-    ''."""
+def _earlier_results_note(config, started: float) -> str:
+    """'<out>/results.json is an earlier run's; ...' where the results.json in --out was
+    written before this run `started` (POSIX seconds), or ''."""
     path = Path(config.out) / "results.json" if config.out else None
-    if path is not None and path.is_file():
-        return f"{path} is an earlier run's; this run wrote no results"
+    with contextlib.suppress(OSError):
+        if path is not None and path.is_file() and path.stat().st_mtime < started:
+            return f"{path} is an earlier run's; this run wrote no results"
     return ""
 
 

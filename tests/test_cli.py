@@ -313,6 +313,7 @@ def test_damaged_final_weights_are_discarded_and_computed_again(
         assert re.search(r"artifact \S+/second/\w+ is corrupt: [^;]*; it was discarded, and "
                          r"the flow computes it again", said), said
         assert "run again" not in said and "discard(" not in said
+        assert "str: artifact" not in said, said  # the damage as said, not a str's repr
     # the run computes SDS on 4 x 32 tokens: the command says that this is too few, once
     # (the second stage logs the same warning)
     assert " ".join(err.split()).count("warning: SDS with 128 calibration tokens") == 1
@@ -711,6 +712,8 @@ def test_a_stray_temporary_file_is_listed_and_collected(tmp_path, capfd, clean_e
     key = store.list()[0]["key"]
     stray = tmp_path / "store" / "oneshot" / key / ".tensors-0123.tmp"  # a save killed midway
     stray.write_bytes(b"\0" * 1000)
+    an_hour_ago = time.time() - 3600  # a live save's temporary is younger than 10 minutes
+    os.utime(stray, (an_hour_ago, an_hour_ago))
     results = tmp_path / "results.json"
     results.write_text(json.dumps({"keys": {"oneshot": key}}))
     assert main(["store", "ls", "--store", str(store.root), "--json"]) == 0
@@ -2302,3 +2305,34 @@ def test_one_shot_options_the_method_does_not_read_are_warned_about():
         said = _warn([{**plain, **change}], console)
         assert sorted(said) == [f"method {w}; it is ignored" for w in expected], change
         assert console.file.getvalue().count("warning:") == len(expected)
+
+
+def test_an_interrupt_that_unwinds_at_once_still_names_the_earlier_results(tmp_path, capfd,
+                                                                             monkeypatch):
+    """Ctrl-C raises KeyboardInterrupt in the main thread (`Interruption.handle`); where it
+    unwinds before the grace timer fires (the embedded API still booting, a flow between its
+    stages), `main` calls `Interruption.stop`, which must still name the earlier results.json."""
+    import flows.cli as cli
+
+    out = tmp_path / "out"
+    out.mkdir()
+    earlier = out / "results.json"
+    earlier.write_text('{"metrics": {}}')
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # no embedded API
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    def exit_(code):
+        raise SystemExit(code)
+
+    monkeypatch.setattr(cli, "_run_flow", interrupted)
+    monkeypatch.setattr(cli, "_end_children", lambda *a, **k: None)
+    monkeypatch.setattr(cli.os, "_exit", exit_)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["run", "--nsamples", "4", "--seqlen", "32", "--tasks", "none", "--eval",
+                  "none", "--store", str(tmp_path / "store"), "--out", str(out)])
+    assert exc.value.code == 130
+    err = " ".join(capfd.readouterr().err.split())
+    assert "interrupted" in err
+    assert f"note: {earlier} is an earlier run's; this run wrote no results" in err, err
