@@ -14,10 +14,13 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import importlib
+import json
 import logging
 import math
+import os
 import random
 import re
 import sys
@@ -99,6 +102,10 @@ def perplexity(
         raise ConfigError(
             f"input_ids must be one token stream [1, N], got {tuple(input_ids.shape)}"
         )
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or (
+            input_ids.dtype == torch.bool):
+        raise DataError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
+    input_ids = input_ids.to(torch.int64)  # cross_entropy takes int64 targets only
     seqlen = as_int("seqlen", seqlen, minimum=2)
     batch_size = as_int("batch_size", batch_size, minimum=1)
     positions = max_positions(model.config)
@@ -253,6 +260,8 @@ def write_local_tasks(dest_dir: str | Path, jsonl_files: dict[str, str | Path]) 
             raise ConfigError(f"task name {name!r} must be letters, digits, '_', '.', '-'")
         path = Path(data_path).expanduser().resolve()
         spaced = _check_task_file(path)
+        if spaced:  # acc_norm divides by the choice's length, without the space before it
+            path = _spaces_into_context(path, dest / f"{name}.lm-eval.jsonl")
         config = {
             "task": name,
             "dataset_path": "json",
@@ -272,6 +281,29 @@ def write_local_tasks(dest_dir: str | Path, jsonl_files: dict[str, str | Path]) 
         (dest / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False),
                                            encoding="utf-8")
     return dest
+
+
+def _spaces_into_context(path: Path, copy: Path) -> Path:
+    """The examples of `path` with the whitespace that starts every choice of an example moved
+    to the end of its context, written to `copy` (or `path` itself when no example has it).
+    lm-eval scores the same text either way (it moves a context's trailing whitespace into the
+    continuation), but its acc_norm divides by the length of the choice as written: a leading
+    space would count as a character of the choice, which the built-in tasks (target_delimiter
+    " ") and a context ending with the space do not count."""
+    docs, moved = [], False
+    with open(path, encoding="utf-8") as f:
+        for _, doc in jsonl_records(f, path):
+            choices = doc["choices"]
+            lead = os.path.commonprefix([c[:len(c) - len(c.lstrip())] for c in choices])
+            if lead and all(len(c) > len(lead) for c in choices):
+                doc = {**doc, "context": doc["context"] + lead,
+                       "choices": [c[len(lead):] for c in choices]}
+                moved = True
+            docs.append(doc)
+    if not moved or copy == path:
+        return path
+    copy.write_text("".join(json.dumps(doc) + "\n" for doc in docs), encoding="utf-8")
+    return copy
 
 
 def _check_task_file(path: Path) -> bool:
@@ -466,7 +498,10 @@ def zero_shot(
 
         was_training = model.training  # HFLM switches the model to eval mode
         try:
-            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+            # a copy: lm-eval gives a tokenizer without one a pad token (the caller's would
+            # then differ afterwards, in its length too where it had no end-of-sequence token)
+            lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer),
+                      batch_size=batch_size)
             out = lm_eval.simple_evaluate(
                 model=lm,
                 tasks=objects,

@@ -186,6 +186,14 @@ def test_reference_of_another_shape_is_refused(model, stream):
         output_fidelity(model, torch.zeros(4, 15, 64), ids)
 
 
+def test_perplexity_takes_int32_token_ids(model, stream):
+    """Token ids as int32 (numpy's default on some platforms) give the same perplexity."""
+    expected = perplexity(model, stream, 32)["ppl"]
+    assert perplexity(model, stream.to(torch.int32), 32)["ppl"] == expected
+    with pytest.raises(DataError, match="integer token ids"):
+        perplexity(model, stream.float(), 32)
+
+
 # -- zero-shot ----------------------------------------------------------------------------------
 def write_mc_jsonl(path, n, seed, spaced=False, trailing=False):
     """A multiple-choice task in the local schema, with choices of different lengths; `spaced`
@@ -225,7 +233,10 @@ def independent_accuracy(model, tokenizer, path):
                 logprobs = model(input_ids=ids).logits[0].float().log_softmax(-1)
             first = len(context_ids) - 1  # the position whose logits predict cont[0]
             scores.append(sum(logprobs[first + k, t].item() for k, t in enumerate(cont)))
-        normed = [s / len(c) for s, c in zip(scores, doc["choices"], strict=True)]
+        # per character of the choice, the space before it not counted (as lm-eval's
+        # built-in tasks, whose target_delimiter " " is not part of the choice)
+        normed = [s / len(c.lstrip(" ") if held else c)
+                  for s, c in zip(scores, doc["choices"], strict=True)]
         acc += max(range(len(scores)), key=scores.__getitem__) == doc["label"]
         acc_norm += max(range(len(normed)), key=normed.__getitem__) == doc["label"]
     return acc / len(docs), acc_norm / len(docs)
@@ -265,6 +276,23 @@ def test_zero_shot_on_local_tasks_matches_independent_scoring(zero_shot_run, mod
         assert results[task]["acc_norm"] == pytest.approx(acc_norm)
         assert results[task]["acc_stderr"] >= 0  # numeric (0 when every answer agrees)
         assert results[task]["samples"] == sum(1 for _ in open(path, encoding="utf-8"))
+
+
+def test_acc_norm_does_not_count_the_space_a_choice_holds(model, tokenizer, tmp_path):
+    """The same examples written with choices " red" (the demo tasks' form) and "red" (the
+    harness adds the space) score the same text, and acc_norm divides by the same length."""
+    spaced = write_mc_jsonl(tmp_path / "spaced.jsonl", 40, seed=13, spaced=True)
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(
+        json.dumps({**doc, "choices": [c[1:] for c in doc["choices"]]}) + "\n"
+        for doc in map(json.loads, spaced.read_text().splitlines())))
+    include = write_local_tasks(tmp_path / "tasks", {"spaced": spaced, "plain": plain})
+    results = zero_shot(model, tokenizer, ["spaced", "plain"], batch_size=8,
+                        include_path=include)
+    assert results["spaced"]["acc"] == results["plain"]["acc"]
+    assert results["spaced"]["acc_norm"] == results["plain"]["acc_norm"]
+    assert results["spaced"]["acc_norm"] == pytest.approx(
+        independent_accuracy(model, tokenizer, spaced)[1])
 
 
 def test_zero_shot_gives_the_caller_its_random_streams_back(zero_shot_run):
@@ -387,3 +415,18 @@ def test_preset_task_names_exist_in_lm_eval():
     for preset in ("sds", "wanda"):
         missing = [t for t in TASK_PRESETS[preset] if t not in known]
         assert not missing, f"{preset} preset names unknown lm-eval tasks: {missing}"
+
+
+def test_zero_shot_leaves_the_callers_tokenizer_as_it_was(model, tokenizer, tmp_path):
+    """lm-eval gives a tokenizer without a pad token one; the caller's stays without."""
+    from transformers import PreTrainedTokenizerFast
+
+    bare = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer,
+                                   bos_token="<s>", eos_token="</s>")
+    assert bare.pad_token is None
+    size = len(bare)
+    include = write_local_tasks(tmp_path / "tasks", {
+        "padless": write_mc_jsonl(tmp_path / "padless.jsonl", 4, seed=9)})
+    results = zero_shot(model, bare, ["padless"], batch_size=4, include_path=include)
+    assert results["padless"]["samples"] == 4
+    assert bare.pad_token is None and len(bare) == size
