@@ -294,6 +294,26 @@ class EmbeddedAPI:
                 self.process.wait()
 
 
+def check_server() -> None:
+    """The Prefect server that PREFECT_API_URL names answers its health check; otherwise a
+    ConfigError names the URL and the way out (Prefect's own errors, `RuntimeError: Failed to
+    reach API` and for `sds serve` a bare `ConnectError`, give neither)."""
+    url = os.environ.get("PREFECT_API_URL")
+    if not url:
+        return
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from sds.errors import ConfigError
+
+    with temporary_settings({PREFECT_API_URL: url}), get_client(sync_client=True) as client:
+        failure = client.api_healthcheck()
+    if failure is not None:
+        raise ConfigError(f"no Prefect server answers at PREFECT_API_URL={url} "
+                          f"({one_line(failure)}); start it (`prefect server start`), correct "
+                          "the URL, or unset PREFECT_API_URL to use Prefect's embedded API")
+
+
 def embedded_api() -> EmbeddedAPI | None:
     """Prefect's embedded API, started now, when no server is set (PREFECT_API_URL)."""
     return None if os.environ.get("PREFECT_API_URL") else EmbeddedAPI()
@@ -591,6 +611,8 @@ def _run_flow(flow_fn, config, console, api: EmbeddedAPI | None, log: Path | Non
     if api is not None:
         with console.status("starting Prefect's embedded API"):
             api.wait()
+    else:
+        check_server()
     # the heartbeat only matters to a server watching for crashed runs; without it the flow
     # call returns a second earlier
     with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
@@ -1207,6 +1229,8 @@ def cmd_serve(args, console) -> int:
         # group, so a terminal's Ctrl-C would stop it before the schedules are paused
         with console.status("starting Prefect's embedded API"):
             api.wait()
+    else:
+        check_server()
     args.interruption.note = ("stopped: the served deployments' schedules are paused; "
                               "`sds serve` resumes them")
     # Prefect's runner pauses the schedules once interrupted: give it the time to, unless a

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture, wait
 from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from sds.errors import ConfigError, UpstreamLostError
 from sds.patterns import Pattern
@@ -28,6 +29,22 @@ from tasks.store import ArtifactStore
 from . import report
 
 POINT_TAG = "sds-sweep-point"  # a sweep's point on a work pool: it keeps the name it was given
+
+
+class StageTaskRunner(ThreadPoolTaskRunner):
+    """Prefect's thread pool, except that a flow interrupted (Ctrl-C, SIGTERM: an exception that
+    is not an Exception) does not wait for the stages computing in its threads. Prefect records
+    the crash only once the task runner has closed; waiting for a stage there outlasted the
+    command line's grace (`flows.cli.GRACE_SECONDS`), which then exited with the flow run left
+    `Running` for good (no retry: Prefect retries only runs in a final state)."""
+
+    def __exit__(self, exc_type, exc_value, traceback) -> None:
+        if exc_type is not None and not issubclass(exc_type, Exception):
+            executor = getattr(self, "_executor", None)  # Prefect's pool (3.x)
+            if executor is not None:
+                self._executor = None  # so that Prefect's exit does not wait for it
+                executor.shutdown(wait=False, cancel_futures=True)
+        super().__exit__(exc_type, exc_value, traceback)
 
 
 class StageRunner:
@@ -140,7 +157,7 @@ def _run_name() -> str:
                             "pattern": pattern, "sds": config.sds})
 
 
-@flow(name="pipeline", flow_run_name=_run_name,
+@flow(name="pipeline", flow_run_name=_run_name, task_runner=StageTaskRunner(),
       description="Prune one model (one-shot, then SDS), evaluate dense / one-shot / SDS.")
 def pipeline(config: RunConfig = RunConfig()) -> dict:  # noqa: B008 - a frozen model
     """One model, one method, one pattern (see tasks.config.RunConfig for every option).

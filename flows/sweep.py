@@ -30,7 +30,7 @@ from tasks.plan import Plan, local_paths, plan_pipeline
 from tasks.store import ArtifactStore
 
 from . import report
-from .pipeline import POINT_TAG, current_run, finish, run_plans
+from .pipeline import POINT_TAG, StageTaskRunner, current_run, finish, run_plans
 
 REPO = Path(__file__).resolve().parents[1]  # the checkout whose flow code the workers run
 ENTRYPOINT = "flows/pipeline.py:pipeline"
@@ -53,7 +53,7 @@ def _run_name() -> str:
     return f"sweep-{models}-model{'s' * (models != 1)}-{points}-point{'s' * (points != 1)}"
 
 
-@flow(name="sweep", flow_run_name=_run_name,
+@flow(name="sweep", flow_run_name=_run_name, task_runner=StageTaskRunner(),
       description="A grid of models x methods x patterns; shared stages once.")
 def sweep(config: SweepConfig = SweepConfig()) -> dict:  # noqa: B008 - a frozen model
     """Every combination of models, methods, patterns (and SDS on/off), with the shared options

@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -2336,3 +2337,22 @@ def test_an_interrupt_that_unwinds_at_once_still_names_the_earlier_results(tmp_p
     err = " ".join(capfd.readouterr().err.split())
     assert "interrupted" in err
     assert f"note: {earlier} is an earlier run's; this run wrote no results" in err, err
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]  # closed again once the probe is
+
+
+@pytest.mark.parametrize("args", [["serve"]])
+def test_an_unreachable_server_is_named_with_the_way_out(args, tmp_path):
+    url = f"http://127.0.0.1:{_closed_port()}/api"
+    env = {**os.environ, "PREFECT_API_URL": url, "PREFECT_HOME": str(tmp_path / "home"),
+           "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "flows.cli", *args], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    err = " ".join(done.stderr.split())
+    assert done.returncode == 2, done.stderr
+    assert f"no Prefect server answers at PREFECT_API_URL={url}" in err
+    assert "prefect server start" in err and "Traceback" not in err

@@ -636,3 +636,48 @@ def test_the_default_store_is_the_machines_sds_store(monkeypatch):
     assert RunConfig(store="elsewhere").store_root() == "elsewhere"
     # nothing of the deploying machine's store is in the flows' parameter schema
     assert RunConfig().model_dump()["store"] is None
+
+
+@pytest.mark.parametrize("name", ["pipeline", "sweep"])
+def test_an_interrupted_flow_is_recorded_crashed_without_waiting_for_its_stage(name,
+                                                                              prefect_api):
+    """Ctrl-C while a stage computes: Prefect records the crash only once the flow's task
+    runner has closed, and the command line exits GRACE_SECONDS after the signal. A runner that
+    waited for the stage's thread left the flow run `Running` for good (and not retryable)."""
+    import threading
+    import time
+
+    from prefect import flow, task
+    from prefect.client.orchestration import get_client
+    from prefect.context import get_run_context
+
+    from flows.cli import GRACE_SECONDS
+    from flows.pipeline import pipeline
+    from flows.sweep import sweep
+
+    parent = {"pipeline": pipeline, "sweep": sweep}[name]
+    started, release, ids = threading.Event(), threading.Event(), []
+
+    @task
+    def stage():
+        started.set()
+        release.wait(3 * GRACE_SECONDS)  # a stage that computes past the grace
+
+    @flow(task_runner=parent.task_runner)
+    def interrupted():
+        ids.append(get_run_context().flow_run.id)
+        stage.submit()
+        assert started.wait(30)
+        raise KeyboardInterrupt  # as the signal handler raises it in the main thread
+
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            interrupted()
+        elapsed = time.monotonic() - t0
+    finally:
+        release.set()
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(ids[0]).state
+    assert elapsed < GRACE_SECONDS
+    assert state.is_crashed(), state
