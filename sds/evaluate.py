@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import hashlib
 import importlib
 import json
 import logging
@@ -261,7 +262,7 @@ def write_local_tasks(dest_dir: str | Path, jsonl_files: dict[str, str | Path]) 
         path = Path(data_path).expanduser().resolve()
         spaced = _check_task_file(path)
         if spaced:  # acc_norm divides by the choice's length, without the space before it
-            path = _spaces_into_context(path, dest / f"{name}.lm-eval.jsonl")
+            path = _spaces_into_context(path, name)
         config = {
             "task": name,
             "dataset_path": "json",
@@ -283,9 +284,10 @@ def write_local_tasks(dest_dir: str | Path, jsonl_files: dict[str, str | Path]) 
     return dest
 
 
-def _spaces_into_context(path: Path, copy: Path) -> Path:
+def _spaces_into_context(path: Path, name: str) -> Path:
     """The examples of `path` with the whitespace that starts every choice of an example moved
-    to the end of its context, written to `copy` (or `path` itself when no example has it).
+    to the end of its context: a file `<name>-<hash of its content>.jsonl` in the `datasets`
+    cache (`path` itself when no example has such whitespace).
     lm-eval scores the same text either way (it moves a context's trailing whitespace into the
     continuation), but its acc_norm divides by the length of the choice as written: a leading
     space would count as a character of the choice, which the built-in tasks (target_delimiter
@@ -300,9 +302,21 @@ def _spaces_into_context(path: Path, copy: Path) -> Path:
                        "choices": [c[len(lead):] for c in choices]}
                 moved = True
             docs.append(doc)
-    if not moved or copy == path:
+    if not moved:
         return path
-    copy.write_text("".join(json.dumps(doc) + "\n" for doc in docs), encoding="utf-8")
+    # named by its content, in one folder of the user's `datasets` cache for every call:
+    # `datasets` caches a data file per path (and mtime), so a fresh path per call (the demo
+    # tasks' temporary folder) would add a cache entry at each evaluation
+    from datasets import config as datasets_config
+
+    payload = "".join(json.dumps(doc) + "\n" for doc in docs).encode("utf-8")
+    digest = hashlib.sha256(payload).hexdigest()[:20]
+    copy = Path(datasets_config.HF_DATASETS_CACHE) / "sds-task-data" / f"{name}-{digest}.jsonl"
+    if not copy.is_file():
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        part = copy.with_name(f"{copy.name}.{os.getpid()}-{threading.get_ident()}.part")
+        part.write_bytes(payload)
+        os.replace(part, copy)  # whole or absent, for a reader in another thread or process
     return copy
 
 
@@ -500,8 +514,11 @@ def zero_shot(
         try:
             # a copy: lm-eval gives a tokenizer without one a pad token (the caller's would
             # then differ afterwards, in its length too where it had no end-of-sequence token)
-            lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer),
-                      batch_size=batch_size)
+            try:
+                lm_tokenizer = copy.deepcopy(tokenizer)
+            except Exception:  # noqa: BLE001 - e.g. a Python pre-tokenizer: not picklable
+                lm_tokenizer = tokenizer
+            lm = HFLM(pretrained=model, tokenizer=lm_tokenizer, batch_size=batch_size)
             out = lm_eval.simple_evaluate(
                 model=lm,
                 tasks=objects,

@@ -430,3 +430,38 @@ def test_zero_shot_leaves_the_callers_tokenizer_as_it_was(model, tokenizer, tmp_
     results = zero_shot(model, bare, ["padless"], batch_size=4, include_path=include)
     assert results["padless"]["samples"] == 4
     assert bare.pad_token is None and len(bare) == size
+
+
+def test_demo_tasks_add_no_dataset_cache_entry_per_evaluation(model, tokenizer):
+    """The demo last-word task (its choices hold the space, so lm-eval gets a copy without it)
+    loads from the same data file every time: `datasets` caches a file per path."""
+    from datasets import config
+
+    def entries():
+        return set((Path(config.HF_DATASETS_CACHE) / "json").glob("*/*/*"))
+
+    zero_shot(model, tokenizer, ["demo_last_word"], batch_size=8, limit=2)
+    before = entries()
+    zero_shot(model, tokenizer, ["demo_last_word"], batch_size=8, limit=2)
+    assert entries() == before
+
+
+def test_zero_shot_takes_a_tokenizer_that_cannot_be_copied(model, tokenizer, tmp_path):
+    """A tokenizer with a Python pre-tokenizer (word segmentation, as remote-code tokenizers
+    have) cannot be deep-copied (nor pickled): lm-eval gets the tokenizer itself then."""
+    from tokenizers import pre_tokenizers as pre
+
+    class Segmenter:  # a Python step before the byte-level split (here it changes nothing)
+        def pre_tokenize(self, pretok):
+            pass
+
+    custom = copy.deepcopy(tokenizer)
+    custom.backend_tokenizer.pre_tokenizer = pre.Sequence([
+        pre.PreTokenizer.custom(Segmenter()), tokenizer.backend_tokenizer.pre_tokenizer])
+    assert custom("the cat")["input_ids"] == tokenizer("the cat")["input_ids"]
+    with pytest.raises(Exception, match="pickle"):
+        copy.deepcopy(custom)
+    include = write_local_tasks(tmp_path / "tasks", {
+        "custom": write_mc_jsonl(tmp_path / "custom.jsonl", 4, seed=9)})
+    results = zero_shot(model, custom, ["custom"], batch_size=4, include_path=include)
+    assert results["custom"]["samples"] == 4
