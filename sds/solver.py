@@ -158,9 +158,11 @@ def check_symmetric(H: torch.Tensor) -> None:
     # the others') every other off-diagonal entry is below the relative tolerance
     lower_zero = not bool(torch.tril(Hf, -1).any())
     one_triangle = lower_zero != (not bool(torch.triu(Hf, 1).any()))
-    if one_triangle or (Hf.numel() and bool((Hf - Hf.T).abs().max() > 1e-2 * largest)):
+    # beyond rounding (NaN entries are refused before this check)
+    asymmetric = Hf.numel() and bool((Hf - Hf.T).abs().max() > 1e-2 * largest)
+    if one_triangle or asymmetric:
         raise ConfigError("H is not symmetric: pass the whole Gram matrix XᵀX, not one of its "
-                          "triangles")  # NaN: checked before
+                          "triangles")
 
 
 def _eigh(Hs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
