@@ -718,20 +718,16 @@ def _warn(settings: list[dict], console) -> frozenset[str]:
 
 def _unread_options(settings: dict) -> list[str]:
     """Warnings for the one-shot options a point sets that its method does not read (and no
-    SDS step: step 3 dampens its solver's Gram matrix by --percdamp whatever the method)."""
-    from sds.options import method_options
+    SDS step: `sds.options.unread_options`)."""
+    from sds.options import unread_options
     from tasks.config import RunConfig
 
-    read = method_options(settings["method"])
-    out = []
-    for field, option in (("blocksize", "blocksize"), ("percdamp", "percdamp"),
-                          ("oneshot_sequential", "sequential"),
-                          ("oneshot_target_mix", "target_mix")):
-        given = settings[field] != RunConfig.model_fields[field].default
-        if given and option not in read and not (field == "percdamp" and settings["sds"]):
-            out.append(f"method {settings['method']} does not read {_flag(field)}; it is "
-                       "ignored")
-    return out
+    fields = {"blocksize": "blocksize", "percdamp": "percdamp",
+              "sequential": "oneshot_sequential", "target_mix": "oneshot_target_mix"}
+    given = [option for option, field in fields.items()
+             if settings[field] != RunConfig.model_fields[field].default]
+    return [f"method {settings['method']} does not read {_flag(fields[option])}; it is ignored"
+            for option in unread_options(settings["method"], given, sds=settings["sds"])]
 
 
 def _log_file(config, args) -> Path | None:

@@ -15,7 +15,7 @@ from torch import nn
 from .errors import ConfigError
 from .layerwise import WalkReport, walk
 from .models import prunable_layers
-from .options import method_options
+from .options import method_options, unread_options
 from .patterns import LayerRules
 from .pruners import PruneOptions, pruning_transform
 from .reconstruct import SDSConfig, dense_weights, redense, redense_transform, second_prune
@@ -81,10 +81,10 @@ def _oneshot(model, calibration, method: str, rules: LayerRules, options: PruneO
 def _warn_unread(method: str, blocksize: int, percdamp: float, *, sds: bool = False) -> None:
     """Warn about a SparseGPT option given another value than its default to a method that
     does not read it (with `sds`, SDS step 3 reads `percdamp` whatever the method)."""
-    read = method_options(method)
-    for name, value, default in (("blocksize", blocksize, 128), ("percdamp", percdamp, 0.01)):
-        if value != default and name not in read and not (sds and name == "percdamp"):
-            log.warning("method %s does not read %s; it is ignored", method, name)
+    given = [name for name, value, default in (("blocksize", blocksize, 128),
+                                               ("percdamp", percdamp, 0.01)) if value != default]
+    for name in unread_options(method, given, sds=sds):
+        log.warning("method %s does not read %s; it is ignored", method, name)
 
 
 def _rules(pattern, overrides, exclude) -> LayerRules:
@@ -97,11 +97,10 @@ def _rules(pattern, overrides, exclude) -> LayerRules:
 
 
 def _oneshot_transform(model: nn.Module, method: str, rules: LayerRules, options: PruneOptions):
-    read = method_options(method)
-    for name in ("sequential", "target_mix", "solver"):
-        if getattr(options, name) and name not in read:
-            log.warning("method %s does not read %s; it is ignored", method, name)
-    needs_dense = options.target_mix > 0 and "target_mix" in read
+    given = [name for name in ("sequential", "target_mix", "solver") if getattr(options, name)]
+    for name in unread_options(method, given):
+        log.warning("method %s does not read %s; it is ignored", method, name)
+    needs_dense = options.target_mix > 0 and "target_mix" in method_options(method)
     prunable_layers(model, rules)  # refuses rules that select no layer
     return pruning_transform(method, rules, options,
                              dense=dense_weights(model, rules) if needs_dense else None)

@@ -269,6 +269,14 @@ def method_options(name: str) -> tuple[str, ...]:
                           f"{', '.join(sorted(METHOD_OPTIONS))}") from None
 
 
+def unread_options(method: str, given, *, sds: bool = False) -> list[str]:
+    """Of the one-shot options `given` (names of those set to other values than their
+    defaults), the ones that neither `method` nor, with `sds`, SDS step 3 reads: step 3 dampens
+    its solver's Gram matrix by `percdamp` whatever the method."""
+    read = set(method_options(method)) | ({"percdamp"} if sds else set())
+    return [name for name in given if name not in read]
+
+
 # -- zero-shot tasks ----------------------------------------------------------------------------
 TASK_PRESETS: dict[str, list[str]] = {
     # SDS paper (v1): COPA, LAMBADA, OpenBookQA, PIQA, RTE, StoryCloze, WinoGrande.
